@@ -1,0 +1,324 @@
+//! The on-disk format: segment headers and record framing.
+//!
+//! Pure functions over byte slices, no I/O. Every integer is little-endian.
+//! `FORMAT.md` at the crate root describes the same layout for operators and
+//! for tools written in other languages; keep the two in step.
+
+use crate::Lsn;
+
+/// Bytes 0..8 of every segment file.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"DNWALSEG";
+/// The only segment format version this crate reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Size of the segment header; the first record starts here.
+pub const SEGMENT_HEADER_LEN: usize = 64;
+/// Bytes 0..4 of every record header (`"DNWR"` read as little-endian bytes).
+pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"DNWR");
+/// Size of a record header; the payload follows it.
+pub const RECORD_HEADER_LEN: usize = 48;
+/// Records start at multiples of this, so a scan can step over the log.
+pub const RECORD_ALIGN: usize = 8;
+/// Largest payload a single record may carry.
+pub const MAX_RECORD_LEN: usize = u32::MAX as usize - RECORD_HEADER_LEN - RECORD_ALIGN;
+
+/// The header at offset 0 of a segment file.
+///
+/// Written together with the segment's first batch of records, so a segment
+/// whose header is missing or torn holds no durable record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// The owning log (a partition id to the layers above; opaque here).
+    pub log_id: u64,
+    /// Sequence number of the segment; also its file name.
+    pub segment_id: u64,
+    /// LSN of the first record in the segment.
+    pub first_lsn: Lsn,
+}
+
+/// Why bytes did not decode as a segment header or a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameError {
+    /// Fewer bytes than a header, or than the length the header announces.
+    Truncated,
+    /// The magic number is wrong.
+    BadMagic,
+    /// A segment written by an unknown format version.
+    BadVersion(u32),
+    /// The checksum does not match the bytes.
+    BadChecksum,
+    /// A checksummed record that belongs to another log, segment or position
+    /// (a misdirected write or a stale record from an earlier use of the file).
+    Misplaced,
+    /// The announced length is impossible.
+    BadLength,
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::Truncated => f.write_str("truncated frame"),
+            FrameError::BadMagic => f.write_str("bad magic"),
+            FrameError::BadVersion(v) => write!(f, "unknown format version {v}"),
+            FrameError::BadChecksum => f.write_str("checksum mismatch"),
+            FrameError::Misplaced => f.write_str("record of another log, segment or LSN"),
+            FrameError::BadLength => f.write_str("impossible record length"),
+        }
+    }
+}
+
+impl SegmentHeader {
+    /// Encodes the header into its fixed 64 bytes.
+    pub fn encode(&self) -> [u8; SEGMENT_HEADER_LEN] {
+        let mut out = [0u8; SEGMENT_HEADER_LEN];
+        out[0..8].copy_from_slice(&SEGMENT_MAGIC);
+        out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out[12..16].copy_from_slice(&(SEGMENT_HEADER_LEN as u32).to_le_bytes());
+        out[16..24].copy_from_slice(&self.log_id.to_le_bytes());
+        out[24..32].copy_from_slice(&self.segment_id.to_le_bytes());
+        out[32..40].copy_from_slice(&self.first_lsn.to_le_bytes());
+        let crc = crc32fast::hash(&out[0..60]);
+        out[60..64].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decodes and verifies a header. `Ok(None)` means the bytes are all
+    /// zero: a pre-written segment that was never used.
+    pub fn decode(bytes: &[u8]) -> Result<Option<SegmentHeader>, FrameError> {
+        let bytes = bytes.get(..SEGMENT_HEADER_LEN).ok_or(FrameError::Truncated)?;
+        if bytes.iter().all(|b| *b == 0) {
+            return Ok(None);
+        }
+        if bytes[0..8] != SEGMENT_MAGIC {
+            return Err(FrameError::BadMagic);
+        }
+        if le_u32(bytes, 60) != crc32fast::hash(&bytes[0..60]) {
+            return Err(FrameError::BadChecksum);
+        }
+        let version = le_u32(bytes, 8);
+        if version != FORMAT_VERSION {
+            return Err(FrameError::BadVersion(version));
+        }
+        if le_u32(bytes, 12) as usize != SEGMENT_HEADER_LEN {
+            return Err(FrameError::BadLength);
+        }
+        Ok(Some(SegmentHeader {
+            log_id: le_u64(bytes, 16),
+            segment_id: le_u64(bytes, 24),
+            first_lsn: le_u64(bytes, 32),
+        }))
+    }
+}
+
+/// The fixed part in front of every record's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// Payload length in bytes.
+    pub len: u32,
+    /// The owning log.
+    pub log_id: u64,
+    /// The segment the record was written into.
+    pub segment_id: u64,
+    /// The record's log sequence number.
+    pub lsn: Lsn,
+    /// The writer's durable LSN when this record was written: every record
+    /// up to it had been synced to stable storage before this one was
+    /// submitted. Recovery uses it to tell a torn tail from lost durable data.
+    pub synced_lsn: Lsn,
+}
+
+impl RecordHeader {
+    /// Total bytes the record occupies in the log, padding included.
+    pub fn frame_len(&self) -> usize {
+        frame_len(self.len as usize)
+    }
+
+    /// Encodes the header; `crc` must be [`record_crc`] of the encoded
+    /// header tail and the payload, see [`encode_record_header`].
+    fn encode_with_crc(&self, crc: u32) -> [u8; RECORD_HEADER_LEN] {
+        let mut out = [0u8; RECORD_HEADER_LEN];
+        out[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+        out[4..8].copy_from_slice(&crc.to_le_bytes());
+        out[8..12].copy_from_slice(&self.len.to_le_bytes());
+        // 12..16: flags, reserved, zero.
+        out[16..24].copy_from_slice(&self.log_id.to_le_bytes());
+        out[24..32].copy_from_slice(&self.segment_id.to_le_bytes());
+        out[32..40].copy_from_slice(&self.lsn.to_le_bytes());
+        out[40..48].copy_from_slice(&self.synced_lsn.to_le_bytes());
+        out
+    }
+}
+
+/// Bytes a record with a payload of `payload_len` occupies, padding included.
+pub fn frame_len(payload_len: usize) -> usize {
+    (RECORD_HEADER_LEN + payload_len).next_multiple_of(RECORD_ALIGN)
+}
+
+/// Zero bytes that follow a payload of `payload_len` to reach alignment.
+pub fn padding_len(payload_len: usize) -> usize {
+    frame_len(payload_len) - RECORD_HEADER_LEN - payload_len
+}
+
+/// Encodes a record header with the checksum over header and payload.
+///
+/// The payload itself is not copied: the writer sends header, payload and
+/// padding to the kernel as separate pieces of one vectored write.
+pub fn encode_record_header(header: &RecordHeader, payload: &[u8]) -> [u8; RECORD_HEADER_LEN] {
+    let unsummed = header.encode_with_crc(0);
+    let crc = record_crc(&unsummed[8..], payload);
+    header.encode_with_crc(crc)
+}
+
+fn record_crc(header_tail: &[u8], payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(header_tail);
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+/// What a record is expected to be, from its position in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected {
+    /// The log the segment belongs to.
+    pub log_id: u64,
+    /// The segment being read.
+    pub segment_id: u64,
+    /// The LSN the record must carry, or `None` to accept any LSN.
+    pub lsn: Option<Lsn>,
+}
+
+/// Decodes and verifies the record that starts at `bytes[0]`.
+///
+/// Returns the header and the payload range within `bytes`. A record whose
+/// checksum holds but whose log, segment or LSN differ from `expected` is
+/// [`FrameError::Misplaced`]: it is a real record, just not this one.
+pub fn decode_record(bytes: &[u8], expected: Expected) -> Result<(RecordHeader, std::ops::Range<usize>), FrameError> {
+    let head = bytes.get(..RECORD_HEADER_LEN).ok_or(FrameError::Truncated)?;
+    if le_u32(head, 0) != RECORD_MAGIC {
+        return Err(FrameError::BadMagic);
+    }
+    let len = le_u32(head, 8);
+    if len as usize > MAX_RECORD_LEN || le_u32(head, 12) != 0 {
+        return Err(FrameError::BadLength);
+    }
+    let payload_range = RECORD_HEADER_LEN..RECORD_HEADER_LEN + len as usize;
+    let payload = bytes.get(payload_range.clone()).ok_or(FrameError::Truncated)?;
+    if le_u32(head, 4) != record_crc(&head[8..], payload) {
+        return Err(FrameError::BadChecksum);
+    }
+    let header = RecordHeader {
+        len,
+        log_id: le_u64(head, 16),
+        segment_id: le_u64(head, 24),
+        lsn: le_u64(head, 32),
+        synced_lsn: le_u64(head, 40),
+    };
+    let lsn_ok = expected.lsn.is_none_or(|lsn| lsn == header.lsn);
+    if header.log_id != expected.log_id || header.segment_id != expected.segment_id || !lsn_ok {
+        return Err(FrameError::Misplaced);
+    }
+    Ok((header, payload_range))
+}
+
+fn le_u32(bytes: &[u8], at: usize) -> u32 {
+    let mut word = [0u8; 4];
+    word.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(word)
+}
+
+fn le_u64(bytes: &[u8], at: usize) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(word)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn encode(header: &RecordHeader, payload: &[u8]) -> Vec<u8> {
+        let mut out = encode_record_header(header, payload).to_vec();
+        out.extend_from_slice(payload);
+        out.resize(header.frame_len(), 0);
+        out
+    }
+
+    fn expect(h: &RecordHeader) -> Expected {
+        Expected { log_id: h.log_id, segment_id: h.segment_id, lsn: Some(h.lsn) }
+    }
+
+    #[test]
+    fn zeroed_segment_header_is_unused_not_corrupt() {
+        assert_eq!(SegmentHeader::decode(&[0u8; 64]), Ok(None));
+    }
+
+    #[test]
+    fn segment_header_rejects_every_single_bit_flip() {
+        let header = SegmentHeader { log_id: 7, segment_id: 3, first_lsn: 1000 };
+        let bytes = header.encode();
+        assert_eq!(SegmentHeader::decode(&bytes), Ok(Some(header)));
+        for bit in 0..bytes.len() * 8 {
+            let mut flipped = bytes;
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(SegmentHeader::decode(&flipped).is_err(), "bit {bit} flip accepted");
+        }
+    }
+
+    #[test]
+    fn record_from_another_log_segment_or_lsn_is_misplaced() {
+        let header = RecordHeader { len: 3, log_id: 1, segment_id: 2, lsn: 3, synced_lsn: 2 };
+        let bytes = encode(&header, b"abc");
+        for wrong in [
+            Expected { log_id: 9, ..expect(&header) },
+            Expected { segment_id: 9, ..expect(&header) },
+            Expected { lsn: Some(9), ..expect(&header) },
+        ] {
+            assert_eq!(decode_record(&bytes, wrong), Err(FrameError::Misplaced));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn record_round_trips(
+            payload in proptest::collection::vec(any::<u8>(), 0..600),
+            log_id in any::<u64>(), segment_id in any::<u64>(), lsn in any::<u64>(), synced in any::<u64>(),
+        ) {
+            let header = RecordHeader { len: payload.len() as u32, log_id, segment_id, lsn, synced_lsn: synced };
+            let bytes = encode(&header, &payload);
+            prop_assert_eq!(bytes.len() % RECORD_ALIGN, 0);
+            let (decoded, range) = decode_record(&bytes, expect(&header)).unwrap();
+            prop_assert_eq!(decoded, header);
+            prop_assert_eq!(&bytes[range], &payload[..]);
+        }
+
+        #[test]
+        fn any_change_to_a_record_is_detected(
+            payload in proptest::collection::vec(any::<u8>(), 1..300),
+            position in any::<prop::sample::Index>(),
+            xor in 1u8..=255,
+        ) {
+            let header = RecordHeader { len: payload.len() as u32, log_id: 5, segment_id: 6, lsn: 7, synced_lsn: 6 };
+            let mut bytes = encode(&header, &payload);
+            let covered = RECORD_HEADER_LEN + payload.len();
+            bytes[position.index(covered)] ^= xor;
+            prop_assert!(decode_record(&bytes, expect(&header)).is_err());
+        }
+
+        #[test]
+        fn any_truncation_of_a_record_is_detected(
+            payload in proptest::collection::vec(any::<u8>(), 0..300),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let header = RecordHeader { len: payload.len() as u32, log_id: 5, segment_id: 6, lsn: 7, synced_lsn: 6 };
+            let bytes = encode(&header, &payload);
+            let keep = cut.index(RECORD_HEADER_LEN + payload.len());
+            prop_assert!(decode_record(&bytes[..keep], expect(&header)).is_err());
+        }
+
+        #[test]
+        fn decoding_junk_never_panics(junk in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_record(&junk, Expected { log_id: 0, segment_id: 0, lsn: None });
+            let _ = SegmentHeader::decode(&junk);
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Pre-writing segments ahead of the writer.
+//!
+//! A sync write into space that was already written (and synced) needs no
+//! extent or size metadata in the journal, so its `fdatasync` is about twice
+//! as fast as one into fresh space. A background thread therefore fills the
+//! next segment with zeros, syncs it and renames it into place while the
+//! writer fills the current one. If it falls behind, the writer waits for
+//! it; if it fails (a full disk), the writer creates the segment itself and
+//! writes into fresh space.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+
+use crate::error::{Error, IoOp, Result};
+use crate::recovery::Spare;
+use crate::segment;
+use crate::storage::{Storage, StorageFile};
+
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// Hands out segment files, pre-written when it can.
+#[derive(Debug)]
+pub(crate) struct Preparer {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    storage: Arc<dyn Storage>,
+    dir: PathBuf,
+    segment_size: u64,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The segment id to prepare next, if any.
+    wanted: Option<u64>,
+    /// A prepared segment waiting for the writer.
+    ready: Option<Spare>,
+    busy: bool,
+    closing: bool,
+}
+
+impl Preparer {
+    /// Starts the background thread (unless `prewrite` is off). `spare` is a
+    /// zeroed segment left from before, handed out first.
+    pub fn start(
+        storage: Arc<dyn Storage>,
+        dir: PathBuf,
+        segment_size: u64,
+        prewrite: bool,
+        spare: Option<Spare>,
+        first_wanted: u64,
+    ) -> Result<Preparer> {
+        let wanted = (prewrite && spare.is_none()).then_some(first_wanted);
+        let shared = Arc::new(Shared {
+            storage,
+            dir,
+            segment_size,
+            state: Mutex::new(State { wanted, ready: spare, busy: false, closing: false }),
+            changed: Condvar::new(),
+        });
+        let thread = if prewrite {
+            let worker = Arc::clone(&shared);
+            let handle = std::thread::Builder::new()
+                .name("wal-prepare".into())
+                .spawn(move || worker.run())
+                .map_err(|e| Error::io(IoOp::Open, &shared.dir, e))?;
+            Some(handle)
+        } else {
+            None
+        };
+        Ok(Preparer { shared, thread: Mutex::new(thread) })
+    }
+
+    /// The file for segment `id`: the prepared one if the preparer has (or
+    /// is about to have) it, else a fresh file whose name is made durable
+    /// here. Then asks for `id + 1`.
+    pub fn take(&self, id: u64) -> Result<Arc<dyn StorageFile>> {
+        let shared = &self.shared;
+        let prewrite = self.running();
+        let mut state = shared.lock();
+        while state.busy || (prewrite && state.wanted == Some(id) && !state.closing) {
+            state = shared.wait(state);
+        }
+        let mut stale = None;
+        let file = match state.ready.take() {
+            Some(spare) if spare.id == id => Some(spare.file),
+            other => {
+                stale = other;
+                None
+            }
+        };
+        state.wanted = prewrite.then_some(id + 1);
+        drop(state);
+        shared.changed.notify_all();
+        if let Some(stale) = stale {
+            shared.remove(stale.id)?;
+        }
+        match file {
+            Some(file) => Ok(file),
+            None => {
+                let path = segment::path(&shared.dir, id);
+                let file = shared.storage.open(&path, true).map_err(|e| Error::io(IoOp::Open, &path, e))?;
+                shared.sync_dir()?;
+                Ok(file)
+            }
+        }
+    }
+
+    /// Drops whatever is prepared (its id no longer fits, after a
+    /// truncation) and prepares nothing until the next [`Preparer::take`].
+    pub fn discard(&self) -> Result<()> {
+        let shared = &self.shared;
+        let mut state = shared.lock();
+        state.wanted = None;
+        while state.busy {
+            state = shared.wait(state);
+        }
+        let stale = state.ready.take();
+        drop(state);
+        match stale {
+            Some(stale) => shared.remove(stale.id),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops the thread, finishing a pre-write in progress first.
+    pub fn close(&self) {
+        self.shared.lock().closing = true;
+        self.shared.changed.notify_all();
+        let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            tracing::error!(dir = %self.shared.dir.display(), "segment preparer panicked");
+        }
+    }
+
+    fn running(&self) -> bool {
+        self.thread.lock().unwrap_or_else(PoisonError::into_inner).is_some()
+    }
+}
+
+impl Drop for Preparer {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed.wait(guard).unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn run(&self) {
+        loop {
+            let mut state = self.lock();
+            while !state.closing && (state.wanted.is_none() || state.ready.is_some()) {
+                state = self.wait(state);
+            }
+            let Some(id) = state.wanted.take().filter(|_| !state.closing) else {
+                return;
+            };
+            state.busy = true;
+            drop(state);
+            let prepared = self.prewrite(id);
+            let mut state = self.lock();
+            state.busy = false;
+            match prepared {
+                Ok(file) => state.ready = Some(Spare { id, file }),
+                Err(error) => {
+                    // Not fatal: the writer creates the segment itself.
+                    tracing::warn!(dir = %self.dir.display(), segment = id, %error, "pre-writing segment failed");
+                }
+            }
+            drop(state);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Writes `segment_size` zeros to a temporary name, syncs, renames it
+    /// to the segment's name and syncs the directory.
+    fn prewrite(&self, id: u64) -> Result<Arc<dyn StorageFile>> {
+        let temp = self.dir.join(segment::prep_file_name(id));
+        let result = (|| {
+            let file = self.storage.open(&temp, true).map_err(|e| Error::io(IoOp::Open, &temp, e))?;
+            file.set_len(0).map_err(|e| Error::io(IoOp::Metadata, &temp, e))?;
+            let zeros = Bytes::from(vec![0u8; ZERO_CHUNK]);
+            let mut offset = 0;
+            while offset < self.segment_size {
+                let len = ZERO_CHUNK.min((self.segment_size - offset) as usize);
+                file.write_all_at(offset, &[zeros.slice(..len)]).map_err(|e| Error::io(IoOp::Write, &temp, e))?;
+                offset += len as u64;
+            }
+            file.sync_data().map_err(|e| Error::io(IoOp::Sync, &temp, e))?;
+            let path = segment::path(&self.dir, id);
+            self.storage.rename(&temp, &path).map_err(|e| Error::io(IoOp::Metadata, &temp, e))?;
+            self.sync_dir()?;
+            Ok(file)
+        })();
+        if result.is_err() {
+            // Give the space back; a leftover is also removed at recovery.
+            let _ = self.storage.remove_file(&temp);
+        }
+        result
+    }
+
+    fn remove(&self, id: u64) -> Result<()> {
+        let path = segment::path(&self.dir, id);
+        self.storage.remove_file(&path).map_err(|e| Error::io(IoOp::Metadata, &path, e))?;
+        self.sync_dir()
+    }
+
+    fn sync_dir(&self) -> Result<()> {
+        self.storage.sync_dir(&self.dir).map_err(|e| Error::io(IoOp::SyncDir, &self.dir, e))
+    }
+}

@@ -1,0 +1,265 @@
+//! Opening a log directory: find the durable end, repair a torn tail,
+//! refuse corruption.
+//!
+//! The rule (invariant 3): invalid bytes with nothing durable after them are
+//! a torn tail, zeroed and forgotten; invalid bytes that something durable
+//! proves were synced are corruption, reported and left untouched. What
+//! proves it:
+//!
+//! - a later record of this segment whose `synced_lsn` (the writer's durable
+//!   LSN when it was written) reaches the first LSN that fails to decode;
+//! - a later segment with a valid header: a segment is synced whole before
+//!   the next one is started.
+//!
+//! A valid record after the bad bytes that does *not* prove them synced
+//! belongs to the same unsynced write, whose pages reached the disk out of
+//! order; it was never acknowledged and goes with the torn tail.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::Lsn;
+use crate::error::{Corruption, Error, IoOp, Result};
+use crate::format::{self, Expected, FrameError, RECORD_ALIGN, RECORD_MAGIC, SEGMENT_HEADER_LEN, SegmentHeader};
+use crate::segment::{self, DirEntry, SegmentMeta};
+use crate::storage::{Storage, StorageFile};
+
+/// What [`recover`] found.
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    /// Segments holding records (or at least a durable header), in order.
+    pub segments: Vec<SegmentMeta>,
+    /// A zeroed, unused segment that directly follows the last used one.
+    pub spare: Option<Spare>,
+    /// The id the next new segment gets.
+    pub next_segment_id: u64,
+    /// Torn bytes zeroed at the end of the log.
+    pub torn_bytes: u64,
+}
+
+/// An unused segment file ready to become the active one.
+#[derive(Debug)]
+pub(crate) struct Spare {
+    pub id: u64,
+    pub file: Arc<dyn StorageFile>,
+}
+
+/// One segment's bytes, decoded as far as they go.
+struct Scan {
+    header: std::result::Result<Option<SegmentHeader>, FrameError>,
+    meta: SegmentMeta,
+    /// Where decoding stopped on bytes that are not all zero, and why.
+    stop: Option<(u64, FrameError)>,
+    /// Records after `stop` prove the bad bytes were synced: corruption.
+    proven_durable: bool,
+    /// One past the last non-zero byte at or after the end of the records.
+    dirty_end: u64,
+}
+
+impl Scan {
+    fn header_ok(&self) -> bool {
+        matches!(self.header, Ok(Some(_)))
+    }
+}
+
+/// Recovers the log in `dir`; see the module docs for the rules.
+pub(crate) fn recover(storage: &dyn Storage, dir: &Path, log_id: u64) -> Result<Recovered> {
+    let names = storage.list_dir(dir).map_err(|e| Error::io(IoOp::Metadata, dir, e))?;
+    let mut ids = Vec::new();
+    let mut removed_leftovers = false;
+    for name in names {
+        match segment::classify(&name) {
+            DirEntry::Segment(id) => ids.push(id),
+            DirEntry::Preparing(_) => {
+                // A pre-write interrupted by a crash: zeros under a name no
+                // reader uses.
+                let path = dir.join(&name);
+                storage.remove_file(&path).map_err(|e| Error::io(IoOp::Metadata, &path, e))?;
+                removed_leftovers = true;
+            }
+            DirEntry::Foreign => tracing::warn!(dir = %dir.display(), name, "ignoring unknown file in WAL directory"),
+        }
+    }
+    ids.sort_unstable();
+    for pair in ids.windows(2) {
+        if pair[1] != pair[0] + 1 {
+            return Err(Error::Corruption { segment_id: pair[0] + 1, offset: 0, detail: Corruption::MissingSegment });
+        }
+    }
+
+    let mut used: Vec<Scan> = Vec::new();
+    let mut unused: Vec<Scan> = Vec::new();
+    for id in ids.iter().copied() {
+        let expected_first = used.last().map(|s| s.meta.last_lsn + 1);
+        let scan = scan_segment(storage, dir, log_id, id, expected_first)?;
+        if scan.proven_durable {
+            return Err(corruption_at(&scan));
+        }
+        if scan.header_ok() {
+            if let Some(first_unused) = unused.first() {
+                // A durable segment after one without a durable header.
+                return Err(corruption_at(first_unused));
+            }
+            if let Some(previous) = used.last()
+                && previous.stop.is_some()
+            {
+                // Sealed segments are synced whole before the next starts.
+                return Err(corruption_at(previous));
+            }
+            if let Some(expected) = expected_first
+                && scan.meta.first_lsn != expected
+            {
+                return Err(Error::Corruption {
+                    segment_id: id,
+                    offset: 0,
+                    detail: Corruption::Gap { expected, found: scan.meta.first_lsn },
+                });
+            }
+            used.push(scan);
+        } else {
+            unused.push(scan);
+        }
+    }
+
+    let mut torn_bytes = 0;
+    if let Some(last) = used.last_mut()
+        && let Some((offset, error)) = last.stop.take()
+    {
+        tracing::warn!(dir = %dir.display(), segment = last.meta.id, offset, %error, "truncating torn tail");
+        torn_bytes += zero_range(last, offset)?;
+    }
+    let mut spare = None;
+    let next_after_used = used.last().map(|s| s.meta.id + 1);
+    for mut scan in unused {
+        let is_next = next_after_used.is_none_or(|next| next == scan.meta.id) && spare.is_none();
+        if is_next {
+            torn_bytes += zero_range(&mut scan, 0)?;
+            spare = Some(Spare { id: scan.meta.id, file: scan.meta.file });
+        } else {
+            // Only one segment is ever prepared ahead; a second unused one
+            // is left over from a truncation and holds nothing of the log.
+            storage.remove_file(&scan.meta.path).map_err(|e| Error::io(IoOp::Metadata, &scan.meta.path, e))?;
+            removed_leftovers = true;
+        }
+    }
+    if removed_leftovers {
+        storage.sync_dir(dir).map_err(|e| Error::io(IoOp::SyncDir, dir, e))?;
+    }
+    let next_segment_id = spare.as_ref().map(|s| s.id).or(next_after_used).or(ids.last().map(|id| id + 1)).unwrap_or(1);
+    Ok(Recovered { segments: used.into_iter().map(|s| s.meta).collect(), spare, next_segment_id, torn_bytes })
+}
+
+fn corruption_at(scan: &Scan) -> Error {
+    match (&scan.header, scan.stop) {
+        (Err(error), _) => {
+            Error::Corruption { segment_id: scan.meta.id, offset: 0, detail: Corruption::BadSegmentHeader(*error) }
+        }
+        (_, Some((offset, error))) => {
+            Error::Corruption { segment_id: scan.meta.id, offset, detail: Corruption::BadRecord(error) }
+        }
+        (_, None) => Error::Corruption {
+            segment_id: scan.meta.id,
+            offset: scan.meta.end_offset,
+            detail: Corruption::BadRecord(FrameError::Truncated),
+        },
+    }
+}
+
+/// Zeroes `[from, dirty_end)` of a segment and syncs it, so no torn or
+/// stale record can ever be read as part of the log again.
+fn zero_range(scan: &mut Scan, from: u64) -> Result<u64> {
+    let from = if scan.header_ok() { from.max(SEGMENT_HEADER_LEN as u64) } else { 0 };
+    if scan.dirty_end <= from {
+        return Ok(0);
+    }
+    let len = (scan.dirty_end - from) as usize;
+    let path = &scan.meta.path;
+    scan.meta
+        .file
+        .write_all_and_sync(from, &[Bytes::from(vec![0u8; len])])
+        .map_err(|(op, e)| Error::io(op, path, e))?;
+    scan.dirty_end = from;
+    Ok(len as u64)
+}
+
+fn scan_segment(storage: &dyn Storage, dir: &Path, log_id: u64, id: u64, expected_first: Option<Lsn>) -> Result<Scan> {
+    let path = segment::path(dir, id);
+    let file = storage.open(&path, false).map_err(|e| Error::io(IoOp::Open, &path, e))?;
+    let len = file.file_len().map_err(|e| Error::io(IoOp::Metadata, &path, e))?;
+    let len = usize::try_from(len).map_err(|_| Error::Invalid(format!("{} is too large", path.display())))?;
+    let bytes = file.read_exact_at(0, len).map_err(|e| Error::io(IoOp::Read, &path, e))?;
+
+    let header = SegmentHeader::decode(&bytes);
+    if let Ok(Some(h)) = header
+        && (h.log_id != log_id || h.segment_id != id)
+    {
+        return Err(Error::Corruption { segment_id: id, offset: 0, detail: Corruption::ForeignSegment });
+    }
+    let first_lsn = match header {
+        Ok(Some(h)) => h.first_lsn,
+        _ => expected_first.unwrap_or(1),
+    };
+    let mut meta = SegmentMeta::new(id, path, file, first_lsn);
+    let mut offset = 0;
+    if matches!(header, Ok(Some(_))) {
+        offset = SEGMENT_HEADER_LEN;
+        loop {
+            let expected = Expected { log_id, segment_id: id, lsn: Some(meta.last_lsn + 1) };
+            match bytes.get(offset..).map(|rest| format::decode_record(rest, expected)) {
+                Some(Ok((record, _))) => {
+                    meta.push(record.lsn, offset as u64, record.frame_len() as u64);
+                    offset += record.frame_len();
+                }
+                _ => break,
+            }
+        }
+    }
+    let dirty_end = bytes.iter().rposition(|b| *b != 0).map_or(0, |last| last + 1).max(offset);
+    let mut scan = Scan { header, meta, stop: None, proven_durable: false, dirty_end: dirty_end as u64 };
+    if dirty_end > offset {
+        let error = match scan.header {
+            Err(error) => error,
+            _ => bytes
+                .get(offset..)
+                .map(|rest| format::decode_record(rest, Expected { log_id, segment_id: id, lsn: None }))
+                .and_then(|r| r.err())
+                .unwrap_or(FrameError::Truncated),
+        };
+        scan.stop = Some((offset as u64, error));
+        let synced = synced_lsns_after(&bytes, offset + RECORD_ALIGN, log_id, id);
+        scan.proven_durable = match (scan.header_ok(), synced) {
+            (_, None) => false,
+            // The first LSN that failed to decode was synced before a later
+            // record was written.
+            (true, Some((_, highest))) => highest > scan.meta.last_lsn,
+            // The header is written with the segment's first batch. It was
+            // synced if a later batch followed a sync: that batch's records
+            // carry a higher `synced_lsn` than the first batch's.
+            (false, Some((lowest, highest))) => {
+                lowest != highest || expected_first.is_some_and(|first| highest >= first)
+            }
+        };
+    }
+    Ok(scan)
+}
+
+/// The lowest and highest `synced_lsn` among this segment's valid records
+/// that start at or after `from`.
+fn synced_lsns_after(bytes: &[u8], from: usize, log_id: u64, id: u64) -> Option<(Lsn, Lsn)> {
+    let magic = RECORD_MAGIC.to_le_bytes();
+    let expected = Expected { log_id, segment_id: id, lsn: None };
+    let last_start = bytes.len().checked_sub(format::RECORD_HEADER_LEN)?;
+    let mut range: Option<(Lsn, Lsn)> = None;
+    for at in (from.next_multiple_of(RECORD_ALIGN)..=last_start).step_by(RECORD_ALIGN) {
+        if bytes[at..at + 4] != magic {
+            continue;
+        }
+        if let Ok((record, _)) = format::decode_record(&bytes[at..], expected) {
+            let synced = record.synced_lsn;
+            range = Some(range.map_or((synced, synced), |(lo, hi)| (lo.min(synced), hi.max(synced))));
+        }
+    }
+    range
+}

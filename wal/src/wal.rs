@@ -1,0 +1,320 @@
+//! The public handle of one log.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use tokio::sync::{Semaphore, oneshot};
+
+use crate::block_on::block_on;
+use crate::error::{Error, IoOp, Result};
+use crate::format::MAX_RECORD_LEN;
+use crate::prepare::Preparer;
+use crate::recovery;
+use crate::segment::SegmentTable;
+use crate::storage::Storage;
+use crate::writer::{AppendRequest, Counters, Queue, QueueTicket, Request, Shared, Writer, reply_error};
+use crate::{Appended, Lsn, Record, RecordPos, WalOptions};
+
+/// One write-ahead log in one directory. See the crate docs for the
+/// durability and failure contracts.
+pub struct Wal {
+    shared: Arc<Shared>,
+    preparer: Arc<Preparer>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    max_record: usize,
+}
+
+impl std::fmt::Debug for Wal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wal")
+            .field("dir", &self.shared.dir)
+            .field("log_id", &self.shared.log_id)
+            .field("last_lsn", &self.last_lsn())
+            .field("durable_lsn", &self.durable_lsn())
+            .finish()
+    }
+}
+
+/// Counters since the log was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WalStats {
+    /// Append calls acknowledged.
+    pub appends: u64,
+    /// Records written.
+    pub records: u64,
+    /// Payload bytes written.
+    pub bytes: u64,
+    /// Writes issued (one per group-commit batch).
+    pub batches: u64,
+    /// `fdatasync` calls issued.
+    pub syncs: u64,
+    /// Total time spent in those syncs, in nanoseconds.
+    pub sync_nanos: u64,
+    /// Live segment files.
+    pub segments: u64,
+    /// Bytes used by records in the live segments (headers included).
+    pub log_bytes: u64,
+}
+
+impl Wal {
+    /// Opens (creating if needed) the log in `dir` and recovers it.
+    ///
+    /// Blocking: reads every segment. A torn tail is zeroed and synced; any
+    /// corruption is returned as [`Error::Corruption`] with nothing changed.
+    pub fn open(storage: Arc<dyn Storage>, dir: impl Into<PathBuf>, options: WalOptions) -> Result<Wal> {
+        let dir = dir.into();
+        if options.segment_size < 4096 || options.max_batch_bytes == 0 || options.max_queued_bytes == 0 {
+            return Err(Error::Invalid("segment_size must be >= 4096 and limits non-zero".into()));
+        }
+        create_dir_durably(storage.as_ref(), &dir)?;
+        let recovered = recovery::recover(storage.as_ref(), &dir, options.log_id)?;
+        if recovered.torn_bytes > 0 {
+            tracing::warn!(dir = %dir.display(), bytes = recovered.torn_bytes, "zeroed torn tail at open");
+        }
+        let last_lsn = recovered.segments.last().map_or(0, |s| s.last_lsn);
+        let mut table = SegmentTable::default();
+        for meta in recovered.segments {
+            table.segments.insert(meta.id, meta);
+        }
+        let queue_capacity = options.max_queued_bytes.min(Semaphore::MAX_PERMITS).min(u32::MAX as usize);
+        let shared = Arc::new(Shared {
+            log_id: options.log_id,
+            dir: dir.clone(),
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            space: Arc::new(Semaphore::new(queue_capacity)),
+            queue_capacity,
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
+            table: RwLock::new(table),
+            last_lsn: AtomicU64::new(last_lsn),
+            durable_lsn: AtomicU64::new(last_lsn),
+            poisoned: AtomicBool::new(false),
+            poison: Mutex::new(None),
+            counters: Counters::default(),
+        });
+        let preparer = Arc::new(Preparer::start(
+            Arc::clone(&storage),
+            dir.clone(),
+            options.segment_size,
+            options.prewrite_segments,
+            recovered.spare,
+            recovered.next_segment_id,
+        )?);
+        let max_record = MAX_RECORD_LEN.min(options.max_queued_bytes);
+        let writer =
+            Writer::new(Arc::clone(&shared), storage, options, Arc::clone(&preparer), recovered.next_segment_id);
+        let thread = std::thread::Builder::new()
+            .name("wal-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| Error::io(IoOp::Open, &dir, e))?;
+        Ok(Wal { shared, preparer, writer: Mutex::new(Some(thread)), max_record })
+    }
+
+    /// Appends `records` as one batch; returns their LSNs and positions
+    /// once they are as durable as the log's [`crate::Durability`] says.
+    ///
+    /// Waits for queue space first (backpressure). An empty batch is refused.
+    pub async fn append(&self, records: Vec<Bytes>) -> Result<Appended> {
+        if records.is_empty() {
+            return Err(Error::Invalid("empty append".into()));
+        }
+        let bytes: usize = records.iter().map(Bytes::len).sum();
+        if let Some(len) = records.iter().map(Bytes::len).find(|len| *len > self.max_record) {
+            return Err(Error::RecordTooLarge { len, max: self.max_record });
+        }
+        if let Some(error) = self.shared.poison_error() {
+            return Err(error);
+        }
+        // A request larger than the whole queue takes all of it and goes alone.
+        let wanted = bytes.clamp(1, self.shared.queue_capacity) as u32;
+        let permit = Arc::clone(&self.shared.space).acquire_many_owned(wanted).await.map_err(|_| Error::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        let ticket = QueueTicket::new(permit, bytes, Arc::clone(&self.shared.queued_bytes));
+        self.submit(Request::Append(AppendRequest { records, bytes, reply, ticket }))?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// [`Wal::append`] for plain threads: blocks until acknowledged.
+    pub fn append_blocking(&self, records: Vec<Bytes>) -> Result<Appended> {
+        block_on(self.append(records))
+    }
+
+    /// Makes every record written so far durable (a no-op under
+    /// [`crate::Durability::Sync`], where that is always true).
+    pub async fn sync(&self) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Request::Sync(reply))?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Removes every record after `lsn` durably (a divergent tail). Later
+    /// appends continue at `lsn + 1`.
+    pub async fn truncate_after(&self, lsn: Lsn) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Request::TruncateAfter(lsn, reply))?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Removes whole segments whose records are all below `lsn`. Records at
+    /// or after `lsn` always stay; some below it may stay too. Returns the
+    /// number of segments removed.
+    pub async fn purge_before(&self, lsn: Lsn) -> Result<usize> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Request::PurgeBefore(lsn, reply))?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Blocking twin of [`Wal::sync`].
+    pub fn sync_blocking(&self) -> Result<()> {
+        block_on(self.sync())
+    }
+
+    /// Blocking twin of [`Wal::truncate_after`].
+    pub fn truncate_after_blocking(&self, lsn: Lsn) -> Result<()> {
+        block_on(self.truncate_after(lsn))
+    }
+
+    /// Blocking twin of [`Wal::purge_before`].
+    pub fn purge_before_blocking(&self, lsn: Lsn) -> Result<usize> {
+        block_on(self.purge_before(lsn))
+    }
+
+    fn submit(&self, request: Request) -> Result<()> {
+        let mut queue = self.shared.queue();
+        if queue.closing {
+            drop(queue);
+            reply_error(request, Error::Closed);
+            return Err(Error::Closed);
+        }
+        queue.requests.push_back(request);
+        drop(queue);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Reads the record at `pos` (as returned by an append), verifying its
+    /// checksum, LSN and owner. Blocking: one `pread`.
+    pub fn read(&self, pos: RecordPos) -> Result<Bytes> {
+        let segment = self.shared.table().segments.get(&pos.segment_id).cloned();
+        let last = self.last_lsn();
+        let segment = segment
+            .filter(|s| pos.lsn >= s.first_lsn && pos.lsn <= s.last_lsn)
+            .ok_or_else(|| Error::LsnOutOfRange { lsn: pos.lsn, first: self.first_lsn(), last })?;
+        segment.read_record(self.shared.log_id, pos)
+    }
+
+    /// Reads records from `lsn` on, in order, until about `max_bytes` of
+    /// payload (always at least one record). Blocking.
+    pub fn read_from(&self, lsn: Lsn, max_bytes: usize) -> Result<Vec<Record>> {
+        let segments: Vec<_> = {
+            let table = self.shared.table();
+            table.segments.values().filter(|s| s.last_lsn >= lsn && !s.is_empty()).cloned().collect()
+        };
+        let (first, last) = (self.first_lsn(), self.last_lsn());
+        if lsn < first || lsn > last {
+            return Err(Error::LsnOutOfRange { lsn, first, last });
+        }
+        let mut records = Vec::new();
+        for segment in segments {
+            let taken: usize = records.iter().map(|r: &Record| r.data.len()).sum();
+            if !records.is_empty() && taken >= max_bytes {
+                break;
+            }
+            let from = lsn.max(segment.first_lsn);
+            segment.read_from(self.shared.log_id, from, max_bytes.saturating_sub(taken), &mut records)?;
+        }
+        Ok(records)
+    }
+
+    /// The first LSN held (`last_lsn() + 1` when the log is empty).
+    pub fn first_lsn(&self) -> Lsn {
+        let table = self.shared.table();
+        table.segments.values().find(|s| !s.is_empty()).map_or(self.last_lsn() + 1, |s| s.first_lsn)
+    }
+
+    /// The last LSN written (0 for a new, empty log).
+    pub fn last_lsn(&self) -> Lsn {
+        self.shared.last_lsn.load(Ordering::Acquire)
+    }
+
+    /// Every record up to this LSN is on stable storage.
+    pub fn durable_lsn(&self) -> Lsn {
+        self.shared.durable_lsn.load(Ordering::Acquire)
+    }
+
+    /// Payload bytes queued or being written, waiting for their answer.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.queued_bytes.load(Ordering::Acquire)
+    }
+
+    /// The error that poisoned the log, if one did.
+    pub fn poisoned(&self) -> Option<Error> {
+        self.shared.poison_error()
+    }
+
+    /// The directory of this log.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Counters and sizes.
+    pub fn stats(&self) -> WalStats {
+        let c = &self.shared.counters;
+        let table = self.shared.table();
+        WalStats {
+            appends: c.appends.load(Ordering::Relaxed),
+            records: c.records.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            batches: c.batches.load(Ordering::Relaxed),
+            syncs: c.syncs.load(Ordering::Relaxed),
+            sync_nanos: c.sync_nanos.load(Ordering::Relaxed),
+            segments: table.segments.len() as u64,
+            log_bytes: table.segments.values().map(|s| s.end_offset).sum(),
+        }
+    }
+
+    /// Closes the log: refuses new calls, lets the writer finish everything
+    /// queued, syncs, joins the writer and the preparer, then drops the
+    /// files. Blocking. Returns the poisoning error if the log was poisoned.
+    pub fn close(self) -> Result<()> {
+        self.shutdown();
+        match self.shared.poison_error() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    fn shutdown(&self) {
+        self.shared.queue().closing = true;
+        self.shared.wake.notify_all();
+        let writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(writer) = writer
+            && writer.join().is_err()
+        {
+            tracing::error!(dir = %self.shared.dir.display(), "WAL writer panicked");
+        }
+        self.shared.space.close();
+        self.preparer.close();
+    }
+}
+
+impl Drop for Wal {
+    /// Dropping without [`Wal::close`] still drains and syncs, on the
+    /// writer thread, without waiting for it.
+    fn drop(&mut self) {
+        self.shared.queue().closing = true;
+        self.shared.wake.notify_all();
+        self.shared.space.close();
+    }
+}
+
+fn create_dir_durably(storage: &dyn Storage, dir: &Path) -> Result<()> {
+    storage.create_dir_all(dir).map_err(|e| Error::io(IoOp::Metadata, dir, e))?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        storage.sync_dir(parent).map_err(|e| Error::io(IoOp::SyncDir, parent, e))?;
+    }
+    Ok(())
+}

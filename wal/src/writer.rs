@@ -1,0 +1,610 @@
+//! The writer thread: group commit, segment rolls, truncation and purge.
+//!
+//! Appends queue up in [`Shared::queue`] while the previous batch is being
+//! written and synced; the writer then takes everything queued (up to
+//! `max_batch_bytes`), sends it to the kernel as one vectored write, issues
+//! one `fdatasync`, and answers every waiter. Batching comes from the sync
+//! in flight, never from a deliberate delay.
+//!
+//! Control requests (sync, truncate, purge) go through the same queue, so
+//! they are ordered with the appends around them and never race the writer.
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+
+use crate::error::{Error, IoOp, Result};
+use crate::format::{self, RecordHeader, SegmentHeader};
+use crate::prepare::Preparer;
+use crate::segment::{self, SegmentMeta, SegmentTable};
+use crate::storage::{Storage, StorageFile};
+use crate::{Appended, Durability, Lsn, RecordPos, WalOptions};
+
+static PADDING: [u8; format::RECORD_ALIGN] = [0; format::RECORD_ALIGN];
+
+/// One caller's append, waiting in the queue.
+pub(crate) struct AppendRequest {
+    pub records: Vec<Bytes>,
+    pub bytes: usize,
+    pub reply: oneshot::Sender<Result<Appended>>,
+    /// Queue space held until the request is answered or dropped.
+    pub ticket: QueueTicket,
+}
+
+/// Holds an append's share of the queue; gives it back when dropped.
+pub(crate) struct QueueTicket {
+    _permit: OwnedSemaphorePermit,
+    bytes: usize,
+    queued: Arc<AtomicUsize>,
+}
+
+impl QueueTicket {
+    pub fn new(permit: OwnedSemaphorePermit, bytes: usize, queued: Arc<AtomicUsize>) -> QueueTicket {
+        queued.fetch_add(bytes, Ordering::AcqRel);
+        QueueTicket { _permit: permit, bytes, queued }
+    }
+}
+
+impl Drop for QueueTicket {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+pub(crate) enum Request {
+    Append(AppendRequest),
+    Sync(oneshot::Sender<Result<()>>),
+    TruncateAfter(Lsn, oneshot::Sender<Result<()>>),
+    PurgeBefore(Lsn, oneshot::Sender<Result<usize>>),
+}
+
+#[derive(Default)]
+pub(crate) struct Queue {
+    pub requests: VecDeque<Request>,
+    pub closing: bool,
+}
+
+/// Counters, updated by the writer, read by anyone.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub appends: AtomicU64,
+    pub records: AtomicU64,
+    pub bytes: AtomicU64,
+    pub batches: AtomicU64,
+    pub syncs: AtomicU64,
+    pub sync_nanos: AtomicU64,
+}
+
+/// State shared by the [`crate::Wal`] handle and its writer thread.
+pub(crate) struct Shared {
+    pub log_id: u64,
+    pub dir: PathBuf,
+    pub queue: Mutex<Queue>,
+    pub wake: Condvar,
+    pub space: Arc<Semaphore>,
+    /// Permits `space` was created with: bytes that may be queued.
+    pub queue_capacity: usize,
+    /// Payload bytes of appends queued or being written.
+    pub queued_bytes: Arc<AtomicUsize>,
+    pub table: RwLock<SegmentTable>,
+    /// Next LSN to hand out minus one: the last written record.
+    pub last_lsn: AtomicU64,
+    /// Everything up to here is on stable storage.
+    pub durable_lsn: AtomicU64,
+    pub poisoned: AtomicBool,
+    pub poison: Mutex<Option<(IoOp, i32)>>,
+    pub counters: Counters,
+}
+
+impl Shared {
+    pub fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn table(&self) -> RwLockReadGuard<'_, SegmentTable> {
+        self.table.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn table_mut(&self) -> RwLockWriteGuard<'_, SegmentTable> {
+        self.table.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The error every call gets once the log is poisoned.
+    pub fn poison_error(&self) -> Option<Error> {
+        if !self.poisoned.load(Ordering::Acquire) {
+            return None;
+        }
+        let poison = *self.poison.lock().unwrap_or_else(PoisonError::into_inner);
+        poison.map(|(op, errno)| Error::Poisoned { op, source: io::Error::from_raw_os_error(errno) })
+    }
+}
+
+/// The segment being appended to.
+struct Active {
+    id: u64,
+    path: PathBuf,
+    file: Arc<dyn StorageFile>,
+    /// Where the next byte goes.
+    offset: u64,
+    /// The segment header has not been written yet; it goes out with the
+    /// first batch.
+    header_pending: bool,
+    /// Whether no record has been written into it yet.
+    empty: bool,
+}
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    storage: Arc<dyn Storage>,
+    options: WalOptions,
+    preparer: Arc<Preparer>,
+    active: Option<Active>,
+    next_segment_id: u64,
+    /// Writer's view of the durable LSN (it is the only one that moves it).
+    durable_lsn: Lsn,
+    /// Records written but not yet synced, since when.
+    unsynced_since: Option<Instant>,
+}
+
+enum Work {
+    Appends(Vec<AppendRequest>),
+    Control(Request),
+    SyncDue,
+    Exit,
+}
+
+impl Writer {
+    pub fn new(
+        shared: Arc<Shared>,
+        storage: Arc<dyn Storage>,
+        options: WalOptions,
+        preparer: Arc<Preparer>,
+        next_segment_id: u64,
+    ) -> Writer {
+        let durable_lsn = shared.durable_lsn.load(Ordering::Acquire);
+        let active = shared.table().segments.values().next_back().map(|meta| Active {
+            id: meta.id,
+            path: meta.path.clone(),
+            file: Arc::clone(&meta.file),
+            offset: meta.end_offset,
+            header_pending: false,
+            empty: meta.is_empty(),
+        });
+        Writer { shared, storage, options, preparer, active, next_segment_id, durable_lsn, unsynced_since: None }
+    }
+
+    /// The thread body: serve the queue until closed, then sync what is
+    /// unsynced.
+    pub fn run(mut self) {
+        loop {
+            match self.next_work() {
+                Work::Appends(batch) => self.write_batch(batch),
+                Work::Control(request) => self.control(request),
+                Work::SyncDue => {
+                    if let Err(error) = self.sync_active() {
+                        tracing::error!(dir = %self.shared.dir.display(), %error, "periodic WAL sync failed");
+                    }
+                }
+                Work::Exit => break,
+            }
+        }
+        if self.unsynced_since.is_some()
+            && self.shared.poison_error().is_none()
+            && let Err(error) = self.sync_active()
+        {
+            tracing::error!(dir = %self.shared.dir.display(), %error, "final WAL sync failed");
+        }
+    }
+
+    fn next_work(&mut self) -> Work {
+        let mut queue = self.shared.queue();
+        loop {
+            match queue.requests.pop_front() {
+                Some(Request::Append(first)) => {
+                    let mut bytes = first.bytes;
+                    let mut batch = vec![first];
+                    while bytes < self.options.max_batch_bytes {
+                        match queue.requests.pop_front() {
+                            Some(Request::Append(next)) => {
+                                bytes += next.bytes;
+                                batch.push(next);
+                            }
+                            Some(other) => {
+                                queue.requests.push_front(other);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    return Work::Appends(batch);
+                }
+                Some(control) => return Work::Control(control),
+                None => {}
+            }
+            if queue.closing {
+                return Work::Exit;
+            }
+            match (self.options.durability, self.unsynced_since) {
+                (Durability::Interval(every), Some(since)) => {
+                    let due = since + every;
+                    let now = Instant::now();
+                    if now >= due {
+                        return Work::SyncDue;
+                    }
+                    queue = self.shared.wake.wait_timeout(queue, due - now).unwrap_or_else(PoisonError::into_inner).0;
+                }
+                _ => queue = self.shared.wake.wait(queue).unwrap_or_else(PoisonError::into_inner),
+            }
+        }
+    }
+
+    fn write_batch(&mut self, batch: Vec<AppendRequest>) {
+        if let Some(error) = self.shared.poison_error() {
+            return fail_appends(batch, || clone_poison(&error));
+        }
+        match self.write_records(&batch) {
+            Ok(mut appended) => {
+                for request in batch.into_iter().rev() {
+                    let result = appended.pop().ok_or(Error::Closed);
+                    let _ = request.reply.send(result);
+                    drop(request.ticket);
+                }
+            }
+            Err(error) => {
+                // The failing batch learns the real error; all others are
+                // told the log is poisoned.
+                let mut first = Some(error);
+                fail_appends(batch, || first.take().unwrap_or_else(|| self.poisoned_or_closed()));
+                self.fail_queued();
+            }
+        }
+    }
+
+    fn poisoned_or_closed(&self) -> Error {
+        self.shared.poison_error().unwrap_or(Error::Closed)
+    }
+
+    /// Writes and (per durability) syncs the batch; one `Appended` per
+    /// request, in request order.
+    fn write_records(&mut self, batch: &[AppendRequest]) -> Result<Vec<Appended>> {
+        let frame_bytes: u64 =
+            batch.iter().flat_map(|r| &r.records).map(|payload| format::frame_len(payload.len()) as u64).sum();
+        let record_count: usize = batch.iter().map(|r| r.records.len()).sum();
+        let payload_bytes: usize = batch.iter().map(|r| r.bytes).sum();
+        self.ensure_room(frame_bytes)?;
+        let Some(active) = self.active.as_mut() else { return Err(Error::Closed) };
+
+        let mut pieces = Vec::with_capacity(record_count * 3 + 1);
+        let write_at = if active.header_pending { 0 } else { active.offset };
+        let mut next_lsn = self.shared.last_lsn.load(Ordering::Acquire) + 1;
+        if active.header_pending {
+            let header = SegmentHeader { log_id: self.options.log_id, segment_id: active.id, first_lsn: next_lsn };
+            pieces.push(Bytes::copy_from_slice(&header.encode()));
+        }
+        let mut headers = BytesMut::with_capacity(record_count * format::RECORD_HEADER_LEN);
+        let mut offset = active.offset;
+        let mut appended = Vec::with_capacity(batch.len());
+        let mut placed = Vec::with_capacity(record_count);
+        for request in batch {
+            let first_lsn = next_lsn;
+            let mut positions = Vec::with_capacity(request.records.len());
+            for payload in &request.records {
+                let header = RecordHeader {
+                    len: payload.len() as u32,
+                    log_id: self.options.log_id,
+                    segment_id: active.id,
+                    lsn: next_lsn,
+                    synced_lsn: self.durable_lsn,
+                };
+                headers.extend_from_slice(&format::encode_record_header(&header, payload));
+                let frame = header.frame_len() as u64;
+                positions.push(RecordPos { segment_id: active.id, offset, lsn: next_lsn, len: header.len });
+                placed.push((next_lsn, offset, frame));
+                offset += frame;
+                next_lsn += 1;
+            }
+            appended.push(Appended { first_lsn, last_lsn: next_lsn - 1, positions });
+        }
+        let mut headers = headers.freeze();
+        for payload in batch.iter().flat_map(|r| &r.records) {
+            pieces.push(headers.split_to(format::RECORD_HEADER_LEN));
+            if !payload.is_empty() {
+                pieces.push(payload.clone());
+            }
+            let padding = format::padding_len(payload.len());
+            if padding > 0 {
+                pieces.push(Bytes::from_static(&PADDING[..padding]));
+            }
+        }
+
+        let sync_now = self.options.durability == Durability::Sync;
+        let started = Instant::now();
+        let result = if sync_now {
+            active.file.write_all_and_sync(write_at, &pieces)
+        } else {
+            active.file.write_all_at(write_at, &pieces).map_err(|e| (IoOp::Write, e))
+        };
+        if let Err((op, error)) = result {
+            if op == IoOp::Sync {
+                self.observe_sync(started.elapsed(), false);
+            }
+            return Err(self.poison(op, active_path(&self.active), error));
+        }
+        if sync_now {
+            self.observe_sync(started.elapsed(), true);
+        }
+
+        let Some(active) = self.active.as_mut() else { return Err(Error::Closed) };
+        active.header_pending = false;
+        active.offset = offset;
+        active.empty = false;
+        let last_lsn = next_lsn - 1;
+        {
+            let mut table = self.shared.table_mut();
+            if let Some(meta) = table.segments.get_mut(&active.id) {
+                for (lsn, at, frame) in placed {
+                    meta.push(lsn, at, frame);
+                }
+            }
+        }
+        self.shared.last_lsn.store(last_lsn, Ordering::Release);
+        if sync_now {
+            self.set_durable(last_lsn);
+        } else if self.unsynced_since.is_none() {
+            self.unsynced_since = Some(Instant::now());
+        }
+        let counters = &self.shared.counters;
+        counters.appends.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        counters.records.fetch_add(record_count as u64, Ordering::Relaxed);
+        counters.bytes.fetch_add(payload_bytes as u64, Ordering::Relaxed);
+        counters.batches.fetch_add(1, Ordering::Relaxed);
+        if let Some(observer) = &self.options.observer {
+            observer.batch_written(record_count, payload_bytes);
+        }
+        Ok(appended)
+    }
+
+    /// Makes sure the active segment can take `frame_bytes` more, rolling to
+    /// a new segment when it cannot. An empty segment takes anything, so a
+    /// record larger than a segment gets one of its own.
+    fn ensure_room(&mut self, frame_bytes: u64) -> Result<()> {
+        if let Some(active) = &self.active {
+            if active.empty || active.offset + frame_bytes <= self.options.segment_size {
+                return Ok(());
+            }
+            // Sealed segments are durable whole: recovery relies on it.
+            self.sync_active()?;
+        }
+        let id = self.next_segment_id;
+        let file = self.preparer.take(id).inspect_err(|error| self.poison_from(error))?;
+        let path = segment::path(&self.shared.dir, id);
+        let first_lsn = self.shared.last_lsn.load(Ordering::Acquire) + 1;
+        self.shared.table_mut().segments.insert(id, SegmentMeta::new(id, path.clone(), Arc::clone(&file), first_lsn));
+        self.active = Some(Active {
+            id,
+            path,
+            file,
+            offset: format::SEGMENT_HEADER_LEN as u64,
+            header_pending: true,
+            empty: true,
+        });
+        self.next_segment_id = id + 1;
+        Ok(())
+    }
+
+    /// Syncs the active segment if anything in it is unsynced.
+    fn sync_active(&mut self) -> Result<()> {
+        if self.unsynced_since.is_none() {
+            return Ok(());
+        }
+        if let Some(error) = self.shared.poison_error() {
+            return Err(error);
+        }
+        let Some(active) = &self.active else { return Ok(()) };
+        let started = Instant::now();
+        let result = active.file.sync_data();
+        self.observe_sync(started.elapsed(), result.is_ok());
+        if let Err(error) = result {
+            return Err(self.poison(IoOp::Sync, active.path.clone(), error));
+        }
+        self.unsynced_since = None;
+        self.set_durable(self.shared.last_lsn.load(Ordering::Acquire));
+        Ok(())
+    }
+
+    fn set_durable(&mut self, lsn: Lsn) {
+        self.durable_lsn = lsn;
+        self.shared.durable_lsn.store(lsn, Ordering::Release);
+    }
+
+    fn observe_sync(&self, elapsed: Duration, ok: bool) {
+        let counters = &self.shared.counters;
+        counters.syncs.fetch_add(1, Ordering::Relaxed);
+        counters.sync_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        if let Some(observer) = &self.options.observer {
+            observer.synced(elapsed, ok);
+        }
+    }
+
+    /// Records the first failure; from now on every call fails.
+    fn poison(&self, op: IoOp, path: PathBuf, source: io::Error) -> Error {
+        let errno = source.raw_os_error().unwrap_or(libc::EIO);
+        {
+            let mut poison = self.shared.poison.lock().unwrap_or_else(PoisonError::into_inner);
+            if poison.is_none() {
+                *poison = Some((op, errno));
+            }
+        }
+        self.shared.poisoned.store(true, Ordering::Release);
+        tracing::error!(dir = %self.shared.dir.display(), op = op.as_str(), errno, %source, "WAL poisoned");
+        Error::io(op, path, source)
+    }
+
+    fn poison_from(&self, error: &Error) {
+        if let (Some(op), errno) = (error.op(), error.errno()) {
+            let source = io::Error::from_raw_os_error(errno.unwrap_or(libc::EIO));
+            let _ = self.poison(op, self.shared.dir.clone(), source);
+        }
+    }
+
+    /// After a failure, answer everything still queued.
+    fn fail_queued(&mut self) {
+        let requests: Vec<Request> = self.shared.queue().requests.drain(..).collect();
+        for request in requests {
+            let error = self.poisoned_or_closed();
+            reply_error(request, error);
+        }
+    }
+
+    fn control(&mut self, request: Request) {
+        match request {
+            Request::Append(_) => {}
+            Request::Sync(reply) => {
+                let result = self.shared.poison_error().map_or_else(|| self.sync_active(), Err);
+                let _ = reply.send(result);
+            }
+            Request::TruncateAfter(lsn, reply) => {
+                let result = self.shared.poison_error().map_or_else(|| self.truncate_after(lsn), Err);
+                let _ = reply.send(result);
+            }
+            Request::PurgeBefore(lsn, reply) => {
+                let result = self.shared.poison_error().map_or_else(|| self.purge_before(lsn), Err);
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Removes every record after `lsn`. Later segments go first (newest
+    /// first, so a crash leaves no gap), then the tail of the segment
+    /// holding `lsn + 1` is zeroed and synced.
+    fn truncate_after(&mut self, lsn: Lsn) -> Result<()> {
+        let last = self.shared.last_lsn.load(Ordering::Acquire);
+        let (first, target) = {
+            let table = self.shared.table();
+            let first = table.first_lsn().unwrap_or(last + 1);
+            (first, table.find(lsn + 1).cloned())
+        };
+        if lsn >= last {
+            return if lsn == last { Ok(()) } else { Err(Error::LsnOutOfRange { lsn, first, last }) };
+        }
+        let Some(target) = target.filter(|_| lsn + 1 >= first) else {
+            return Err(Error::LsnOutOfRange { lsn, first, last });
+        };
+        self.preparer.discard().inspect_err(|e| self.poison_from(e))?;
+        let doomed: Vec<SegmentMeta> =
+            self.shared.table().segments.range(target.id + 1..).rev().map(|(_, m)| m.clone()).collect();
+        for meta in &doomed {
+            self.storage.remove_file(&meta.path).map_err(|e| self.poison(IoOp::Metadata, meta.path.clone(), e))?;
+        }
+        if !doomed.is_empty() {
+            self.storage
+                .sync_dir(&self.shared.dir)
+                .map_err(|e| self.poison(IoOp::SyncDir, self.shared.dir.clone(), e))?;
+        }
+        let cut = offset_of(&target, self.shared.log_id, lsn + 1)?;
+        let zeros = Bytes::from(vec![0u8; (target.end_offset - cut) as usize]);
+        target.file.write_all_and_sync(cut, &[zeros]).map_err(|(op, e)| self.poison(op, target.path.clone(), e))?;
+
+        let mut table = self.shared.table_mut();
+        table.segments.retain(|id, _| *id <= target.id);
+        if let Some(meta) = table.segments.get_mut(&target.id) {
+            meta.last_lsn = lsn;
+            meta.end_offset = cut;
+            let kept = (lsn + 1 - meta.first_lsn).div_ceil(segment::INDEX_STRIDE) as usize;
+            meta.index.truncate(kept);
+        }
+        drop(table);
+        self.active = Some(Active {
+            id: target.id,
+            path: target.path.clone(),
+            file: Arc::clone(&target.file),
+            offset: cut,
+            header_pending: false,
+            empty: lsn < target.first_lsn,
+        });
+        self.next_segment_id = target.id + 1;
+        self.shared.last_lsn.store(lsn, Ordering::Release);
+        self.unsynced_since = None;
+        self.set_durable(lsn);
+        Ok(())
+    }
+
+    /// Removes whole segments all of whose records are below `lsn`, oldest
+    /// first, never the active segment. Returns how many were removed.
+    fn purge_before(&mut self, lsn: Lsn) -> Result<usize> {
+        let active_id = self.active.as_ref().map(|a| a.id);
+        let doomed: Vec<SegmentMeta> = {
+            let mut table = self.shared.table_mut();
+            let ids: Vec<u64> = table
+                .segments
+                .values()
+                .take_while(|m| m.last_lsn < lsn && Some(m.id) != active_id)
+                .map(|m| m.id)
+                .collect();
+            ids.iter().filter_map(|id| table.segments.remove(id)).collect()
+        };
+        for meta in &doomed {
+            self.storage.remove_file(&meta.path).map_err(|e| self.poison(IoOp::Metadata, meta.path.clone(), e))?;
+        }
+        if !doomed.is_empty() {
+            self.storage
+                .sync_dir(&self.shared.dir)
+                .map_err(|e| self.poison(IoOp::SyncDir, self.shared.dir.clone(), e))?;
+        }
+        Ok(doomed.len())
+    }
+}
+
+fn active_path(active: &Option<Active>) -> PathBuf {
+    active.as_ref().map(|a| a.path.clone()).unwrap_or_default()
+}
+
+/// Offset of record `lsn` in `meta` (or the end, for the LSN after the last).
+fn offset_of(meta: &SegmentMeta, log_id: u64, lsn: Lsn) -> Result<u64> {
+    if lsn > meta.last_lsn {
+        return Ok(meta.end_offset);
+    }
+    let mut records = Vec::new();
+    meta.read_from(log_id, lsn, 0, &mut records)?;
+    records.first().map(|r| r.pos.offset).ok_or(Error::LsnOutOfRange {
+        lsn,
+        first: meta.first_lsn,
+        last: meta.last_lsn,
+    })
+}
+
+fn clone_poison(error: &Error) -> Error {
+    match error {
+        Error::Poisoned { op, source } => Error::Poisoned {
+            op: *op,
+            source: io::Error::from_raw_os_error(source.raw_os_error().unwrap_or(libc::EIO)),
+        },
+        _ => Error::Closed,
+    }
+}
+
+fn fail_appends(batch: Vec<AppendRequest>, mut error: impl FnMut() -> Error) {
+    for request in batch {
+        let _ = request.reply.send(Err(error()));
+    }
+}
+
+pub(crate) fn reply_error(request: Request, error: Error) {
+    match request {
+        Request::Append(append) => {
+            let _ = append.reply.send(Err(error));
+        }
+        Request::Sync(reply) | Request::TruncateAfter(_, reply) => {
+            let _ = reply.send(Err(error));
+        }
+        Request::PurgeBefore(_, reply) => {
+            let _ = reply.send(Err(error));
+        }
+    }
+}

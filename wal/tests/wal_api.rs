@@ -1,0 +1,349 @@
+//! The WAL's API on every backend: appends, reads, group commit, rollover,
+//! truncation, purge, reopen, and the failure contract on the simulator.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::*;
+use datanode_wal::storage::{Fault, FaultOp};
+use datanode_wal::{Corruption, Durability, Error, IoOp, Wal, WalOptions};
+
+#[test]
+fn appended_records_read_back_after_reopen_on_every_backend() {
+    for (name, storage) in disk_backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = open(&storage, dir.path(), small_options(9));
+        let mut expected = Vec::new();
+        let mut positions = Vec::new();
+        for seq in 0..200 {
+            let data = payload(0, seq, (seq as usize * 37) % 700);
+            let appended = wal.append_blocking(vec![data.clone()]).unwrap();
+            assert_eq!(appended.first_lsn, seq + 1, "{name}");
+            assert_eq!(wal.durable_lsn(), seq + 1, "{name}: sync mode acks only durable records");
+            positions.push(appended.positions[0]);
+            expected.push(data);
+        }
+        assert!(wal.stats().segments > 10, "{name}: small segments must roll over");
+        for (pos, data) in positions.iter().zip(&expected) {
+            assert_eq!(&wal.read(*pos).unwrap(), data, "{name}");
+        }
+        wal.close().unwrap();
+
+        let wal = open(&storage, dir.path(), small_options(9));
+        assert_eq!((wal.first_lsn(), wal.last_lsn(), wal.durable_lsn()), (1, 200, 200), "{name}");
+        assert_eq!(read_all(&wal), expected, "{name}");
+        for (pos, data) in positions.iter().zip(&expected) {
+            assert_eq!(&wal.read(*pos).unwrap(), data, "{name}");
+        }
+        let next = wal.append_blocking(vec![Bytes::from_static(b"after reopen")]).unwrap();
+        assert_eq!(next.first_lsn, 201, "{name}");
+        wal.close().unwrap();
+    }
+}
+
+#[test]
+fn a_batch_gets_consecutive_lsns_and_read_from_respects_max_bytes() {
+    let (_, storage) = sim(1);
+    let wal = open(&storage, Path::new("/log"), small_options(1));
+    let batch: Vec<Bytes> = (0..10).map(|i| payload(1, i, 100)).collect();
+    let appended = wal.append_blocking(batch.clone()).unwrap();
+    assert_eq!((appended.first_lsn, appended.last_lsn), (1, 10));
+    assert_eq!(appended.positions.iter().map(|p| p.lsn).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+    let some = wal.read_from(3, 250).unwrap();
+    assert_eq!(some.iter().map(|r| r.lsn).collect::<Vec<_>>(), vec![3, 4, 5]);
+    assert_eq!(some[0].data, batch[2]);
+    let one = wal.read_from(10, 0).unwrap();
+    assert_eq!(one.len(), 1, "at least one record is returned");
+    assert!(matches!(wal.read_from(11, 10), Err(Error::LsnOutOfRange { lsn: 11, .. })));
+    assert!(matches!(wal.append_blocking(vec![]), Err(Error::Invalid(_))));
+}
+
+#[test]
+fn concurrent_appenders_share_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = disk_backends().remove(0).1;
+    let wal = Arc::new(open(&storage, dir.path(), WalOptions::new(3)));
+    let writers: Vec<_> = (0..16)
+        .map(|w| {
+            let wal = Arc::clone(&wal);
+            std::thread::spawn(move || {
+                for seq in 0..50 {
+                    wal.append_blocking(vec![payload(w, seq, 256)]).unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    let stats = wal.stats();
+    assert_eq!(stats.appends, 800);
+    assert!(stats.syncs < stats.appends, "group commit must batch: {stats:?}");
+    assert_eq!(read_all(&wal).len(), 800);
+}
+
+#[test]
+fn async_appends_from_a_runtime_never_block_it() {
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let (_, storage) = sim(2);
+    let wal = Arc::new(open(&storage, Path::new("/log"), small_options(2)));
+    // One runtime thread drives 64 concurrent appends: only possible if
+    // `append` yields while its batch is written.
+    let lsns = runtime.block_on(async {
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let wal = Arc::clone(&wal);
+                async move { wal.append(vec![payload(i, 0, 64)]).await.unwrap().first_lsn }
+            })
+            .collect();
+        let mut lsns = Vec::new();
+        for task in tasks {
+            lsns.push(task.await);
+        }
+        lsns
+    });
+    let mut sorted = lsns.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (1..=64).collect::<Vec<_>>());
+}
+
+#[test]
+fn truncate_after_drops_the_tail_durably_and_appends_continue() {
+    for (name, storage) in disk_backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = open(&storage, dir.path(), small_options(4));
+        let written: Vec<Bytes> = (0..120).map(|i| payload(4, i, 90)).collect();
+        for data in &written {
+            wal.append_blocking(vec![data.clone()]).unwrap();
+        }
+        let segments_before = wal.stats().segments;
+        wal.truncate_after_blocking(30).unwrap();
+        assert_eq!(wal.last_lsn(), 30, "{name}");
+        assert!(wal.stats().segments < segments_before, "{name}");
+        assert!(matches!(wal.truncate_after_blocking(31), Err(Error::LsnOutOfRange { .. })), "{name}");
+        let replacement = wal.append_blocking(vec![Bytes::from_static(b"new 31")]).unwrap();
+        assert_eq!(replacement.first_lsn, 31, "{name}");
+        wal.close().unwrap();
+
+        let wal = open(&storage, dir.path(), small_options(4));
+        let mut expected = written[..30].to_vec();
+        expected.push(Bytes::from_static(b"new 31"));
+        assert_eq!(read_all(&wal), expected, "{name}");
+        wal.truncate_after_blocking(0).unwrap();
+        assert_eq!(wal.last_lsn(), 0, "{name}");
+        assert!(read_all(&wal).is_empty(), "{name}");
+        wal.close().unwrap();
+        let wal = open(&storage, dir.path(), small_options(4));
+        assert!(read_all(&wal).is_empty(), "{name}");
+        assert_eq!(wal.append_blocking(vec![Bytes::from_static(b"x")]).unwrap().first_lsn, 1);
+    }
+}
+
+#[test]
+fn purge_before_removes_only_whole_old_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = disk_backends().remove(0).1;
+    let wal = open(&storage, dir.path(), small_options(5));
+    for i in 0..200 {
+        wal.append_blocking(vec![payload(5, i, 100)]).unwrap();
+    }
+    let before = wal.stats().segments;
+    let removed = wal.purge_before_blocking(100).unwrap();
+    assert!(removed > 0);
+    assert_eq!(wal.stats().segments, before - removed as u64);
+    let first = wal.first_lsn();
+    assert!(first > 1 && first <= 100, "first {first}");
+    assert_eq!(wal.read_from(100, 100).unwrap()[0].data, payload(5, 99, 100));
+    // Purging everything keeps the active segment and the newest record.
+    wal.purge_before_blocking(10_000).unwrap();
+    assert_eq!(wal.read_from(200, 1).unwrap()[0].data, payload(5, 199, 100));
+    wal.close().unwrap();
+    let wal = open(&storage, dir.path(), small_options(5));
+    assert_eq!(wal.last_lsn(), 200);
+    assert_eq!(wal.read_from(200, 1).unwrap()[0].data, payload(5, 199, 100));
+}
+
+#[test]
+fn write_error_poisons_and_is_never_retried() {
+    let (sim, storage) = sim(6);
+    let wal = open(&storage, Path::new("/log"), writer_only_options(6));
+    wal.append_blocking(vec![payload(6, 0, 10)]).unwrap();
+    sim.inject(Fault::new(FaultOp::Write, libc::EIO).on_path(".wal").short_write());
+    let error = wal.append_blocking(vec![payload(6, 1, 10)]).unwrap_err();
+    assert!(matches!(error, Error::Io { op: IoOp::Write, .. }), "{error:?}");
+    assert!(error.outcome_unknown());
+    assert_eq!(error.errno(), Some(libc::EIO));
+    sim.clear_faults();
+    for _ in 0..3 {
+        let later = wal.append_blocking(vec![payload(6, 2, 10)]).unwrap_err();
+        assert!(matches!(later, Error::Poisoned { op: IoOp::Write, .. }), "{later:?}");
+        assert_eq!(later.errno(), Some(libc::EIO));
+        assert!(!later.outcome_unknown());
+    }
+    assert!(wal.sync_blocking().is_err());
+    assert!(wal.close().is_err());
+    // Reopening recovers from disk: the acknowledged record, nothing else.
+    let wal = open(&storage, Path::new("/log"), writer_only_options(6));
+    assert_eq!(read_all(&wal), vec![payload(6, 0, 10)]);
+}
+
+#[test]
+fn sync_error_poisons_with_its_errno_and_fails_everything_queued() {
+    let (sim, storage) = sim(7);
+    let wal = Arc::new(open(&storage, Path::new("/log"), writer_only_options(7)));
+    wal.append_blocking(vec![payload(7, 0, 10)]).unwrap();
+    sim.pause(FaultOp::Sync);
+    sim.inject(Fault::new(FaultOp::Sync, libc::EIO));
+    let appenders: Vec<_> = (0..8)
+        .map(|i| {
+            let wal = Arc::clone(&wal);
+            std::thread::spawn(move || wal.append_blocking(vec![payload(7, i + 1, 10)]))
+        })
+        .collect();
+    wait_until("a batch is syncing", || sim.held() == 1);
+    wait_until("the rest queue up behind it", || wal.queued_bytes() == 80);
+    sim.resume(FaultOp::Sync);
+    let results: Vec<_> = appenders.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(results.iter().all(Result::is_err), "nothing after a failed sync is acknowledged");
+    assert!(results.iter().any(|r| matches!(r, Err(Error::Io { op: IoOp::Sync, .. }))));
+    assert!(results.iter().all(|r| r.as_ref().unwrap_err().errno() == Some(libc::EIO)));
+    assert_eq!(wal.durable_lsn(), 1);
+}
+
+#[test]
+fn reopen_zeroes_a_torn_tail_and_stays_usable() {
+    let (sim, storage) = sim(8);
+    let dir = Path::new("/log");
+    let wal = open(&storage, dir, small_options(8));
+    wal.append_blocking(vec![payload(8, 0, 100)]).unwrap();
+    wal.append_blocking(vec![payload(8, 1, 100)]).unwrap();
+    wal.close().unwrap();
+    // Tear the second record: keep its header, garble its payload end.
+    let seg = dir.join("00000000000000000001.wal");
+    let second_payload_end = 64 + 152 + 48 + 99;
+    sim.tamper(&seg, second_payload_end, &[0xff]).unwrap();
+    let wal = open(&storage, dir, small_options(8));
+    assert_eq!(read_all(&wal), vec![payload(8, 0, 100)]);
+    let contents = sim.contents(&seg).unwrap();
+    assert!(contents[64 + 152..].iter().all(|b| *b == 0), "torn bytes must be zeroed");
+    assert_eq!(wal.append_blocking(vec![payload(8, 2, 5)]).unwrap().first_lsn, 2);
+}
+
+#[test]
+fn damage_before_a_durable_record_is_corruption_and_nothing_is_changed() {
+    let (sim, storage) = sim(9);
+    let dir = Path::new("/log");
+    let wal = open(&storage, dir, small_options(9));
+    for i in 0..3 {
+        wal.append_blocking(vec![payload(9, i, 100)]).unwrap();
+    }
+    wal.close().unwrap();
+    let seg = dir.join("00000000000000000001.wal");
+    sim.tamper(&seg, 64 + 152 + 60, b"rot").unwrap();
+    let before = sim.contents(&seg).unwrap();
+    let error = Wal::open(Arc::clone(&storage), dir, small_options(9)).unwrap_err();
+    assert!(
+        matches!(error, Error::Corruption { segment_id: 1, offset: 216, detail: Corruption::BadRecord(_) }),
+        "{error:?}"
+    );
+    assert_eq!(sim.contents(&seg).unwrap(), before, "corruption must never be truncated");
+}
+
+#[test]
+fn a_record_of_another_log_is_refused() {
+    let (sim, storage) = sim(10);
+    let dir = Path::new("/log");
+    let wal = open(&storage, dir, small_options(10));
+    let pos = wal.append_blocking(vec![payload(10, 0, 40)]).unwrap().positions[0];
+    wal.append_blocking(vec![payload(10, 1, 40)]).unwrap();
+    wal.close().unwrap();
+    // Write log 11's version of the same record over log 10's first record.
+    let (other_sim, other_storage) = common::sim(11);
+    let other = open(&other_storage, dir, small_options(11));
+    other.append_blocking(vec![payload(10, 0, 40)]).unwrap();
+    other.close().unwrap();
+    let seg = dir.join("00000000000000000001.wal");
+    let foreign = other_sim.contents(&seg).unwrap();
+    sim.tamper(&seg, pos.offset as usize, &foreign[pos.offset as usize..pos.offset as usize + 88]).unwrap();
+    let error = Wal::open(Arc::clone(&storage), dir, small_options(10)).unwrap_err();
+    assert!(matches!(error, Error::Corruption { detail: Corruption::BadRecord(_), .. }), "{error:?}");
+}
+
+#[test]
+fn a_read_never_returns_bytes_that_fail_their_checksum() {
+    let (sim, storage) = sim(12);
+    let dir = Path::new("/log");
+    let wal = open(&storage, dir, small_options(12));
+    let pos = wal.append_blocking(vec![payload(12, 0, 100)]).unwrap().positions[0];
+    sim.tamper(&dir.join("00000000000000000001.wal"), pos.offset as usize + 70, b"X").unwrap();
+    assert!(matches!(wal.read(pos), Err(Error::Corruption { .. })));
+    sim.inject(Fault::new(FaultOp::Read, libc::EIO));
+    let error = wal.read(pos).unwrap_err();
+    assert!(matches!(error, Error::Io { op: IoOp::Read, .. }) && error.errno() == Some(libc::EIO));
+}
+
+#[test]
+fn a_missing_middle_segment_is_corruption() {
+    let (_, storage) = sim(13);
+    let dir = Path::new("/log");
+    let wal = open(&storage, dir, small_options(13));
+    for i in 0..100 {
+        wal.append_blocking(vec![payload(13, i, 100)]).unwrap();
+    }
+    wal.close().unwrap();
+    storage.remove_file(&dir.join("00000000000000000002.wal")).unwrap();
+    let error = Wal::open(Arc::clone(&storage), dir, small_options(13)).unwrap_err();
+    assert!(matches!(error, Error::Corruption { segment_id: 2, detail: Corruption::MissingSegment, .. }));
+}
+
+#[test]
+fn interval_durability_syncs_on_its_own() {
+    let (_, storage) = sim(14);
+    let options =
+        WalOptions { durability: Durability::Interval(std::time::Duration::from_millis(5)), ..small_options(14) };
+    let wal = open(&storage, Path::new("/log"), options);
+    wal.append_blocking(vec![payload(14, 0, 10)]).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while wal.durable_lsn() < 1 {
+        assert!(std::time::Instant::now() < deadline, "interval sync never happened");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn backpressure_bounds_queued_bytes() {
+    let (sim, storage) = sim(15);
+    let options = WalOptions { max_queued_bytes: 1000, ..writer_only_options(15) };
+    let wal = Arc::new(open(&storage, Path::new("/log"), options));
+    wal.append_blocking(vec![Bytes::from(vec![1u8; 1000])]).unwrap();
+    let too_large = wal.append_blocking(vec![Bytes::from(vec![1u8; 1001])]).unwrap_err();
+    assert!(matches!(too_large, Error::RecordTooLarge { len: 1001, max: 1000 }));
+
+    sim.pause(FaultOp::Sync);
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let appenders: Vec<_> = (0..5)
+        .map(|i| {
+            let (wal, done) = (Arc::clone(&wal), Arc::clone(&done));
+            std::thread::spawn(move || {
+                wal.append_blocking(vec![payload(15, i, 400)]).unwrap();
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        })
+        .collect();
+    // One batch is stuck in its sync, one more fits in the queue, and the
+    // other three wait for space instead of piling up in memory.
+    wait_until("two appends hold the queue", || wal.queued_bytes() == 800 && sim.held() == 1);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(wal.queued_bytes(), 800);
+    assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 0);
+    sim.resume(FaultOp::Sync);
+    for a in appenders {
+        a.join().unwrap();
+    }
+    assert_eq!(wal.last_lsn(), 6);
+    assert_eq!(wal.queued_bytes(), 0);
+}
