@@ -51,6 +51,8 @@ pub enum FrameError {
     Misplaced,
     /// The announced length is impossible.
     BadLength,
+    /// The alignment padding after the payload is not zero.
+    BadPadding,
 }
 
 impl std::fmt::Display for FrameError {
@@ -62,6 +64,7 @@ impl std::fmt::Display for FrameError {
             FrameError::BadChecksum => f.write_str("checksum mismatch"),
             FrameError::Misplaced => f.write_str("record of another log, segment or LSN"),
             FrameError::BadLength => f.write_str("impossible record length"),
+            FrameError::BadPadding => f.write_str("non-zero padding"),
         }
     }
 }
@@ -186,7 +189,8 @@ pub struct Expected {
     pub lsn: Option<Lsn>,
 }
 
-/// Decodes and verifies the record that starts at `bytes[0]`.
+/// Decodes and verifies the record that starts at `bytes[0]`; `bytes` must
+/// hold the whole frame, padding included.
 ///
 /// Returns the header and the payload range within `bytes`. A record whose
 /// checksum holds but whose log, segment or LSN differ from `expected` is
@@ -212,6 +216,13 @@ pub fn decode_record(bytes: &[u8], expected: Expected) -> Result<(RecordHeader, 
         lsn: le_u64(head, 32),
         synced_lsn: le_u64(head, 40),
     };
+    // Padding is not checksummed; require it to be zero so that no byte of
+    // the log can change unnoticed.
+    let frame_end = (RECORD_HEADER_LEN + len as usize).next_multiple_of(RECORD_ALIGN);
+    let padding = bytes.get(payload_range.end..frame_end).ok_or(FrameError::Truncated)?;
+    if padding.iter().any(|b| *b != 0) {
+        return Err(FrameError::BadPadding);
+    }
     let lsn_ok = expected.lsn.is_none_or(|lsn| lsn == header.lsn);
     if header.log_id != expected.log_id || header.segment_id != expected.segment_id || !lsn_ok {
         return Err(FrameError::Misplaced);
@@ -299,7 +310,7 @@ mod tests {
         ) {
             let header = RecordHeader { len: payload.len() as u32, log_id: 5, segment_id: 6, lsn: 7, synced_lsn: 6 };
             let mut bytes = encode(&header, &payload);
-            let covered = RECORD_HEADER_LEN + payload.len();
+            let covered = bytes.len();
             bytes[position.index(covered)] ^= xor;
             prop_assert!(decode_record(&bytes, expect(&header)).is_err());
         }
@@ -311,7 +322,7 @@ mod tests {
         ) {
             let header = RecordHeader { len: payload.len() as u32, log_id: 5, segment_id: 6, lsn: 7, synced_lsn: 6 };
             let bytes = encode(&header, &payload);
-            let keep = cut.index(RECORD_HEADER_LEN + payload.len());
+            let keep = cut.index(header.frame_len());
             prop_assert!(decode_record(&bytes[..keep], expect(&header)).is_err());
         }
 

@@ -9,7 +9,9 @@
 //! - a later record of this segment whose `synced_lsn` (the writer's durable
 //!   LSN when it was written) reaches the first LSN that fails to decode;
 //! - a later segment with a valid header: a segment is synced whole before
-//!   the next one is started.
+//!   the next one is started;
+//! - for a damaged segment header, any valid record of the segment: the
+//!   header is synced before the first record is written behind it.
 //!
 //! A valid record after the bad bytes that does *not* prove them synced
 //! belongs to the same unsynced write, whose pages reached the disk out of
@@ -228,38 +230,29 @@ fn scan_segment(storage: &dyn Storage, dir: &Path, log_id: u64, id: u64, expecte
                 .unwrap_or(FrameError::Truncated),
         };
         scan.stop = Some((offset as u64, error));
-        let synced = synced_lsns_after(&bytes, offset + RECORD_ALIGN, log_id, id);
-        scan.proven_durable = match (scan.header_ok(), synced) {
+        let highest_synced = highest_synced_lsn_after(&bytes, offset + RECORD_ALIGN, log_id, id);
+        scan.proven_durable = match (scan.header_ok(), highest_synced) {
             (_, None) => false,
             // The first LSN that failed to decode was synced before a later
             // record was written.
-            (true, Some((_, highest))) => highest > scan.meta.last_lsn,
-            // The header is written with the segment's first batch. It was
-            // synced if a later batch followed a sync: that batch's records
-            // carry a higher `synced_lsn` than the first batch's.
-            (false, Some((lowest, highest))) => {
-                lowest != highest || expected_first.is_some_and(|first| highest >= first)
-            }
+            (true, Some(highest)) => highest > scan.meta.last_lsn,
+            // The header is synced before any record is written behind it.
+            (false, Some(_)) => true,
         };
     }
     Ok(scan)
 }
 
-/// The lowest and highest `synced_lsn` among this segment's valid records
-/// that start at or after `from`.
-fn synced_lsns_after(bytes: &[u8], from: usize, log_id: u64, id: u64) -> Option<(Lsn, Lsn)> {
+/// The highest `synced_lsn` among this segment's valid records that start
+/// at or after `from`; `None` when there is no such record.
+fn highest_synced_lsn_after(bytes: &[u8], from: usize, log_id: u64, id: u64) -> Option<Lsn> {
     let magic = RECORD_MAGIC.to_le_bytes();
     let expected = Expected { log_id, segment_id: id, lsn: None };
     let last_start = bytes.len().checked_sub(format::RECORD_HEADER_LEN)?;
-    let mut range: Option<(Lsn, Lsn)> = None;
-    for at in (from.next_multiple_of(RECORD_ALIGN)..=last_start).step_by(RECORD_ALIGN) {
-        if bytes[at..at + 4] != magic {
-            continue;
-        }
-        if let Ok((record, _)) = format::decode_record(&bytes[at..], expected) {
-            let synced = record.synced_lsn;
-            range = Some(range.map_or((synced, synced), |(lo, hi)| (lo.min(synced), hi.max(synced))));
-        }
-    }
-    range
+    (from.next_multiple_of(RECORD_ALIGN)..=last_start)
+        .step_by(RECORD_ALIGN)
+        .filter(|at| bytes[*at..*at + 4] == magic)
+        .filter_map(|at| format::decode_record(&bytes[at..], expected).ok())
+        .map(|(record, _)| record.synced_lsn)
+        .max()
 }

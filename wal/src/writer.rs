@@ -132,9 +132,6 @@ struct Active {
     file: Arc<dyn StorageFile>,
     /// Where the next byte goes.
     offset: u64,
-    /// The segment header has not been written yet; it goes out with the
-    /// first batch.
-    header_pending: bool,
     /// Whether no record has been written into it yet.
     empty: bool,
 }
@@ -173,7 +170,6 @@ impl Writer {
             path: meta.path.clone(),
             file: Arc::clone(&meta.file),
             offset: meta.end_offset,
-            header_pending: false,
             empty: meta.is_empty(),
         });
         Writer { shared, storage, options, preparer, active, next_segment_id, durable_lsn, unsynced_since: None }
@@ -280,13 +276,9 @@ impl Writer {
         self.ensure_room(frame_bytes)?;
         let Some(active) = self.active.as_mut() else { return Err(Error::Closed) };
 
-        let mut pieces = Vec::with_capacity(record_count * 3 + 1);
-        let write_at = if active.header_pending { 0 } else { active.offset };
+        let mut pieces = Vec::with_capacity(record_count * 3);
+        let write_at = active.offset;
         let mut next_lsn = self.shared.last_lsn.load(Ordering::Acquire) + 1;
-        if active.header_pending {
-            let header = SegmentHeader { log_id: self.options.log_id, segment_id: active.id, first_lsn: next_lsn };
-            pieces.push(Bytes::copy_from_slice(&header.encode()));
-        }
         let mut headers = BytesMut::with_capacity(record_count * format::RECORD_HEADER_LEN);
         let mut offset = active.offset;
         let mut appended = Vec::with_capacity(batch.len());
@@ -341,7 +333,6 @@ impl Writer {
         }
 
         let Some(active) = self.active.as_mut() else { return Err(Error::Closed) };
-        active.header_pending = false;
         active.offset = offset;
         active.empty = false;
         let last_lsn = next_lsn - 1;
@@ -385,15 +376,21 @@ impl Writer {
         let file = self.preparer.take(id).inspect_err(|error| self.poison_from(error))?;
         let path = segment::path(&self.shared.dir, id);
         let first_lsn = self.shared.last_lsn.load(Ordering::Acquire) + 1;
+        // The header is durable before any record is written behind it, so
+        // recovery can treat a damaged header in front of a valid record as
+        // corruption, never as a torn write.
+        let header = SegmentHeader { log_id: self.options.log_id, segment_id: id, first_lsn };
+        let started = Instant::now();
+        let result = file.write_all_and_sync(0, &[Bytes::copy_from_slice(&header.encode())]);
+        if let Err((op, error)) = result {
+            if op == IoOp::Sync {
+                self.observe_sync(started.elapsed(), false);
+            }
+            return Err(self.poison(op, path, error));
+        }
+        self.observe_sync(started.elapsed(), true);
         self.shared.table_mut().segments.insert(id, SegmentMeta::new(id, path.clone(), Arc::clone(&file), first_lsn));
-        self.active = Some(Active {
-            id,
-            path,
-            file,
-            offset: format::SEGMENT_HEADER_LEN as u64,
-            header_pending: true,
-            empty: true,
-        });
+        self.active = Some(Active { id, path, file, offset: format::SEGMENT_HEADER_LEN as u64, empty: true });
         self.next_segment_id = id + 1;
         Ok(())
     }
@@ -525,7 +522,6 @@ impl Writer {
             path: target.path.clone(),
             file: Arc::clone(&target.file),
             offset: cut,
-            header_pending: false,
             empty: lsn < target.first_lsn,
         });
         self.next_segment_id = target.id + 1;
