@@ -1,6 +1,8 @@
 //! Helpers shared by the WAL's integration tests.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod kernel;
+
 use std::path::Path;
 use std::sync::Arc;
 
