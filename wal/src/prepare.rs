@@ -81,7 +81,8 @@ impl Preparer {
 
     /// The file for segment `id`: the prepared one if the preparer has (or
     /// is about to have) it, else a fresh file whose name is made durable
-    /// here. Then asks for `id + 1`.
+    /// here. Only once the file is in hand is `id + 1` asked for, so a
+    /// failure here never leaves a later segment behind a missing one.
     pub fn take(&self, id: u64) -> Result<Arc<dyn StorageFile>> {
         let shared = &self.shared;
         let prewrite = self.running();
@@ -97,21 +98,25 @@ impl Preparer {
                 None
             }
         };
-        state.wanted = prewrite.then_some(id + 1);
+        state.wanted = None;
         drop(state);
-        shared.changed.notify_all();
         if let Some(stale) = stale {
             shared.remove(stale.id)?;
         }
-        match file {
-            Some(file) => Ok(file),
+        let file = match file {
+            Some(file) => file,
             None => {
                 let path = segment::path(&shared.dir, id);
                 let file = shared.storage.open(&path, true).map_err(|e| Error::io(IoOp::Open, &path, e))?;
                 shared.sync_dir()?;
-                Ok(file)
+                file
             }
+        };
+        if prewrite {
+            shared.lock().wanted = Some(id + 1);
+            shared.changed.notify_all();
         }
+        Ok(file)
     }
 
     /// Drops whatever is prepared (its id no longer fits, after a

@@ -85,19 +85,23 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, log_id: u64) -> Result<
         }
     }
     ids.sort_unstable();
-    for pair in ids.windows(2) {
-        if pair[1] != pair[0] + 1 {
-            return Err(Error::Corruption { segment_id: pair[0] + 1, offset: 0, detail: Corruption::MissingSegment });
-        }
-    }
 
     let mut used: Vec<Scan> = Vec::new();
     let mut unused: Vec<Scan> = Vec::new();
-    for id in ids.iter().copied() {
+    // The first missing id, if any. Unused segments past a gap are
+    // leftovers of a failed roll; a used one means a segment was lost.
+    let mut gap: Option<u64> = None;
+    for (i, id) in ids.iter().copied().enumerate() {
+        if i > 0 && gap.is_none() && id != ids[i - 1] + 1 {
+            gap = Some(ids[i - 1] + 1);
+        }
         let expected_first = used.last().map(|s| s.meta.last_lsn + 1);
         let scan = scan_segment(storage, dir, log_id, id, expected_first)?;
         if scan.proven_durable {
             return Err(corruption_at(&scan));
+        }
+        if let Some(missing) = gap.filter(|_| scan.header_ok()) {
+            return Err(Error::Corruption { segment_id: missing, offset: 0, detail: Corruption::MissingSegment });
         }
         if scan.header_ok() {
             if let Some(first_unused) = unused.first() {

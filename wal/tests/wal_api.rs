@@ -347,3 +347,20 @@ fn backpressure_bounds_queued_bytes() {
     assert_eq!(wal.last_lsn(), 6);
     assert_eq!(wal.queued_bytes(), 0);
 }
+
+#[test]
+fn an_unused_segment_past_a_gap_is_a_leftover_not_corruption() {
+    // A roll that failed after the next segment was already pre-written
+    // leaves exactly this: the log, a missing id, then a zeroed segment.
+    let (sim, storage) = sim(16);
+    let dir = Path::new("/log");
+    let wal = open(&storage, dir, writer_only_options(16));
+    wal.append_blocking(vec![payload(16, 0, 10)]).unwrap();
+    wal.close().unwrap();
+    let leftover = dir.join("00000000000000000003.wal");
+    storage.open(&leftover, true).unwrap().write_all_at(0, &[Bytes::from(vec![0u8; 4096])]).unwrap();
+    let wal = open(&storage, dir, writer_only_options(16));
+    assert_eq!(read_all(&wal), vec![payload(16, 0, 10)]);
+    assert!(sim.contents(&leftover).is_err(), "the leftover is removed");
+    assert_eq!(wal.append_blocking(vec![payload(16, 1, 10)]).unwrap().first_lsn, 2);
+}

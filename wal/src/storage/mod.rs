@@ -3,8 +3,9 @@
 //!
 //! - [`StdStorage`]: positional `pwritev`/`pread`/`fdatasync` called by the
 //!   WAL's own threads (never by an async runtime's workers);
-//! - [`UringStorage`]: an io_uring owned by a dedicated thread; each
-//!   operation owns its buffers until its completion is reaped;
+//! - [`UringStorage`]: a small io_uring per calling thread (the WAL's own
+//!   threads); each operation owns its buffers until its completion is
+//!   reaped, and a write with its `fdatasync` is one linked submission;
 //! - [`SimStorage`]: an in-memory, fault-injecting simulation that tracks what
 //!   was synced and builds crash images.
 //!
@@ -79,7 +80,7 @@ pub enum IoBackend {
     Auto,
     /// Positional syscalls on the WAL's threads.
     Std,
-    /// io_uring on a dedicated thread; fails if io_uring is unavailable.
+    /// io_uring rings on the WAL's threads; fails if io_uring is unavailable.
     Uring,
 }
 

@@ -1,68 +1,49 @@
-//! The io_uring backend: one ring, owned by one dedicated thread.
+//! The io_uring backend.
 //!
-//! Callers hand an operation (with its file and its buffers) to the ring
-//! thread over a channel and block on the reply. The operation owns every
-//! buffer the kernel may touch (`Bytes` for writes, a `Vec` for reads) and an
-//! `Arc` of the file, and is dropped only after its completion is reaped, so
-//! the kernel never sees freed memory or a closed descriptor. On shutdown the
-//! thread stops taking work and waits for every completion before the ring
-//! and the buffers go away.
+//! Each thread that does file I/O through this backend owns a small ring of
+//! its own (created on first use). In the WAL those threads are the writer
+//! thread of each log and the threads that read, so the ring lives on a
+//! dedicated thread and no operation hops between threads: a write and the
+//! `fdatasync` after it go to the kernel linked, in one `io_uring_enter`.
+//!
+//! An operation owns what the kernel may touch (the `Bytes` of a write, the
+//! `Vec` of a read, the iovec array, a reference to the file) and the call
+//! does not return until every completion it submitted is reaped; if the
+//! ring itself breaks while an operation is in flight, those buffers and the
+//! ring are leaked rather than freed under the kernel.
 //!
 //! Namespace operations (open, rename, remove, directory fsync) are rare and
-//! run as plain syscalls on the caller's thread.
+//! run as plain syscalls.
 
-use std::collections::{HashMap, VecDeque};
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use io_uring::{IoUring, Probe, opcode, types};
+use io_uring::{IoUring, Probe, opcode, squeue, types};
 
 use super::{StdStorage, Storage, StorageFile};
 use crate::error::IoOp;
 
-const RING_ENTRIES: u32 = 256;
+const RING_ENTRIES: u32 = 8;
 const IOV_MAX: usize = 1024;
-const WAKE: u64 = u64::MAX;
+const WRITE: u64 = 1;
+const SYNC: u64 = 2;
+const READ: u64 = 3;
 
-/// Files whose data operations run on an io_uring.
-#[derive(Debug, Clone)]
+/// Files whose data operations run on per-thread io_urings.
+#[derive(Debug, Clone, Copy)]
 pub struct UringStorage {
-    ring: Arc<RingHandle>,
+    _private: (),
 }
-
-#[derive(Debug)]
-struct RingHandle {
-    requests: Mutex<Option<Sender<Request>>>,
-    wake: OwnedFd,
-    thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-#[derive(Debug)]
-enum Op {
-    Write { offset: u64, bufs: Vec<Bytes>, piece: usize, skip: usize, then_sync: bool },
-    Sync,
-    Read { offset: u64, buf: Vec<u8>, filled: usize },
-}
-
-#[derive(Debug)]
-struct Request {
-    file: Arc<File>,
-    op: Op,
-    reply: SyncSender<Reply>,
-}
-
-/// The ring thread's answer: the bytes read, or which step failed and how.
-type Reply = Result<Vec<u8>, (IoOp, io::Error)>;
 
 impl UringStorage {
-    /// Sets up a ring and its thread. Fails when the kernel has no usable
-    /// io_uring (or lacks the opcodes used here).
+    /// Checks that io_uring works here with the opcodes used (write, read,
+    /// fsync, linked); fails when the kernel refuses (old kernel, seccomp,
+    /// `io_uring_disabled`).
     pub fn new() -> io::Result<UringStorage> {
         let ring = IoUring::new(RING_ENTRIES)?;
         let mut probe = Probe::new();
@@ -72,284 +53,63 @@ impl UringStorage {
                 return Err(io::Error::new(io::ErrorKind::Unsupported, "io_uring lacks an opcode"));
             }
         }
-        // SAFETY: eventfd has no memory-safety preconditions; the result is
-        // checked before it is wrapped.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh, valid descriptor owned by nobody else.
-        let wake = unsafe { OwnedFd::from_raw_fd(raw) };
-        let (tx, rx) = mpsc::channel();
-        let wake_fd = wake.as_raw_fd();
-        let thread = std::thread::Builder::new()
-            .name("wal-uring".into())
-            .spawn(move || RingThread::new(ring, rx, wake_fd).run())?;
-        Ok(UringStorage {
-            ring: Arc::new(RingHandle { requests: Mutex::new(Some(tx)), wake, thread: Mutex::new(Some(thread)) }),
-        })
+        Ok(UringStorage { _private: () })
     }
 }
 
-impl RingHandle {
-    fn call(&self, file: &Arc<File>, op: Op) -> Reply {
-        let first_step = match op {
-            Op::Write { .. } => IoOp::Write,
-            Op::Sync => IoOp::Sync,
-            Op::Read { .. } => IoOp::Read,
-        };
-        let (reply, answer) = mpsc::sync_channel(1);
-        {
-            let requests = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
-            let sender = requests.as_ref().ok_or_else(|| (first_step, ring_gone()))?;
-            sender.send(Request { file: Arc::clone(file), op, reply }).map_err(|_| (first_step, ring_gone()))?;
-        }
-        self.kick();
-        answer.recv().map_err(|_| (first_step, ring_gone()))?
-    }
-
-    fn kick(&self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live local buffer to our eventfd.
-        // A failure (counter overflow) still leaves the ring awake.
-        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-    }
+thread_local! {
+    /// This thread's ring; `None` until first use, and again after the ring
+    /// broke (its memory is then leaked, see `Ring::abandon`).
+    static RING: RefCell<Option<IoUring>> = const { RefCell::new(None) };
 }
 
-impl Drop for RingHandle {
-    fn drop(&mut self) {
-        self.requests.lock().unwrap_or_else(PoisonError::into_inner).take();
-        self.kick();
-        if let Some(thread) = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take()
-            && thread.join().is_err()
-        {
-            tracing::error!("io_uring thread panicked");
+/// Runs `f` with this thread's ring, creating it on first use.
+fn with_ring<T>(f: impl FnOnce(&mut IoUring) -> Result<T, RingBroken>) -> io::Result<T> {
+    RING.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(IoUring::new(RING_ENTRIES)?);
         }
-    }
+        let Some(ring) = slot.as_mut() else { return Err(io::Error::other("no ring")) };
+        match f(ring) {
+            Ok(value) => Ok(value),
+            Err(RingBroken(error)) => {
+                // Completions may still be owed: never free what the
+                // kernel could write to.
+                if let Some(ring) = slot.take() {
+                    std::mem::forget(ring);
+                }
+                Err(error)
+            }
+        }
+    })
 }
 
-fn ring_gone() -> io::Error {
-    io::Error::new(io::ErrorKind::BrokenPipe, "io_uring thread is gone")
-}
+/// The ring could not submit or wait; operations may still be in flight.
+struct RingBroken(io::Error);
 
-struct InFlight {
-    request: Request,
-    /// iovecs of the current write submission; they point into
-    /// `request.op`'s `Bytes`, which stay put while the op is in flight.
-    iovecs: Vec<libc::iovec>,
-}
-
-struct RingThread {
-    ring: IoUring,
-    requests: Receiver<Request>,
-    wake_fd: i32,
-    wake_buf: Box<[u8; 8]>,
-    wake_armed: bool,
-    closing: bool,
-    in_flight: HashMap<u64, InFlight>,
-    backlog: VecDeque<u64>,
-    next_key: u64,
-}
-
-impl RingThread {
-    fn new(ring: IoUring, requests: Receiver<Request>, wake_fd: i32) -> RingThread {
-        RingThread {
-            ring,
-            requests,
-            wake_fd,
-            wake_buf: Box::new([0; 8]),
-            wake_armed: false,
-            closing: false,
-            in_flight: HashMap::new(),
-            backlog: VecDeque::new(),
-            next_key: 0,
+/// Pushes `entries` and waits until `count` completions are reaped,
+/// returning their `(user_data, result)` pairs. Every pointer in `entries`
+/// must stay valid until this returns; it returns only after every
+/// submitted entry completed, or with `RingBroken`.
+fn submit_and_reap(ring: &mut IoUring, entries: &[squeue::Entry]) -> Result<Vec<(u64, i32)>, RingBroken> {
+    for entry in entries {
+        // SAFETY: the caller keeps every buffer and descriptor referenced by
+        // `entry` alive until all completions are reaped below.
+        if unsafe { ring.submission().push(entry) }.is_err() {
+            return Err(RingBroken(io::Error::other("io_uring submission queue full")));
         }
     }
-
-    fn run(mut self) {
-        self.arm_wake();
-        loop {
-            if self.closing && self.in_flight.is_empty() && !self.wake_armed {
-                return;
-            }
-            if let Err(error) = self.ring.submit_and_wait(1) {
-                if error.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                // The ring itself failed: fail everything rather than hang.
-                tracing::error!(%error, "io_uring submit failed");
-                self.fail_all(error);
-                return;
-            }
-            let done: Vec<(u64, i32)> = self.ring.completion().map(|cqe| (cqe.user_data(), cqe.result())).collect();
-            for (key, result) in done {
-                if key == WAKE {
-                    self.wake_armed = false;
-                    self.take_requests();
-                    if !self.closing {
-                        self.arm_wake();
-                    }
-                } else {
-                    self.complete(key, result);
-                }
-            }
-            self.flush_backlog();
+    let mut done = Vec::with_capacity(entries.len());
+    while done.len() < entries.len() {
+        match ring.submit_and_wait(entries.len() - done.len()) {
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(RingBroken(error)),
         }
+        done.extend(ring.completion().map(|cqe| (cqe.user_data(), cqe.result())));
     }
-
-    fn arm_wake(&mut self) {
-        let entry = opcode::Read::new(types::Fd(self.wake_fd), self.wake_buf.as_mut_ptr(), 8).build().user_data(WAKE);
-        // SAFETY: the buffer is owned by `self` and outlives the ring.
-        if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-            self.wake_armed = true;
-        } else {
-            // The queue is full of work; its completions will bring us back.
-            let _ = self.ring.submit();
-            // SAFETY: as above.
-            self.wake_armed = unsafe { self.ring.submission().push(&entry) }.is_ok();
-        }
-    }
-
-    fn take_requests(&mut self) {
-        loop {
-            match self.requests.try_recv() {
-                Ok(request) => {
-                    let key = self.next_key;
-                    self.next_key += 1;
-                    self.in_flight.insert(key, InFlight { request, iovecs: Vec::new() });
-                    self.backlog.push_back(key);
-                }
-                Err(TryRecvError::Empty) => return,
-                Err(TryRecvError::Disconnected) => {
-                    self.closing = true;
-                    return;
-                }
-            }
-        }
-    }
-
-    fn flush_backlog(&mut self) {
-        while let Some(key) = self.backlog.pop_front() {
-            if !self.submit(key) {
-                self.backlog.push_front(key);
-                return;
-            }
-        }
-    }
-
-    /// Pushes the next step of operation `key`; false when the queue is full.
-    fn submit(&mut self, key: u64) -> bool {
-        let Some(flight) = self.in_flight.get_mut(&key) else { return true };
-        let fd = types::Fd(flight.request.file.as_raw_fd());
-        let entry = match &mut flight.request.op {
-            Op::Write { offset, bufs, piece, skip, .. } if *piece < bufs.len() => {
-                flight.iovecs = bufs[*piece..]
-                    .iter()
-                    .take(IOV_MAX)
-                    .enumerate()
-                    .map(|(i, buf)| {
-                        let from = if i == 0 { *skip } else { 0 };
-                        libc::iovec { iov_base: buf[from..].as_ptr() as *mut libc::c_void, iov_len: buf.len() - from }
-                    })
-                    .collect();
-                opcode::Writev::new(fd, flight.iovecs.as_ptr(), flight.iovecs.len() as u32).offset(*offset).build()
-            }
-            Op::Write { .. } | Op::Sync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
-            Op::Read { offset, buf, filled } => {
-                let rest = &mut buf[*filled..];
-                let len = rest.len().min(u32::MAX as usize) as u32;
-                opcode::Read::new(fd, rest.as_mut_ptr(), len).offset(*offset + *filled as u64).build()
-            }
-        };
-        // SAFETY: every pointer in `entry` refers to memory owned by the
-        // in-flight operation (its `Bytes`, its read `Vec`, its iovecs) or
-        // the file it holds an `Arc` of; the operation stays in
-        // `in_flight`, untouched, until this entry's completion is reaped.
-        unsafe { self.ring.submission().push(&entry.user_data(key)) }.is_ok()
-    }
-
-    fn complete(&mut self, key: u64, result: i32) {
-        let Some(flight) = self.in_flight.get_mut(&key) else { return };
-        let step = match &flight.request.op {
-            Op::Write { bufs, piece, .. } if *piece < bufs.len() => IoOp::Write,
-            Op::Write { .. } | Op::Sync => IoOp::Sync,
-            Op::Read { .. } => IoOp::Read,
-        };
-        if result == -libc::EINTR || result == -libc::EAGAIN {
-            self.backlog.push_back(key);
-            return;
-        }
-        if result < 0 {
-            self.finish(key, Err((step, io::Error::from_raw_os_error(-result))));
-            return;
-        }
-        let advanced = result as usize;
-        match &mut flight.request.op {
-            Op::Write { offset, bufs, piece, skip, then_sync } if *piece < bufs.len() => {
-                if advanced == 0 {
-                    let error = io::Error::new(io::ErrorKind::WriteZero, "writev wrote nothing");
-                    self.finish(key, Err((step, error)));
-                    return;
-                }
-                *offset += advanced as u64;
-                let mut left = advanced;
-                while left > 0 && *piece < bufs.len() {
-                    let available = bufs[*piece].len() - *skip;
-                    if left >= available {
-                        left -= available;
-                        *piece += 1;
-                        *skip = 0;
-                    } else {
-                        *skip += left;
-                        left = 0;
-                    }
-                }
-                while *piece < bufs.len() && bufs[*piece].len() == *skip {
-                    *piece += 1;
-                    *skip = 0;
-                }
-                if *piece < bufs.len() || *then_sync {
-                    self.backlog.push_back(key);
-                } else {
-                    self.finish(key, Ok(Vec::new()));
-                }
-            }
-            Op::Write { .. } | Op::Sync => self.finish(key, Ok(Vec::new())),
-            Op::Read { buf, filled, .. } => {
-                if advanced == 0 {
-                    self.finish(key, Err((step, io::Error::from(io::ErrorKind::UnexpectedEof))));
-                    return;
-                }
-                *filled += advanced;
-                if *filled == buf.len() {
-                    let data = std::mem::take(buf);
-                    self.finish(key, Ok(data));
-                } else {
-                    self.backlog.push_back(key);
-                }
-            }
-        }
-    }
-
-    fn finish(&mut self, key: u64, result: Reply) {
-        if let Some(flight) = self.in_flight.remove(&key) {
-            // The caller may have given up; nothing else to do then.
-            let _ = flight.request.reply.send(result);
-        }
-    }
-
-    /// Only reached when the ring itself cannot submit. Every caller gets
-    /// the error; buffers, files and the ring are leaked rather than freed,
-    /// because the kernel may still reference them.
-    fn fail_all(mut self, error: io::Error) {
-        for (_, flight) in self.in_flight.drain() {
-            let InFlight { request, iovecs } = flight;
-            let Request { file, op, reply } = request;
-            let _ = reply.send(Err((IoOp::Write, io::Error::new(error.kind(), error.to_string()))));
-            std::mem::forget((file, op, iovecs));
-        }
-        std::mem::forget(self);
-    }
+    Ok(done)
 }
 
 impl Storage for UringStorage {
@@ -363,7 +123,7 @@ impl Storage for UringStorage {
 
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn StorageFile>> {
         let file = OpenOptions::new().read(true).write(true).create(create).open(path)?;
-        Ok(Arc::new(UringFile { ring: Arc::clone(&self.ring), file: Arc::new(file) }))
+        Ok(Arc::new(UringFile { file }))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
@@ -379,43 +139,116 @@ impl Storage for UringStorage {
     }
 }
 
-/// The buffers worth sending: a zero-length iovec would read as a zero-byte write.
-fn non_empty(bufs: &[Bytes]) -> Vec<Bytes> {
-    bufs.iter().filter(|b| !b.is_empty()).cloned().collect()
-}
-
 #[derive(Debug)]
 struct UringFile {
-    ring: Arc<RingHandle>,
-    file: Arc<File>,
+    file: File,
+}
+
+impl UringFile {
+    fn fd(&self) -> types::Fd {
+        types::Fd(self.file.as_raw_fd())
+    }
+
+    /// Writes `bufs` at `offset`, continuing after short writes; with
+    /// `sync`, an `fdatasync` linked behind each write submission.
+    fn write(&self, mut offset: u64, bufs: &[Bytes], sync: bool) -> Result<(), (IoOp, io::Error)> {
+        let mut pieces: Vec<&[u8]> = bufs.iter().map(|b| &b[..]).filter(|b| !b.is_empty()).collect();
+        let mut start = 0;
+        let mut synced = !sync;
+        while start < pieces.len() || !synced {
+            let iovecs: Vec<libc::iovec> = pieces[start..]
+                .iter()
+                .take(IOV_MAX)
+                .map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() })
+                .collect();
+            let mut entries = Vec::with_capacity(2);
+            if !iovecs.is_empty() {
+                let mut write = opcode::Writev::new(self.fd(), iovecs.as_ptr(), iovecs.len() as u32)
+                    .offset(offset)
+                    .build()
+                    .user_data(WRITE);
+                if sync {
+                    write = write.flags(squeue::Flags::IO_LINK);
+                }
+                entries.push(write);
+            }
+            if sync {
+                entries.push(opcode::Fsync::new(self.fd()).flags(types::FsyncFlags::DATASYNC).build().user_data(SYNC));
+            }
+            // `iovecs` and `pieces` (borrowed from `bufs`) outlive the call,
+            // which reaps every completion before returning.
+            let done = with_ring(|ring| submit_and_reap(ring, &entries)).map_err(|e| (IoOp::Write, e))?;
+            let result_of = |tag| done.iter().find(|(data, _)| *data == tag).map(|(_, result)| *result);
+            if let Some(written) = result_of(WRITE) {
+                if written < 0 {
+                    return Err((IoOp::Write, io::Error::from_raw_os_error(-written)));
+                }
+                if written == 0 {
+                    return Err((IoOp::Write, io::Error::new(io::ErrorKind::WriteZero, "writev wrote nothing")));
+                }
+                let mut left = written as usize;
+                offset += left as u64;
+                while left > 0 {
+                    let piece = &mut pieces[start];
+                    if left >= piece.len() {
+                        left -= piece.len();
+                        start += 1;
+                    } else {
+                        *piece = &piece[left..];
+                        left = 0;
+                    }
+                }
+            }
+            match result_of(SYNC) {
+                // A short write breaks the link: the sync is cancelled and
+                // goes out again behind the rest of the data.
+                Some(result) if result == -libc::ECANCELED && start < pieces.len() => {}
+                Some(result) if result < 0 => return Err((IoOp::Sync, io::Error::from_raw_os_error(-result))),
+                Some(_) => synced = start >= pieces.len(),
+                None => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 impl StorageFile for UringFile {
     fn write_all_at(&self, offset: u64, bufs: &[Bytes]) -> io::Result<()> {
-        let bufs = non_empty(bufs);
-        if bufs.is_empty() {
-            return Ok(());
-        }
-        let op = Op::Write { offset, bufs, piece: 0, skip: 0, then_sync: false };
-        self.ring.call(&self.file, op).map(drop).map_err(|(_, e)| e)
+        self.write(offset, bufs, false).map_err(|(_, e)| e)
     }
 
     fn write_all_and_sync(&self, offset: u64, bufs: &[Bytes]) -> Result<(), (IoOp, io::Error)> {
-        // One round trip to the ring thread: it issues the fdatasync as soon
-        // as the last byte is written.
-        let op = Op::Write { offset, bufs: non_empty(bufs), piece: 0, skip: 0, then_sync: true };
-        self.ring.call(&self.file, op).map(drop)
+        self.write(offset, bufs, true)
     }
 
     fn read_exact_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        if len == 0 {
-            return Ok(Vec::new());
+        let mut buf = vec![0u8; len];
+        let mut filled = 0;
+        while filled < len {
+            let rest = &mut buf[filled..];
+            let chunk = rest.len().min(1 << 30) as u32;
+            let entry = opcode::Read::new(self.fd(), rest.as_mut_ptr(), chunk)
+                .offset(offset + filled as u64)
+                .build()
+                .user_data(READ);
+            // `buf` outlives the call, which reaps the completion.
+            let done = with_ring(|ring| submit_and_reap(ring, &[entry]))?;
+            match done.first().map(|(_, result)| *result) {
+                Some(read) if read < 0 => return Err(io::Error::from_raw_os_error(-read)),
+                Some(0) | None => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                Some(read) => filled += read as usize,
+            }
         }
-        self.ring.call(&self.file, Op::Read { offset, buf: vec![0; len], filled: 0 }).map_err(|(_, e)| e)
+        Ok(buf)
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.ring.call(&self.file, Op::Sync).map(drop).map_err(|(_, e)| e)
+        let entry = opcode::Fsync::new(self.fd()).flags(types::FsyncFlags::DATASYNC).build().user_data(SYNC);
+        let done = with_ring(|ring| submit_and_reap(ring, &[entry]))?;
+        match done.first().map(|(_, result)| *result) {
+            Some(result) if result < 0 => Err(io::Error::from_raw_os_error(-result)),
+            _ => Ok(()),
+        }
     }
 
     fn file_len(&self) -> io::Result<u64> {
