@@ -398,9 +398,10 @@ fn w3(args: &Args, fio: bool) {
     let root = args.dir.join("w3");
     for size in [64 << 10, 1 << 20] {
         let mut runners: Vec<Runner> =
-            wal_systems(false).into_iter().map(|s| wal_runner(s, &root, 1, 1, size, args.seconds)).collect();
+            wal_systems(true).into_iter().map(|s| wal_runner(s, &root, 1, 1, size, args.seconds)).collect();
         if fio {
             runners.push(fio_runner("fio sync-write (overwrite)", &root, 1, size, true, 1 << 30, args.seconds));
+            runners.push(fio_runner("fio sync-write (fresh)", &root, 1, size, false, 1 << 30, args.seconds));
         }
         let title = format!("W3: 1 writer, {} KiB records, sync", size >> 10);
         print_table(&title, &rounds(args, &runners), "fio sync-write (overwrite)");

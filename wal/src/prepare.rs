@@ -19,7 +19,7 @@ use crate::recovery::Spare;
 use crate::segment;
 use crate::storage::{Storage, StorageFile};
 
-const ZERO_CHUNK: usize = 1 << 20;
+const ZERO_CHUNK: usize = 4 << 20;
 
 /// Hands out segment files, pre-written when it can.
 #[derive(Debug)]
@@ -44,6 +44,9 @@ struct State {
     /// A prepared segment waiting for the writer.
     ready: Option<Spare>,
     busy: bool,
+    /// The writer needs the segment being pre-written now: stop and let it
+    /// write into fresh space instead of stalling behind the pre-write.
+    abort: bool,
     closing: bool,
 }
 
@@ -63,7 +66,7 @@ impl Preparer {
             storage,
             dir,
             segment_size,
-            state: Mutex::new(State { wanted, ready: spare, busy: false, closing: false }),
+            state: Mutex::new(State { wanted, ready: spare, busy: false, abort: false, closing: false }),
             changed: Condvar::new(),
         });
         let thread = if prewrite {
@@ -79,17 +82,24 @@ impl Preparer {
         Ok(Preparer { shared, thread: Mutex::new(thread) })
     }
 
-    /// The file for segment `id`: the prepared one if the preparer has (or
-    /// is about to have) it, else a fresh file whose name is made durable
-    /// here. Only once the file is in hand is `id + 1` asked for, so a
-    /// failure here never leaves a later segment behind a missing one.
-    pub fn take(&self, id: u64) -> Result<Arc<dyn StorageFile>> {
+    /// The file for segment `id`: the prepared one if the preparer has it,
+    /// else a fresh file whose name is made durable here. With `wait`, a
+    /// pre-write of `id` that is under way or about to start is waited for;
+    /// without, it is abandoned (the writer must not stall behind it). Only
+    /// once the file is in hand is `id + 1` asked for, so a failure here
+    /// never leaves a later segment behind a missing one.
+    pub fn take(&self, id: u64, wait: bool) -> Result<Arc<dyn StorageFile>> {
         let shared = &self.shared;
         let prewrite = self.running();
         let mut state = shared.lock();
+        if !wait && state.ready.as_ref().is_none_or(|ready| ready.id != id) {
+            state.abort = state.busy;
+            state.wanted = None;
+        }
         while state.busy || (prewrite && state.wanted == Some(id) && !state.closing) {
             state = shared.wait(state);
         }
+        state.abort = false;
         let mut stale = None;
         let file = match state.ready.take() {
             Some(spare) if spare.id == id => Some(spare.file),
@@ -184,6 +194,9 @@ impl Shared {
             state.busy = false;
             match prepared {
                 Ok(file) => state.ready = Some(Spare { id, file }),
+                Err(error) if state.abort => {
+                    tracing::debug!(dir = %self.dir.display(), segment = id, %error, "pre-write abandoned");
+                }
                 Err(error) => {
                     // Not fatal: the writer creates the segment itself.
                     tracing::warn!(dir = %self.dir.display(), segment = id, %error, "pre-writing segment failed");
@@ -205,10 +218,14 @@ impl Shared {
             let mut offset = 0;
             while offset < self.segment_size {
                 let len = ZERO_CHUNK.min((self.segment_size - offset) as usize);
-                file.write_all_at(offset, &[zeros.slice(..len)]).map_err(|e| Error::io(IoOp::Write, &temp, e))?;
+                // Synced chunk by chunk: one sync of a whole segment would
+                // hold the journal long enough to stall the writer's syncs.
+                file.write_all_and_sync(offset, &[zeros.slice(..len)]).map_err(|(op, e)| Error::io(op, &temp, e))?;
                 offset += len as u64;
+                if self.lock().abort {
+                    return Err(Error::Invalid("pre-write abandoned: the writer needed the segment".into()));
+                }
             }
-            file.sync_data().map_err(|e| Error::io(IoOp::Sync, &temp, e))?;
             let path = segment::path(&self.dir, id);
             self.storage.rename(&temp, &path).map_err(|e| Error::io(IoOp::Metadata, &temp, e))?;
             self.sync_dir()?;

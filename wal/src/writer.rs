@@ -373,7 +373,10 @@ impl Writer {
             self.sync_active()?;
         }
         let id = self.next_segment_id;
-        let file = self.preparer.take(id).inspect_err(|error| self.poison_from(error))?;
+        // Waiting for a pre-write is fine before the first record; on a roll
+        // the writer would stall every appender behind it.
+        let wait = self.active.is_none();
+        let file = self.preparer.take(id, wait).inspect_err(|error| self.poison_from(error))?;
         let path = segment::path(&self.shared.dir, id);
         let first_lsn = self.shared.last_lsn.load(Ordering::Acquire) + 1;
         // The header is durable before any record is written behind it, so
