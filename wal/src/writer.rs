@@ -499,14 +499,7 @@ impl Writer {
         self.preparer.discard().inspect_err(|e| self.poison_from(e))?;
         let doomed: Vec<SegmentMeta> =
             self.shared.table().segments.range(target.id + 1..).rev().map(|(_, m)| m.clone()).collect();
-        for meta in &doomed {
-            self.storage.remove_file(&meta.path).map_err(|e| self.poison(IoOp::Metadata, meta.path.clone(), e))?;
-        }
-        if !doomed.is_empty() {
-            self.storage
-                .sync_dir(&self.shared.dir)
-                .map_err(|e| self.poison(IoOp::SyncDir, self.shared.dir.clone(), e))?;
-        }
+        self.remove_segments(&doomed)?;
         let cut = offset_of(&target, self.shared.log_id, lsn + 1)?;
         let zeros = Bytes::from(vec![0u8; (target.end_offset - cut) as usize]);
         target.file.write_all_and_sync(cut, &[zeros]).map_err(|(op, e)| self.poison(op, target.path.clone(), e))?;
@@ -548,7 +541,13 @@ impl Writer {
                 .collect();
             ids.iter().filter_map(|id| table.segments.remove(id)).collect()
         };
-        for meta in &doomed {
+        self.remove_segments(&doomed)?;
+        Ok(doomed.len())
+    }
+
+    /// Removes segment files in the order given, then syncs the directory.
+    fn remove_segments(&self, doomed: &[SegmentMeta]) -> Result<()> {
+        for meta in doomed {
             self.storage.remove_file(&meta.path).map_err(|e| self.poison(IoOp::Metadata, meta.path.clone(), e))?;
         }
         if !doomed.is_empty() {
@@ -556,7 +555,7 @@ impl Writer {
                 .sync_dir(&self.shared.dir)
                 .map_err(|e| self.poison(IoOp::SyncDir, self.shared.dir.clone(), e))?;
         }
-        Ok(doomed.len())
+        Ok(())
     }
 }
 

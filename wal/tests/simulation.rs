@@ -26,23 +26,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::payload;
-use datanode_wal::storage::{Fault, FaultOp, SimStorage};
+use datanode_wal::storage::{Fault, FaultOp, SimRng, SimStorage};
 use datanode_wal::{Durability, Error, Storage, Wal, WalOptions};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 #[derive(Default)]
 struct Outcome {
@@ -55,7 +40,7 @@ struct Outcome {
 }
 
 fn run_scenario(seed: u64) {
-    let mut rng = Rng(seed);
+    let mut rng = SimRng::new(seed ^ 0x5eed);
     let sim = SimStorage::new(seed);
     let storage: Arc<dyn Storage> = Arc::new(sim.clone());
     let durability = match rng.below(10) {

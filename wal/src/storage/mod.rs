@@ -25,7 +25,7 @@ use bytes::Bytes;
 
 use crate::error::IoOp;
 
-pub use sim::{Fault, FaultOp, SimStorage};
+pub use sim::{Fault, FaultOp, SimRng, SimStorage};
 pub use std_fs::StdStorage;
 pub use uring::UringStorage;
 
@@ -112,6 +112,21 @@ pub fn open_backend(backend: IoBackend) -> io::Result<Arc<dyn Storage>> {
                 Ok(Arc::new(StdStorage))
             }
         },
+    }
+}
+
+/// Drops the first `written` bytes from `pieces[*start..]`, moving `start`
+/// past the pieces that are done: how a short vectored write continues.
+pub(crate) fn advance(pieces: &mut [&[u8]], start: &mut usize, mut written: usize) {
+    while written > 0 && *start < pieces.len() {
+        let piece = &mut pieces[*start];
+        if written >= piece.len() {
+            written -= piece.len();
+            *start += 1;
+        } else {
+            *piece = &piece[written..];
+            written = 0;
+        }
     }
 }
 

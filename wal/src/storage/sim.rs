@@ -110,7 +110,7 @@ struct FileData {
 
 #[derive(Debug)]
 struct State {
-    rng: SplitMix64,
+    rng: SimRng,
     files: HashMap<FileId, FileData>,
     names: BTreeMap<PathBuf, FileId>,
     durable_names: BTreeMap<PathBuf, FileId>,
@@ -125,11 +125,10 @@ struct State {
     injected: u64,
 }
 
-impl SimStorage {
-    /// An empty filesystem whose random choices follow `seed`.
-    pub fn new(seed: u64) -> SimStorage {
-        SimStorage::from_state(State {
-            rng: SplitMix64(seed),
+impl State {
+    fn empty(seed: u64) -> State {
+        State {
+            rng: SimRng::new(seed),
             files: HashMap::new(),
             names: BTreeMap::new(),
             durable_names: BTreeMap::new(),
@@ -141,7 +140,14 @@ impl SimStorage {
             held: 0,
             delays: HashMap::new(),
             injected: 0,
-        })
+        }
+    }
+}
+
+impl SimStorage {
+    /// An empty filesystem whose random choices follow `seed`.
+    pub fn new(seed: u64) -> SimStorage {
+        SimStorage::from_state(State::empty(seed))
     }
 
     fn from_state(state: State) -> SimStorage {
@@ -224,7 +230,7 @@ impl SimStorage {
     pub fn crash_image(&self) -> SimStorage {
         let mut state = self.lock();
         let seed = state.rng.next();
-        let mut rng = SplitMix64(seed);
+        let mut rng = SimRng::new(seed);
         let kept_ops = rng.below(state.journal.len() as u64 + 1) as usize;
         let mut names = state.durable_names.clone();
         for op in &state.journal[..kept_ops] {
@@ -242,18 +248,11 @@ impl SimStorage {
         let next_id = state.next_id;
         drop(state);
         SimStorage::from_state(State {
-            rng: SplitMix64(seed ^ 0x9e37_79b9_7f4a_7c15),
             files,
             durable_names: names.clone(),
             names,
-            journal: Vec::new(),
             next_id,
-            faults: Vec::new(),
-            random: None,
-            paused: HashSet::new(),
-            held: 0,
-            delays: HashMap::new(),
-            injected: 0,
+            ..State::empty(seed ^ 0x9e37_79b9_7f4a_7c15)
         })
     }
 
@@ -328,7 +327,7 @@ fn apply(names: &mut BTreeMap<PathBuf, FileId>, op: &NsOp) {
     }
 }
 
-fn crashed_contents(file: &FileData, rng: &mut SplitMix64) -> Vec<u8> {
+fn crashed_contents(file: &FileData, rng: &mut SimRng) -> Vec<u8> {
     let Some((lo, hi)) = file.dirty else {
         return file.durable.clone();
     };
@@ -530,12 +529,19 @@ impl StorageFile for SimFile {
     }
 }
 
-/// SplitMix64: a tiny, good-enough deterministic generator.
+/// SplitMix64: a tiny, good-enough deterministic generator, shared by the
+/// simulator and the tests that drive it.
 #[derive(Debug, Clone)]
-struct SplitMix64(u64);
+pub struct SimRng(u64);
 
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+impl SimRng {
+    /// A generator whose sequence follows `seed`.
+    pub fn new(seed: u64) -> SimRng {
+        SimRng(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -543,11 +549,13 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, bound: u64) -> u64 {
+    /// A number in `0..bound` (0 when `bound` is 0).
+    pub fn below(&mut self, bound: u64) -> u64 {
         if bound == 0 { 0 } else { self.next() % bound }
     }
 
-    fn chance(&mut self, probability: f64) -> bool {
+    /// True with the given probability.
+    pub fn chance(&mut self, probability: f64) -> bool {
         ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < probability
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Storage, StorageFile};
+use super::{Storage, StorageFile, advance};
 
 /// Plain files with `pwritev`, `pread` and `fdatasync`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -108,18 +108,8 @@ fn write_all_vectored(fd: i32, mut offset: u64, bufs: &[Bytes]) -> io::Result<()
         if written == 0 {
             return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote nothing"));
         }
-        let mut written = written as usize;
         offset += written as u64;
-        while written > 0 {
-            let piece = &mut pieces[start];
-            if written >= piece.len() {
-                written -= piece.len();
-                start += 1;
-            } else {
-                *piece = &piece[written..];
-                written = 0;
-            }
-        }
+        advance(&mut pieces, &mut start, written as usize);
     }
     Ok(())
 }

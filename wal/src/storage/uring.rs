@@ -25,7 +25,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use io_uring::{IoUring, Probe, opcode, squeue, types};
 
-use super::{StdStorage, Storage, StorageFile};
+use super::{StdStorage, Storage, StorageFile, advance};
 use crate::error::IoOp;
 
 const RING_ENTRIES: u32 = 8;
@@ -186,18 +186,8 @@ impl UringFile {
                 if written == 0 {
                     return Err((IoOp::Write, io::Error::new(io::ErrorKind::WriteZero, "writev wrote nothing")));
                 }
-                let mut left = written as usize;
-                offset += left as u64;
-                while left > 0 {
-                    let piece = &mut pieces[start];
-                    if left >= piece.len() {
-                        left -= piece.len();
-                        start += 1;
-                    } else {
-                        *piece = &piece[left..];
-                        left = 0;
-                    }
-                }
+                offset += written as u64;
+                advance(&mut pieces, &mut start, written as usize);
             }
             match result_of(SYNC) {
                 // A short write breaks the link: the sync is cancelled and
