@@ -37,6 +37,17 @@ pub(crate) struct AppendRequest {
     pub ticket: QueueTicket,
 }
 
+impl AppendRequest {
+    /// Gives the queue space back, then answers the caller, so a caller that
+    /// got its answer never still counts against the queue.
+    fn answer(self, result: Result<Appended>) {
+        let AppendRequest { reply, ticket, .. } = self;
+        drop(ticket);
+        // The caller may have stopped waiting; nothing to do then.
+        let _ = reply.send(result);
+    }
+}
+
 /// Holds an append's share of the queue; gives it back when dropped.
 pub(crate) struct QueueTicket {
     _permit: OwnedSemaphorePermit,
@@ -247,9 +258,7 @@ impl Writer {
         match self.write_records(&batch) {
             Ok(mut appended) => {
                 for request in batch.into_iter().rev() {
-                    let result = appended.pop().ok_or(Error::Closed);
-                    let _ = request.reply.send(result);
-                    drop(request.ticket);
+                    request.answer(appended.pop().ok_or(Error::Closed));
                 }
             }
             Err(error) => {
@@ -589,15 +598,13 @@ fn clone_poison(error: &Error) -> Error {
 
 fn fail_appends(batch: Vec<AppendRequest>, mut error: impl FnMut() -> Error) {
     for request in batch {
-        let _ = request.reply.send(Err(error()));
+        request.answer(Err(error()));
     }
 }
 
 pub(crate) fn reply_error(request: Request, error: Error) {
     match request {
-        Request::Append(append) => {
-            let _ = append.reply.send(Err(error));
-        }
+        Request::Append(append) => append.answer(Err(error)),
         Request::Sync(reply) | Request::TruncateAfter(_, reply) => {
             let _ = reply.send(Err(error));
         }

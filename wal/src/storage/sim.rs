@@ -229,7 +229,7 @@ impl SimStorage {
     /// in part, not at all, or as garbage, chosen by the seed.
     pub fn crash_image(&self) -> SimStorage {
         let mut state = self.lock();
-        let seed = state.rng.next();
+        let seed = state.rng.next_u64();
         let mut rng = SimRng::new(seed);
         let kept_ops = rng.below(state.journal.len() as u64 + 1) as usize;
         let mut names = state.durable_names.clone();
@@ -351,7 +351,7 @@ fn crashed_contents(file: &FileData, rng: &mut SimRng) -> Vec<u8> {
             4..=6 => {}
             _ => {
                 for byte in &mut out[range] {
-                    *byte = rng.next() as u8;
+                    *byte = rng.next_u64() as u8;
                 }
             }
         }
@@ -541,7 +541,7 @@ impl SimRng {
     }
 
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -551,12 +551,12 @@ impl SimRng {
 
     /// A number in `0..bound` (0 when `bound` is 0).
     pub fn below(&mut self, bound: u64) -> u64 {
-        if bound == 0 { 0 } else { self.next() % bound }
+        if bound == 0 { 0 } else { self.next_u64() % bound }
     }
 
     /// True with the given probability.
     pub fn chance(&mut self, probability: f64) -> bool {
-        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < probability
+        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < probability
     }
 }
 
