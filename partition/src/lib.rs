@@ -1,5 +1,31 @@
 //! `datanode-partition`: data partitions over the WAL.
 //!
-//! This crate will hold the blob store, the partition and disk health state
-//! machines, the registry, snapshots and compaction (see `ARCHITECTURE.md`).
-//! It is not built yet and exports nothing.
+//! A [`Partition`] is a blob store (`put`, `get` with byte ranges,
+//! `delete`, `list`) whose data lives in its own write-ahead log: one WAL
+//! record per put or delete, so a put is written once. An in-memory index
+//! (key -> record position) is rebuilt from the log on open. Each partition
+//! has a health state machine ([`state`]) that confines every fault to it.
+//!
+//! This crate knows nothing of HTTP, JSON or config files.
+//!
+//! Built so far: the blob store, the state machine, errno classification,
+//! sticky fault records and recover, the disk-full path. Not yet: disks and
+//! their probes, the registry and verifier, snapshots, compaction.
+//!
+//! # Threads
+//!
+//! `put` and `delete` are `async` and never block. `open`, `get`,
+//! `recover`, `retry_after_disk_full` and `close` do blocking I/O: from an
+//! async runtime, call them on a blocking-capable thread.
+
+#![warn(missing_docs)]
+
+pub mod blob;
+mod error;
+pub mod fault_file;
+mod partition;
+pub mod state;
+
+pub use error::{Error, Result};
+pub use partition::{Partition, PartitionOptions, PartitionStats, PutAck};
+pub use state::{Fault, FaultCause, Health, HealthSnapshot, ReadOnlyReason, State};

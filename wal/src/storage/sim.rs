@@ -12,7 +12,7 @@
 //! short writes, sticky (a dead disk) or at random from the seed. Operations
 //! can be paused (a hung fsync) and resumed, or delayed.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -118,7 +118,9 @@ struct State {
     next_id: FileId,
     faults: Vec<(Fault, u64, bool)>,
     random: Option<(f64, Vec<FaultOp>, Vec<i32>)>,
-    paused: HashSet<FaultOp>,
+    /// Paused operation kinds, each for every path or for paths containing
+    /// a fragment.
+    paused: Vec<(FaultOp, Option<String>)>,
     /// Operations currently held by a pause.
     held: usize,
     delays: HashMap<FaultOp, Duration>,
@@ -136,7 +138,7 @@ impl State {
             next_id: 1,
             faults: Vec::new(),
             random: None,
-            paused: HashSet::new(),
+            paused: Vec::new(),
             held: 0,
             delays: HashMap::new(),
             injected: 0,
@@ -183,12 +185,18 @@ impl SimStorage {
 
     /// Blocks every following operation of kind `op` until [`SimStorage::resume`].
     pub fn pause(&self, op: FaultOp) {
-        self.lock().paused.insert(op);
+        self.lock().paused.push((op, None));
+    }
+
+    /// Blocks following operations of kind `op` on paths containing
+    /// `fragment` (a hung disk under one partition) until resumed.
+    pub fn pause_on(&self, op: FaultOp, fragment: impl Into<String>) {
+        self.lock().paused.push((op, Some(fragment.into())));
     }
 
     /// Lets paused operations of kind `op` continue.
     pub fn resume(&self, op: FaultOp) {
-        self.lock().paused.remove(&op);
+        self.lock().paused.retain(|(paused, _)| *paused != op);
         self.inner.resumed.notify_all();
     }
 
@@ -259,10 +267,16 @@ impl SimStorage {
     /// Waits out pauses and delays, then decides whether `op` on `path`
     /// fails. Returns the errno and whether a write should be short.
     fn enter(&self, op: FaultOp, path: &Path) -> (MutexGuard<'_, State>, Option<(i32, bool)>) {
+        let path_text = path.to_string_lossy().into_owned();
+        let is_paused = |state: &State| {
+            state.paused.iter().any(|(paused, fragment)| {
+                *paused == op && fragment.as_deref().is_none_or(|frag| path_text.contains(frag))
+            })
+        };
         let mut state = self.lock();
-        if state.paused.contains(&op) {
+        if is_paused(&state) {
             state.held += 1;
-            while state.paused.contains(&op) {
+            while is_paused(&state) {
                 state = self.inner.resumed.wait(state).unwrap_or_else(PoisonError::into_inner);
             }
             state.held -= 1;
@@ -272,7 +286,6 @@ impl SimStorage {
             std::thread::sleep(delay);
             state = self.lock();
         }
-        let path_text = path.to_string_lossy();
         let mut verdict = None;
         for (fault, seen, fired) in state.faults.iter_mut() {
             let matches = fault.op == op && fault.path_contains.as_deref().is_none_or(|frag| path_text.contains(frag));

@@ -1,0 +1,586 @@
+//! One data partition: a blob store whose data lives in its own WAL, an
+//! in-memory index rebuilt from the log on open, and its health.
+//!
+//! Every error is confined here: an I/O error on this partition's log
+//! faults this partition (and writes the sticky fault record), a full disk
+//! makes it read-only, and nothing propagates as a panic.
+
+use std::collections::BTreeMap;
+use std::ops::{Bound, Range};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use datanode_wal::{Lsn, RecordPos, Storage, Wal, WalObserver, WalOptions, WalStats};
+
+use crate::blob::{self, BlobOp};
+use crate::error::{Error, Result};
+use crate::fault_file;
+use crate::state::{Fault, FaultCause, Health, ReadOnlyReason, State};
+
+/// Largest payload read back per `read_from` call during replay.
+const REPLAY_CHUNK: usize = 8 << 20;
+
+/// How a partition is opened.
+#[derive(Debug, Clone)]
+pub struct PartitionOptions {
+    /// The partition id; also the WAL's log id.
+    pub id: u64,
+    /// Name of the disk it lives on (for logs and metrics).
+    pub disk: String,
+    /// Its directory, `<disk>/partitions/<id>`.
+    pub dir: PathBuf,
+    /// Options of its WAL (`log_id` is overwritten with `id`).
+    pub wal: WalOptions,
+    /// Largest value a put may carry.
+    pub max_blob_size: usize,
+    /// Read errors tolerated (each answered with an error) before the
+    /// partition is faulted.
+    pub read_error_tolerance: u32,
+}
+
+impl PartitionOptions {
+    /// Defaults: 16 MiB blobs, 3 tolerated read errors, default WAL options.
+    pub fn new(id: u64, disk: impl Into<String>, dir: impl Into<PathBuf>) -> PartitionOptions {
+        PartitionOptions {
+            id,
+            disk: disk.into(),
+            dir: dir.into(),
+            wal: WalOptions::new(id),
+            max_blob_size: 16 << 20,
+            read_error_tolerance: 3,
+        }
+    }
+}
+
+/// Where a live blob's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BlobLoc {
+    pos: RecordPos,
+    /// Start of the value within the record payload.
+    value_offset: u32,
+}
+
+impl BlobLoc {
+    fn value_len(&self) -> u64 {
+        u64::from(self.pos.len - self.value_offset)
+    }
+}
+
+/// An index entry. Deletes are remembered (with their LSN) so that a put
+/// acknowledged out of order can never resurrect a deleted key.
+#[derive(Debug, Clone, Copy)]
+enum Entry {
+    Live(BlobLoc),
+    Deleted(Lsn),
+}
+
+impl Entry {
+    fn lsn(&self) -> Lsn {
+        match self {
+            Entry::Live(loc) => loc.pos.lsn,
+            Entry::Deleted(lsn) => *lsn,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    entries: BTreeMap<Bytes, Entry>,
+    blobs: u64,
+    live_bytes: u64,
+}
+
+impl Index {
+    /// Applies an entry unless a newer one for the key is already there.
+    fn apply(&mut self, key: Bytes, entry: Entry) {
+        if let Some(old) = self.entries.get(&key) {
+            if old.lsn() >= entry.lsn() {
+                return;
+            }
+            if let Entry::Live(loc) = old {
+                self.blobs -= 1;
+                self.live_bytes -= loc.value_len();
+            }
+        }
+        if let Entry::Live(loc) = &entry {
+            self.blobs += 1;
+            self.live_bytes += loc.value_len();
+        }
+        self.entries.insert(key, entry);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    wal: Option<Arc<Wal>>,
+    index: Index,
+}
+
+/// What a put returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutAck {
+    /// The LSN of the put's record.
+    pub lsn: Lsn,
+    /// The value's size in bytes.
+    pub size: u64,
+}
+
+/// Sizes and log positions, for status reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartitionStats {
+    /// Live blobs.
+    pub blobs: u64,
+    /// Bytes of live values.
+    pub live_bytes: u64,
+    /// First LSN in the log.
+    pub first_lsn: Lsn,
+    /// Last LSN in the log.
+    pub last_lsn: Lsn,
+    /// Last LSN known durable.
+    pub durable_lsn: Lsn,
+    /// The WAL's counters and sizes.
+    pub wal: WalStats,
+}
+
+/// One data partition.
+#[derive(Debug)]
+pub struct Partition {
+    options: PartitionOptions,
+    storage: Arc<dyn Storage>,
+    health: Health,
+    inner: RwLock<Inner>,
+    read_errors: AtomicU32,
+}
+
+impl Partition {
+    /// Opens the partition in `options.dir`. Blocking (replays the log).
+    ///
+    /// Never fails: a partition that cannot be loaded is returned faulted,
+    /// with the reason, so that it is visible and recoverable. A fault
+    /// record left on disk keeps it faulted without touching the log.
+    pub fn open(storage: Arc<dyn Storage>, mut options: PartitionOptions) -> Partition {
+        options.wal.log_id = options.id;
+        options.wal.observer = Some(Arc::new(WalMetrics::new(options.id, &options.disk)));
+        let partition = Partition {
+            health: Health::new(options.id, &options.disk),
+            options,
+            storage,
+            inner: RwLock::new(Inner::default()),
+            read_errors: AtomicU32::new(0),
+        };
+        match fault_file::read(partition.storage.as_ref(), &partition.options.dir) {
+            Ok(Some(fault)) => {
+                tracing::warn!(partition = partition.options.id, "fault record found: staying faulted until recover");
+                partition.health.fault(fault);
+            }
+            Ok(None) => match partition.load() {
+                Ok(()) => partition.health.loaded(),
+                Err(fault) => partition.fail(fault),
+            },
+            Err(error) => partition.fail(io_fault("open", &error)),
+        }
+        partition
+    }
+
+    /// The partition id.
+    pub fn id(&self) -> u64 {
+        self.options.id
+    }
+
+    /// The disk it lives on.
+    pub fn disk(&self) -> &str {
+        &self.options.disk
+    }
+
+    /// Its health state machine.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Opens the WAL, replays it into a fresh index and installs both.
+    fn load(&self) -> Result<(), Fault> {
+        let dir = self.options.dir.join("wal");
+        let wal = Wal::open(Arc::clone(&self.storage), dir, self.options.wal.clone()).map_err(|e| wal_fault(&e))?;
+        let index = replay(&wal)?;
+        let mut inner = self.write();
+        inner.wal = Some(Arc::new(wal));
+        inner.index = index;
+        drop(inner);
+        self.read_errors.store(0, Ordering::Release);
+        Ok(())
+    }
+
+    /// Faults the partition: counts the error, writes the sticky record
+    /// (best effort: the disk may be what failed), changes the state.
+    fn fail(&self, fault: Fault) {
+        self.count_io_error(&fault);
+        if let Err(error) = fault_file::write(self.storage.as_ref(), &self.options.dir, &fault) {
+            tracing::error!(partition = self.options.id, disk = self.options.disk, %error, "cannot persist fault record");
+        }
+        self.health.fault(fault);
+    }
+
+    fn count_io_error(&self, fault: &Fault) {
+        if let Some(errno) = fault.errno {
+            metrics::counter!(
+                "datanode_io_errors_total",
+                "disk" => self.options.disk.clone(),
+                "op" => fault.op.clone(),
+                "errno" => errno.to_string()
+            )
+            .increment(1);
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn refuse_unless_serving(&self) -> Result<()> {
+        match self.health.state() {
+            State::Loading => Err(Error::Loading(self.options.id)),
+            State::Faulted(fault) => Err(Error::Faulted { partition: self.options.id, fault }),
+            State::Healthy | State::ReadOnly(_) => Ok(()),
+        }
+    }
+
+    fn refuse_unless_writable(&self) -> Result<Arc<Wal>> {
+        self.refuse_unless_serving()?;
+        if let State::ReadOnly(reasons) = self.health.state() {
+            return Err(Error::ReadOnly { partition: self.options.id, reasons });
+        }
+        let wal = self.read().wal.clone();
+        wal.ok_or(Error::Loading(self.options.id))
+    }
+
+    /// Stores `value` under `key`; returns once durable.
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<PutAck> {
+        blob::check_key(key).map_err(Error::BadRequest)?;
+        if value.len() > self.options.max_blob_size {
+            return Err(Error::BadRequest(format!(
+                "value of {} bytes exceeds {}",
+                value.len(),
+                self.options.max_blob_size
+            )));
+        }
+        let wal = self.refuse_unless_writable()?;
+        let appended = self.append(&wal, blob::encode_put(key, value)).await?;
+        let pos = appended;
+        let loc = BlobLoc { pos, value_offset: (pos.len as usize - value.len()) as u32 };
+        self.write().index.apply(Bytes::copy_from_slice(key), Entry::Live(loc));
+        Ok(PutAck { lsn: pos.lsn, size: value.len() as u64 })
+    }
+
+    /// Deletes `key` durably. `NotFound` if there is no live blob.
+    pub async fn delete(&self, key: &[u8]) -> Result<Lsn> {
+        blob::check_key(key).map_err(Error::BadRequest)?;
+        let wal = self.refuse_unless_writable()?;
+        if !matches!(self.read().index.entries.get(key), Some(Entry::Live(_))) {
+            return Err(Error::NotFound);
+        }
+        let pos = self.append(&wal, blob::encode_delete(key)).await?;
+        self.write().index.apply(Bytes::copy_from_slice(key), Entry::Deleted(pos.lsn));
+        Ok(pos.lsn)
+    }
+
+    /// Appends one record and turns a WAL failure into this partition's
+    /// state change.
+    async fn append(&self, wal: &Wal, record: Bytes) -> Result<RecordPos> {
+        match wal.append(vec![record]).await {
+            Ok(appended) => appended.positions.first().copied().ok_or(Error::NotFound),
+            Err(error) if error.is_disk_full() => {
+                let fault = wal_fault(&error);
+                self.count_io_error(&fault);
+                self.health.note_error(fault);
+                self.health.add_reason(ReadOnlyReason::DiskFull);
+                Err(Error::ReadOnly { partition: self.options.id, reasons: [ReadOnlyReason::DiskFull].into() })
+            }
+            Err(datanode_wal::Error::RecordTooLarge { len, max }) => {
+                Err(Error::BadRequest(format!("record of {len} bytes exceeds {max}")))
+            }
+            Err(error) => {
+                let fault = wal_fault(&error);
+                self.fail(fault.clone());
+                if error.outcome_unknown() {
+                    Err(Error::WriteOutcomeUnknown(error))
+                } else {
+                    Err(Error::Faulted { partition: self.options.id, fault })
+                }
+            }
+        }
+    }
+
+    /// The value under `key`, or the `range` of it. Blocking (one `pread`):
+    /// call it from a blocking-capable thread. Never returns bytes that fail
+    /// their checksum.
+    pub fn get(&self, key: &[u8], range: Option<Range<u64>>) -> Result<Bytes> {
+        self.refuse_unless_serving()?;
+        let (wal, loc) = self.locate(key)?;
+        let len = loc.value_len();
+        let range = range.unwrap_or(0..len);
+        if range.start > range.end || range.end > len {
+            return Err(Error::BadRange { start: range.start, end: range.end, len });
+        }
+        let record = match wal.read(loc.pos) {
+            Ok(record) => record,
+            Err(error) => return Err(self.read_failed(error)),
+        };
+        // The WAL verified the checksum, LSN and owner; check that the
+        // record really is this key's put, so an index bug can never serve
+        // another key's bytes.
+        match blob::decode(&record) {
+            Some(BlobOp::Put { key: stored, value_offset }) if stored == key => {
+                let start = value_offset + range.start as usize;
+                let end = value_offset + range.end as usize;
+                record.get(start..end).map(|_| record.slice(start..end)).ok_or(Error::NotFound)
+            }
+            _ => {
+                let fault = Fault {
+                    cause: FaultCause::Corruption,
+                    op: "read".into(),
+                    errno: None,
+                    message: format!("record at LSN {} is not the put of this key", loc.pos.lsn),
+                    at: SystemTime::now(),
+                };
+                self.fail(fault.clone());
+                Err(Error::Faulted { partition: self.options.id, fault })
+            }
+        }
+    }
+
+    /// The length of the value under `key` (no disk access).
+    pub fn len_of(&self, key: &[u8]) -> Result<u64> {
+        self.refuse_unless_serving()?;
+        Ok(self.locate(key)?.1.value_len())
+    }
+
+    fn locate(&self, key: &[u8]) -> Result<(Arc<Wal>, BlobLoc)> {
+        let inner = self.read();
+        let Some(Entry::Live(loc)) = inner.index.entries.get(key) else { return Err(Error::NotFound) };
+        let wal = inner.wal.clone().ok_or(Error::Loading(self.options.id))?;
+        Ok((wal, *loc))
+    }
+
+    /// Counts a failed read; corruption faults at once, other errors past
+    /// the tolerance.
+    fn read_failed(&self, error: datanode_wal::Error) -> Error {
+        let fault = wal_fault(&error);
+        if fault.cause == FaultCause::Corruption {
+            self.fail(fault);
+            return Error::Read(error);
+        }
+        let errors = self.read_errors.fetch_add(1, Ordering::AcqRel) + 1;
+        if errors > self.options.read_error_tolerance {
+            self.fail(Fault { cause: FaultCause::ReadErrors, ..fault });
+        } else {
+            self.count_io_error(&fault);
+            self.health.note_error(fault);
+        }
+        Error::Read(error)
+    }
+
+    /// Up to `limit` live keys starting with `prefix`, after `after`, in
+    /// order; the second value is the key to continue after, if more remain.
+    pub fn list(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<(Vec<Bytes>, Option<Bytes>)> {
+        self.refuse_unless_serving()?;
+        let inner = self.read();
+        let start = match after {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
+        };
+        let mut keys = Vec::new();
+        let live = inner
+            .index
+            .entries
+            .range::<[u8], _>((start, Bound::Unbounded))
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .filter(|(_, entry)| matches!(entry, Entry::Live(_)));
+        for (key, _) in live {
+            if keys.len() == limit {
+                let next = keys.last().cloned();
+                return Ok((keys, next));
+            }
+            keys.push(key.clone());
+        }
+        Ok((keys, None))
+    }
+
+    /// Reopens the log from disk, replays and verifies it; on success the
+    /// fault record is removed and the partition serves again. Blocking.
+    pub fn recover(&self) -> Result<()> {
+        self.close_wal();
+        match self.load() {
+            Ok(()) => {
+                if let Err(error) = fault_file::clear(self.storage.as_ref(), &self.options.dir) {
+                    // A fault we cannot clear would come back at restart.
+                    let fault = io_fault("recover", &error);
+                    self.close_wal();
+                    self.health.note_error(fault.clone());
+                    return Err(Error::RecoverFailed(fault));
+                }
+                self.health.recovered();
+                Ok(())
+            }
+            Err(fault) => {
+                self.health.note_error(fault.clone());
+                Err(Error::RecoverFailed(fault))
+            }
+        }
+    }
+
+    /// After a full disk: reopens the log (recovery zeroes the torn bytes of
+    /// the failed write) and, if that works, lifts `disk_full`. Blocking.
+    /// Returns whether writes are allowed again.
+    pub fn retry_after_disk_full(&self) -> bool {
+        if !self.health.has_reason(ReadOnlyReason::DiskFull) || matches!(self.health.state(), State::Faulted(_)) {
+            return false;
+        }
+        self.close_wal();
+        match self.load() {
+            Ok(()) => {
+                self.health.clear_reason(ReadOnlyReason::DiskFull);
+                true
+            }
+            Err(fault) if fault.errno.is_some_and(is_disk_full_errno) => {
+                self.health.note_error(fault);
+                false
+            }
+            Err(fault) => {
+                self.fail(fault);
+                false
+            }
+        }
+    }
+
+    /// Sets or clears the operator's read-only reason.
+    pub fn set_operator_read_only(&self, read_only: bool) {
+        if read_only {
+            self.health.add_reason(ReadOnlyReason::Operator);
+        } else {
+            self.health.clear_reason(ReadOnlyReason::Operator);
+        }
+    }
+
+    /// Sizes and log positions.
+    pub fn stats(&self) -> PartitionStats {
+        let inner = self.read();
+        let (first_lsn, last_lsn, durable_lsn, wal) = match &inner.wal {
+            Some(wal) => (wal.first_lsn(), wal.last_lsn(), wal.durable_lsn(), wal.stats()),
+            None => (0, 0, 0, WalStats::default()),
+        };
+        PartitionStats {
+            blobs: inner.index.blobs,
+            live_bytes: inner.index.live_bytes,
+            first_lsn,
+            last_lsn,
+            durable_lsn,
+            wal,
+        }
+    }
+
+    /// Drains and closes the log (joins its writer). Blocking.
+    pub fn close(&self) {
+        self.close_wal();
+    }
+
+    fn close_wal(&self) {
+        let wal = self.write().wal.take();
+        if let Some(wal) = wal {
+            // Other holders (a read in flight) keep it alive a moment
+            // longer; the last one closes it on drop.
+            if let Ok(wal) = Arc::try_unwrap(wal)
+                && let Err(error) = wal.close()
+            {
+                tracing::debug!(partition = self.options.id, %error, "closing a poisoned WAL");
+            }
+        }
+    }
+}
+
+/// Rebuilds the index from the whole log.
+fn replay(wal: &Wal) -> Result<Index, Fault> {
+    let mut index = Index::default();
+    let mut lsn = wal.first_lsn();
+    while lsn <= wal.last_lsn() {
+        let records = wal.read_from(lsn, REPLAY_CHUNK).map_err(|e| wal_fault(&e))?;
+        for record in records {
+            match blob::decode(&record.data) {
+                Some(BlobOp::Put { key, value_offset }) => {
+                    let loc = BlobLoc { pos: record.pos, value_offset: value_offset as u32 };
+                    index.apply(key, Entry::Live(loc));
+                }
+                Some(BlobOp::Delete { key }) => index.apply(key, Entry::Deleted(record.lsn)),
+                None => {
+                    return Err(Fault {
+                        cause: FaultCause::Corruption,
+                        op: "replay".into(),
+                        errno: None,
+                        message: format!("record at LSN {} is not a blob operation", record.lsn),
+                        at: SystemTime::now(),
+                    });
+                }
+            }
+            lsn = record.lsn + 1;
+        }
+    }
+    Ok(index)
+}
+
+fn is_disk_full_errno(errno: i32) -> bool {
+    matches!(errno, libc::ENOSPC | libc::EDQUOT | libc::EFBIG)
+}
+
+/// Classifies a WAL error by its kind and errno, never by its message.
+fn wal_fault(error: &datanode_wal::Error) -> Fault {
+    let cause = match error {
+        datanode_wal::Error::Corruption { .. } => FaultCause::Corruption,
+        datanode_wal::Error::Closed => FaultCause::WriterDied,
+        _ => FaultCause::Io,
+    };
+    let op = error.op().map_or("open", |op| op.as_str()).to_string();
+    Fault { cause, op, errno: error.errno(), message: error.to_string(), at: SystemTime::now() }
+}
+
+fn io_fault(op: &str, error: &std::io::Error) -> Fault {
+    Fault {
+        cause: FaultCause::Io,
+        op: op.to_string(),
+        errno: error.raw_os_error(),
+        message: error.to_string(),
+        at: SystemTime::now(),
+    }
+}
+
+/// Feeds the WAL's events into the contract metrics.
+struct WalMetrics {
+    partition: String,
+    disk: String,
+}
+
+impl WalMetrics {
+    fn new(partition: u64, disk: &str) -> WalMetrics {
+        WalMetrics { partition: partition.to_string(), disk: disk.to_string() }
+    }
+}
+
+impl WalObserver for WalMetrics {
+    fn batch_written(&self, records: usize, bytes: usize) {
+        metrics::counter!("datanode_wal_appends_total", "partition" => self.partition.clone())
+            .increment(records as u64);
+        metrics::counter!("datanode_wal_append_bytes_total", "partition" => self.partition.clone())
+            .increment(bytes as u64);
+        metrics::histogram!("datanode_wal_batch_records").record(records as f64);
+    }
+
+    fn synced(&self, elapsed: Duration, _ok: bool) {
+        metrics::counter!("datanode_wal_syncs_total", "partition" => self.partition.clone()).increment(1);
+        metrics::histogram!("datanode_wal_sync_seconds", "disk" => self.disk.clone()).record(elapsed.as_secs_f64());
+    }
+}
