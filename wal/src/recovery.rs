@@ -193,6 +193,11 @@ fn zero_range(scan: &mut Scan, from: u64) -> Result<u64> {
 fn scan_segment(storage: &dyn Storage, dir: &Path, log_id: u64, id: u64, expected_first: Option<Lsn>) -> Result<Scan> {
     let path = segment::path(dir, id);
     let file = storage.open(&path, false).map_err(|e| Error::io(IoOp::Open, &path, e))?;
+    // Read what is on the disk, not what the page cache shows: flush what
+    // is legitimately dirty, then drop the cached pages, which after a
+    // failed sync may hold bytes that never reached the disk (fsyncgate).
+    file.sync_data().map_err(|e| Error::io(IoOp::Sync, &path, e))?;
+    file.drop_cache().map_err(|e| Error::io(IoOp::Read, &path, e))?;
     let len = file.file_len().map_err(|e| Error::io(IoOp::Metadata, &path, e))?;
     let len = usize::try_from(len).map_err(|_| Error::Invalid(format!("{} is too large", path.display())))?;
     let bytes = file.read_exact_at(0, len).map_err(|e| Error::io(IoOp::Read, &path, e))?;

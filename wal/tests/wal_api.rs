@@ -364,3 +364,25 @@ fn an_unused_segment_past_a_gap_is_a_leftover_not_corruption() {
     assert!(sim.contents(&leftover).is_err(), "the leftover is removed");
     assert_eq!(wal.append_blocking(vec![payload(16, 1, 10)]).unwrap().first_lsn, 2);
 }
+
+#[test]
+fn after_a_failed_sync_recovery_shows_only_what_is_on_disk() {
+    // fsyncgate: the failed record stays readable in the page cache, but it
+    // may never reach the disk. Reopening must not present it as durable.
+    for seed in 0..64 {
+        let (sim, storage) = sim(1000 + seed);
+        let dir = Path::new("/log");
+        let wal = open(&storage, dir, writer_only_options(17));
+        wal.append_blocking(vec![payload(17, 0, 700)]).unwrap();
+        sim.inject(Fault::new(FaultOp::Sync, libc::EIO));
+        wal.append_blocking(vec![payload(17, 1, 3000)]).unwrap_err();
+        drop(wal);
+        let reopened = open(&storage, dir, writer_only_options(17));
+        let shown = read_all(&reopened);
+        reopened.close().unwrap();
+        let after_power_cut: Arc<dyn datanode_wal::Storage> = Arc::new(sim.crash_image());
+        let on_disk = read_all(&open(&after_power_cut, dir, writer_only_options(17)));
+        assert_eq!(shown, on_disk, "seed {seed}: recovery showed bytes that are not on disk");
+        assert_eq!(shown[0], payload(17, 0, 700), "seed {seed}");
+    }
+}

@@ -66,6 +66,12 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
         self.write_all_at(offset, bufs).map_err(|e| (IoOp::Write, e))?;
         self.sync_data().map_err(|e| (IoOp::Sync, e))
     }
+    /// Drops the file's clean cached pages, so that the next reads come
+    /// from the disk. After a failed sync the kernel keeps the failed pages
+    /// cached but clean: readable, yet never written again. Recovery calls
+    /// this (after a sync) so it reads what is on disk, not what the page
+    /// cache still shows.
+    fn drop_cache(&self) -> io::Result<()>;
     /// Current length in bytes.
     fn file_len(&self) -> io::Result<u64>;
     /// Truncates or extends (with zeros) to `len`; durable after a sync.
@@ -112,6 +118,16 @@ pub fn open_backend(backend: IoBackend) -> io::Result<Arc<dyn Storage>> {
                 Ok(Arc::new(StdStorage))
             }
         },
+    }
+}
+
+/// `posix_fadvise(DONTNEED)` over a whole file.
+pub(crate) fn drop_cached_pages(fd: std::os::fd::RawFd) -> io::Result<()> {
+    // SAFETY: fadvise on an open descriptor has no memory-safety
+    // preconditions; it returns an errno instead of setting errno.
+    match unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) } {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
     }
 }
 

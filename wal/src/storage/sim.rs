@@ -503,8 +503,16 @@ impl StorageFile for SimFile {
     fn sync_data(&self) -> io::Result<()> {
         let (mut state, fault) = self.storage.enter(FaultOp::Sync, &self.path);
         if let Some((errno, _)) = fault {
-            // fsyncgate: the dirty pages are not on disk and the kernel may
-            // have marked them clean; nothing becomes durable.
+            // fsyncgate, as Linux does it: writeback of the dirty pages was
+            // attempted (each sector may or may not have reached the disk),
+            // then the pages are marked clean. Reads still see the new
+            // bytes; no later sync writes them again.
+            let State { files, rng, .. } = &mut *state;
+            if let Some(file) = files.get_mut(&self.id) {
+                let reached = crashed_contents(file, rng);
+                file.durable = reached;
+                file.dirty = None;
+            }
             return Err(io::Error::from_raw_os_error(errno));
         }
         let file = SimStorage::file_of(&mut state, self.id);
@@ -516,6 +524,27 @@ impl StorageFile for SimFile {
                 file.durable[lo..hi].copy_from_slice(&file.data[lo..hi]);
             }
         }
+        Ok(())
+    }
+
+    fn drop_cache(&self) -> io::Result<()> {
+        let (mut state, fault) = self.storage.enter(FaultOp::Metadata, &self.path);
+        if let Some((errno, _)) = fault {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        // Clean pages are dropped and re-read from the disk; dirty ones
+        // stay.
+        // The file keeps its in-memory length.
+        let file = SimStorage::file_of(&mut state, self.id);
+        let mut fresh = file.durable.clone();
+        fresh.resize(file.data.len(), 0);
+        if let Some((lo, hi)) = file.dirty {
+            let hi = hi.min(file.data.len());
+            if lo < hi {
+                fresh[lo..hi].copy_from_slice(&file.data[lo..hi]);
+            }
+        }
+        file.data = fresh;
         Ok(())
     }
 
@@ -633,16 +662,38 @@ mod tests {
     }
 
     #[test]
-    fn failed_sync_makes_nothing_durable() {
+    fn after_a_failed_sync_reads_lie_until_the_cache_is_dropped() {
+        let mut lied = false;
+        for seed in 0..50 {
+            let sim = SimStorage::new(seed);
+            let path = Path::new("/d/f");
+            let file = write(&sim, path, 0, &[1u8; 4096]);
+            sim.sync_dir(Path::new("/d")).unwrap();
+            sim.inject(Fault::new(FaultOp::Sync, libc::EIO));
+            assert!(file.sync_data().is_err());
+            assert_eq!(file.read_exact_at(0, 4096).unwrap(), vec![1u8; 4096], "the cache shows the new bytes");
+            // A second sync "succeeds" without writing them (they are clean).
+            file.sync_data().unwrap();
+            file.drop_cache().unwrap();
+            let on_disk = sim.crash_image().contents(path).unwrap();
+            let read = file.read_exact_at(0, on_disk.len()).unwrap_or_default();
+            assert_eq!(read, on_disk, "seed {seed}: after dropping the cache, reads show the disk");
+            lied |= on_disk != vec![1u8; 4096];
+        }
+        assert!(lied, "some failed syncs must lose bytes");
+    }
+
+    #[test]
+    fn a_later_sync_never_writes_what_a_failed_sync_dropped() {
         let sim = SimStorage::new(3);
         let path = Path::new("/d/f");
-        let file = write(&sim, path, 0, b"x");
+        let file = write(&sim, path, 0, &[7u8; 2048]);
         sim.sync_dir(Path::new("/d")).unwrap();
         sim.inject(Fault::new(FaultOp::Sync, libc::EIO));
         assert_eq!(file.sync_data().unwrap_err().raw_os_error(), Some(libc::EIO));
-        let state = sim.lock();
-        let id = state.names[path];
-        assert!(state.files[&id].durable.is_empty());
+        let after_failure = sim.crash_image().contents(path).unwrap();
+        file.sync_data().unwrap();
+        assert_eq!(sim.crash_image().contents(path).unwrap(), after_failure);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Storage, StorageFile, advance};
+use super::{Storage, StorageFile, advance, drop_cached_pages};
 
 /// Plain files with `pwritev`, `pread` and `fdatasync`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -69,6 +69,10 @@ impl StorageFile for StdFile {
 
     fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn drop_cache(&self) -> io::Result<()> {
+        drop_cached_pages(self.file.as_raw_fd())
     }
 
     fn file_len(&self) -> io::Result<u64> {

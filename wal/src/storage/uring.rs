@@ -25,7 +25,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use io_uring::{IoUring, Probe, opcode, squeue, types};
 
-use super::{StdStorage, Storage, StorageFile, advance};
+use super::{StdStorage, Storage, StorageFile, advance, drop_cached_pages};
 use crate::error::IoOp;
 
 const RING_ENTRIES: u32 = 8;
@@ -239,6 +239,10 @@ impl StorageFile for UringFile {
             Some(result) if result < 0 => Err(io::Error::from_raw_os_error(-result)),
             _ => Ok(()),
         }
+    }
+
+    fn drop_cache(&self) -> io::Result<()> {
+        drop_cached_pages(self.file.as_raw_fd())
     }
 
     fn file_len(&self) -> io::Result<u64> {
