@@ -104,7 +104,7 @@ fn check_all(partition: &Partition, model: &mut BTreeMap<u8, Possible>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn a_partition_never_loses_or_invents_data(seed in any::<u64>(), ops in proptest::collection::vec(op(), 1..60)) {
