@@ -42,6 +42,8 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Removes a file; durable after [`Storage::sync_dir`].
     fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Removes a directory and everything in it (not atomic).
+    fn remove_dir_all(&self, dir: &Path) -> io::Result<()>;
     /// `fsync` of a directory: makes creates, renames and removes in it durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
 }
@@ -198,6 +200,26 @@ mod tests {
             assert_eq!(storage.open(&a, false).unwrap_err().kind(), io::ErrorKind::NotFound);
             storage.remove_file(&dir.path().join("b")).unwrap();
             assert!(storage.list_dir(dir.path()).unwrap().is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn directories_list_rename_and_remove_on_every_backend() {
+        for (name, storage) in backends() {
+            let dir = tempfile::tempdir().unwrap();
+            let staging = dir.path().join(".staging-7");
+            storage.create_dir_all(&staging).unwrap();
+            storage.open(&staging.join("meta"), true).unwrap().write_all_at(0, &[Bytes::from_static(b"m")]).unwrap();
+            storage.open(&dir.path().join("file"), true).unwrap();
+            let mut listed = storage.list_dir(dir.path()).unwrap();
+            listed.sort();
+            assert_eq!(listed, vec![".staging-7".to_string(), "file".to_string()], "{name}");
+            let live = dir.path().join("7");
+            storage.rename(&staging, &live).unwrap();
+            let meta = storage.open(&live.join("meta"), false).unwrap();
+            assert_eq!(meta.read_exact_at(0, 1).unwrap(), b"m", "{name}");
+            storage.remove_dir_all(&live).unwrap();
+            assert_eq!(storage.list_dir(dir.path()).unwrap(), vec!["file".to_string()], "{name}");
         }
     }
 

@@ -97,6 +97,8 @@ type FileId = u64;
 enum NsOp {
     Link(PathBuf, FileId),
     Rename(PathBuf, PathBuf),
+    /// A directory rename: every name under the first path moves, at once.
+    RenameDir(PathBuf, PathBuf),
     Remove(PathBuf),
 }
 
@@ -334,10 +336,24 @@ fn apply(names: &mut BTreeMap<PathBuf, FileId>, op: &NsOp) {
                 names.insert(to.clone(), id);
             }
         }
+        NsOp::RenameDir(from, to) => {
+            let moved: Vec<(PathBuf, FileId)> = names
+                .iter()
+                .filter_map(|(path, id)| path.strip_prefix(from).ok().map(|rest| (to.join(rest), *id)))
+                .collect();
+            names.retain(|path, _| !path.starts_with(from));
+            names.extend(moved);
+        }
         NsOp::Remove(path) => {
             names.remove(path);
         }
     }
+}
+
+/// Whether any name lies below `dir` (directories exist only through the
+/// files in them).
+fn has_entries_below(names: &BTreeMap<PathBuf, FileId>, dir: &Path) -> bool {
+    names.keys().any(|path| path != dir && path.starts_with(dir))
 }
 
 fn crashed_contents(file: &FileData, rng: &mut SimRng) -> Vec<u8> {
@@ -384,12 +400,15 @@ impl Storage for SimStorage {
         if let Some((errno, _)) = fault {
             return Err(io::Error::from_raw_os_error(errno));
         }
-        Ok(state
+        // Direct children: files, and directories implied by deeper names.
+        let children: std::collections::BTreeSet<String> = state
             .names
             .keys()
-            .filter(|path| path.parent() == Some(dir))
-            .filter_map(|path| path.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .collect())
+            .filter_map(|path| path.strip_prefix(dir).ok())
+            .filter_map(|rest| rest.components().next())
+            .map(|first| first.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        Ok(children.into_iter().collect())
     }
 
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn StorageFile>> {
@@ -417,9 +436,31 @@ impl Storage for SimStorage {
         if let Some((errno, _)) = fault {
             return Err(io::Error::from_raw_os_error(errno));
         }
-        let id = state.names.remove(from).ok_or_else(not_found)?;
-        state.names.insert(to.to_path_buf(), id);
-        state.journal.push(NsOp::Rename(from.to_path_buf(), to.to_path_buf()));
+        let op = if state.names.contains_key(from) {
+            NsOp::Rename(from.to_path_buf(), to.to_path_buf())
+        } else if has_entries_below(&state.names, from) {
+            if has_entries_below(&state.names, to) {
+                return Err(io::Error::from_raw_os_error(libc::ENOTEMPTY));
+            }
+            NsOp::RenameDir(from.to_path_buf(), to.to_path_buf())
+        } else {
+            return Err(not_found());
+        };
+        apply(&mut state.names, &op);
+        state.journal.push(op);
+        Ok(())
+    }
+
+    fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
+        let (mut state, fault) = self.enter(FaultOp::Metadata, dir);
+        if let Some((errno, _)) = fault {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        let doomed: Vec<PathBuf> = state.names.keys().filter(|path| path.starts_with(dir)).cloned().collect();
+        for path in doomed {
+            state.names.remove(&path);
+            state.journal.push(NsOp::Remove(path));
+        }
         Ok(())
     }
 

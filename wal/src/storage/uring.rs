@@ -134,6 +134,10 @@ impl Storage for UringStorage {
         StdStorage.remove_file(path)
     }
 
+    fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
+        StdStorage.remove_dir_all(dir)
+    }
+
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         StdStorage.sync_dir(dir)
     }
