@@ -9,8 +9,9 @@
 //! This crate knows nothing of HTTP, JSON or config files.
 //!
 //! Built so far: the blob store, the state machine, errno classification,
-//! sticky fault records and recover, the disk-full path. Not yet: disks and
-//! their probes, the registry and verifier, snapshots, compaction.
+//! sticky fault records and recover, the disk-full path, the registry with
+//! its verifier and quarantine. Not yet: disks and their probes, snapshots,
+//! compaction.
 //!
 //! # Threads
 //!
@@ -24,8 +25,10 @@ pub mod blob;
 mod error;
 pub mod fault_file;
 mod partition;
+pub mod registry;
 pub mod state;
 
 pub use error::{Error, Result};
 pub use partition::{Partition, PartitionOptions, PartitionStats, PutAck};
+pub use registry::{DiskDir, PartitionDefaults, Registry, RegistryError, VerifyReport};
 pub use state::{Fault, FaultCause, Health, HealthSnapshot, ReadOnlyReason, State};

@@ -1,0 +1,444 @@
+//! Which partitions exist and where: create and delete without racing the
+//! background verifier (scenario S4).
+//!
+//! On-disk layout (operators rely on it):
+//!
+//! ```text
+//! <disk>/partitions/<id>/                  a partition: PARTITION, wal/, FAULT
+//! <disk>/partitions/.staging-<id>-<gen>/   a create in progress
+//! <disk>/partitions/.deleting-<id>-<gen>/  an operator delete in progress
+//! <disk>/quarantine/<name>.<nanos>         what the verifier did not recognise
+//! ```
+//!
+//! The rules:
+//! - **Create** registers the id as `Creating` (with a fresh generation)
+//!   *before* touching the disk, then makes a staging directory, writes and
+//!   syncs the `PARTITION` file, renames the directory into place, syncs the
+//!   parent, opens the partition and only then marks it `Active`.
+//! - **Delete** unregisters (marks `Deleting`), closes, moves the directory
+//!   aside, syncs, and removes it. Only an explicit delete removes data.
+//! - **The verifier** compares directory entries with the registry under
+//!   the registry lock, so a create or delete cannot slip between its look
+//!   and its decision. It skips every entry the registry knows in any state,
+//!   and moves what it does not recognise into `quarantine/`; it never
+//!   deletes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use datanode_wal::{Storage, WalOptions};
+
+use crate::partition::{Partition, PartitionOptions};
+
+/// The file that marks a directory as a partition and names it.
+pub const META_FILE: &str = "PARTITION";
+
+/// A disk the registry places partitions on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskDir {
+    /// Its name (`[a-z0-9_-]{1,32}`, validated by the caller).
+    pub name: String,
+    /// Its mount point or directory.
+    pub path: PathBuf,
+}
+
+impl DiskDir {
+    /// `<disk>/partitions`.
+    pub fn partitions_dir(&self) -> PathBuf {
+        self.path.join("partitions")
+    }
+
+    /// `<disk>/quarantine`.
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.path.join("quarantine")
+    }
+}
+
+/// Options every partition is opened with.
+#[derive(Debug, Clone)]
+pub struct PartitionDefaults {
+    /// WAL options (the log id is set per partition).
+    pub wal: WalOptions,
+    /// Largest value a put may carry.
+    pub max_blob_size: usize,
+    /// Read errors tolerated before a partition is faulted.
+    pub read_error_tolerance: u32,
+}
+
+impl Default for PartitionDefaults {
+    fn default() -> PartitionDefaults {
+        let template = PartitionOptions::new(0, "", "");
+        PartitionDefaults {
+            wal: template.wal,
+            max_blob_size: template.max_blob_size,
+            read_error_tolerance: template.read_error_tolerance,
+        }
+    }
+}
+
+/// Why a registry call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// The id is taken (or being created or deleted).
+    #[error("partition {0} already exists")]
+    Exists(u64),
+    /// No active partition has this id.
+    #[error("partition {0} not found")]
+    NotFound(u64),
+    /// No disk has this name.
+    #[error("no disk named {0:?}")]
+    UnknownDisk(String),
+    /// A file operation failed; nothing was registered or removed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug)]
+enum SlotState {
+    Creating,
+    Active(Arc<Partition>),
+    Deleting,
+}
+
+#[derive(Debug)]
+struct Slot {
+    disk: String,
+    generation: u64,
+    state: SlotState,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    by_id: BTreeMap<u64, Slot>,
+    next_generation: u64,
+}
+
+/// What one verifier pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Entries moved into quarantine, with their new paths.
+    pub quarantined: Vec<PathBuf>,
+    /// Disks whose directory could not be listed.
+    pub unreadable_disks: Vec<String>,
+}
+
+/// The partitions of a node.
+#[derive(Debug)]
+pub struct Registry {
+    storage: Arc<dyn Storage>,
+    disks: Vec<DiskDir>,
+    defaults: PartitionDefaults,
+    slots: Mutex<Slots>,
+}
+
+/// What a name in `partitions/` is.
+#[derive(Debug, PartialEq, Eq)]
+enum EntryName {
+    Partition(u64),
+    Staging(u64, u64),
+    Deleting(u64, u64),
+    Unknown,
+}
+
+fn parse_id(text: &str) -> Option<u64> {
+    let canonical =
+        !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) && (text == "0" || !text.starts_with('0'));
+    canonical.then(|| text.parse().ok()).flatten()
+}
+
+fn parse_entry(name: &str) -> EntryName {
+    let pair = |rest: &str| {
+        let (id, generation) = rest.split_once('-')?;
+        Some((parse_id(id)?, parse_id(generation)?))
+    };
+    if let Some(id) = parse_id(name) {
+        EntryName::Partition(id)
+    } else if let Some((id, generation)) = name.strip_prefix(".staging-").and_then(pair) {
+        EntryName::Staging(id, generation)
+    } else if let Some((id, generation)) = name.strip_prefix(".deleting-").and_then(pair) {
+        EntryName::Deleting(id, generation)
+    } else {
+        EntryName::Unknown
+    }
+}
+
+impl Registry {
+    /// Opens every partition found on `disks`. Blocking. Leftovers of an
+    /// interrupted create go to quarantine; an interrupted delete is
+    /// finished. Unknown entries are left for the verifier.
+    pub fn open(storage: Arc<dyn Storage>, disks: Vec<DiskDir>, defaults: PartitionDefaults) -> Registry {
+        let registry = Registry { storage, disks, defaults, slots: Mutex::new(Slots::default()) };
+        for disk in &registry.disks {
+            if let Err(error) = registry.open_disk(disk) {
+                tracing::error!(disk = disk.name, %error, "cannot open the disk's partitions");
+            }
+        }
+        registry
+    }
+
+    fn open_disk(&self, disk: &DiskDir) -> Result<(), RegistryError> {
+        let dir = disk.partitions_dir();
+        self.storage.create_dir_all(&dir).map_err(|e| io("create", &dir, e))?;
+        self.storage.create_dir_all(&disk.quarantine_dir()).map_err(|e| io("create", &disk.quarantine_dir(), e))?;
+        let names = self.storage.list_dir(&dir).map_err(|e| io("list", &dir, e))?;
+        for name in names {
+            let path = dir.join(&name);
+            match parse_entry(&name) {
+                EntryName::Partition(id) if self.read_meta(&path) == Some(id) => {
+                    let mut slots = self.lock();
+                    if slots.by_id.contains_key(&id) {
+                        continue; // the same id on a second disk: the verifier quarantines it
+                    }
+                    let generation = slots.next();
+                    drop(slots);
+                    let partition = Arc::new(Partition::open(Arc::clone(&self.storage), self.options(id, disk)));
+                    self.lock()
+                        .by_id
+                        .insert(id, Slot { disk: disk.name.clone(), generation, state: SlotState::Active(partition) });
+                }
+                EntryName::Staging(..) => {
+                    // Never registered, never acknowledged: keep it aside.
+                    self.quarantine(disk, &name)?;
+                }
+                EntryName::Deleting(..) => {
+                    self.storage.remove_dir_all(&path).map_err(|e| io("remove", &path, e))?;
+                    self.storage.sync_dir(&dir).map_err(|e| io("sync", &dir, e))?;
+                }
+                EntryName::Partition(_) | EntryName::Unknown => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn options(&self, id: u64, disk: &DiskDir) -> PartitionOptions {
+        PartitionOptions {
+            wal: self.defaults.wal.clone(),
+            max_blob_size: self.defaults.max_blob_size,
+            read_error_tolerance: self.defaults.read_error_tolerance,
+            ..PartitionOptions::new(id, disk.name.clone(), disk.partitions_dir().join(id.to_string()))
+        }
+    }
+
+    fn disk(&self, name: &str) -> Result<&DiskDir, RegistryError> {
+        self.disks.iter().find(|d| d.name == name).ok_or_else(|| RegistryError::UnknownDisk(name.to_string()))
+    }
+
+    /// The disks, in configuration order.
+    pub fn disks(&self) -> &[DiskDir] {
+        &self.disks
+    }
+
+    /// The active partition `id`.
+    pub fn get(&self, id: u64) -> Option<Arc<Partition>> {
+        match self.lock().by_id.get(&id).map(|slot| &slot.state) {
+            Some(SlotState::Active(partition)) => Some(Arc::clone(partition)),
+            _ => None,
+        }
+    }
+
+    /// Every active partition, by id.
+    pub fn partitions(&self) -> Vec<Arc<Partition>> {
+        self.lock()
+            .by_id
+            .values()
+            .filter_map(|slot| match &slot.state {
+                SlotState::Active(partition) => Some(Arc::clone(partition)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Creates partition `id` on `disk`, durably, then registers it.
+    /// Blocking.
+    pub fn create(&self, id: u64, disk: &str) -> Result<Arc<Partition>, RegistryError> {
+        let disk = self.disk(disk)?;
+        let generation = {
+            let mut slots = self.lock();
+            if slots.by_id.contains_key(&id) {
+                return Err(RegistryError::Exists(id));
+            }
+            let generation = slots.next();
+            slots.by_id.insert(id, Slot { disk: disk.name.clone(), generation, state: SlotState::Creating });
+            generation
+        };
+        let parent = disk.partitions_dir();
+        let staging = parent.join(format!(".staging-{id}-{generation}"));
+        let made = self.make_partition_dir(&parent, &staging, id);
+        if let Err(error) = made {
+            self.lock().by_id.remove(&id);
+            let _ = self.storage.remove_dir_all(&staging);
+            return Err(error);
+        }
+        let partition = Arc::new(Partition::open(Arc::clone(&self.storage), self.options(id, disk)));
+        if let Some(slot) = self.lock().by_id.get_mut(&id).filter(|slot| slot.generation == generation) {
+            slot.state = SlotState::Active(Arc::clone(&partition));
+        }
+        tracing::info!(partition = id, disk = disk.name, "partition created");
+        Ok(partition)
+    }
+
+    fn make_partition_dir(&self, parent: &Path, staging: &Path, id: u64) -> Result<(), RegistryError> {
+        let storage = self.storage.as_ref();
+        storage.create_dir_all(staging).map_err(|e| io("create", staging, e))?;
+        let meta = staging.join(META_FILE);
+        let file = storage.open(&meta, true).map_err(|e| io("create", &meta, e))?;
+        file.write_all_and_sync(0, &[Bytes::from(format!("id={id}\n"))]).map_err(|(_, e)| io("write", &meta, e))?;
+        storage.sync_dir(staging).map_err(|e| io("sync", staging, e))?;
+        let live = parent.join(id.to_string());
+        storage.rename(staging, &live).map_err(|e| io("rename", staging, e))?;
+        storage.sync_dir(parent).map_err(|e| io("sync", parent, e))
+    }
+
+    fn read_meta(&self, dir: &Path) -> Option<u64> {
+        let file = self.storage.open(&dir.join(META_FILE), false).ok()?;
+        let len = usize::try_from(file.file_len().ok()?).ok()?.min(256);
+        let text = String::from_utf8(file.read_exact_at(0, len).ok()?).ok()?;
+        text.lines().find_map(|line| line.strip_prefix("id=")).and_then(parse_id)
+    }
+
+    /// Deletes partition `id`: unregister, close, move aside, remove.
+    /// Blocking.
+    pub fn delete(&self, id: u64) -> Result<(), RegistryError> {
+        let (partition, disk_name, generation) = {
+            let mut slots = self.lock();
+            let slot = slots.by_id.get_mut(&id).ok_or(RegistryError::NotFound(id))?;
+            let SlotState::Active(partition) = &slot.state else { return Err(RegistryError::NotFound(id)) };
+            let partition = Arc::clone(partition);
+            slot.state = SlotState::Deleting;
+            (partition, slot.disk.clone(), slot.generation)
+        };
+        let disk = self.disk(&disk_name)?.clone();
+        partition.close();
+        drop(partition);
+        let parent = disk.partitions_dir();
+        let live = parent.join(id.to_string());
+        let aside = parent.join(format!(".deleting-{id}-{generation}"));
+        let moved = self
+            .storage
+            .rename(&live, &aside)
+            .map_err(|e| io("rename", &live, e))
+            .and_then(|()| self.storage.sync_dir(&parent).map_err(|e| io("sync", &parent, e)));
+        if let Err(error) = moved {
+            // Still in place: serve it again rather than lose track of it.
+            let reopened = Arc::new(Partition::open(Arc::clone(&self.storage), self.options(id, &disk)));
+            if let Some(slot) = self.lock().by_id.get_mut(&id) {
+                slot.state = SlotState::Active(reopened);
+            }
+            return Err(error);
+        }
+        // A failure here leaves a `.deleting-` directory that the next
+        // open finishes removing.
+        if let Err(error) = self.storage.remove_dir_all(&aside).and_then(|()| self.storage.sync_dir(&parent)) {
+            tracing::warn!(partition = id, %error, "removing a deleted partition's files failed; retried at next start");
+        }
+        self.lock().by_id.remove(&id);
+        tracing::info!(partition = id, disk = disk.name, "partition deleted");
+        Ok(())
+    }
+
+    /// One verifier pass over every disk: entries the registry does not
+    /// know, in any state, go to quarantine. Never deletes.
+    pub fn verify_once(&self) -> VerifyReport {
+        let mut report = VerifyReport::default();
+        for disk in &self.disks {
+            let names = match self.storage.list_dir(&disk.partitions_dir()) {
+                Ok(names) => names,
+                Err(_) => {
+                    report.unreadable_disks.push(disk.name.clone());
+                    continue;
+                }
+            };
+            for name in names {
+                // Decide and act under the lock: a create or delete cannot
+                // change the answer in between.
+                let slots = self.lock();
+                let known = |id: u64, generation: Option<u64>, creating: Option<bool>| {
+                    slots.by_id.get(&id).is_some_and(|slot| {
+                        slot.disk == disk.name
+                            && generation.is_none_or(|g| g == slot.generation)
+                            && creating.is_none_or(|c| c == matches!(slot.state, SlotState::Creating))
+                    })
+                };
+                let recognised = match parse_entry(&name) {
+                    EntryName::Partition(id) => known(id, None, None),
+                    EntryName::Staging(id, generation) => known(id, Some(generation), Some(true)),
+                    EntryName::Deleting(id, generation) => {
+                        known(id, Some(generation), Some(false)) || !slots.by_id.contains_key(&id)
+                    }
+                    EntryName::Unknown => false,
+                };
+                if recognised {
+                    continue;
+                }
+                match self.quarantine(disk, &name) {
+                    Ok(path) => report.quarantined.push(path),
+                    Err(error) => tracing::error!(disk = disk.name, name, %error, "cannot quarantine"),
+                }
+                drop(slots);
+            }
+        }
+        report
+    }
+
+    /// Moves `partitions/<name>` to `quarantine/<name>.<nanos>`.
+    fn quarantine(&self, disk: &DiskDir, name: &str) -> Result<PathBuf, RegistryError> {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let from = disk.partitions_dir().join(name);
+        let to = disk.quarantine_dir().join(format!("{name}.{nanos}"));
+        self.storage.rename(&from, &to).map_err(|e| io("quarantine", &from, e))?;
+        self.storage.sync_dir(&disk.partitions_dir()).map_err(|e| io("sync", &disk.partitions_dir(), e))?;
+        self.storage.sync_dir(&disk.quarantine_dir()).map_err(|e| io("sync", &disk.quarantine_dir(), e))?;
+        tracing::warn!(disk = disk.name, from = %from.display(), to = %to.display(), "moved an unknown entry to quarantine");
+        Ok(to)
+    }
+
+    /// Closes every partition (drains and syncs their logs). Blocking.
+    pub fn close(&self) {
+        for partition in self.partitions() {
+            partition.close();
+        }
+    }
+}
+
+impl Slots {
+    fn next(&mut self) -> u64 {
+        self.next_generation += 1;
+        self.next_generation
+    }
+}
+
+fn io(op: &'static str, path: &Path, source: std::io::Error) -> RegistryError {
+    RegistryError::Io { op, path: path.to_path_buf(), source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_names_parse_strictly() {
+        assert_eq!(parse_entry("17"), EntryName::Partition(17));
+        assert_eq!(parse_entry("0"), EntryName::Partition(0));
+        assert_eq!(parse_entry(".staging-17-3"), EntryName::Staging(17, 3));
+        assert_eq!(parse_entry(".deleting-17-3"), EntryName::Deleting(17, 3));
+        for unknown in ["017", "17a", "", "-1", ".staging-17", ".staging-x-1", "lost+found"] {
+            assert_eq!(parse_entry(unknown), EntryName::Unknown, "{unknown}");
+        }
+    }
+}
