@@ -56,6 +56,13 @@ pub enum Error {
     /// A read failed; the partition may have been faulted by it.
     #[error("read failed: {0}")]
     Read(#[source] datanode_wal::Error),
+    /// A snapshot image was refused; the partition is unchanged.
+    #[error("{0}")]
+    BadSnapshot(String),
+    /// Installing a verified image failed on the disk; the partition is
+    /// unchanged unless the fault says otherwise.
+    #[error("snapshot install failed: {}", .0.message)]
+    InstallFailed(Fault),
     /// Recover could not verify the partition; it stays faulted.
     #[error("recover failed: {}", .0.message)]
     RecoverFailed(Fault),

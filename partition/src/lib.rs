@@ -10,8 +10,8 @@
 //!
 //! Built so far: the blob store, the state machine, errno classification,
 //! sticky fault records and recover, the disk-full path, the registry with
-//! its verifier and quarantine. Not yet: disks and their probes, snapshots,
-//! compaction.
+//! its verifier and quarantine, snapshot export and atomic install. Not yet:
+//! disks and their probes, compaction.
 //!
 //! # Threads
 //!
@@ -26,9 +26,10 @@ mod error;
 pub mod fault_file;
 mod partition;
 pub mod registry;
+pub mod snapshot;
 pub mod state;
 
 pub use error::{Error, Result};
-pub use partition::{Partition, PartitionOptions, PartitionStats, PutAck};
+pub use partition::{Export, Partition, PartitionOptions, PartitionStats, PutAck};
 pub use registry::{DiskDir, PartitionDefaults, Registry, RegistryError, VerifyReport};
 pub use state::{Fault, FaultCause, Health, HealthSnapshot, ReadOnlyReason, State};

@@ -13,15 +13,21 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use datanode_wal::{Lsn, RecordPos, Storage, Wal, WalObserver, WalOptions, WalStats};
+use std::io::Read;
+
+use datanode_wal::{Durability, Lsn, RecordPos, Storage, Wal, WalObserver, WalOptions, WalStats};
 
 use crate::blob::{self, BlobOp};
 use crate::error::{Error, Result};
 use crate::fault_file;
+use crate::snapshot::{ImageReader, ImageWriter};
 use crate::state::{Fault, FaultCause, Health, ReadOnlyReason, State};
 
 /// Largest payload read back per `read_from` call during replay.
 const REPLAY_CHUNK: usize = 8 << 20;
+
+/// Bytes of snapshot entries appended per batch while installing.
+const INSTALL_BATCH: usize = 4 << 20;
 
 /// How a partition is opened.
 #[derive(Debug, Clone)]
@@ -200,17 +206,147 @@ impl Partition {
         &self.health
     }
 
-    /// Opens the WAL, replays it into a fresh index and installs both.
+    /// Opens the current WAL, replays it into a fresh index and installs
+    /// both; then removes log directories a finished install superseded.
     fn load(&self) -> Result<(), Fault> {
-        let dir = self.options.dir.join("wal");
-        let wal = Wal::open(Arc::clone(&self.storage), dir, self.options.wal.clone()).map_err(|e| wal_fault(&e))?;
-        let index = replay(&wal)?;
+        let current = current_wal(self.storage.as_ref(), &self.options.dir)?;
+        let (wal, index) = self.open_log(&current)?;
         let mut inner = self.write();
         inner.wal = Some(Arc::new(wal));
         inner.index = index;
         drop(inner);
         self.read_errors.store(0, Ordering::Release);
+        self.remove_superseded_logs(&current);
         Ok(())
+    }
+
+    fn open_log(&self, name: &str) -> Result<(Wal, Index), Fault> {
+        let dir = self.options.dir.join(name);
+        let wal = Wal::open(Arc::clone(&self.storage), dir, self.options.wal.clone()).map_err(|e| wal_fault(&e))?;
+        let index = replay(&wal)?;
+        Ok((wal, index))
+    }
+
+    /// Log directories other than the current one are leftovers of an
+    /// install: the image it replaced, or one it never switched to.
+    fn remove_superseded_logs(&self, current: &str) {
+        let Ok(names) = self.storage.list_dir(&self.options.dir) else { return };
+        for name in names.iter().filter(|name| name.as_str() != current && parse_wal_name(name).is_some()) {
+            let path = self.options.dir.join(name);
+            if let Err(error) = self.storage.remove_dir_all(&path) {
+                tracing::warn!(partition = self.options.id, path = %path.display(), %error, "cannot remove a superseded log");
+            }
+        }
+    }
+
+    /// Streams a consistent image of the live blobs (see [`crate::snapshot`]):
+    /// the blobs as of this call, whatever is written afterwards. Each
+    /// `next()` does blocking reads.
+    pub fn export(&self) -> Result<Export> {
+        self.refuse_unless_serving()?;
+        let inner = self.read();
+        let wal = inner.wal.clone().ok_or(Error::Loading(self.options.id))?;
+        let entries: Vec<(Bytes, BlobLoc)> = inner
+            .index
+            .entries
+            .iter()
+            .filter_map(|(key, entry)| match entry {
+                Entry::Live(loc) => Some((key.clone(), *loc)),
+                Entry::Deleted(_) => None,
+            })
+            .collect();
+        drop(inner);
+        let (writer, header) = ImageWriter::new(self.options.id);
+        Ok(Export { wal, entries: entries.into_iter(), writer: Some(writer), header: Some(header) })
+    }
+
+    /// Replaces the partition's contents with a snapshot image, atomically.
+    /// Blocking. The image is written to a new log directory and every
+    /// checksum verified; only then does one rename of `CURRENT` switch to
+    /// it. Reads are served from the old contents until the switch and
+    /// from the new ones after; writes are refused meanwhile
+    /// (`read_only(snapshot_install)`). A refused or failed install leaves
+    /// the old contents in place. Installing repairs a faulted partition.
+    pub fn install(&self, image: impl Read) -> Result<()> {
+        if let State::Loading = self.health.state() {
+            return Err(Error::Loading(self.options.id));
+        }
+        self.health.add_reason(ReadOnlyReason::SnapshotInstall);
+        let result = self.install_image(image);
+        self.health.clear_reason(ReadOnlyReason::SnapshotInstall);
+        result
+    }
+
+    fn install_image(&self, image: impl Read) -> Result<()> {
+        let dir = &self.options.dir;
+        let current = current_wal(self.storage.as_ref(), dir).map_err(Error::InstallFailed)?;
+        let next = format!("wal-{}", parse_wal_name(&current).unwrap_or(0) + 1);
+        let staging = dir.join(&next);
+        let _ = self.storage.remove_dir_all(&staging);
+        let written = self.write_image(&staging, image);
+        if written.is_err() {
+            let _ = self.storage.remove_dir_all(&staging);
+            return written;
+        }
+        switch_current(self.storage.as_ref(), dir, &next).map_err(|e| Error::InstallFailed(io_fault("install", &e)))?;
+        // From here the new image is the partition, also after a crash.
+        let (wal, index) = match self.open_log(&next) {
+            Ok(opened) => opened,
+            Err(fault) => {
+                self.fail(fault.clone());
+                return Err(Error::InstallFailed(fault));
+            }
+        };
+        let old = {
+            let mut inner = self.write();
+            inner.index = index;
+            inner.wal.replace(Arc::new(wal))
+        };
+        if let Some(old) = old.and_then(|old| Arc::try_unwrap(old).ok()) {
+            let _ = old.close();
+        }
+        self.read_errors.store(0, Ordering::Release);
+        self.remove_superseded_logs(&next);
+        if let State::Faulted(_) = self.health.state() {
+            fault_file::clear(self.storage.as_ref(), dir).map_err(|e| Error::InstallFailed(io_fault("install", &e)))?;
+            self.health.recovered();
+        }
+        tracing::info!(partition = self.options.id, log = next, "snapshot installed");
+        Ok(())
+    }
+
+    /// Writes a verified image into a fresh log at `staging`, synced.
+    fn write_image(&self, staging: &std::path::Path, image: impl Read) -> Result<()> {
+        let options = WalOptions {
+            durability: Durability::None,
+            prewrite_segments: false,
+            observer: None,
+            ..self.options.wal.clone()
+        };
+        let wal =
+            Wal::open(Arc::clone(&self.storage), staging, options).map_err(|e| Error::InstallFailed(wal_fault(&e)))?;
+        let mut reader =
+            ImageReader::new(image, self.options.max_blob_size).map_err(|e| Error::BadSnapshot(e.to_string()))?;
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        loop {
+            let entry = reader.next_entry().map_err(|e| Error::BadSnapshot(e.to_string()))?;
+            let done = entry.is_none();
+            if let Some((key, value)) = entry {
+                let record = blob::encode_put(&key, &value);
+                batch_bytes += record.len();
+                batch.push(record);
+            }
+            if (done || batch_bytes >= INSTALL_BATCH) && !batch.is_empty() {
+                wal.append_blocking(std::mem::take(&mut batch)).map_err(|e| Error::InstallFailed(wal_fault(&e)))?;
+                batch_bytes = 0;
+            }
+            if done {
+                break;
+            }
+        }
+        // Closing syncs everything written.
+        wal.close().map_err(|e| Error::InstallFailed(wal_fault(&e)))
     }
 
     /// Faults the partition: counts the error, writes the sticky record
@@ -502,6 +638,83 @@ impl Partition {
             }
         }
     }
+}
+
+/// A snapshot image being streamed; see [`Partition::export`].
+#[derive(Debug)]
+pub struct Export {
+    wal: Arc<Wal>,
+    entries: std::vec::IntoIter<(Bytes, BlobLoc)>,
+    writer: Option<ImageWriter>,
+    header: Option<Bytes>,
+}
+
+impl Iterator for Export {
+    type Item = Result<Bytes>;
+
+    /// The next piece of the image: header, one entry each, trailer.
+    fn next(&mut self) -> Option<Result<Bytes>> {
+        if let Some(header) = self.header.take() {
+            return Some(Ok(header));
+        }
+        let writer = self.writer.as_mut()?;
+        match self.entries.next() {
+            Some((key, loc)) => {
+                let record = match self.wal.read(loc.pos) {
+                    Ok(record) => record,
+                    Err(error) => {
+                        self.writer = None;
+                        return Some(Err(Error::Read(error)));
+                    }
+                };
+                let value = record.slice(loc.value_offset as usize..);
+                Some(Ok(writer.entry(&key, &value)))
+            }
+            None => self.writer.take().map(|writer| Ok(writer.trailer())),
+        }
+    }
+}
+
+/// Name of the live log directory: `CURRENT` names it; without one it is
+/// `wal`.
+const CURRENT_FILE: &str = "CURRENT";
+
+fn parse_wal_name(name: &str) -> Option<u64> {
+    match name {
+        "wal" => Some(0),
+        _ => name.strip_prefix("wal-").filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))?.parse().ok(),
+    }
+}
+
+fn current_wal(storage: &dyn Storage, dir: &std::path::Path) -> Result<String, Fault> {
+    let file = match storage.open(&dir.join(CURRENT_FILE), false) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok("wal".into()),
+        Err(error) => return Err(io_fault("open", &error)),
+    };
+    let len = file.file_len().map_err(|e| io_fault("read", &e))?.min(64) as usize;
+    let bytes = file.read_exact_at(0, len).map_err(|e| io_fault("read", &e))?;
+    let name = String::from_utf8_lossy(&bytes).trim().to_string();
+    match parse_wal_name(&name) {
+        Some(_) => Ok(name),
+        None => Err(Fault {
+            cause: FaultCause::Corruption,
+            op: "open".into(),
+            errno: None,
+            message: format!("CURRENT names no log: {name:?}"),
+            at: SystemTime::now(),
+        }),
+    }
+}
+
+/// Points `CURRENT` at `name`: temp file, sync, rename, directory sync.
+fn switch_current(storage: &dyn Storage, dir: &std::path::Path, name: &str) -> std::io::Result<()> {
+    let temp = dir.join("CURRENT.tmp");
+    let file = storage.open(&temp, true)?;
+    file.set_len(0)?;
+    file.write_all_and_sync(0, &[Bytes::from(format!("{name}\n"))]).map_err(|(_, e)| e)?;
+    storage.rename(&temp, &dir.join(CURRENT_FILE))?;
+    storage.sync_dir(dir)
 }
 
 /// Rebuilds the index from the whole log.

@@ -124,3 +124,103 @@ fn the_verifier_quarantines_what_it_does_not_know_and_deletes_nothing() {
     assert!(registry.get(1).is_some());
     assert!(registry.verify_once().quarantined.is_empty(), "a second pass finds nothing new");
 }
+
+fn image_of(partition: &datanode_partition::Partition) -> Vec<u8> {
+    partition.export().unwrap().map(|piece| piece.unwrap()).flat_map(|b| b.to_vec()).collect()
+}
+
+fn filled(sim: &SimStorage, id: u64, tag: &str, rt: &tokio::runtime::Runtime) -> datanode_partition::Partition {
+    let storage: Arc<dyn Storage> = Arc::new(sim.clone());
+    let dir = PathBuf::from(format!("/d0/partitions/{id}"));
+    let options = datanode_partition::PartitionOptions {
+        wal: defaults().wal,
+        ..datanode_partition::PartitionOptions::new(id, "d0", dir)
+    };
+    let partition = datanode_partition::Partition::open(storage, options);
+    for i in 0..10 {
+        rt.block_on(partition.put(format!("k{i}").as_bytes(), format!("{tag}-{i}").repeat(40).as_bytes())).unwrap();
+    }
+    partition
+}
+
+/// S0 (CubeFS): reads during a Raft snapshot apply hit half-replaced state
+/// and crashed. Here readers run while images are installed again and
+/// again: every read returns the old or the new value, never an error or
+/// a mix; damaged images are refused and change nothing.
+#[test]
+fn s0_snapshot_install_under_reads() {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let sim = SimStorage::new(6);
+    let target = Arc::new(filled(&sim, 1, "old", &rt));
+    let image_old = image_of(&target);
+    let image_new = image_of(&filled(&sim, 2, "new", &rt));
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..3)
+        .map(|r| {
+            let (target, stop) = (Arc::clone(&target), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let i = (reads + r) % 10;
+                    let value = target.get(format!("k{i}").as_bytes(), None).unwrap();
+                    let text = String::from_utf8(value.to_vec()).unwrap();
+                    assert!(
+                        text == format!("old-{i}").repeat(40) || text == format!("new-{i}").repeat(40),
+                        "read a mix or garbage for k{i}: {text:?}"
+                    );
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    let mut damaged = image_new.clone();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x40;
+    for round in 0..20 {
+        let image = if round % 2 == 0 { &image_new } else { &image_old };
+        target.install(&image[..]).unwrap();
+        assert!(matches!(target.install(&damaged[..]), Err(datanode_partition::Error::BadSnapshot(_))));
+        assert!(matches!(target.install(&image[..image.len() - 3]), Err(datanode_partition::Error::BadSnapshot(_))));
+        assert_eq!(target.health().state(), datanode_partition::State::Healthy);
+    }
+    stop.store(true, Ordering::Release);
+    let reads: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    assert!(reads > 100, "readers must really have raced the installs ({reads} reads)");
+    // The last install was the old image; it is what a restart finds too.
+    assert_eq!(&target.get(b"k3", None).unwrap()[..], "old-3".repeat(40).as_bytes());
+    target.close();
+    let reopened = filled_reopen(&sim, 1);
+    assert_eq!(&reopened.get(b"k3", None).unwrap()[..], "old-3".repeat(40).as_bytes());
+    assert_eq!(reopened.stats().blobs, 10);
+}
+
+fn filled_reopen(sim: &SimStorage, id: u64) -> datanode_partition::Partition {
+    let storage: Arc<dyn Storage> = Arc::new(sim.clone());
+    let dir = PathBuf::from(format!("/d0/partitions/{id}"));
+    let options = datanode_partition::PartitionOptions {
+        wal: defaults().wal,
+        ..datanode_partition::PartitionOptions::new(id, "d0", dir)
+    };
+    datanode_partition::Partition::open(storage, options)
+}
+
+#[test]
+fn installing_an_image_repairs_a_faulted_partition() {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let sim = SimStorage::new(7);
+    let healthy_copy = image_of(&filled(&sim, 3, "good", &rt));
+    let broken = filled(&sim, 4, "bad", &rt);
+    sim.inject(
+        datanode_wal::storage::Fault::new(datanode_wal::storage::FaultOp::Sync, libc::EIO).on_path("/partitions/4/"),
+    );
+    assert!(rt.block_on(broken.put(b"x", b"y")).is_err());
+    assert_eq!(broken.health().state().name(), "faulted");
+    broken.install(&healthy_copy[..]).unwrap();
+    assert_eq!(broken.health().state(), datanode_partition::State::Healthy);
+    assert_eq!(&broken.get(b"k5", None).unwrap()[..], "good-5".repeat(40).as_bytes());
+    broken.close();
+    let reopened = filled_reopen(&sim, 4);
+    assert_eq!(reopened.health().state(), datanode_partition::State::Healthy, "the fault record is gone");
+    assert_eq!(&reopened.get(b"k5", None).unwrap()[..], "good-5".repeat(40).as_bytes());
+}
