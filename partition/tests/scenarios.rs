@@ -130,13 +130,7 @@ fn image_of(partition: &datanode_partition::Partition) -> Vec<u8> {
 }
 
 fn filled(sim: &SimStorage, id: u64, tag: &str, rt: &tokio::runtime::Runtime) -> datanode_partition::Partition {
-    let storage: Arc<dyn Storage> = Arc::new(sim.clone());
-    let dir = PathBuf::from(format!("/d0/partitions/{id}"));
-    let options = datanode_partition::PartitionOptions {
-        wal: defaults().wal,
-        ..datanode_partition::PartitionOptions::new(id, "d0", dir)
-    };
-    let partition = datanode_partition::Partition::open(storage, options);
+    let partition = open_partition(sim, id);
     for i in 0..10 {
         rt.block_on(partition.put(format!("k{i}").as_bytes(), format!("{tag}-{i}").repeat(40).as_bytes())).unwrap();
     }
@@ -190,12 +184,12 @@ fn s0_snapshot_install_under_reads() {
     // The last install was the old image; it is what a restart finds too.
     assert_eq!(&target.get(b"k3", None).unwrap()[..], "old-3".repeat(40).as_bytes());
     target.close();
-    let reopened = filled_reopen(&sim, 1);
+    let reopened = open_partition(&sim, 1);
     assert_eq!(&reopened.get(b"k3", None).unwrap()[..], "old-3".repeat(40).as_bytes());
     assert_eq!(reopened.stats().blobs, 10);
 }
 
-fn filled_reopen(sim: &SimStorage, id: u64) -> datanode_partition::Partition {
+fn open_partition(sim: &SimStorage, id: u64) -> datanode_partition::Partition {
     let storage: Arc<dyn Storage> = Arc::new(sim.clone());
     let dir = PathBuf::from(format!("/d0/partitions/{id}"));
     let options = datanode_partition::PartitionOptions {
@@ -220,7 +214,7 @@ fn installing_an_image_repairs_a_faulted_partition() {
     assert_eq!(broken.health().state(), datanode_partition::State::Healthy);
     assert_eq!(&broken.get(b"k5", None).unwrap()[..], "good-5".repeat(40).as_bytes());
     broken.close();
-    let reopened = filled_reopen(&sim, 4);
+    let reopened = open_partition(&sim, 4);
     assert_eq!(reopened.health().state(), datanode_partition::State::Healthy, "the fault record is gone");
     assert_eq!(&reopened.get(b"k5", None).unwrap()[..], "good-5".repeat(40).as_bytes());
 }
