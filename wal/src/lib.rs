@@ -52,7 +52,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub use error::{Corruption, Error, IoOp, Result};
-pub use storage::{IoBackend, Storage, StorageFile, open_backend};
+pub use storage::{IoBackend, Space, Storage, StorageFile, open_backend};
 pub use wal::{Wal, WalStats};
 
 /// A log sequence number. The first record of a new log has LSN 1; 0 means

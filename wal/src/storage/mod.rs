@@ -26,6 +26,7 @@ use bytes::Bytes;
 use crate::error::IoOp;
 
 pub use sim::{Fault, FaultOp, SimRng, SimStorage};
+
 pub use std_fs::StdStorage;
 pub use uring::UringStorage;
 
@@ -46,6 +47,32 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     fn remove_dir_all(&self, dir: &Path) -> io::Result<()>;
     /// `fsync` of a directory: makes creates, renames and removes in it durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Size and free space of the filesystem holding `path` (`statvfs`).
+    fn space(&self, path: &Path) -> io::Result<Space>;
+}
+
+/// Size and free space of a filesystem, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    /// Total size.
+    pub total: u64,
+    /// Bytes available to this process.
+    pub free: u64,
+}
+
+/// `statvfs` of the filesystem holding `path`.
+pub(crate) fn statvfs_space(path: &Path) -> io::Result<Space> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    // SAFETY: statvfs writes into the zeroed struct we own; `c_path` is a
+    // valid NUL-terminated string for the duration of the call.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let block = stat.f_frsize as u64;
+    Ok(Space { total: stat.f_blocks as u64 * block, free: stat.f_bavail as u64 * block })
 }
 
 /// An open file. Offsets are absolute; there is no cursor.
@@ -221,6 +248,16 @@ mod tests {
             storage.remove_dir_all(&live).unwrap();
             assert_eq!(storage.list_dir(dir.path()).unwrap(), vec!["file".to_string()], "{name}");
         }
+    }
+
+    #[test]
+    fn space_reports_a_plausible_filesystem() {
+        for (name, storage) in backends() {
+            let dir = tempfile::tempdir().unwrap();
+            let space = storage.space(dir.path()).unwrap();
+            assert!(space.total > 0 && space.free <= space.total, "{name}: {space:?}");
+        }
+        assert!(StdStorage.space(Path::new("/definitely/not/here")).is_err());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{Storage, StorageFile, total_len};
+use super::{Space, Storage, StorageFile, total_len};
 
 const SECTOR: usize = 512;
 
@@ -127,6 +127,7 @@ struct State {
     held: usize,
     delays: HashMap<FaultOp, Duration>,
     injected: u64,
+    space: Space,
 }
 
 impl State {
@@ -144,6 +145,7 @@ impl State {
             held: 0,
             delays: HashMap::new(),
             injected: 0,
+            space: Space { total: 1 << 40, free: 1 << 40 },
         }
     }
 }
@@ -200,6 +202,11 @@ impl SimStorage {
     pub fn resume(&self, op: FaultOp) {
         self.lock().paused.retain(|(paused, _)| *paused != op);
         self.inner.resumed.notify_all();
+    }
+
+    /// Sets what [`Storage::space`] reports (a filling or emptying disk).
+    pub fn set_space(&self, total: u64, free: u64) {
+        self.lock().space = Space { total, free };
     }
 
     /// How many operations are blocked by a pause right now.
@@ -472,6 +479,14 @@ impl Storage for SimStorage {
         state.names.remove(path).ok_or_else(not_found)?;
         state.journal.push(NsOp::Remove(path.to_path_buf()));
         Ok(())
+    }
+
+    fn space(&self, path: &Path) -> io::Result<Space> {
+        let (state, fault) = self.enter(FaultOp::Metadata, path);
+        if let Some((errno, _)) = fault {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        Ok(state.space)
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {

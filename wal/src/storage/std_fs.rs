@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Storage, StorageFile, advance, drop_cached_pages};
+use super::{Space, Storage, StorageFile, advance, drop_cached_pages, statvfs_space};
 
 /// Plain files with `pwritev`, `pread` and `fdatasync`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -45,6 +45,10 @@ impl Storage for StdStorage {
 
     fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
         std::fs::remove_dir_all(dir)
+    }
+
+    fn space(&self, path: &Path) -> io::Result<Space> {
+        statvfs_space(path)
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use io_uring::{IoUring, Probe, opcode, squeue, types};
 
-use super::{StdStorage, Storage, StorageFile, advance, drop_cached_pages};
+use super::{Space, StdStorage, Storage, StorageFile, advance, drop_cached_pages, statvfs_space};
 use crate::error::IoOp;
 
 const RING_ENTRIES: u32 = 8;
@@ -136,6 +136,10 @@ impl Storage for UringStorage {
 
     fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
         StdStorage.remove_dir_all(dir)
+    }
+
+    fn space(&self, path: &Path) -> io::Result<Space> {
+        statvfs_space(path)
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
