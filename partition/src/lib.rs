@@ -10,8 +10,8 @@
 //!
 //! Built so far: the blob store, the state machine, errno classification,
 //! sticky fault records and recover, the disk-full path, the registry with
-//! its verifier and quarantine, snapshot export and atomic install. Not yet:
-//! disks and their probes, compaction.
+//! its verifier and quarantine, snapshot export and atomic install, disks
+//! with their probes. Not yet: compaction.
 //!
 //! # Threads
 //!
@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod blob;
+pub mod disk;
 mod error;
 pub mod fault_file;
 mod partition;
@@ -29,6 +30,7 @@ pub mod registry;
 pub mod snapshot;
 pub mod state;
 
+pub use disk::{DiskOptions, DiskState, DiskStatus, ProbeResult};
 pub use error::{Error, Result};
 pub use partition::{Export, Partition, PartitionOptions, PartitionStats, PutAck};
 pub use registry::{DiskDir, PartitionDefaults, Registry, RegistryError, VerifyReport};

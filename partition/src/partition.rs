@@ -595,13 +595,25 @@ impl Partition {
         }
     }
 
+    /// The disk under this partition was declared faulted: `faulted`, not
+    /// persisted (the disk may not take a write; its probe finds it again
+    /// after a restart).
+    pub(crate) fn fault_from_disk(&self, fault: Fault) {
+        self.health.fault(fault);
+    }
+
+    /// Sets or clears a read-only reason that comes from the disk.
+    pub(crate) fn set_reason(&self, reason: ReadOnlyReason, on: bool) {
+        if on {
+            self.health.add_reason(reason);
+        } else {
+            self.health.clear_reason(reason);
+        }
+    }
+
     /// Sets or clears the operator's read-only reason.
     pub fn set_operator_read_only(&self, read_only: bool) {
-        if read_only {
-            self.health.add_reason(ReadOnlyReason::Operator);
-        } else {
-            self.health.clear_reason(ReadOnlyReason::Operator);
-        }
+        self.set_reason(ReadOnlyReason::Operator, read_only);
     }
 
     /// Sizes and log positions.

@@ -8,6 +8,7 @@
 //! <disk>/partitions/.staging-<id>-<gen>/   a create in progress
 //! <disk>/partitions/.deleting-<id>-<gen>/  an operator delete in progress
 //! <disk>/quarantine/<name>.<nanos>         what the verifier did not recognise
+//! <disk>/.datanode-probe                   the disk probe's canary file
 //! ```
 //!
 //! The rules:
@@ -31,6 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use datanode_wal::{Storage, WalOptions};
 
+use crate::disk::{Disk, DiskOptions, DiskStatus};
 use crate::partition::{Partition, PartitionOptions};
 
 /// The file that marks a directory as a partition and names it.
@@ -57,9 +59,11 @@ impl DiskDir {
     }
 }
 
-/// Options every partition is opened with.
+/// Options every partition (and every disk's state machine) is opened with.
 #[derive(Debug, Clone)]
 pub struct PartitionDefaults {
+    /// Thresholds of the disks' probes and states.
+    pub disk: DiskOptions,
     /// WAL options (the log id is set per partition).
     pub wal: WalOptions,
     /// Largest value a put may carry.
@@ -72,6 +76,7 @@ impl Default for PartitionDefaults {
     fn default() -> PartitionDefaults {
         let template = PartitionOptions::new(0, "", "");
         PartitionDefaults {
+            disk: DiskOptions::default(),
             wal: template.wal,
             max_blob_size: template.max_blob_size,
             read_error_tolerance: template.read_error_tolerance,
@@ -139,6 +144,8 @@ pub struct VerifyReport {
 pub struct Registry {
     storage: Arc<dyn Storage>,
     disks: Vec<DiskDir>,
+    /// One probe and state machine per disk, in the same order.
+    disk_health: Vec<Disk>,
     defaults: PartitionDefaults,
     slots: Mutex<Slots>,
 }
@@ -179,7 +186,9 @@ impl Registry {
     /// interrupted create go to quarantine; an interrupted delete is
     /// finished. Unknown entries are left for the verifier.
     pub fn open(storage: Arc<dyn Storage>, disks: Vec<DiskDir>, defaults: PartitionDefaults) -> Registry {
-        let registry = Registry { storage, disks, defaults, slots: Mutex::new(Slots::default()) };
+        let disk_health =
+            disks.iter().map(|dir| Disk::new(dir.clone(), Arc::clone(&storage), defaults.disk.clone())).collect();
+        let registry = Registry { storage, disks, disk_health, defaults, slots: Mutex::new(Slots::default()) };
         for disk in &registry.disks {
             if let Err(error) = registry.open_disk(disk) {
                 tracing::error!(disk = disk.name, %error, "cannot open the disk's partitions");
@@ -406,6 +415,33 @@ impl Registry {
         self.storage.sync_dir(&disk.quarantine_dir()).map_err(|e| io("sync", &disk.quarantine_dir(), e))?;
         tracing::warn!(disk = disk.name, from = %from.display(), to = %to.display(), "moved an unknown entry to quarantine");
         Ok(to)
+    }
+
+    /// Active partitions on disk `name`.
+    fn partitions_on(&self, name: &str) -> Vec<Arc<Partition>> {
+        self.lock()
+            .by_id
+            .values()
+            .filter(|slot| slot.disk == name)
+            .filter_map(|slot| match &slot.state {
+                SlotState::Active(partition) => Some(Arc::clone(partition)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Probes every disk once and applies the outcomes to their partitions
+    /// (see [`crate::disk`]). Blocking, up to one probe timeout per disk.
+    pub fn check_disks(&self) -> Vec<DiskStatus> {
+        self.disk_health.iter().map(|disk| disk.check(&self.partitions_on(disk.name()))).collect()
+    }
+
+    /// Every disk's status, as of its last probe.
+    pub fn disk_statuses(&self) -> Vec<DiskStatus> {
+        self.disk_health
+            .iter()
+            .map(|disk| disk.status(self.partitions_on(disk.name()).iter().map(|p| p.id()).collect()))
+            .collect()
     }
 
     /// Closes every partition (drains and syncs their logs). Blocking.

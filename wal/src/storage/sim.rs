@@ -125,7 +125,9 @@ struct State {
     paused: Vec<(FaultOp, Option<String>)>,
     /// Operations currently held by a pause.
     held: usize,
-    delays: HashMap<FaultOp, Duration>,
+    /// Delayed operation kinds, each for every path or for paths containing
+    /// a fragment.
+    delays: Vec<(FaultOp, Option<String>, Duration)>,
     injected: u64,
     space: Space,
 }
@@ -143,7 +145,7 @@ impl State {
             random: None,
             paused: Vec::new(),
             held: 0,
-            delays: HashMap::new(),
+            delays: Vec::new(),
             injected: 0,
             space: Space { total: 1 << 40, free: 1 << 40 },
         }
@@ -216,7 +218,21 @@ impl SimStorage {
 
     /// Sleeps `delay` in every operation of kind `op` (zero removes it).
     pub fn delay(&self, op: FaultOp, delay: Duration) {
-        self.lock().delays.insert(op, delay);
+        self.set_delay(op, None, delay);
+    }
+
+    /// Sleeps `delay` in operations of kind `op` on paths containing
+    /// `fragment` (a slow disk); zero removes it.
+    pub fn delay_on(&self, op: FaultOp, fragment: impl Into<String>, delay: Duration) {
+        self.set_delay(op, Some(fragment.into()), delay);
+    }
+
+    fn set_delay(&self, op: FaultOp, fragment: Option<String>, delay: Duration) {
+        let mut state = self.lock();
+        state.delays.retain(|(o, f, _)| !(*o == op && *f == fragment));
+        if !delay.is_zero() {
+            state.delays.push((op, fragment, delay));
+        }
     }
 
     /// Overwrites bytes of a file in place, in the page cache and on stable
@@ -290,7 +306,13 @@ impl SimStorage {
             }
             state.held -= 1;
         }
-        if let Some(delay) = state.delays.get(&op).copied().filter(|d| !d.is_zero()) {
+        let delay = state
+            .delays
+            .iter()
+            .filter(|(o, fragment, _)| *o == op && fragment.as_deref().is_none_or(|f| path_text.contains(f)))
+            .map(|(_, _, delay)| *delay)
+            .max();
+        if let Some(delay) = delay {
             drop(state);
             std::thread::sleep(delay);
             state = self.lock();

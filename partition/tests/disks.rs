@@ -1,0 +1,132 @@
+//! The disk state machine on the simulated disk: slow syncs degrade a
+//! disk, a failing or hung probe faults it, many faulted partitions fault
+//! it, a full disk makes its partitions read-only until space returns; the
+//! other disk never notices.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datanode_partition::{
+    DiskDir, DiskOptions, DiskState, FaultCause, PartitionDefaults, ReadOnlyReason, Registry, State,
+};
+use datanode_wal::storage::{Fault, FaultOp, SimStorage};
+use datanode_wal::{Storage, WalOptions};
+
+fn registry(sim: &SimStorage) -> Registry {
+    let storage: Arc<dyn Storage> = Arc::new(sim.clone());
+    let disks = ["d0", "d1"].iter().map(|n| DiskDir { name: n.to_string(), path: PathBuf::from(format!("/{n}")) });
+    let defaults = PartitionDefaults {
+        disk: DiskOptions {
+            probe_timeout: Duration::from_secs(2),
+            slow_sync: Duration::from_millis(20),
+            faulted_partitions: 2,
+            ..DiskOptions::default()
+        },
+        wal: WalOptions { segment_size: 8192, prewrite_segments: false, ..WalOptions::new(0) },
+        ..PartitionDefaults::default()
+    };
+    let registry = Registry::open(storage, disks.collect(), defaults);
+    for (id, disk) in [(1, "d0"), (2, "d0"), (3, "d0"), (4, "d1")] {
+        registry.create(id, disk).unwrap();
+    }
+    registry
+}
+
+fn state_of(registry: &Registry, id: u64) -> State {
+    registry.get(id).unwrap().health().state()
+}
+
+fn disk_state(registry: &Registry, name: &str) -> DiskState {
+    registry.disk_statuses().into_iter().find(|d| d.name == name).unwrap().state
+}
+
+#[test]
+fn a_slow_disk_makes_its_partitions_read_only_until_it_is_fast_again() {
+    let sim = SimStorage::new(1);
+    let registry = registry(&sim);
+    sim.delay_on(FaultOp::Sync, "/d0/", Duration::from_millis(60));
+    registry.check_disks();
+    assert_eq!(disk_state(&registry, "d0"), DiskState::Degraded);
+    assert_eq!(state_of(&registry, 1), State::ReadOnly([ReadOnlyReason::DiskDegraded].into()));
+    assert_eq!(state_of(&registry, 4), State::Healthy, "the other disk's partition");
+    assert_eq!(disk_state(&registry, "d1"), DiskState::Healthy);
+    sim.delay_on(FaultOp::Sync, "/d0/", Duration::ZERO);
+    registry.check_disks();
+    assert_eq!(disk_state(&registry, "d0"), DiskState::Healthy);
+    assert_eq!(state_of(&registry, 1), State::Healthy);
+}
+
+#[test]
+fn a_failing_probe_faults_the_disk_and_all_its_partitions_only() {
+    let sim = SimStorage::new(2);
+    let registry = registry(&sim);
+    sim.inject(Fault::new(FaultOp::Sync, libc::EIO).on_path("/d0/").sticky());
+    let statuses = registry.check_disks();
+    let d0 = statuses.iter().find(|d| d.name == "d0").unwrap();
+    assert_eq!(d0.state, DiskState::Faulted);
+    assert!(!d0.last_probe.as_ref().unwrap().ok);
+    assert_eq!(d0.partitions, vec![1, 2, 3]);
+    for id in [1, 2, 3] {
+        match state_of(&registry, id) {
+            State::Faulted(fault) => assert_eq!(fault.cause, FaultCause::DiskFaulted),
+            other => panic!("partition {id}: {other:?}"),
+        }
+    }
+    assert_eq!(state_of(&registry, 4), State::Healthy);
+    assert_eq!(disk_state(&registry, "d1"), DiskState::Healthy);
+}
+
+#[test]
+fn a_hung_probe_times_out_into_a_faulted_disk() {
+    let sim = SimStorage::new(3);
+    let registry = registry(&sim);
+    sim.pause_on(FaultOp::Sync, "/d0/.datanode-probe");
+    let statuses = registry.check_disks();
+    let d0 = statuses.iter().find(|d| d.name == "d0").unwrap();
+    assert_eq!(d0.state, DiskState::Faulted, "{d0:?}");
+    // While the first probe still hangs, no second probe thread piles up.
+    let again = registry.check_disks();
+    assert!(again[0].last_probe.as_ref().unwrap().error.as_deref().unwrap().contains("still hanging"));
+    sim.resume(FaultOp::Sync);
+    assert_eq!(disk_state(&registry, "d1"), DiskState::Healthy);
+}
+
+#[test]
+fn enough_faulted_partitions_fault_their_disk() {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let sim = SimStorage::new(4);
+    let registry = registry(&sim);
+    sim.inject(Fault::new(FaultOp::Write, libc::EIO).on_path("/d0/partitions/").sticky());
+    for id in [1, 2] {
+        assert!(rt.block_on(registry.get(id).unwrap().put(b"k", b"v")).is_err());
+    }
+    registry.check_disks();
+    assert_eq!(disk_state(&registry, "d0"), DiskState::Faulted);
+    match state_of(&registry, 3) {
+        State::Faulted(fault) => assert_eq!(fault.cause, FaultCause::DiskFaulted),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(state_of(&registry, 4), State::Healthy);
+}
+
+#[test]
+fn a_full_disk_is_read_only_with_hysteresis() {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let sim = SimStorage::new(5);
+    let registry = registry(&sim);
+    rt.block_on(registry.get(1).unwrap().put(b"k", b"kept")).unwrap();
+    sim.set_space(1000, 30); // 97% used
+    registry.check_disks();
+    assert_eq!(state_of(&registry, 1), State::ReadOnly([ReadOnlyReason::DiskFull].into()));
+    assert!(registry.disk_statuses()[0].reasons.contains(&"disk_full".to_string()));
+    assert_eq!(&registry.get(1).unwrap().get(b"k", None).unwrap()[..], b"kept");
+    sim.set_space(1000, 70); // 93%: below full, above resume -> stays read-only
+    registry.check_disks();
+    assert_eq!(state_of(&registry, 1), State::ReadOnly([ReadOnlyReason::DiskFull].into()));
+    sim.set_space(1000, 200); // 80%
+    registry.check_disks();
+    assert_eq!(state_of(&registry, 1), State::Healthy);
+    rt.block_on(registry.get(1).unwrap().put(b"k2", b"writable")).unwrap();
+}
