@@ -1,11 +1,15 @@
 //! What a partition writes into its log: one WAL record per put or delete.
 //!
 //! ```text
-//! byte 0      kind: 1 = put, 2 = delete
-//! bytes 1..3  key length, u16 little-endian (1..=1024)
+//! byte 0      kind: 1 = put, 2 = delete, 3 = compacted put
+//! bytes 1..9  (compacted put only) the LSN of the original put, u64 LE
+//! next 2      key length, u16 little-endian (1..=1024)
 //! key         the key bytes
-//! value       the rest of the record (put only)
+//! value       the rest of the record (puts only)
 //! ```
+//!
+//! Puts and deletes go into the partition's log; compacted puts only into
+//! its compacted store, where they keep the LSN they had in the log.
 //!
 //! The WAL record around it carries the checksum, the partition id and the
 //! LSN; this layer adds no second checksum.
@@ -17,6 +21,7 @@ pub const MAX_KEY_LEN: usize = 1024;
 
 const PUT: u8 = 1;
 const DELETE: u8 = 2;
+const COMPACTED_PUT: u8 = 3;
 const HEADER_LEN: usize = 3;
 
 /// A decoded log entry of the blob store.
@@ -28,6 +33,8 @@ pub enum BlobOp {
         key: Bytes,
         /// Where the value starts within the record payload.
         value_offset: usize,
+        /// For a compacted put, the LSN of the original put in the log.
+        original_lsn: Option<u64>,
     },
     /// `key` is deleted.
     Delete {
@@ -55,6 +62,17 @@ pub fn encode_put(key: &[u8], value: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// The record of a compacted put: a put that keeps its original LSN.
+pub fn encode_compacted_put(original_lsn: u64, key: &[u8], value: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(8 + HEADER_LEN + key.len() + value.len());
+    out.put_u8(COMPACTED_PUT);
+    out.put_u64_le(original_lsn);
+    out.put_u16_le(key.len() as u16);
+    out.put_slice(key);
+    out.put_slice(value);
+    out.freeze()
+}
+
 /// The record of a delete.
 pub fn encode_delete(key: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(HEADER_LEN + key.len());
@@ -67,14 +85,20 @@ pub fn encode_delete(key: &[u8]) -> Bytes {
 /// Decodes a record; `None` for bytes this layer never writes.
 pub fn decode(record: &Bytes) -> Option<BlobOp> {
     let kind = *record.first()?;
-    let len = u16::from_le_bytes([*record.get(1)?, *record.get(2)?]) as usize;
-    if len == 0 || len > MAX_KEY_LEN || record.len() < HEADER_LEN + len {
+    let (original_lsn, at) = match kind {
+        COMPACTED_PUT => (Some(u64::from_le_bytes(record.get(1..9)?.try_into().ok()?)), 9),
+        _ => (None, 1),
+    };
+    let len = u16::from_le_bytes([*record.get(at)?, *record.get(at + 1)?]) as usize;
+    let key_start = at + 2;
+    if len == 0 || len > MAX_KEY_LEN || record.len() < key_start + len {
         return None;
     }
-    let key = record.slice(HEADER_LEN..HEADER_LEN + len);
+    let key = record.slice(key_start..key_start + len);
+    let value_offset = key_start + len;
     match kind {
-        PUT => Some(BlobOp::Put { key, value_offset: HEADER_LEN + len }),
-        DELETE if record.len() == HEADER_LEN + len => Some(BlobOp::Delete { key }),
+        PUT | COMPACTED_PUT => Some(BlobOp::Put { key, value_offset, original_lsn }),
+        DELETE if record.len() == value_offset => Some(BlobOp::Delete { key }),
         _ => None,
     }
 }
@@ -92,9 +116,17 @@ mod tests {
         ) {
             let put = encode_put(&key, &value);
             match decode(&put) {
-                Some(BlobOp::Put { key: k, value_offset }) => {
+                Some(BlobOp::Put { key: k, value_offset, original_lsn: None }) => {
                     prop_assert_eq!(&k[..], &key[..]);
                     prop_assert_eq!(&put[value_offset..], &value[..]);
+                }
+                other => prop_assert!(false, "{other:?}"),
+            }
+            let compacted = encode_compacted_put(77, &key, &value);
+            match decode(&compacted) {
+                Some(BlobOp::Put { key: k, value_offset, original_lsn: Some(77) }) => {
+                    prop_assert_eq!(&k[..], &key[..]);
+                    prop_assert_eq!(&compacted[value_offset..], &value[..]);
                 }
                 other => prop_assert!(false, "{other:?}"),
             }

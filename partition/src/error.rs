@@ -63,6 +63,10 @@ pub enum Error {
     /// unchanged unless the fault says otherwise.
     #[error("snapshot install failed: {}", .0.message)]
     InstallFailed(Fault),
+    /// Compaction failed; the partition is unchanged unless the fault says
+    /// otherwise.
+    #[error("compaction failed: {}", .0.message)]
+    CompactionFailed(Fault),
     /// Recover could not verify the partition; it stays faulted.
     #[error("recover failed: {}", .0.message)]
     RecoverFailed(Fault),

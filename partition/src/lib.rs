@@ -11,7 +11,7 @@
 //! Built so far: the blob store, the state machine, errno classification,
 //! sticky fault records and recover, the disk-full path, the registry with
 //! its verifier and quarantine, snapshot export and atomic install, disks
-//! with their probes. Not yet: compaction.
+//! with their probes, compaction.
 //!
 //! # Threads
 //!
@@ -22,14 +22,19 @@
 #![warn(missing_docs)]
 
 pub mod blob;
+mod compaction;
 pub mod disk;
 mod error;
 pub mod fault_file;
+mod grace;
+mod index;
+mod manifest;
 mod partition;
 pub mod registry;
 pub mod snapshot;
 pub mod state;
 
+pub use compaction::CompactionReport;
 pub use disk::{DiskOptions, DiskState, DiskStatus, ProbeResult};
 pub use error::{Error, Result};
 pub use partition::{Export, Partition, PartitionOptions, PartitionStats, PutAck};

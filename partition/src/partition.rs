@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::ops::{Bound, Range};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -20,11 +20,11 @@ use datanode_wal::{Durability, Lsn, RecordPos, Storage, Wal, WalObserver, WalOpt
 use crate::blob::{self, BlobOp};
 use crate::error::{Error, Result};
 use crate::fault_file;
+use crate::grace::Grace;
+use crate::index::{BlobLoc, Entry, Index, LOG_STORE};
+use crate::manifest::{Manifest, compacted_generation, log_generation};
 use crate::snapshot::{ImageReader, ImageWriter};
 use crate::state::{Fault, FaultCause, Health, ReadOnlyReason, State};
-
-/// Largest payload read back per `read_from` call during replay.
-const REPLAY_CHUNK: usize = 8 << 20;
 
 /// Bytes of snapshot entries appended per batch while installing.
 const INSTALL_BATCH: usize = 4 << 20;
@@ -61,68 +61,21 @@ impl PartitionOptions {
     }
 }
 
-/// Where a live blob's bytes are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct BlobLoc {
-    pos: RecordPos,
-    /// Start of the value within the record payload.
-    value_offset: u32,
-}
-
-impl BlobLoc {
-    fn value_len(&self) -> u64 {
-        u64::from(self.pos.len - self.value_offset)
-    }
-}
-
-/// An index entry. Deletes are remembered (with their LSN) so that a put
-/// acknowledged out of order can never resurrect a deleted key.
-#[derive(Debug, Clone, Copy)]
-enum Entry {
-    Live(BlobLoc),
-    Deleted(Lsn),
-}
-
-impl Entry {
-    fn lsn(&self) -> Lsn {
-        match self {
-            Entry::Live(loc) => loc.pos.lsn,
-            Entry::Deleted(lsn) => *lsn,
-        }
-    }
-}
-
 #[derive(Debug, Default)]
-struct Index {
-    entries: BTreeMap<Bytes, Entry>,
-    blobs: u64,
-    live_bytes: u64,
+pub(crate) struct Inner {
+    /// The partition's log.
+    pub wal: Option<Arc<Wal>>,
+    /// Compacted stores by generation (one, or two while compaction moves
+    /// index entries from the old to the new).
+    pub stores: BTreeMap<u32, Arc<Wal>>,
+    pub index: Index,
 }
 
-impl Index {
-    /// Applies an entry unless a newer one for the key is already there.
-    fn apply(&mut self, key: Bytes, entry: Entry) {
-        if let Some(old) = self.entries.get(&key) {
-            if old.lsn() >= entry.lsn() {
-                return;
-            }
-            if let Entry::Live(loc) = old {
-                self.blobs -= 1;
-                self.live_bytes -= loc.value_len();
-            }
-        }
-        if let Entry::Live(loc) = &entry {
-            self.blobs += 1;
-            self.live_bytes += loc.value_len();
-        }
-        self.entries.insert(key, entry);
+impl Inner {
+    /// The store holding `loc`.
+    pub fn store(&self, loc: &BlobLoc) -> Option<Arc<Wal>> {
+        if loc.store == LOG_STORE { self.wal.clone() } else { self.stores.get(&loc.store).cloned() }
     }
-}
-
-#[derive(Debug, Default)]
-struct Inner {
-    wal: Option<Arc<Wal>>,
-    index: Index,
 }
 
 /// What a put returns.
@@ -154,11 +107,17 @@ pub struct PartitionStats {
 /// One data partition.
 #[derive(Debug)]
 pub struct Partition {
-    options: PartitionOptions,
-    storage: Arc<dyn Storage>,
+    pub(crate) options: PartitionOptions,
+    pub(crate) storage: Arc<dyn Storage>,
     health: Health,
     inner: RwLock<Inner>,
     read_errors: AtomicU32,
+    /// Held by whatever replaces the log or the compacted store (install,
+    /// compaction, recover, disk-full retry): one at a time.
+    pub(crate) maintenance: Mutex<()>,
+    /// Puts and deletes run registered here, so compaction can wait until
+    /// every acknowledged one is in the index.
+    pub(crate) grace: Grace,
 }
 
 impl Partition {
@@ -176,6 +135,8 @@ impl Partition {
             storage,
             inner: RwLock::new(Inner::default()),
             read_errors: AtomicU32::new(0),
+            maintenance: Mutex::new(()),
+            grace: Grace::default(),
         };
         match fault_file::read(partition.storage.as_ref(), &partition.options.dir) {
             Ok(Some(fault)) => {
@@ -206,32 +167,50 @@ impl Partition {
         &self.health
     }
 
-    /// Opens the current WAL, replays it into a fresh index and installs
-    /// both; then removes log directories a finished install superseded.
+    /// Opens what `CURRENT` names (the compacted store, then the log),
+    /// replays both into a fresh index and installs them; then removes
+    /// directories a finished install or compaction superseded.
     fn load(&self) -> Result<(), Fault> {
-        let current = current_wal(self.storage.as_ref(), &self.options.dir)?;
-        let (wal, index) = self.open_log(&current)?;
-        let mut inner = self.write();
-        inner.wal = Some(Arc::new(wal));
-        inner.index = index;
-        drop(inner);
+        let manifest = Manifest::read(self.storage.as_ref(), &self.options.dir)?;
+        let mut index = Index::default();
+        let mut stores = BTreeMap::new();
+        let mut covers = 0;
+        if let Some(compacted) = &manifest.compacted {
+            let generation = compacted_generation(&compacted.name).unwrap_or(1) as u32;
+            let store = self.open_store(&compacted.name)?;
+            index.replay(&store, generation, 0)?;
+            stores.insert(generation, Arc::new(store));
+            covers = compacted.covers;
+        }
+        let wal = Wal::open(Arc::clone(&self.storage), self.options.dir.join(&manifest.log), self.options.wal.clone())
+            .map_err(|e| wal_fault(&e))?;
+        index.replay(&wal, LOG_STORE, covers)?;
+        *self.write() = Inner { wal: Some(Arc::new(wal)), stores, index };
         self.read_errors.store(0, Ordering::Release);
-        self.remove_superseded_logs(&current);
+        self.remove_superseded(&manifest);
         Ok(())
     }
 
-    fn open_log(&self, name: &str) -> Result<(Wal, Index), Fault> {
-        let dir = self.options.dir.join(name);
-        let wal = Wal::open(Arc::clone(&self.storage), dir, self.options.wal.clone()).map_err(|e| wal_fault(&e))?;
-        let index = replay(&wal)?;
-        Ok((wal, index))
+    /// Options of the partition's other logs (compacted stores, an
+    /// install's staging log): written in bulk and synced once, at close.
+    pub(crate) fn bulk_options(&self) -> WalOptions {
+        WalOptions {
+            durability: Durability::None,
+            prewrite_segments: false,
+            observer: None,
+            ..self.options.wal.clone()
+        }
     }
 
-    /// Log directories other than the current one are leftovers of an
-    /// install: the image it replaced, or one it never switched to.
-    fn remove_superseded_logs(&self, current: &str) {
+    pub(crate) fn open_store(&self, name: &str) -> Result<Wal, Fault> {
+        Wal::open(Arc::clone(&self.storage), self.options.dir.join(name), self.bulk_options())
+            .map_err(|e| wal_fault(&e))
+    }
+
+    /// Removes log and compacted directories `manifest` does not use.
+    pub(crate) fn remove_superseded(&self, manifest: &Manifest) {
         let Ok(names) = self.storage.list_dir(&self.options.dir) else { return };
-        for name in names.iter().filter(|name| name.as_str() != current && parse_wal_name(name).is_some()) {
+        for name in names.iter().filter(|name| manifest.supersedes(name)) {
             let path = self.options.dir.join(name);
             if let Err(error) = self.storage.remove_dir_all(&path) {
                 tracing::warn!(partition = self.options.id, path = %path.display(), %error, "cannot remove a superseded log");
@@ -245,19 +224,14 @@ impl Partition {
     pub fn export(&self) -> Result<Export> {
         self.refuse_unless_serving()?;
         let inner = self.read();
-        let wal = inner.wal.clone().ok_or(Error::Loading(self.options.id))?;
-        let entries: Vec<(Bytes, BlobLoc)> = inner
-            .index
-            .entries
-            .iter()
-            .filter_map(|(key, entry)| match entry {
-                Entry::Live(loc) => Some((key.clone(), *loc)),
-                Entry::Deleted(_) => None,
-            })
-            .collect();
+        let mut entries = Vec::with_capacity(inner.index.blobs as usize);
+        for (key, loc) in inner.index.live() {
+            let store = inner.store(loc).ok_or(Error::Loading(self.options.id))?;
+            entries.push((key.clone(), store, *loc));
+        }
         drop(inner);
         let (writer, header) = ImageWriter::new(self.options.id);
-        Ok(Export { wal, entries: entries.into_iter(), writer: Some(writer), header: Some(header) })
+        Ok(Export { entries: entries.into_iter(), writer: Some(writer), header: Some(header) })
     }
 
     /// Replaces the partition's contents with a snapshot image, atomically.
@@ -271,6 +245,7 @@ impl Partition {
         if let State::Loading = self.health.state() {
             return Err(Error::Loading(self.options.id));
         }
+        let _one_at_a_time = self.maintenance.lock().unwrap_or_else(PoisonError::into_inner);
         self.health.add_reason(ReadOnlyReason::SnapshotInstall);
         let result = self.install_image(image);
         self.health.clear_reason(ReadOnlyReason::SnapshotInstall);
@@ -279,52 +254,45 @@ impl Partition {
 
     fn install_image(&self, image: impl Read) -> Result<()> {
         let dir = &self.options.dir;
-        let current = current_wal(self.storage.as_ref(), dir).map_err(Error::InstallFailed)?;
-        let next = format!("wal-{}", parse_wal_name(&current).unwrap_or(0) + 1);
-        let staging = dir.join(&next);
+        let current = Manifest::read(self.storage.as_ref(), dir).map_err(Error::InstallFailed)?;
+        let next = Manifest { log: format!("wal-{}", log_generation(&current.log).unwrap_or(0) + 1), compacted: None };
+        let staging = dir.join(&next.log);
         let _ = self.storage.remove_dir_all(&staging);
         let written = self.write_image(&staging, image);
         if written.is_err() {
             let _ = self.storage.remove_dir_all(&staging);
             return written;
         }
-        switch_current(self.storage.as_ref(), dir, &next).map_err(|e| Error::InstallFailed(io_fault("install", &e)))?;
+        next.write(self.storage.as_ref(), dir).map_err(|e| Error::InstallFailed(io_fault("install", &e)))?;
         // From here the new image is the partition, also after a crash.
-        let (wal, index) = match self.open_log(&next) {
-            Ok(opened) => opened,
+        let opened = Wal::open(Arc::clone(&self.storage), staging, self.options.wal.clone()).map_err(|e| wal_fault(&e));
+        let mut index = Index::default();
+        let wal = match opened.and_then(|wal| index.replay(&wal, LOG_STORE, 0).map(|()| wal)) {
+            Ok(wal) => wal,
             Err(fault) => {
                 self.fail(fault.clone());
                 return Err(Error::InstallFailed(fault));
             }
         };
-        let old = {
-            let mut inner = self.write();
-            inner.index = index;
-            inner.wal.replace(Arc::new(wal))
-        };
-        if let Some(old) = old.and_then(|old| Arc::try_unwrap(old).ok()) {
+        let fresh = Inner { wal: Some(Arc::new(wal)), stores: BTreeMap::new(), index };
+        let old = std::mem::replace(&mut *self.write(), fresh);
+        if let Some(old) = old.wal.and_then(|old| Arc::try_unwrap(old).ok()) {
             let _ = old.close();
         }
         self.read_errors.store(0, Ordering::Release);
-        self.remove_superseded_logs(&next);
+        self.remove_superseded(&next);
         if let State::Faulted(_) = self.health.state() {
             fault_file::clear(self.storage.as_ref(), dir).map_err(|e| Error::InstallFailed(io_fault("install", &e)))?;
             self.health.recovered();
         }
-        tracing::info!(partition = self.options.id, log = next, "snapshot installed");
+        tracing::info!(partition = self.options.id, log = next.log, "snapshot installed");
         Ok(())
     }
 
     /// Writes a verified image into a fresh log at `staging`, synced.
     fn write_image(&self, staging: &std::path::Path, image: impl Read) -> Result<()> {
-        let options = WalOptions {
-            durability: Durability::None,
-            prewrite_segments: false,
-            observer: None,
-            ..self.options.wal.clone()
-        };
-        let wal =
-            Wal::open(Arc::clone(&self.storage), staging, options).map_err(|e| Error::InstallFailed(wal_fault(&e)))?;
+        let wal = Wal::open(Arc::clone(&self.storage), staging, self.bulk_options())
+            .map_err(|e| Error::InstallFailed(wal_fault(&e)))?;
         let mut reader =
             ImageReader::new(image, self.options.max_blob_size).map_err(|e| Error::BadSnapshot(e.to_string()))?;
         let mut batch = Vec::new();
@@ -351,7 +319,7 @@ impl Partition {
 
     /// Faults the partition: counts the error, writes the sticky record
     /// (best effort: the disk may be what failed), changes the state.
-    fn fail(&self, fault: Fault) {
+    pub(crate) fn fail(&self, fault: Fault) {
         self.count_io_error(&fault);
         if let Err(error) = fault_file::write(self.storage.as_ref(), &self.options.dir, &fault) {
             tracing::error!(partition = self.options.id, disk = self.options.disk, %error, "cannot persist fault record");
@@ -406,10 +374,12 @@ impl Partition {
                 self.options.max_blob_size
             )));
         }
+        let _registered = self.grace.enter();
         let wal = self.refuse_unless_writable()?;
         let appended = self.append(&wal, blob::encode_put(key, value)).await?;
         let pos = appended;
-        let loc = BlobLoc { pos, value_offset: (pos.len as usize - value.len()) as u32 };
+        let value_offset = (pos.len as usize - value.len()) as u32;
+        let loc = BlobLoc { store: LOG_STORE, pos, value_offset, lsn: pos.lsn };
         self.write().index.apply(Bytes::copy_from_slice(key), Entry::Live(loc));
         Ok(PutAck { lsn: pos.lsn, size: value.len() as u64 })
     }
@@ -417,6 +387,7 @@ impl Partition {
     /// Deletes `key` durably. `NotFound` if there is no live blob.
     pub async fn delete(&self, key: &[u8]) -> Result<Lsn> {
         blob::check_key(key).map_err(Error::BadRequest)?;
+        let _registered = self.grace.enter();
         let wal = self.refuse_unless_writable()?;
         if !matches!(self.read().index.entries.get(key), Some(Entry::Live(_))) {
             return Err(Error::NotFound);
@@ -472,7 +443,7 @@ impl Partition {
         // record really is this key's put, so an index bug can never serve
         // another key's bytes.
         match blob::decode(&record) {
-            Some(BlobOp::Put { key: stored, value_offset }) if stored == key => {
+            Some(BlobOp::Put { key: stored, value_offset, .. }) if stored == key => {
                 let start = value_offset + range.start as usize;
                 let end = value_offset + range.end as usize;
                 record.get(start..end).map(|_| record.slice(start..end)).ok_or(Error::NotFound)
@@ -500,13 +471,13 @@ impl Partition {
     fn locate(&self, key: &[u8]) -> Result<(Arc<Wal>, BlobLoc)> {
         let inner = self.read();
         let Some(Entry::Live(loc)) = inner.index.entries.get(key) else { return Err(Error::NotFound) };
-        let wal = inner.wal.clone().ok_or(Error::Loading(self.options.id))?;
-        Ok((wal, *loc))
+        let store = inner.store(loc).ok_or(Error::Loading(self.options.id))?;
+        Ok((store, *loc))
     }
 
     /// Counts a failed read; corruption faults at once, other errors past
     /// the tolerance.
-    fn read_failed(&self, error: datanode_wal::Error) -> Error {
+    pub(crate) fn read_failed(&self, error: datanode_wal::Error) -> Error {
         let fault = wal_fault(&error);
         if fault.cause == FaultCause::Corruption {
             self.fail(fault);
@@ -551,6 +522,7 @@ impl Partition {
     /// Reopens the log from disk, replays and verifies it; on success the
     /// fault record is removed and the partition serves again. Blocking.
     pub fn recover(&self) -> Result<()> {
+        let _one_at_a_time = self.maintenance.lock().unwrap_or_else(PoisonError::into_inner);
         self.close_wal();
         match self.load() {
             Ok(()) => {
@@ -578,6 +550,7 @@ impl Partition {
         if !self.health.has_reason(ReadOnlyReason::DiskFull) || matches!(self.health.state(), State::Faulted(_)) {
             return false;
         }
+        let _one_at_a_time = self.maintenance.lock().unwrap_or_else(PoisonError::into_inner);
         self.close_wal();
         match self.load() {
             Ok(()) => {
@@ -633,6 +606,50 @@ impl Partition {
         }
     }
 
+    /// The log.
+    pub(crate) fn log(&self) -> Result<Arc<Wal>> {
+        self.read().wal.clone().ok_or(Error::Loading(self.options.id))
+    }
+
+    /// Bytes used by the log and the compacted stores.
+    pub(crate) fn stored_bytes(&self) -> u64 {
+        let inner = self.read();
+        inner.wal.iter().chain(inner.stores.values()).map(|store| store.stats().log_bytes).sum()
+    }
+
+    /// Live blobs whose latest write is at or below `covers`, with their
+    /// stores, in store order (so a copy reads each store front to back).
+    pub(crate) fn live_up_to(&self, covers: Lsn) -> Result<Vec<(Bytes, BlobLoc, Arc<Wal>)>> {
+        let inner = self.read();
+        let mut moving = Vec::new();
+        for (key, loc) in inner.index.live().filter(|(_, loc)| loc.lsn <= covers) {
+            let store = inner.store(loc).ok_or(Error::Loading(self.options.id))?;
+            moving.push((key.clone(), *loc, store));
+        }
+        moving.sort_by_key(|(_, loc, _)| (loc.store, loc.pos.segment_id, loc.pos.offset));
+        Ok(moving)
+    }
+
+    /// Brings compacted store `generation` into use.
+    pub(crate) fn add_store(&self, generation: u32, store: Arc<Wal>) {
+        self.write().stores.insert(generation, store);
+    }
+
+    /// Repoints keys moved by compaction, each only if it did not change.
+    pub(crate) fn relocate(&self, moved: &[(Bytes, BlobLoc, BlobLoc)]) {
+        let mut inner = self.write();
+        for (key, old, new) in moved {
+            inner.index.relocate(key, *old, *new);
+        }
+    }
+
+    /// Drops compacted stores other than `keep` that no entry refers to.
+    pub(crate) fn retire_stores_except(&self, keep: u32) {
+        let mut inner = self.write();
+        let referenced: std::collections::BTreeSet<u32> = inner.index.live().map(|(_, loc)| loc.store).collect();
+        inner.stores.retain(|generation, _| *generation == keep || referenced.contains(generation));
+    }
+
     /// Drains and closes the log (joins its writer). Blocking.
     pub fn close(&self) {
         self.close_wal();
@@ -655,8 +672,7 @@ impl Partition {
 /// A snapshot image being streamed; see [`Partition::export`].
 #[derive(Debug)]
 pub struct Export {
-    wal: Arc<Wal>,
-    entries: std::vec::IntoIter<(Bytes, BlobLoc)>,
+    entries: std::vec::IntoIter<(Bytes, Arc<Wal>, BlobLoc)>,
     writer: Option<ImageWriter>,
     header: Option<Bytes>,
 }
@@ -671,8 +687,8 @@ impl Iterator for Export {
         }
         let writer = self.writer.as_mut()?;
         match self.entries.next() {
-            Some((key, loc)) => {
-                let record = match self.wal.read(loc.pos) {
+            Some((key, store, loc)) => {
+                let record = match store.read(loc.pos) {
                     Ok(record) => record,
                     Err(error) => {
                         self.writer = None;
@@ -687,83 +703,12 @@ impl Iterator for Export {
     }
 }
 
-/// Name of the live log directory: `CURRENT` names it; without one it is
-/// `wal`.
-const CURRENT_FILE: &str = "CURRENT";
-
-fn parse_wal_name(name: &str) -> Option<u64> {
-    match name {
-        "wal" => Some(0),
-        _ => name.strip_prefix("wal-").filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))?.parse().ok(),
-    }
-}
-
-fn current_wal(storage: &dyn Storage, dir: &std::path::Path) -> Result<String, Fault> {
-    let file = match storage.open(&dir.join(CURRENT_FILE), false) {
-        Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok("wal".into()),
-        Err(error) => return Err(io_fault("open", &error)),
-    };
-    let len = file.file_len().map_err(|e| io_fault("read", &e))?.min(64) as usize;
-    let bytes = file.read_exact_at(0, len).map_err(|e| io_fault("read", &e))?;
-    let name = String::from_utf8_lossy(&bytes).trim().to_string();
-    match parse_wal_name(&name) {
-        Some(_) => Ok(name),
-        None => Err(Fault {
-            cause: FaultCause::Corruption,
-            op: "open".into(),
-            errno: None,
-            message: format!("CURRENT names no log: {name:?}"),
-            at: SystemTime::now(),
-        }),
-    }
-}
-
-/// Points `CURRENT` at `name`: temp file, sync, rename, directory sync.
-fn switch_current(storage: &dyn Storage, dir: &std::path::Path, name: &str) -> std::io::Result<()> {
-    let temp = dir.join("CURRENT.tmp");
-    let file = storage.open(&temp, true)?;
-    file.set_len(0)?;
-    file.write_all_and_sync(0, &[Bytes::from(format!("{name}\n"))]).map_err(|(_, e)| e)?;
-    storage.rename(&temp, &dir.join(CURRENT_FILE))?;
-    storage.sync_dir(dir)
-}
-
-/// Rebuilds the index from the whole log.
-fn replay(wal: &Wal) -> Result<Index, Fault> {
-    let mut index = Index::default();
-    let mut lsn = wal.first_lsn();
-    while lsn <= wal.last_lsn() {
-        let records = wal.read_from(lsn, REPLAY_CHUNK).map_err(|e| wal_fault(&e))?;
-        for record in records {
-            match blob::decode(&record.data) {
-                Some(BlobOp::Put { key, value_offset }) => {
-                    let loc = BlobLoc { pos: record.pos, value_offset: value_offset as u32 };
-                    index.apply(key, Entry::Live(loc));
-                }
-                Some(BlobOp::Delete { key }) => index.apply(key, Entry::Deleted(record.lsn)),
-                None => {
-                    return Err(Fault {
-                        cause: FaultCause::Corruption,
-                        op: "replay".into(),
-                        errno: None,
-                        message: format!("record at LSN {} is not a blob operation", record.lsn),
-                        at: SystemTime::now(),
-                    });
-                }
-            }
-            lsn = record.lsn + 1;
-        }
-    }
-    Ok(index)
-}
-
 fn is_disk_full_errno(errno: i32) -> bool {
     matches!(errno, libc::ENOSPC | libc::EDQUOT | libc::EFBIG)
 }
 
 /// Classifies a WAL error by its kind and errno, never by its message.
-fn wal_fault(error: &datanode_wal::Error) -> Fault {
+pub(crate) fn wal_fault(error: &datanode_wal::Error) -> Fault {
     let cause = match error {
         datanode_wal::Error::Corruption { .. } => FaultCause::Corruption,
         datanode_wal::Error::Closed => FaultCause::WriterDied,
@@ -773,7 +718,7 @@ fn wal_fault(error: &datanode_wal::Error) -> Fault {
     Fault { cause, op, errno: error.errno(), message: error.to_string(), at: SystemTime::now() }
 }
 
-fn io_fault(op: &str, error: &std::io::Error) -> Fault {
+pub(crate) fn io_fault(op: &str, error: &std::io::Error) -> Fault {
     Fault {
         cause: FaultCause::Io,
         op: op.to_string(),

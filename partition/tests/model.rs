@@ -1,5 +1,6 @@
-//! Model-based test: random sequences of put / delete / get / list, crashes
-//! with reopen, injected write and sync errors (EIO, ENOSPC) and recover,
+//! Model-based test: random sequences of put / delete / get / list,
+//! compaction, crashes with reopen, injected write and sync errors (EIO,
+//! ENOSPC) and recover,
 //! checked against a `BTreeMap` model on the simulated disk.
 //!
 //! The model accepts `read_only` and `faulted` answers, but never a wrong
@@ -27,6 +28,7 @@ enum Op {
     FailWrite(bool),
     FailSync,
     Heal,
+    Compact,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -39,6 +41,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<bool>().prop_map(Op::FailWrite),
         1 => Just(Op::FailSync),
         2 => Just(Op::Heal),
+        1 => Just(Op::Compact),
     ]
 }
 
@@ -70,6 +73,7 @@ fn key(k: u8) -> Vec<u8> {
 fn options() -> PartitionOptions {
     PartitionOptions {
         wal: WalOptions { segment_size: 4096, ..WalOptions::new(1) },
+        read_error_tolerance: 3,
         ..PartitionOptions::new(1, "d0", PathBuf::from("/d0/partitions/1"))
     }
 }
@@ -176,6 +180,14 @@ proptest! {
                     sim.inject(Fault::new(FaultOp::Write, errno).on_path("/wal/").short_write());
                 }
                 Op::FailSync => sim.inject(Fault::new(FaultOp::Sync, libc::EIO).on_path("/wal/")),
+                Op::Compact => match partition.compact() {
+                    // Compaction changes no content: check it.
+                    Ok(_) => check_all(&partition, &mut model),
+                    Err(Error::ReadOnly { .. } | Error::Faulted { .. }) => {}
+                    // An injected fault may hit the compacted store's writes.
+                    Err(Error::CompactionFailed(_)) => {}
+                    Err(other) => panic!("compact: unexpected {other:?}"),
+                },
                 Op::Heal => {
                     heal(&sim, &partition);
                     prop_assert_eq!(partition.health().state(), State::Healthy);

@@ -1,0 +1,129 @@
+//! The in-memory index: key -> where its latest value lives.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use datanode_wal::{Lsn, RecordPos, Wal};
+
+use crate::blob::{self, BlobOp};
+use crate::state::{Fault, FaultCause};
+
+/// Store id of the partition's log; compacted stores use their generation.
+pub(crate) const LOG_STORE: u32 = 0;
+
+/// Largest payload read back per `read_from` call during replay.
+const REPLAY_CHUNK: usize = 8 << 20;
+
+/// Where a live blob's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BlobLoc {
+    /// [`LOG_STORE`] or a compacted store's generation.
+    pub store: u32,
+    /// The record within that store.
+    pub pos: RecordPos,
+    /// Start of the value within the record payload.
+    pub value_offset: u32,
+    /// LSN of the put in the partition's log (kept through compaction).
+    pub lsn: Lsn,
+}
+
+impl BlobLoc {
+    pub fn value_len(&self) -> u64 {
+        u64::from(self.pos.len - self.value_offset)
+    }
+}
+
+/// An index entry. Deletes are remembered (with their LSN) so that a put
+/// acknowledged out of order can never resurrect a deleted key.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Entry {
+    Live(BlobLoc),
+    Deleted(Lsn),
+}
+
+impl Entry {
+    fn lsn(&self) -> Lsn {
+        match self {
+            Entry::Live(loc) => loc.lsn,
+            Entry::Deleted(lsn) => *lsn,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Index {
+    pub entries: BTreeMap<Bytes, Entry>,
+    pub blobs: u64,
+    pub live_bytes: u64,
+}
+
+impl Index {
+    /// Applies an entry unless a newer one for the key is already there.
+    pub fn apply(&mut self, key: Bytes, entry: Entry) {
+        if let Some(old) = self.entries.get(&key) {
+            if old.lsn() >= entry.lsn() {
+                return;
+            }
+            if let Entry::Live(loc) = old {
+                self.blobs -= 1;
+                self.live_bytes -= loc.value_len();
+            }
+        }
+        if let Entry::Live(loc) = &entry {
+            self.blobs += 1;
+            self.live_bytes += loc.value_len();
+        }
+        self.entries.insert(key, entry);
+    }
+
+    /// Points `key` at `new` if it still points at `old` (the same value,
+    /// moved by compaction). Returns whether it did.
+    pub fn relocate(&mut self, key: &[u8], old: BlobLoc, new: BlobLoc) -> bool {
+        match self.entries.get_mut(key) {
+            Some(Entry::Live(current)) if *current == old => {
+                *current = new;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Live entries, in key order.
+    pub fn live(&self) -> impl Iterator<Item = (&Bytes, &BlobLoc)> {
+        self.entries.iter().filter_map(|(key, entry)| match entry {
+            Entry::Live(loc) => Some((key, loc)),
+            Entry::Deleted(_) => None,
+        })
+    }
+
+    /// Applies every record of `wal` after LSN `skip_through`, as store
+    /// `store`.
+    pub fn replay(&mut self, wal: &Wal, store: u32, skip_through: Lsn) -> Result<(), Fault> {
+        let mut lsn = wal.first_lsn().max(if store == LOG_STORE { skip_through + 1 } else { 0 });
+        while lsn <= wal.last_lsn() {
+            let records = wal.read_from(lsn, REPLAY_CHUNK).map_err(|e| crate::partition::wal_fault(&e))?;
+            for record in records {
+                match blob::decode(&record.data) {
+                    Some(BlobOp::Put { key, value_offset, original_lsn }) => {
+                        let lsn = original_lsn.unwrap_or(record.lsn);
+                        let loc = BlobLoc { store, pos: record.pos, value_offset: value_offset as u32, lsn };
+                        self.apply(key, Entry::Live(loc));
+                    }
+                    Some(BlobOp::Delete { key }) => self.apply(key, Entry::Deleted(record.lsn)),
+                    None => {
+                        return Err(Fault {
+                            cause: FaultCause::Corruption,
+                            op: "replay".into(),
+                            errno: None,
+                            message: format!("record at LSN {} is not a blob operation", record.lsn),
+                            at: SystemTime::now(),
+                        });
+                    }
+                }
+                lsn = record.lsn + 1;
+            }
+        }
+        Ok(())
+    }
+}
