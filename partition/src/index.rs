@@ -104,13 +104,18 @@ impl Index {
         while lsn <= wal.last_lsn() {
             let records = wal.read_from(lsn, REPLAY_CHUNK).map_err(|e| crate::partition::wal_fault(&e))?;
             for record in records {
+                // Keys are copied out: a slice would keep the whole read
+                // buffer (the log's bytes) alive for as long as the key.
                 match blob::decode(&record.data) {
                     Some(BlobOp::Put { key, value_offset, original_lsn }) => {
+                        let key = Bytes::copy_from_slice(&key);
                         let lsn = original_lsn.unwrap_or(record.lsn);
                         let loc = BlobLoc { store, pos: record.pos, value_offset: value_offset as u32, lsn };
                         self.apply(key, Entry::Live(loc));
                     }
-                    Some(BlobOp::Delete { key }) => self.apply(key, Entry::Deleted(record.lsn)),
+                    Some(BlobOp::Delete { key }) => {
+                        self.apply(Bytes::copy_from_slice(&key), Entry::Deleted(record.lsn))
+                    }
                     None => {
                         return Err(Fault {
                             cause: FaultCause::Corruption,
