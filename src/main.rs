@@ -1,24 +1,207 @@
-//! The `datanode` binary.
-//!
-//! Only `--version` works today: the daemon (config, HTTP API, metrics,
-//! shutdown) is not built yet, and `serve` says so instead of pretending.
+//! The `datanode` binary: CLI, logging, signals, and the serve loop.
+//! Exit codes: 0 clean shutdown, 1 fatal runtime error, 2 usage, 78 bad
+//! configuration.
 
+mod api;
+mod config;
+mod node;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Args, Parser, Subcommand};
+use datanode_partition::Registry;
+
+use crate::config::{Config, Overrides};
+use crate::node::{Node, VERSION};
+
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Debug, Parser)]
+#[command(name = "datanode", version = VERSION, about = "A storage node daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the node (the default).
+    Serve(ServeArgs),
+    /// Print the effective configuration and exit.
+    CheckConfig(ServeArgs),
+}
+
+#[derive(Debug, Args, Clone, Default)]
+struct ServeArgs {
+    /// Configuration file (TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Use one disk `d0` at this directory instead of the configured disks.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Listen address, e.g. 127.0.0.1:7070.
+    #[arg(long)]
+    http_addr: Option<String>,
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("--version" | "-V") => {
-            println!("datanode {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig(args)) => match load_config(&args) {
+            Ok(config) => {
+                print!("{}", config.to_toml());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Some(Command::Serve(args)) => serve(&args),
+        None => serve(&cli.serve),
+    }
+}
+
+fn load_config(args: &ServeArgs) -> Result<Config, ExitCode> {
+    let overrides = Overrides { data_dir: args.data_dir.clone(), http_addr: args.http_addr.clone() };
+    Config::load(args.config.as_deref(), std::env::vars(), &overrides).map_err(|error| {
+        eprintln!("datanode: bad configuration: {error}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    if std::io::stdout().is_terminal() {
+        builder.init();
+    } else {
+        builder.json().flatten_event(true).init();
+    }
+}
+
+fn ignore_signals() {
+    // SAFETY: setting the disposition of SIGPIPE and SIGXFSZ to SIG_IGN has
+    // no memory-safety preconditions; writes then fail with EPIPE/EFBIG
+    // instead of killing the process.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
+fn serve(args: &ServeArgs) -> ExitCode {
+    let config = match load_config(args) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let admin_token = match config.admin_token() {
+        Ok(token) => token,
+        Err(error) => {
+            eprintln!("datanode: bad configuration: {error}");
+            return ExitCode::from(EXIT_CONFIG);
         }
-        None | Some("serve") => {
-            eprintln!("datanode: serving is not implemented yet; only the WAL crate (datanode-wal) exists");
-            ExitCode::from(1)
+    };
+    init_logging();
+    ignore_signals();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the runtime");
+            return ExitCode::from(EXIT_RUNTIME);
         }
-        Some(other) => {
-            eprintln!("datanode: unknown argument {other:?}; usage: datanode [serve] | --version");
-            ExitCode::from(2)
+    };
+    match runtime.block_on(run(config, admin_token)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(EXIT_RUNTIME),
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "datanode stopped");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// Loads, serves until SIGTERM/SIGINT, drains. `Ok(true)` for a clean
+/// shutdown within `shutdown_timeout`.
+async fn run(config: Config, admin_token: Option<String>) -> anyhow::Result<bool> {
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    metrics::gauge!("datanode_build_info", "version" => env!("CARGO_PKG_VERSION"), "revision" => env!("DATANODE_REVISION"))
+        .set(1.0);
+    let storage = datanode_wal::open_backend(config.wal.io_backend.parse().map_err(anyhow::Error::msg)?)?;
+    let (disks, defaults) = (node::disks(&config), node::partition_defaults(&config));
+    let bootstrap = config.node.bootstrap_partitions;
+    let registry = tokio::task::spawn_blocking(move || -> anyhow::Result<Registry> {
+        let registry = Registry::open(storage, disks, defaults);
+        node::bootstrap(&registry, bootstrap)?;
+        Ok(registry)
+    })
+    .await??;
+    let listener = tokio::net::TcpListener::bind(config.node.http_addr).await?;
+    let shutdown_timeout = config.node.shutdown_timeout;
+    let node = Arc::new(Node {
+        config,
+        registry: Arc::new(registry),
+        admin_token,
+        metrics,
+        ready: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+    });
+    node::spawn_background(&node);
+    node.ready.store(true, Ordering::Release);
+    node::sd_notify("READY=1");
+    tracing::info!(addr = %listener.local_addr()?, version = VERSION, "datanode ready");
+
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let signalled = {
+        let node = Arc::clone(&node);
+        async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down: draining");
+            node.draining.store(true, Ordering::Release);
+            node::sd_notify("STOPPING=1");
+            let _ = stopping_tx.send(());
+        }
+    };
+    let server = axum::serve(listener, api::router(Arc::clone(&node))).with_graceful_shutdown(signalled);
+    let served = tokio::spawn(async move { server.await });
+    // Serve until a signal arrives; from then on everything must finish
+    // within the shutdown timeout.
+    let _ = stopping_rx.await;
+    let drained = tokio::time::timeout(shutdown_timeout, async {
+        let _ = served.await;
+        let registry = Arc::clone(&node.registry);
+        tokio::task::spawn_blocking(move || registry.close()).await
+    })
+    .await;
+    match drained {
+        Ok(Ok(())) => {
+            tracing::info!("datanode stopped cleanly");
+            Ok(true)
+        }
+        _ => {
+            tracing::error!(timeout = ?shutdown_timeout, "shutdown did not finish in time; unacknowledged writes fail");
+            Ok(false)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot listen for signals; serving until killed");
+            std::future::pending::<()>().await;
         }
     }
 }

@@ -1,0 +1,609 @@
+//! The HTTP API (DESIGN section 6): routes, JSON bodies, and the one
+//! function that maps every error to a status and the JSON error shape
+//! `{"error": CODE, "message": TEXT, "partition": ID?, "state": STATE?}`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use datanode_partition::{DiskStatus, Error as PartitionError, Partition, RegistryError, State as PState};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::node::Node;
+
+/// An API error: status, code, message and the optional context fields.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    partition: Option<u64>,
+    state: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into(), partition: None, state: None }
+    }
+
+    fn on(mut self, partition: u64) -> ApiError {
+        self.partition = Some(partition);
+        self
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn partition_not_found(id: u64) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "partition_not_found", format!("no partition {id}")).on(id)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.code, "message": self.message });
+        if let Some(partition) = self.partition {
+            body["partition"] = partition.into();
+        }
+        if let Some(state) = self.state {
+            body["state"] = state.into();
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// The one mapping from partition errors to HTTP.
+fn partition_error(id: u64, error: PartitionError) -> ApiError {
+    let (status, code, state) = match &error {
+        PartitionError::Loading(_) => (StatusCode::SERVICE_UNAVAILABLE, "partition_unavailable", Some("loading")),
+        PartitionError::Faulted { .. } => (StatusCode::SERVICE_UNAVAILABLE, "partition_faulted", Some("faulted")),
+        PartitionError::ReadOnly { .. } => (StatusCode::SERVICE_UNAVAILABLE, "partition_read_only", Some("read_only")),
+        PartitionError::WriteOutcomeUnknown(_) => (StatusCode::INTERNAL_SERVER_ERROR, "write_outcome_unknown", None),
+        PartitionError::NotFound => (StatusCode::NOT_FOUND, "blob_not_found", None),
+        PartitionError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", None),
+        PartitionError::BadRange { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "bad_range", None),
+        PartitionError::BadSnapshot(_) => (StatusCode::BAD_REQUEST, "bad_snapshot", None),
+        PartitionError::RecoverFailed(_) => (StatusCode::CONFLICT, "recover_failed", Some("faulted")),
+        PartitionError::Read(_) | PartitionError::InstallFailed(_) | PartitionError::CompactionFailed(_) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "io_error", None)
+        }
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal", None),
+    };
+    ApiError { status, code, message: error.to_string(), partition: Some(id), state }
+}
+
+fn registry_error(error: RegistryError) -> ApiError {
+    let (status, code, partition) = match &error {
+        RegistryError::Exists(id) => (StatusCode::CONFLICT, "partition_exists", Some(*id)),
+        RegistryError::NotFound(id) => (StatusCode::NOT_FOUND, "partition_not_found", Some(*id)),
+        RegistryError::UnknownDisk(_) => (StatusCode::BAD_REQUEST, "unknown_disk", None),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "io_error", None),
+    };
+    ApiError { status, code, message: error.to_string(), partition, state: None }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// All routes, with request metrics around them.
+pub fn router(node: Arc<Node>) -> Router {
+    let limit = node.config.limits.max_blob_size as usize;
+    Router::new()
+        .route("/v1/partitions/{pid}/blobs/{*key}", get(get_blob).put(put_blob).delete(delete_blob).head(head_blob))
+        .route("/v1/partitions/{pid}/blobs", get(list_blobs))
+        .route("/v1/partitions", get(list_partitions).post(create_partition))
+        .route("/v1/partitions/{pid}", get(get_partition).delete(delete_partition))
+        .route("/v1/partitions/{pid}/recover", post(recover_partition))
+        .route("/v1/partitions/{pid}/read-only", post(set_read_only))
+        .route("/v1/partitions/{pid}/snapshot", get(export_snapshot).put(install_snapshot))
+        .route("/v1/disks", get(list_disks))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(axum::extract::DefaultBodyLimit::max(limit.max(1 << 20)))
+        .layer(middleware::from_fn(observe))
+        .with_state(node)
+}
+
+/// Counts and times every request: `datanode_requests_total{op,code}`,
+/// `datanode_request_seconds{op}`.
+async fn observe(request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_default();
+    let op = operation(request.method(), &route);
+    let started = Instant::now();
+    let response = next.run(request).await;
+    metrics::counter!("datanode_requests_total", "op" => op, "code" => response.status().as_u16().to_string())
+        .increment(1);
+    metrics::histogram!("datanode_request_seconds", "op" => op).record(started.elapsed().as_secs_f64());
+    response
+}
+
+fn operation(method: &Method, route: &str) -> &'static str {
+    match (method.as_str(), route) {
+        ("PUT", "/v1/partitions/{pid}/blobs/{*key}") => "put_blob",
+        ("GET", "/v1/partitions/{pid}/blobs/{*key}") => "get_blob",
+        ("HEAD", "/v1/partitions/{pid}/blobs/{*key}") => "head_blob",
+        ("DELETE", "/v1/partitions/{pid}/blobs/{*key}") => "delete_blob",
+        ("GET", "/v1/partitions/{pid}/blobs") => "list_blobs",
+        ("GET", "/v1/partitions") => "list_partitions",
+        ("POST", "/v1/partitions") => "create_partition",
+        ("GET", "/v1/partitions/{pid}") => "get_partition",
+        ("DELETE", "/v1/partitions/{pid}") => "delete_partition",
+        ("POST", "/v1/partitions/{pid}/recover") => "recover",
+        ("POST", "/v1/partitions/{pid}/read-only") => "read_only",
+        ("GET", "/v1/partitions/{pid}/snapshot") => "export_snapshot",
+        ("PUT", "/v1/partitions/{pid}/snapshot") => "install_snapshot",
+        ("GET", "/v1/disks") => "list_disks",
+        ("GET", "/healthz") => "healthz",
+        ("GET", "/readyz") => "readyz",
+        ("GET", "/metrics") => "metrics",
+        _ => "other",
+    }
+}
+
+fn partition_id(raw: &str) -> ApiResult<u64> {
+    raw.parse().map_err(|_| ApiError::bad_request(format!("partition id {raw:?} is not a number")))
+}
+
+fn partition(node: &Node, raw: &str) -> ApiResult<(u64, Arc<Partition>)> {
+    let id = partition_id(raw)?;
+    let partition = node.registry.get(id).ok_or_else(|| ApiError::partition_not_found(id))?;
+    Ok((id, partition))
+}
+
+fn require_admin(node: &Node, headers: &HeaderMap) -> ApiResult<()> {
+    let Some(token) = &node.admin_token else { return Ok(()) };
+    let offered =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match offered {
+        Some(offered) if constant_time_eq(offered.as_bytes(), token.as_bytes()) => Ok(()),
+        _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "admin endpoint: bearer token required")),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn refuse_if_draining(node: &Node, id: u64) -> ApiResult<()> {
+    if node.draining.load(Ordering::Acquire) {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the node is shutting down").on(id));
+    }
+    Ok(())
+}
+
+/// Runs blocking partition work on a blocking thread, bounded by the
+/// request timeout.
+async fn blocking<T: Send + 'static>(
+    node: &Node,
+    id: u64,
+    work: impl FnOnce() -> Result<T, PartitionError> + Send + 'static,
+) -> ApiResult<T> {
+    let task = tokio::task::spawn_blocking(work);
+    match tokio::time::timeout(node.config.limits.request_timeout, task).await {
+        Ok(Ok(result)) => result.map_err(|e| partition_error(id, e)),
+        Ok(Err(_)) => {
+            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request's task failed").on(id))
+        }
+        Err(_) => {
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "the partition did not answer in time")
+                .on(id))
+        }
+    }
+}
+
+async fn put_blob(
+    State(node): State<Arc<Node>>,
+    Path((pid, key)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let (id, partition) = partition(&node, &pid)?;
+    refuse_if_draining(&node, id)?;
+    if body.len() as u64 > node.config.limits.max_blob_size {
+        return Err(
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "blob exceeds max_blob_size").on(id)
+        );
+    }
+    let put = partition.put(key.as_bytes(), &body);
+    let ack = match tokio::time::timeout(node.config.limits.request_timeout, put).await {
+        Ok(result) => result.map_err(|e| partition_error(id, e))?,
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                "the partition did not answer in time",
+            )
+            .on(id));
+        }
+    };
+    Ok((StatusCode::CREATED, Json(json!({ "lsn": ack.lsn, "size": ack.size }))).into_response())
+}
+
+async fn delete_blob(State(node): State<Arc<Node>>, Path((pid, key)): Path<(String, String)>) -> ApiResult<StatusCode> {
+    let (id, partition) = partition(&node, &pid)?;
+    refuse_if_draining(&node, id)?;
+    match tokio::time::timeout(node.config.limits.request_timeout, partition.delete(key.as_bytes())).await {
+        Ok(result) => result.map(|_| StatusCode::NO_CONTENT).map_err(|e| partition_error(id, e)),
+        Err(_) => {
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "the partition did not answer in time")
+                .on(id))
+        }
+    }
+}
+
+/// `Range: bytes=a-b | a- | -n` against a blob of `len` bytes, as a
+/// half-open range. Several ranges are not supported.
+fn parse_range(header: &str, len: u64) -> Option<std::ops::Range<u64>> {
+    let spec = header.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (start, end) = spec.split_once('-')?;
+    let range = match (start.trim(), end.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().ok()?;
+            len.saturating_sub(n)..len
+        }
+        (start, "") => start.parse().ok()?..len,
+        (start, end) => start.parse().ok()?..end.parse::<u64>().ok()?.checked_add(1)?.min(len),
+    };
+    (range.start < range.end && range.end <= len).then_some(range)
+}
+
+async fn read_blob(
+    node: Arc<Node>,
+    pid: String,
+    key: String,
+    headers: HeaderMap,
+    head_only: bool,
+) -> ApiResult<Response> {
+    let (id, partition) = partition(&node, &pid)?;
+    let len = partition.len_of(key.as_bytes()).map_err(|e| partition_error(id, e))?;
+    let range = match headers.get(header::RANGE) {
+        None => None,
+        Some(value) => {
+            let parsed = value.to_str().ok().and_then(|v| parse_range(v, len));
+            Some(parsed.ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "bad_range",
+                    format!("cannot serve that range of {len} bytes"),
+                )
+                .on(id)
+            })?)
+        }
+    };
+    let status = if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
+    let mut response = if head_only {
+        let length = range.as_ref().map_or(len, |r| r.end - r.start);
+        let mut response = Response::new(Body::empty());
+        response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        response
+    } else {
+        let wanted = range.clone();
+        let bytes = blocking(&node, id, move || partition.get(key.as_bytes(), wanted)).await?;
+        Response::new(Body::from(bytes))
+    };
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    response.headers_mut().insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Some(range) = range {
+        let value = format!("bytes {}-{}/{len}", range.start, range.end - 1);
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(header::CONTENT_RANGE, value);
+        }
+    }
+    Ok(response)
+}
+
+async fn get_blob(
+    State(node): State<Arc<Node>>,
+    Path((pid, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    read_blob(node, pid, key, headers, false).await
+}
+
+async fn head_blob(
+    State(node): State<Arc<Node>>,
+    Path((pid, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    read_blob(node, pid, key, headers, true).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    prefix: String,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// A key as JSON: a string when it is UTF-8, else `{"base64": ...}`.
+fn key_json(key: &[u8]) -> Value {
+    match std::str::from_utf8(key) {
+        Ok(text) => Value::String(text.to_string()),
+        Err(_) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(key) }),
+    }
+}
+
+async fn list_blobs(
+    State(node): State<Arc<Node>>,
+    Path(pid): Path<String>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let (id, partition) = partition(&node, &pid)?;
+    let limit = query.limit.unwrap_or(1000).clamp(1, 10_000);
+    let (keys, next) = partition
+        .list(query.prefix.as_bytes(), query.after.as_deref().map(str::as_bytes), limit)
+        .map_err(|e| partition_error(id, e))?;
+    let keys: Vec<Value> = keys.iter().map(|k| key_json(k)).collect();
+    Ok(Json(json!({ "keys": keys, "next": next.as_deref().map(key_json) })))
+}
+
+/// RFC 3339 in UTC, from the civil-from-days algorithm (no time zone data needed).
+fn rfc3339(time: SystemTime) -> String {
+    let secs = time.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// `PartitionStatus` of DESIGN section 6.
+pub fn partition_status(partition: &Partition) -> Value {
+    let health = partition.health().snapshot();
+    let reasons: Vec<&str> = match &health.state {
+        PState::ReadOnly(reasons) => reasons.iter().map(|r| r.as_str()).collect(),
+        PState::Faulted(fault) => vec![fault.cause.as_str()],
+        _ => Vec::new(),
+    };
+    let stats = partition.stats();
+    json!({
+        "id": partition.id(),
+        "disk": partition.disk(),
+        "state": health.state.name(),
+        "reasons": reasons,
+        "since": rfc3339(health.since),
+        "last_error": health.last_error.map(|e| json!({
+            "op": e.op, "errno": e.errno, "message": e.message, "at": rfc3339(e.at),
+        })),
+        "wal": {
+            "first_lsn": stats.first_lsn,
+            "last_lsn": stats.last_lsn,
+            "durable_lsn": stats.durable_lsn,
+            "segments": stats.wal.segments,
+            "bytes": stats.wal.log_bytes,
+        },
+        "blobs": stats.blobs,
+        "live_bytes": stats.live_bytes,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFilter {
+    state: Option<String>,
+}
+
+async fn list_partitions(
+    State(node): State<Arc<Node>>,
+    query: Result<Query<StateFilter>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(filter) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    if let Some(state) = &filter.state
+        && !datanode_partition::state::STATE_NAMES.contains(&state.as_str())
+    {
+        return Err(ApiError::bad_request(format!("unknown state {state:?}")));
+    }
+    let statuses: Vec<Value> = node
+        .registry
+        .partitions()
+        .iter()
+        .filter(|p| filter.state.as_deref().is_none_or(|s| p.health().state().name() == s))
+        .map(|p| partition_status(p))
+        .collect();
+    Ok(Json(Value::Array(statuses)))
+}
+
+async fn get_partition(State(node): State<Arc<Node>>, Path(pid): Path<String>) -> ApiResult<Json<Value>> {
+    let (_, partition) = partition(&node, &pid)?;
+    Ok(Json(partition_status(&partition)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreatePartition {
+    id: u64,
+    disk: String,
+}
+
+fn admin_json<T: for<'de> Deserialize<'de>>(body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("bad JSON body: {e}")))
+}
+
+async fn create_partition(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+    require_admin(&node, &headers)?;
+    let request: CreatePartition = admin_json(&body)?;
+    let registry = Arc::clone(&node.registry);
+    let created = tokio::task::spawn_blocking(move || registry.create(request.id, &request.disk))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "create failed"))?
+        .map_err(registry_error)?;
+    Ok((StatusCode::CREATED, Json(partition_status(&created))).into_response())
+}
+
+async fn delete_partition(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(pid): Path<String>,
+) -> ApiResult<StatusCode> {
+    require_admin(&node, &headers)?;
+    let id = partition_id(&pid)?;
+    let registry = Arc::clone(&node.registry);
+    tokio::task::spawn_blocking(move || registry.delete(id))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "delete failed"))?
+        .map_err(registry_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn recover_partition(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(pid): Path<String>,
+) -> ApiResult<Json<Value>> {
+    require_admin(&node, &headers)?;
+    let (id, partition) = partition(&node, &pid)?;
+    let worker = Arc::clone(&partition);
+    blocking(&node, id, move || worker.recover()).await?;
+    Ok(Json(partition_status(&partition)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadOnlyRequest {
+    read_only: bool,
+}
+
+async fn set_read_only(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(pid): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    require_admin(&node, &headers)?;
+    let request: ReadOnlyRequest = admin_json(&body)?;
+    let (_, partition) = partition(&node, &pid)?;
+    partition.set_operator_read_only(request.read_only);
+    Ok(Json(partition_status(&partition)))
+}
+
+async fn export_snapshot(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(pid): Path<String>,
+) -> ApiResult<Response> {
+    require_admin(&node, &headers)?;
+    let (id, partition) = partition(&node, &pid)?;
+    let export = partition.export().map_err(|e| partition_error(id, e))?;
+    // Each piece needs a blocking read; stream them from a blocking thread.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::task::spawn_blocking(move || {
+        for piece in export {
+            let item = piece.map_err(|e| std::io::Error::other(e.to_string()));
+            let failed = item.is_err();
+            if tx.blocking_send(item).is_err() || failed {
+                return;
+            }
+        }
+    });
+    let stream = futures_stream(rx);
+    let mut response = Response::new(Body::from_stream(stream));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    Ok(response)
+}
+
+/// A channel receiver as a stream of body chunks.
+fn futures_stream(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+async fn install_snapshot(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Path(pid): Path<String>,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    require_admin(&node, &headers)?;
+    let (id, partition) = partition(&node, &pid)?;
+    // Images can be larger than blobs: a separate, larger bound.
+    let image = axum::body::to_bytes(body, node.snapshot_limit()).await.map_err(|_| {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "snapshot image too large").on(id)
+    })?;
+    let worker = Arc::clone(&partition);
+    blocking(&node, id, move || worker.install(&image[..])).await?;
+    Ok(Json(partition_status(&partition)))
+}
+
+fn disk_json(status: &DiskStatus) -> Value {
+    json!({
+        "name": status.name,
+        "path": status.path,
+        "state": status.state.as_str(),
+        "reasons": status.reasons,
+        "total_bytes": status.total_bytes,
+        "free_bytes": status.free_bytes,
+        "partitions": status.partitions,
+        "last_probe": status.last_probe.as_ref().map(|p| json!({
+            "at": rfc3339(p.at), "sync_seconds": p.sync_seconds, "ok": p.ok,
+        })),
+    })
+}
+
+async fn list_disks(State(node): State<Arc<Node>>) -> Json<Value> {
+    Json(Value::Array(node.registry.disk_statuses().iter().map(disk_json).collect()))
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> ApiResult<Json<Value>> {
+    match node.not_ready_reason() {
+        None => Ok(Json(json!({ "status": "ready" }))),
+        Some(reason) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", reason)),
+    }
+}
+
+async fn metrics_text(State(node): State<Arc<Node>>) -> Response {
+    node.export_gauges();
+    let mut response = Response::new(Body::from(node.metrics.render()));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_follow_rfc_9110_for_single_ranges() {
+        assert_eq!(parse_range("bytes=0-4", 10), Some(0..5));
+        assert_eq!(parse_range("bytes=5-", 10), Some(5..10));
+        assert_eq!(parse_range("bytes=-3", 10), Some(7..10));
+        assert_eq!(parse_range("bytes=8-100", 10), Some(8..10));
+        for bad in ["bytes=10-", "bytes=5-2", "items=0-1", "bytes=0-1,3-4", "bytes=a-b", "bytes=-0", ""] {
+            assert_eq!(parse_range(bad, 10), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_763_700_000);
+        assert_eq!(rfc3339(at), "2025-11-21T04:40:00Z");
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+    }
+}

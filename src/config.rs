@@ -1,0 +1,449 @@
+//! The daemon's configuration: TOML, with the precedence
+//! embedded defaults < file < `DATANODE_*` environment (`__` nests, e.g.
+//! `DATANODE_LIMITS__MAX_BLOB_SIZE=64KiB`) < command-line flags.
+//!
+//! Sizes are written the human way (`"64MiB"`, `"4KiB"`, or plain bytes),
+//! durations too (`"30s"`, `"10ms"`, `"5m"`). Unknown keys are errors.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Why a configuration was refused (exit code 78).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The node itself.
+    pub node: NodeConfig,
+    /// Disks, in order.
+    pub disk: Vec<DiskConfig>,
+    /// Write-ahead logs.
+    pub wal: WalConfig,
+    /// Request limits.
+    pub limits: LimitsConfig,
+    /// Probes and thresholds.
+    pub health: HealthConfig,
+    /// Alert delivery.
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+}
+
+/// `[node]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node id; the hostname when empty.
+    #[serde(default)]
+    pub id: String,
+    /// HTTP listen address.
+    pub http_addr: SocketAddr,
+    /// File holding the admin bearer token; required off loopback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    /// How long a graceful shutdown may take.
+    #[serde(with = "human_duration")]
+    pub shutdown_timeout: Duration,
+    /// Partitions created on first start when none exist.
+    pub bootstrap_partitions: u64,
+}
+
+/// `[[disk]]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// `[a-z0-9_-]{1,32}`.
+    pub name: String,
+    /// Where its partitions live.
+    pub path: PathBuf,
+}
+
+/// `[wal]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WalConfig {
+    /// Segment size.
+    #[serde(with = "human_size")]
+    pub segment_size: u64,
+    /// `sync`, `interval` or `none`.
+    pub durability: String,
+    /// Sync period under `interval`.
+    #[serde(with = "human_duration")]
+    pub sync_interval: Duration,
+    /// Most bytes per group-commit batch.
+    #[serde(with = "human_size")]
+    pub max_batch_bytes: u64,
+    /// `auto`, `std` or `uring`.
+    pub io_backend: String,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest blob.
+    #[serde(with = "human_size")]
+    pub max_blob_size: u64,
+    /// Queue bound of each partition's log.
+    #[serde(with = "human_size")]
+    pub max_queued_bytes_per_partition: u64,
+    /// A request that takes longer gets 503.
+    #[serde(with = "human_duration")]
+    pub request_timeout: Duration,
+}
+
+/// `[health]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// How often disks are probed.
+    #[serde(with = "human_duration")]
+    pub probe_interval: Duration,
+    /// Used/total at which partitions go read-only.
+    pub disk_full_ratio: f64,
+    /// Used/total at which they may write again.
+    pub disk_resume_ratio: f64,
+    /// A probe sync slower than this degrades the disk.
+    #[serde(with = "human_duration")]
+    pub slow_sync: Duration,
+    /// How often the verifier runs.
+    #[serde(with = "human_duration")]
+    pub verify_interval: Duration,
+}
+
+/// `[alerts]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Alertmanager to push alerts to (v2 API); none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alertmanager_url: Option<String>,
+}
+
+/// The embedded default: one disk `d0` at `./data`, loopback, 4 partitions.
+pub const DEFAULT_TOML: &str = r#"
+[node]
+http_addr = "127.0.0.1:7070"
+shutdown_timeout = "30s"
+bootstrap_partitions = 4
+
+[[disk]]
+name = "d0"
+path = "./data"
+
+[wal]
+segment_size = "64MiB"
+durability = "sync"
+sync_interval = "10ms"
+max_batch_bytes = "4MiB"
+io_backend = "auto"
+
+[limits]
+max_blob_size = "16MiB"
+max_queued_bytes_per_partition = "64MiB"
+request_timeout = "30s"
+
+[health]
+probe_interval = "5s"
+disk_full_ratio = 0.95
+disk_resume_ratio = 0.90
+slow_sync = "500ms"
+verify_interval = "60s"
+"#;
+
+/// Flags that override everything else.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--data-dir`: the disk list becomes one disk `d0` at this path.
+    pub data_dir: Option<PathBuf>,
+    /// `--http-addr`.
+    pub http_addr: Option<String>,
+}
+
+impl Config {
+    /// Builds the effective configuration: defaults, then `file` (if
+    /// any), then `env` (`DATANODE_*` pairs), then `overrides`.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut tree: toml::Table = DEFAULT_TOML.parse().map_err(|e| ConfigError(format!("embedded default: {e}")))?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+            let from_file: toml::Table = text.parse().map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+            merge(&mut tree, from_file);
+        }
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix("DATANODE_") else { continue };
+            let path: Vec<String> = key.split("__").map(str::to_ascii_lowercase).collect();
+            set_path(&mut tree, &path, parse_env_value(&value)).map_err(|e| ConfigError(format!("{name}: {e}")))?;
+        }
+        if let Some(dir) = &overrides.data_dir {
+            let mut disk = toml::Table::new();
+            disk.insert("name".into(), "d0".into());
+            disk.insert("path".into(), dir.to_string_lossy().into_owned().into());
+            tree.insert("disk".into(), toml::Value::Array(vec![toml::Value::Table(disk)]));
+        }
+        if let Some(addr) = &overrides.http_addr {
+            set_path(&mut tree, &["node".into(), "http_addr".into()], addr.clone().into())
+                .map_err(|e| ConfigError(format!("--http-addr: {e}")))?;
+        }
+        let config: Config =
+            toml::Value::Table(tree).try_into().map_err(|e: toml::de::Error| ConfigError(e.message().to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |message: String| Err(ConfigError(message));
+        if self.disk.is_empty() {
+            return fail("at least one [[disk]] is required".into());
+        }
+        for (i, disk) in self.disk.iter().enumerate() {
+            let valid = (1..=32).contains(&disk.name.len())
+                && disk.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+            if !valid {
+                return fail(format!("disk name {:?} must match [a-z0-9_-]{{1,32}}", disk.name));
+            }
+            if self.disk[..i].iter().any(|other| other.name == disk.name || other.path == disk.path) {
+                return fail(format!("disk {:?} repeats a name or path", disk.name));
+            }
+        }
+        if !["sync", "interval", "none"].contains(&self.wal.durability.as_str()) {
+            return fail(format!("wal.durability {:?} is not sync, interval or none", self.wal.durability));
+        }
+        if self.wal.io_backend.parse::<datanode_wal::IoBackend>().is_err() {
+            return fail(format!("wal.io_backend {:?} is not auto, std or uring", self.wal.io_backend));
+        }
+        if self.wal.segment_size < 64 << 10 {
+            return fail("wal.segment_size must be at least 64KiB".into());
+        }
+        if self.limits.max_blob_size == 0 || self.limits.max_blob_size > self.limits.max_queued_bytes_per_partition {
+            return fail("limits.max_blob_size must be positive and at most max_queued_bytes_per_partition".into());
+        }
+        let (full, resume) = (self.health.disk_full_ratio, self.health.disk_resume_ratio);
+        if !(0.0 < resume && resume < full && full <= 1.0) {
+            return fail("health ratios need 0 < disk_resume_ratio < disk_full_ratio <= 1".into());
+        }
+        if !self.node.http_addr.ip().is_loopback() && self.node.admin_token_file.is_none() {
+            return fail(format!(
+                "node.http_addr {} is not loopback: node.admin_token_file is required",
+                self.node.http_addr
+            ));
+        }
+        Ok(())
+    }
+
+    /// The admin token, if one is configured. A configured but unreadable
+    /// or empty token file is an error.
+    pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.node.admin_token_file else { return Ok(None) };
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read admin token {}: {e}", path.display())))?;
+        let token = token.trim().to_string();
+        if token.is_empty() {
+            return Err(ConfigError(format!("admin token file {} is empty", path.display())));
+        }
+        Ok(Some(token))
+    }
+
+    /// The effective configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(inner)), toml::Value::Table(over)) => merge(inner, over),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+fn set_path(tree: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let Some((last, parents)) = path.split_last() else { return Err("empty key".into()) };
+    let mut table = tree;
+    for part in parents {
+        let next = table.entry(part.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = match next {
+            toml::Value::Table(inner) => inner,
+            _ => return Err(format!("{part} is not a section")),
+        };
+    }
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+/// An environment value as TOML: numbers and booleans as such, anything
+/// else as a string.
+fn parse_env_value(text: &str) -> toml::Value {
+    if let Ok(integer) = text.parse::<i64>() {
+        return integer.into();
+    }
+    if let Ok(float) = text.parse::<f64>() {
+        return float.into();
+    }
+    match text {
+        "true" => true.into(),
+        "false" => false.into(),
+        _ => text.into(),
+    }
+}
+
+/// Parses `"64MiB"`, `"4 KiB"`, `"1GB"`, `"512"` into bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?} in {text:?}")),
+    };
+    number.checked_mul(factor).ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// Parses `"30s"`, `"10ms"`, `"5m"`, `"1h"` into a duration.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits.parse().map_err(|_| format!("{text:?} is not a duration"))?;
+    match unit.trim() {
+        "ms" => Ok(Duration::from_millis(number)),
+        "s" => Ok(Duration::from_secs(number)),
+        "m" => Ok(Duration::from_secs(number * 60)),
+        "h" => Ok(Duration::from_secs(number * 3600)),
+        other => Err(format!("unknown duration unit {other:?} in {text:?} (ms, s, m, h)")),
+    }
+}
+
+mod human_size {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(bytes: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+        let text = match *bytes {
+            b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}GiB", b >> 30),
+            b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
+            b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
+            b => b.to_string(),
+        };
+        serializer.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(n) => Ok(n),
+            Raw::Text(text) => parse_size(&text).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+mod human_duration {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        let millis = duration.as_millis();
+        let text = if millis.is_multiple_of(1000) { format!("{}s", millis / 1000) } else { format!("{millis}ms") };
+        serializer.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn the_embedded_default_is_the_documented_one() {
+        let config = Config::load(None, Vec::new(), &Overrides::default()).unwrap();
+        assert_eq!(config.node.http_addr.to_string(), "127.0.0.1:7070");
+        assert_eq!(config.node.bootstrap_partitions, 4);
+        assert_eq!(config.disk, vec![DiskConfig { name: "d0".into(), path: "./data".into() }]);
+        assert_eq!(config.wal.segment_size, 64 << 20);
+        assert_eq!(config.limits.request_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn file_then_env_then_flags_win_in_that_order() {
+        let dir = std::env::temp_dir().join(format!("datanode-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("datanode.toml");
+        std::fs::write(&file, "[limits]\nmax_blob_size = \"1MiB\"\n[wal]\ndurability = \"none\"\n").unwrap();
+        let config = Config::load(
+            Some(&file),
+            env(&[
+                ("DATANODE_LIMITS__MAX_BLOB_SIZE", "64KiB"),
+                ("DATANODE_NODE__BOOTSTRAP_PARTITIONS", "2"),
+                ("OTHER", "x"),
+            ]),
+            &Overrides { data_dir: Some("/tmp/x".into()), http_addr: Some("127.0.0.1:9".into()) },
+        )
+        .unwrap();
+        assert_eq!(config.limits.max_blob_size, 64 << 10, "env beats file");
+        assert_eq!(config.wal.durability, "none", "file beats default");
+        assert_eq!(config.node.bootstrap_partitions, 2);
+        assert_eq!(config.disk[0].path, PathBuf::from("/tmp/x"));
+        assert_eq!(config.node.http_addr.port(), 9);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_configurations_are_refused_with_a_reason() {
+        let cases: &[(&str, &str)] = &[
+            ("DATANODE_WAL__DURABILITY", "sometimes"),
+            ("DATANODE_NODE__HTTP_ADDR", "0.0.0.0:7070"),
+            ("DATANODE_LIMITS__MAX_BLOB_SIZE", "12 parsecs"),
+            ("DATANODE_HEALTH__DISK_RESUME_RATIO", "0.99"),
+            ("DATANODE_NODE__SHUTDOWN_TIMEOUT", "soon"),
+            ("DATANODE_NODE__NO_SUCH_KEY", "1"),
+        ];
+        for (key, value) in cases {
+            let error = Config::load(None, env(&[(key, value)]), &Overrides::default()).unwrap_err();
+            assert!(!error.0.is_empty(), "{key}={value}");
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations_read_the_human_way_and_round_trip() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("4 KiB"), Ok(4096));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert!(parse_size("-1").is_err() && parse_size("1XB").is_err());
+        assert_eq!(parse_duration("10ms"), Ok(Duration::from_millis(10)));
+        assert!(parse_duration("10").is_err());
+        let config = Config::load(None, Vec::new(), &Overrides::default()).unwrap();
+        let again: Config = toml::from_str(&config.to_toml()).unwrap();
+        assert_eq!(again, config);
+    }
+}

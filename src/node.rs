@@ -1,0 +1,156 @@
+//! The running node: its registry, readiness, background loops, and the
+//! shutdown sequence.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use datanode_partition::{DiskDir, DiskOptions, DiskState, PartitionDefaults, Registry};
+use datanode_wal::{Durability, WalOptions};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::config::Config;
+
+/// Version with the git revision, as `--version` and the build-info metric
+/// show it.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("DATANODE_REVISION"), ")");
+
+/// Everything a request handler needs.
+#[derive(Debug)]
+pub struct Node {
+    /// The effective configuration.
+    pub config: Config,
+    /// The partitions and disks.
+    pub registry: Arc<Registry>,
+    /// Bearer token for admin endpoints, if configured.
+    pub admin_token: Option<String>,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+    /// Loaded and serving.
+    pub ready: AtomicBool,
+    /// Shutting down: new writes get 503 `shutting_down`.
+    pub draining: AtomicBool,
+}
+
+impl Node {
+    /// Why `/readyz` says no, if it does.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if self.draining.load(Ordering::Acquire) {
+            return Some("shutting down".into());
+        }
+        if !self.ready.load(Ordering::Acquire) {
+            return Some("loading".into());
+        }
+        let disks = self.registry.disk_statuses();
+        if !disks.is_empty() && disks.iter().all(|d| d.state == DiskState::Faulted) {
+            return Some("every disk is faulted".into());
+        }
+        None
+    }
+
+    /// Largest snapshot image accepted by `PUT .../snapshot`.
+    pub fn snapshot_limit(&self) -> usize {
+        1 << 30
+    }
+
+    /// Gauges that are counts over partitions: `datanode_partitions{state}`.
+    pub fn export_gauges(&self) {
+        let partitions = self.registry.partitions();
+        for state in datanode_partition::state::STATE_NAMES {
+            let count = partitions.iter().filter(|p| p.health().state().name() == state).count();
+            metrics::gauge!("datanode_partitions", "state" => state).set(count as f64);
+        }
+    }
+}
+
+/// Partition and disk options from the configuration.
+pub fn partition_defaults(config: &Config) -> PartitionDefaults {
+    let durability = match config.wal.durability.as_str() {
+        "interval" => Durability::Interval(config.wal.sync_interval),
+        "none" => Durability::None,
+        _ => Durability::Sync,
+    };
+    PartitionDefaults {
+        disk: DiskOptions {
+            probe_timeout: config.health.probe_interval.max(Duration::from_secs(1)),
+            slow_sync: config.health.slow_sync,
+            full_ratio: config.health.disk_full_ratio,
+            resume_ratio: config.health.disk_resume_ratio,
+            ..DiskOptions::default()
+        },
+        wal: WalOptions {
+            segment_size: config.wal.segment_size,
+            durability,
+            max_batch_bytes: config.wal.max_batch_bytes as usize,
+            max_queued_bytes: config.limits.max_queued_bytes_per_partition as usize,
+            ..WalOptions::new(0)
+        },
+        max_blob_size: config.limits.max_blob_size as usize,
+        read_error_tolerance: 3,
+    }
+}
+
+/// The configured disks.
+pub fn disks(config: &Config) -> Vec<DiskDir> {
+    config.disk.iter().map(|d| DiskDir { name: d.name.clone(), path: PathBuf::from(&d.path) }).collect()
+}
+
+/// Creates partitions `1..=n` round-robin over the disks, on a node that
+/// has none.
+pub fn bootstrap(registry: &Registry, n: u64) -> anyhow::Result<()> {
+    if n == 0 || !registry.partitions().is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = registry.disks().iter().map(|d| d.name.clone()).collect();
+    for id in 1..=n {
+        let disk = &names[(id as usize - 1) % names.len()];
+        registry.create(id, disk)?;
+    }
+    tracing::info!(partitions = n, "bootstrapped partitions");
+    Ok(())
+}
+
+/// Probes the disks every `probe_interval` and runs the verifier every
+/// `verify_interval`, on blocking threads, until the node drains.
+pub fn spawn_background(node: &Arc<Node>) {
+    let probe = Arc::clone(node);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(probe.config.health.probe_interval);
+        while !probe.draining.load(Ordering::Acquire) {
+            every.tick().await;
+            let registry = Arc::clone(&probe.registry);
+            let _ = tokio::task::spawn_blocking(move || registry.check_disks()).await;
+        }
+    });
+    let verify = Arc::clone(node);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(verify.config.health.verify_interval);
+        every.tick().await;
+        while !verify.draining.load(Ordering::Acquire) {
+            every.tick().await;
+            let registry = Arc::clone(&verify.registry);
+            let _ = tokio::task::spawn_blocking(move || registry.verify_once()).await;
+        }
+    });
+}
+
+/// Tells systemd (`Type=notify`) about the node's state, if it is
+/// listening. Best effort: a failure is logged, never fatal.
+pub fn sd_notify(state: &str) {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let sent = (|| -> std::io::Result<usize> {
+        let datagram = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = socket.as_encoded_bytes();
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            let address = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            datagram.send_to_addr(state.as_bytes(), &address)
+        } else {
+            datagram.send_to(state.as_bytes(), std::path::Path::new(&socket))
+        }
+    })();
+    if let Err(error) = sent {
+        tracing::warn!(%error, state, "sd_notify failed");
+    }
+}
