@@ -9,7 +9,7 @@ fn main() {
         .map(|rev| rev.trim().to_string())
         .filter(|rev| !rev.is_empty())
         .unwrap_or_else(|| "unknown".into());
-    println!("cargo:rustc-env=DATANODE_REVISION={revision}");
+    println!("cargo:rustc-env=DN_BUILD_REVISION={revision}");
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs");
 }

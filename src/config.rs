@@ -2,6 +2,10 @@
 //! embedded defaults < file < `DATANODE_*` environment (`__` nests, e.g.
 //! `DATANODE_LIMITS__MAX_BLOB_SIZE=64KiB`) < command-line flags.
 //!
+//! Only variables naming a section (`DATANODE_NODE__…`, `DATANODE_WAL__…`,
+//! `DATANODE_LIMITS__…`, `DATANODE_HEALTH__…`, `DATANODE_ALERTS__…`) are
+//! configuration; other `DATANODE_*` variables are left alone.
+//!
 //! Sizes are written the human way (`"64MiB"`, `"4KiB"`, or plain bytes),
 //! durations too (`"30s"`, `"10ms"`, `"5m"`). Unknown keys are errors.
 
@@ -157,6 +161,9 @@ slow_sync = "500ms"
 verify_interval = "60s"
 "#;
 
+/// The sections an environment variable may name.
+const SECTIONS: [&str; 5] = ["node", "wal", "limits", "health", "alerts"];
+
 /// Flags that override everything else.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -184,6 +191,11 @@ impl Config {
         for (name, value) in env {
             let Some(key) = name.strip_prefix("DATANODE_") else { continue };
             let path: Vec<String> = key.split("__").map(str::to_ascii_lowercase).collect();
+            // Only `DATANODE_<SECTION>__<KEY>` configures; other DATANODE_*
+            // variables belong to someone else (tests, scripts).
+            if path.len() < 2 || !SECTIONS.contains(&path[0].as_str()) {
+                continue;
+            }
             set_path(&mut tree, &path, parse_env_value(&value)).map_err(|e| ConfigError(format!("{name}: {e}")))?;
         }
         if let Some(dir) = &overrides.data_dir {
@@ -428,6 +440,8 @@ mod tests {
             ("DATANODE_NODE__SHUTDOWN_TIMEOUT", "soon"),
             ("DATANODE_NODE__NO_SUCH_KEY", "1"),
         ];
+        let unrelated = env(&[("DATANODE_REQUIRE_KERNEL_TESTS", "1"), ("DATANODE_REVISION", "abc")]);
+        assert!(Config::load(None, unrelated, &Overrides::default()).is_ok(), "other DATANODE_* variables are ignored");
         for (key, value) in cases {
             let error = Config::load(None, env(&[(key, value)]), &Overrides::default()).unwrap_err();
             assert!(!error.0.is_empty(), "{key}={value}");

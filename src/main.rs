@@ -130,7 +130,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
 /// shutdown within `shutdown_timeout`.
 async fn run(config: Config, admin_token: Option<String>) -> anyhow::Result<bool> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
-    metrics::gauge!("datanode_build_info", "version" => env!("CARGO_PKG_VERSION"), "revision" => env!("DATANODE_REVISION"))
+    metrics::gauge!("datanode_build_info", "version" => env!("CARGO_PKG_VERSION"), "revision" => env!("DN_BUILD_REVISION"))
         .set(1.0);
     let storage = datanode_wal::open_backend(config.wal.io_backend.parse().map_err(anyhow::Error::msg)?)?;
     let (disks, defaults) = (node::disks(&config), node::partition_defaults(&config));

@@ -14,7 +14,7 @@ use crate::config::Config;
 
 /// Version with the git revision, as `--version` and the build-info metric
 /// show it.
-pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("DATANODE_REVISION"), ")");
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("DN_BUILD_REVISION"), ")");
 
 /// Everything a request handler needs.
 #[derive(Debug)]
