@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
 # The project's test command: formatting, lints, and every test.
 #
-# As root it installs what the real-kernel fault tests need (xfsprogs) when
-# missing; without root those tests print SKIPPED. CI sets
+# As root it installs what the tests need (xfsprogs for the real-kernel
+# fault tests, prometheus for promtool) when missing; without root those
+# tests print SKIPPED. CI sets
 # DATANODE_REQUIRE_KERNEL_TESTS=1 so that a skip fails the run instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_packages=()
 command -v mkfs.xfs >/dev/null 2>&1 || need_packages+=(xfsprogs)
+command -v promtool >/dev/null 2>&1 || need_packages+=(prometheus)
 if [ "${#need_packages[@]}" -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${need_packages[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_packages[@]}" >/dev/null
+fi
+
+# The shipped alert rules and their unit tests.
+if command -v promtool >/dev/null 2>&1; then
+    (cd config/prometheus && promtool check rules alerts.yml && promtool test rules alerts_test.yml)
+elif [ "${DATANODE_REQUIRE_KERNEL_TESTS:-}" = 1 ]; then
+    echo "promtool is required (apt-get install prometheus)" >&2
+    exit 1
+else
+    echo "SKIPPED: alert rule tests (promtool not installed; apt-get install prometheus)"
 fi
 
 cargo fmt --all -- --check
