@@ -355,7 +355,7 @@ async fn list_blobs(
 }
 
 /// RFC 3339 in UTC, from the civil-from-days algorithm (no time zone data needed).
-fn rfc3339(time: SystemTime) -> String {
+pub fn rfc3339(time: SystemTime) -> String {
     let secs = time.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let z = days + 719_468;

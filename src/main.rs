@@ -2,6 +2,7 @@
 //! Exit codes: 0 clean shutdown, 1 fatal runtime error, 2 usage, 78 bad
 //! configuration.
 
+mod alerts;
 mod api;
 mod config;
 mod node;
@@ -152,6 +153,7 @@ async fn run(config: Config, admin_token: Option<String>) -> anyhow::Result<bool
         draining: AtomicBool::new(false),
     });
     node::spawn_background(&node);
+    alerts::spawn(&node);
     node.ready.store(true, Ordering::Release);
     node::sd_notify("READY=1");
     tracing::info!(addr = %listener.local_addr()?, version = VERSION, "datanode ready");

@@ -229,3 +229,59 @@ fn support_wait(mut condition: impl FnMut() -> bool) {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// A stand-in Alertmanager: records the bodies POSTed to it.
+fn fake_alertmanager() -> (u16, Arc<Mutex<Vec<Value>>>) {
+    use std::io::{BufRead, BufReader, Read};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let store = Arc::clone(&received);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream);
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; length];
+            if reader.read_exact(&mut body).is_ok()
+                && let Ok(value) = serde_json::from_slice::<Value>(&body)
+            {
+                store.lock().unwrap().push(value);
+            }
+            let _ = reader.into_inner().write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    (port, received)
+}
+
+#[test]
+fn state_changes_are_pushed_to_alertmanager_and_resolved() {
+    let (port, received) = fake_alertmanager();
+    let data = tempfile::tempdir().unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let daemon = Daemon::start(data.path(), &[], &[("DATANODE_ALERTS__ALERTMANAGER_URL", &url)]);
+    let read_only = |flag: bool| {
+        let request = ureq::post(&daemon.url("/v1/partitions/1/read-only"));
+        assert_eq!(call(request, Some(json!({ "read_only": flag }).to_string().as_bytes())).0, 200);
+    };
+    let pushed = |resolved: bool| {
+        received.lock().unwrap().iter().flat_map(|batch| batch.as_array().cloned().unwrap_or_default()).any(|alert| {
+            alert["labels"]["alertname"] == "DatanodePartitionReadOnly"
+                && alert["labels"]["partition"] == "1"
+                && alert["labels"]["disk"] == "d0"
+                && alert.get("endsAt").is_some() == resolved
+        })
+    };
+    read_only(true);
+    support_wait(|| pushed(false));
+    read_only(false);
+    support_wait(|| pushed(true));
+}
