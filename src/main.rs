@@ -6,6 +6,7 @@ mod alerts;
 mod api;
 mod config;
 mod node;
+mod status;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -37,6 +38,12 @@ enum Command {
     Serve(ServeArgs),
     /// Print the effective configuration and exit.
     CheckConfig(ServeArgs),
+    /// Print a running node's partitions and disks as tables.
+    Status {
+        /// The node's HTTP address.
+        #[arg(long, default_value = "http://127.0.0.1:7070")]
+        url: String,
+    },
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -63,6 +70,16 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Some(Command::Serve(args)) => serve(&args),
+        Some(Command::Status { url }) => match status::render(&url) {
+            Ok(tables) => {
+                print!("{tables}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("datanode: cannot read the node's status: {error}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
         None => serve(&cli.serve),
     }
 }

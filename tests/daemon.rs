@@ -285,3 +285,22 @@ fn state_changes_are_pushed_to_alertmanager_and_resolved() {
     read_only(false);
     support_wait(|| pushed(true));
 }
+
+#[test]
+fn status_prints_partitions_and_disks_of_a_running_node() {
+    let data = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(data.path(), &[], &[]);
+    assert_eq!(call(ureq::put(&daemon.url("/v1/partitions/3/blobs/k")), Some(b"v")).0, 201);
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_datanode")).args(["status", "--url", &daemon.url("")]).output().unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("PARTITION") && lines.len() >= 8, "{text}");
+    let three: Vec<&str> = lines[3].split_whitespace().collect();
+    assert_eq!(&three[..5], ["3", "d0", "healthy", "-", "1"], "{text}");
+    assert!(text.contains("\nDISK") && text.lines().any(|l| l.starts_with("d0") && l.contains("healthy")), "{text}");
+    let unreachable =
+        Command::new(env!("CARGO_BIN_EXE_datanode")).args(["status", "--url", "http://127.0.0.1:1"]).output().unwrap();
+    assert_eq!(unreachable.status.code(), Some(1));
+}

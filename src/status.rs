@@ -1,0 +1,96 @@
+//! `datanode status`: a running node's partitions and disks as tables.
+
+use serde_json::Value;
+
+fn fetch(agent: &ureq::Agent, url: &str) -> Result<Value, String> {
+    let response = agent.get(url).call().map_err(|e| format!("{url}: {e}"))?;
+    response.into_string().map_err(|e| e.to_string()).and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn human_bytes(value: &Value) -> String {
+    let Some(bytes) = value.as_u64() else { return "-".into() };
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut size = bytes as f64;
+    let mut unit = 0;
+    while size >= 1024.0 && unit + 1 < units.len() {
+        size /= 1024.0;
+        unit += 1;
+    }
+    format!("{size:.1} {}", units[unit])
+}
+
+/// Prints both tables; returns the lines (for tests) or why the node
+/// could not be asked.
+pub fn render(base: &str) -> Result<String, String> {
+    let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(10)).build();
+    let base = base.trim_end_matches('/');
+    let partitions = fetch(&agent, &format!("{base}/v1/partitions"))?;
+    let disks = fetch(&agent, &format!("{base}/v1/disks"))?;
+    let mut rows = vec![
+        ["PARTITION", "DISK", "STATE", "REASONS", "BLOBS", "LAST LSN", "DURABLE", "LAST ERROR"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for p in partitions.as_array().into_iter().flatten() {
+        let reasons =
+            p["reasons"].as_array().map(|r| r.iter().map(text).collect::<Vec<_>>().join(",")).unwrap_or_default();
+        rows.push(vec![
+            text(&p["id"]),
+            text(&p["disk"]),
+            text(&p["state"]),
+            if reasons.is_empty() { "-".into() } else { reasons },
+            text(&p["blobs"]),
+            text(&p["wal"]["last_lsn"]),
+            text(&p["wal"]["durable_lsn"]),
+            text(&p["last_error"]["message"]),
+        ]);
+    }
+    let mut out = table(&rows);
+    let mut rows =
+        vec![["DISK", "STATE", "FREE", "TOTAL", "PARTITIONS", "LAST PROBE", "REASONS"].map(String::from).to_vec()];
+    for d in disks.as_array().into_iter().flatten() {
+        let probe = match (&d["last_probe"]["ok"], &d["last_probe"]["sync_seconds"]) {
+            (Value::Bool(true), seconds) => format!("ok {:.3}s", seconds.as_f64().unwrap_or(0.0)),
+            (Value::Bool(false), _) => "failed".into(),
+            _ => "-".into(),
+        };
+        let ids =
+            d["partitions"].as_array().map(|p| p.iter().map(text).collect::<Vec<_>>().join(",")).unwrap_or_default();
+        let reasons =
+            d["reasons"].as_array().map(|r| r.iter().map(text).collect::<Vec<_>>().join("; ")).unwrap_or_default();
+        rows.push(vec![
+            text(&d["name"]),
+            text(&d["state"]),
+            human_bytes(&d["free_bytes"]),
+            human_bytes(&d["total_bytes"]),
+            if ids.is_empty() { "-".into() } else { ids },
+            probe,
+            if reasons.is_empty() { "-".into() } else { reasons },
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&table(&rows));
+    Ok(out)
+}
+
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
