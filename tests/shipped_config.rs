@@ -1,0 +1,74 @@
+//! The files shipped in `config/` stay in step with the code: the example
+//! configuration is accepted as written, and the dashboard and alert rules
+//! use only the metric names of the contract.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+const CONTRACT_METRICS: &[&str] = &[
+    "datanode_partition_state",
+    "datanode_partitions",
+    "datanode_partition_faults_total",
+    "datanode_io_errors_total",
+    "datanode_disk_state",
+    "datanode_disk_free_bytes",
+    "datanode_disk_probe_sync_seconds",
+    "datanode_wal_appends_total",
+    "datanode_wal_append_bytes_total",
+    "datanode_wal_syncs_total",
+    "datanode_wal_sync_seconds",
+    "datanode_wal_batch_records",
+    "datanode_requests_total",
+    "datanode_request_seconds",
+    "datanode_build_info",
+];
+
+/// Every `datanode_*` name in `text`, with histogram suffixes removed.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("datanode_") {
+        let name: String = rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        let base = ["_bucket", "_count", "_sum"]
+            .iter()
+            .fold(name.clone(), |n, s| n.strip_suffix(s).map_or(n.clone(), String::from));
+        names.push(base);
+        rest = &rest[at + name.len()..];
+    }
+    names
+}
+
+#[test]
+fn the_dashboard_and_alert_rules_use_only_contract_metrics() {
+    let dashboard = std::fs::read_to_string("config/grafana/datanode.json").unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    assert!(parsed["panels"].as_array().unwrap().len() >= 10);
+    let rules = std::fs::read_to_string("config/prometheus/alerts.yml").unwrap();
+    for (file, text) in [("dashboard", &dashboard), ("alerts", &rules)] {
+        let names = metric_names(text);
+        assert!(!names.is_empty());
+        for name in names {
+            assert!(CONTRACT_METRICS.contains(&name.as_str()), "{file} uses {name}, not a contract metric");
+        }
+    }
+    for alert in [
+        "DatanodePartitionFaulted",
+        "DatanodePartitionReadOnly",
+        "DatanodeDiskFaulted",
+        "DatanodeDiskDegraded",
+        "DatanodeNotReady",
+    ] {
+        assert!(rules.contains(&format!("alert: {alert}")), "missing {alert}");
+    }
+}
+
+#[test]
+fn the_example_configuration_is_accepted_as_written() {
+    let output = Command::new(env!("CARGO_BIN_EXE_datanode"))
+        .args(["check-config", "--config", "config/datanode.example.toml"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let effective = String::from_utf8(output.stdout).unwrap();
+    assert!(effective.contains("path = \"/var/lib/datanode/d0\""), "{effective}");
+}
