@@ -276,8 +276,9 @@ impl Partition {
         };
         let fresh = Inner { wal: Some(Arc::new(wal)), stores: BTreeMap::new(), index };
         let old = std::mem::replace(&mut *self.write(), fresh);
-        if let Some(old) = old.wal.and_then(|old| Arc::try_unwrap(old).ok()) {
-            let _ = old.close();
+        for log in old.wal.iter().chain(old.stores.values()) {
+            // Readers of the old contents may still hold it; its threads stop.
+            let _ = log.stop();
         }
         self.read_errors.store(0, Ordering::Release);
         self.remove_superseded(&next);
@@ -656,13 +657,15 @@ impl Partition {
     }
 
     fn close_wal(&self) {
-        let wal = self.write().wal.take();
-        if let Some(wal) = wal {
-            // Other holders (a read in flight) keep it alive a moment
-            // longer; the last one closes it on drop.
-            if let Ok(wal) = Arc::try_unwrap(wal)
-                && let Err(error) = wal.close()
-            {
+        let (wal, stores) = {
+            let mut inner = self.write();
+            (inner.wal.take(), std::mem::take(&mut inner.stores))
+        };
+        // Stopped through the shared handle: a read in flight may still
+        // hold it, but no writer may outlive this call, so the directory
+        // can be reopened at once.
+        for log in wal.iter().chain(stores.values()) {
+            if let Err(error) = log.stop() {
                 tracing::debug!(partition = self.options.id, %error, "closing a poisoned WAL");
             }
         }

@@ -78,7 +78,11 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, log_id: u64) -> Result<
                 // A pre-write interrupted by a crash: zeros under a name no
                 // reader uses.
                 let path = dir.join(&name);
-                storage.remove_file(&path).map_err(|e| Error::io(IoOp::Metadata, &path, e))?;
+                match storage.remove_file(&path) {
+                    // Gone already: its pre-writer cleaned up after itself.
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                    result => result.map_err(|e| Error::io(IoOp::Metadata, &path, e))?,
+                }
                 removed_leftovers = true;
             }
             DirEntry::Foreign => tracing::warn!(dir = %dir.display(), name, "ignoring unknown file in WAL directory"),

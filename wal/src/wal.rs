@@ -280,6 +280,15 @@ impl Wal {
     /// queued, syncs, joins the writer and the preparer, then drops the
     /// files. Blocking. Returns the poisoning error if the log was poisoned.
     pub fn close(self) -> Result<()> {
+        self.stop()
+    }
+
+    /// [`Wal::close`] through a shared reference: refuses new calls, drains,
+    /// syncs and joins the writer and the preparer. Reads still work
+    /// afterwards (the files stay open until the last handle is dropped), so
+    /// a log can be stopped while readers hold it, and its directory
+    /// reopened without two writers in it. Blocking.
+    pub fn stop(&self) -> Result<()> {
         self.shutdown();
         match self.shared.poison_error() {
             Some(error) => Err(error),

@@ -150,7 +150,8 @@ fn full_tmpfs_is_disk_full_and_the_torn_tail_is_truncated() {
         assert_eq!(error.errno(), Some(libc::ENOSPC), "{name}");
         let later = wal.append_blocking(vec![payload(7, 9999, 10)]).unwrap_err();
         assert!(matches!(later, Error::Poisoned { .. }) && later.is_disk_full(), "{name}: {later:?}");
-        drop(wal);
+        // Close (joins the writer and the pre-writer) before reopening.
+        assert!(wal.close().is_err());
 
         // Reopen while still full: the acknowledged records are all there
         // and the partial record after them is zeroed, not kept.
@@ -162,7 +163,7 @@ fn full_tmpfs_is_disk_full_and_the_torn_tail_is_truncated() {
         let bytes = std::fs::read(&segment).unwrap();
         let end = (last_pos.offset as usize + datanode_wal::format::frame_len(last_pos.len as usize)).min(bytes.len());
         assert!(bytes[end..].iter().all(|b| *b == 0), "{name}: torn bytes left after the last record");
-        drop(wal);
+        wal.close().unwrap();
 
         // Space comes back: the log takes appends again.
         std::fs::remove_file(&filler).unwrap();
