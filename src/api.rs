@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -202,13 +203,24 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// A request body, or the JSON error for one that is too large or broken.
+fn body_or_error(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body exceeds the limit")
+        }
+        _ => ApiError::bad_request(rejection.body_text()),
+    })
+}
+
 async fn put_blob(
     State(node): State<Arc<Node>>,
     Path((pid, key)): Path<(String, String)>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let (id, partition) = partition(&node, &pid)?;
     refuse_if_draining(&node, id)?;
+    let body = body_or_error(body).map_err(|e| e.on(id))?;
     if body.len() as u64 > node.config.limits.max_blob_size {
         return Err(
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "blob exceeds max_blob_size").on(id)
@@ -442,9 +454,13 @@ fn admin_json<T: for<'de> Deserialize<'de>>(body: &Bytes) -> ApiResult<T> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("bad JSON body: {e}")))
 }
 
-async fn create_partition(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+async fn create_partition(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
     require_admin(&node, &headers)?;
-    let request: CreatePartition = admin_json(&body)?;
+    let request: CreatePartition = admin_json(&body_or_error(body)?)?;
     let registry = Arc::clone(&node.registry);
     let created = tokio::task::spawn_blocking(move || registry.create(request.id, &request.disk))
         .await
@@ -490,10 +506,10 @@ async fn set_read_only(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
     Path(pid): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
     require_admin(&node, &headers)?;
-    let request: ReadOnlyRequest = admin_json(&body)?;
+    let request: ReadOnlyRequest = admin_json(&body_or_error(body)?)?;
     let (_, partition) = partition(&node, &pid)?;
     partition.set_operator_read_only(request.read_only);
     Ok(Json(partition_status(&partition)))

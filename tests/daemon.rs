@@ -84,6 +84,15 @@ fn blobs_put_get_range_head_delete_and_list_with_their_error_codes() {
 }
 
 #[test]
+fn a_body_over_the_default_16mib_limit_gets_the_json_413() {
+    let data = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(data.path(), &[], &[]);
+    let (status, body) = call(ureq::put(&daemon.url("/v1/partitions/1/blobs/huge")), Some(&vec![1u8; (16 << 20) + 1]));
+    assert_eq!((status, error_code(&body).as_str()), (413, "payload_too_large"));
+    assert_eq!(call(ureq::put(&daemon.url("/v1/partitions/1/blobs/max")), Some(&vec![1u8; 16 << 20])).0, 201);
+}
+
+#[test]
 fn admin_endpoints_need_the_token_and_reject_bad_bodies() {
     let data = tempfile::tempdir().unwrap();
     let token_file = data.path().join("admin.token");
