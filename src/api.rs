@@ -8,8 +8,8 @@ use std::time::{Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::extract::{MatchedPath, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -111,6 +111,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here")
+        })
         .layer(axum::extract::DefaultBodyLimit::max(limit.max(1 << 20)))
         .layer(middleware::from_fn(observe))
         .with_state(node)
@@ -150,6 +153,40 @@ fn operation(method: &Method, route: &str) -> &'static str {
         ("GET", "/metrics") => "metrics",
         _ => "other",
     }
+}
+
+/// The `{pid}` segment of `/v1/partitions/{pid}/...`, taken from the raw
+/// path so that no extractor can answer a malformed path in plain text.
+struct Pid(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Pid {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Pid, ApiError> {
+        let rest = parts.uri.path().strip_prefix("/v1/partitions/").unwrap_or_default();
+        Ok(Pid(rest.split('/').next().unwrap_or_default().to_string()))
+    }
+}
+
+/// The blob key of a request, as raw bytes: the percent-decoded path after
+/// `/blobs/`. Keys are arbitrary bytes, so they are not decoded as UTF-8.
+fn blob_key(uri: &Uri) -> ApiResult<Vec<u8>> {
+    let encoded = uri.path().split_once("/blobs/").map(|(_, key)| key).unwrap_or_default();
+    let bytes = encoded.as_bytes();
+    let mut key = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
+            key.push(byte.ok_or_else(|| ApiError::bad_request("bad percent-encoding in the key"))?);
+            i += 3;
+        } else {
+            key.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Ok(key)
 }
 
 fn partition_id(raw: &str) -> ApiResult<u64> {
@@ -215,10 +252,12 @@ fn body_or_error(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
 
 async fn put_blob(
     State(node): State<Arc<Node>>,
-    Path((pid, key)): Path<(String, String)>,
+    Pid(pid): Pid,
+    uri: Uri,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let (id, partition) = partition(&node, &pid)?;
+    let key = blob_key(&uri)?;
     refuse_if_draining(&node, id)?;
     let body = body_or_error(body).map_err(|e| e.on(id))?;
     if body.len() as u64 > node.config.limits.max_blob_size {
@@ -226,7 +265,7 @@ async fn put_blob(
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "blob exceeds max_blob_size").on(id)
         );
     }
-    let put = partition.put(key.as_bytes(), &body);
+    let put = partition.put(&key, &body);
     let ack = match tokio::time::timeout(node.config.limits.request_timeout, put).await {
         Ok(result) => result.map_err(|e| partition_error(id, e))?,
         Err(_) => {
@@ -241,10 +280,11 @@ async fn put_blob(
     Ok((StatusCode::CREATED, Json(json!({ "lsn": ack.lsn, "size": ack.size }))).into_response())
 }
 
-async fn delete_blob(State(node): State<Arc<Node>>, Path((pid, key)): Path<(String, String)>) -> ApiResult<StatusCode> {
+async fn delete_blob(State(node): State<Arc<Node>>, Pid(pid): Pid, uri: Uri) -> ApiResult<StatusCode> {
     let (id, partition) = partition(&node, &pid)?;
+    let key = blob_key(&uri)?;
     refuse_if_draining(&node, id)?;
-    match tokio::time::timeout(node.config.limits.request_timeout, partition.delete(key.as_bytes())).await {
+    match tokio::time::timeout(node.config.limits.request_timeout, partition.delete(&key)).await {
         Ok(result) => result.map(|_| StatusCode::NO_CONTENT).map_err(|e| partition_error(id, e)),
         Err(_) => {
             Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "the partition did not answer in time")
@@ -272,15 +312,10 @@ fn parse_range(header: &str, len: u64) -> Option<std::ops::Range<u64>> {
     (range.start < range.end && range.end <= len).then_some(range)
 }
 
-async fn read_blob(
-    node: Arc<Node>,
-    pid: String,
-    key: String,
-    headers: HeaderMap,
-    head_only: bool,
-) -> ApiResult<Response> {
+async fn read_blob(node: Arc<Node>, pid: String, uri: Uri, headers: HeaderMap, head_only: bool) -> ApiResult<Response> {
     let (id, partition) = partition(&node, &pid)?;
-    let len = partition.len_of(key.as_bytes()).map_err(|e| partition_error(id, e))?;
+    let key = blob_key(&uri)?;
+    let len = partition.len_of(&key).map_err(|e| partition_error(id, e))?;
     let range = match headers.get(header::RANGE) {
         None => None,
         Some(value) => {
@@ -303,7 +338,7 @@ async fn read_blob(
         response
     } else {
         let wanted = range.clone();
-        let bytes = blocking(&node, id, move || partition.get(key.as_bytes(), wanted)).await?;
+        let bytes = blocking(&node, id, move || partition.get(&key, wanted)).await?;
         Response::new(Body::from(bytes))
     };
     *response.status_mut() = status;
@@ -318,20 +353,12 @@ async fn read_blob(
     Ok(response)
 }
 
-async fn get_blob(
-    State(node): State<Arc<Node>>,
-    Path((pid, key)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
-    read_blob(node, pid, key, headers, false).await
+async fn get_blob(State(node): State<Arc<Node>>, Pid(pid): Pid, uri: Uri, headers: HeaderMap) -> ApiResult<Response> {
+    read_blob(node, pid, uri, headers, false).await
 }
 
-async fn head_blob(
-    State(node): State<Arc<Node>>,
-    Path((pid, key)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
-    read_blob(node, pid, key, headers, true).await
+async fn head_blob(State(node): State<Arc<Node>>, Pid(pid): Pid, uri: Uri, headers: HeaderMap) -> ApiResult<Response> {
+    read_blob(node, pid, uri, headers, true).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -353,7 +380,7 @@ fn key_json(key: &[u8]) -> Value {
 
 async fn list_blobs(
     State(node): State<Arc<Node>>,
-    Path(pid): Path<String>,
+    Pid(pid): Pid,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
@@ -438,7 +465,7 @@ async fn list_partitions(
     Ok(Json(Value::Array(statuses)))
 }
 
-async fn get_partition(State(node): State<Arc<Node>>, Path(pid): Path<String>) -> ApiResult<Json<Value>> {
+async fn get_partition(State(node): State<Arc<Node>>, Pid(pid): Pid) -> ApiResult<Json<Value>> {
     let (_, partition) = partition(&node, &pid)?;
     Ok(Json(partition_status(&partition)))
 }
@@ -469,11 +496,7 @@ async fn create_partition(
     Ok((StatusCode::CREATED, Json(partition_status(&created))).into_response())
 }
 
-async fn delete_partition(
-    State(node): State<Arc<Node>>,
-    headers: HeaderMap,
-    Path(pid): Path<String>,
-) -> ApiResult<StatusCode> {
+async fn delete_partition(State(node): State<Arc<Node>>, headers: HeaderMap, Pid(pid): Pid) -> ApiResult<StatusCode> {
     require_admin(&node, &headers)?;
     let id = partition_id(&pid)?;
     let registry = Arc::clone(&node.registry);
@@ -484,11 +507,7 @@ async fn delete_partition(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn recover_partition(
-    State(node): State<Arc<Node>>,
-    headers: HeaderMap,
-    Path(pid): Path<String>,
-) -> ApiResult<Json<Value>> {
+async fn recover_partition(State(node): State<Arc<Node>>, headers: HeaderMap, Pid(pid): Pid) -> ApiResult<Json<Value>> {
     require_admin(&node, &headers)?;
     let (id, partition) = partition(&node, &pid)?;
     let worker = Arc::clone(&partition);
@@ -505,7 +524,7 @@ struct ReadOnlyRequest {
 async fn set_read_only(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
-    Path(pid): Path<String>,
+    Pid(pid): Pid,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
     require_admin(&node, &headers)?;
@@ -515,11 +534,7 @@ async fn set_read_only(
     Ok(Json(partition_status(&partition)))
 }
 
-async fn export_snapshot(
-    State(node): State<Arc<Node>>,
-    headers: HeaderMap,
-    Path(pid): Path<String>,
-) -> ApiResult<Response> {
+async fn export_snapshot(State(node): State<Arc<Node>>, headers: HeaderMap, Pid(pid): Pid) -> ApiResult<Response> {
     require_admin(&node, &headers)?;
     let (id, partition) = partition(&node, &pid)?;
     let export = partition.export().map_err(|e| partition_error(id, e))?;
@@ -550,18 +565,59 @@ fn futures_stream(
 async fn install_snapshot(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
-    Path(pid): Path<String>,
+    Pid(pid): Pid,
     body: Body,
 ) -> ApiResult<Json<Value>> {
     require_admin(&node, &headers)?;
     let (id, partition) = partition(&node, &pid)?;
-    // Images can be larger than blobs: a separate, larger bound.
-    let image = axum::body::to_bytes(body, node.snapshot_limit()).await.map_err(|_| {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "snapshot image too large").on(id)
-    })?;
+    // The image streams from the connection into the install, which runs
+    // on a blocking thread; it is never held in memory whole.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     let worker = Arc::clone(&partition);
-    blocking(&node, id, move || worker.install(&image[..])).await?;
+    let install = blocking(&node, id, move || worker.install(ChannelReader { rx, current: Bytes::new() }));
+    let limit = node.snapshot_limit();
+    let feed = async move {
+        let mut stream = body.into_data_stream();
+        let mut total = 0usize;
+        while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+            let Ok(chunk) = chunk else { return Err("the request body broke off") };
+            total += chunk.len();
+            if total > limit {
+                return Err("snapshot image too large");
+            }
+            if tx.send(chunk).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    };
+    let (installed, fed) = tokio::join!(install, feed);
+    if let Err(reason) = fed {
+        // The install saw a truncated image and refused it.
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", reason).on(id));
+    }
+    installed?;
     Ok(Json(partition_status(&partition)))
+}
+
+/// Chunks arriving on a channel as a blocking `Read`.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
 }
 
 fn disk_json(status: &DiskStatus) -> Value {

@@ -84,6 +84,27 @@ fn blobs_put_get_range_head_delete_and_list_with_their_error_codes() {
 }
 
 #[test]
+fn keys_are_arbitrary_bytes_and_malformed_paths_get_json_errors() {
+    let data = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(data.path(), &[], &[]);
+    // The key bytes 0xff 0x00 0x2f ("/"), percent-encoded.
+    let raw = daemon.url("/v1/partitions/1/blobs/%FF%00%2F");
+    assert_eq!(call(ureq::put(&raw), Some(b"binary key")).0, 201);
+    assert_eq!(call(ureq::get(&raw), None), (200, b"binary key".to_vec()));
+    let (_, body) = call(ureq::get(&daemon.url("/v1/partitions/1/blobs")), None);
+    assert_eq!(json_of(&body)["keys"], json!([{ "base64": "/wAv" }]));
+    for (request, status, code) in [
+        (ureq::get(&daemon.url("/v1/partitions/1/blobs/%ZZ")), 400, "bad_request"),
+        (ureq::post(&daemon.url("/v1/partitions/1/blobs/x")), 405, "method_not_allowed"),
+        (ureq::get(&daemon.url("/v1/partitions/%FF")), 400, "bad_request"),
+    ] {
+        let what = format!("{} {}", request.method(), request.url());
+        let (got, body) = call(request, None);
+        assert_eq!((got, error_code(&body)), (status, code.to_string()), "{what}");
+    }
+}
+
+#[test]
 fn a_body_over_the_default_16mib_limit_gets_the_json_413() {
     let data = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(data.path(), &[], &[]);
