@@ -334,3 +334,18 @@ fn status_prints_partitions_and_disks_of_a_running_node() {
         Command::new(env!("CARGO_BIN_EXE_datanode")).args(["status", "--url", "http://127.0.0.1:1"]).output().unwrap();
     assert_eq!(unreachable.status.code(), Some(1));
 }
+
+#[test]
+fn systemd_is_told_ready_after_load_and_stopping_on_sigterm() {
+    let data = tempfile::tempdir().unwrap();
+    let socket_path = data.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+    let mut daemon = Daemon::start(&data.path().join("d"), &[], &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())]);
+    let mut message = [0u8; 64];
+    let n = socket.recv(&mut message).unwrap();
+    assert_eq!(&message[..n], b"READY=1");
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let n = socket.recv(&mut message).unwrap();
+    assert_eq!(&message[..n], b"STOPPING=1");
+}
