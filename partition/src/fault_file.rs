@@ -19,14 +19,12 @@
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
-use bytes::Bytes;
 use datanode_wal::Storage;
 
 use crate::state::{Fault, FaultCause};
 
 /// File name of the fault record inside a partition directory.
 pub const FAULT_FILE: &str = "FAULT";
-const FAULT_TEMP: &str = "FAULT.tmp";
 
 /// Writes the fault record durably.
 pub fn write(storage: &dyn Storage, dir: &Path, fault: &Fault) -> std::io::Result<()> {
@@ -34,13 +32,7 @@ pub fn write(storage: &dyn Storage, dir: &Path, fault: &Fault) -> std::io::Resul
     let errno = fault.errno.map(|e| e.to_string()).unwrap_or_default();
     let message = fault.message.replace('\n', " ");
     let text = format!("cause={}\nop={}\nerrno={errno}\nat={at}\nmessage={message}\n", fault.cause.as_str(), fault.op);
-    let temp = dir.join(FAULT_TEMP);
-    let file = storage.open(&temp, true)?;
-    file.set_len(0)?;
-    file.write_all_at(0, &[Bytes::from(text)])?;
-    file.sync_data()?;
-    storage.rename(&temp, &dir.join(FAULT_FILE))?;
-    storage.sync_dir(dir)
+    crate::durable::replace_file(storage, dir, FAULT_FILE, text)
 }
 
 /// Reads the fault record, if there is one.

@@ -24,6 +24,7 @@
 pub mod blob;
 mod compaction;
 pub mod disk;
+mod durable;
 mod error;
 pub mod fault_file;
 mod grace;

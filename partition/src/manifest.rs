@@ -15,13 +15,11 @@
 use std::path::Path;
 use std::time::SystemTime;
 
-use bytes::Bytes;
 use datanode_wal::{Lsn, Storage};
 
 use crate::state::{Fault, FaultCause};
 
 const CURRENT_FILE: &str = "CURRENT";
-const CURRENT_TEMP: &str = "CURRENT.tmp";
 
 /// The compacted store in use and the log prefix it replaces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,12 +99,7 @@ impl Manifest {
         if let Some(compacted) = &self.compacted {
             text.push_str(&format!("compacted={}\ncovers={}\n", compacted.name, compacted.covers));
         }
-        let temp = dir.join(CURRENT_TEMP);
-        let file = storage.open(&temp, true)?;
-        file.set_len(0)?;
-        file.write_all_and_sync(0, &[Bytes::from(text)]).map_err(|(_, e)| e)?;
-        storage.rename(&temp, &dir.join(CURRENT_FILE))?;
-        storage.sync_dir(dir)
+        crate::durable::replace_file(storage, dir, CURRENT_FILE, text)
     }
 
     /// Whether `name` is a log or compacted directory this manifest does
