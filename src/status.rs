@@ -15,6 +15,12 @@ fn text(value: &Value) -> String {
     }
 }
 
+/// The elements of a JSON array joined by `separator`, or `-` when none.
+fn joined(value: &Value, separator: &str) -> String {
+    let parts: Vec<String> = value.as_array().into_iter().flatten().map(text).collect();
+    if parts.is_empty() { "-".into() } else { parts.join(separator) }
+}
+
 fn human_bytes(value: &Value) -> String {
     let Some(bytes) = value.as_u64() else { return "-".into() };
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -40,13 +46,11 @@ pub fn render(base: &str) -> Result<String, String> {
             .to_vec(),
     ];
     for p in partitions.as_array().into_iter().flatten() {
-        let reasons =
-            p["reasons"].as_array().map(|r| r.iter().map(text).collect::<Vec<_>>().join(",")).unwrap_or_default();
         rows.push(vec![
             text(&p["id"]),
             text(&p["disk"]),
             text(&p["state"]),
-            if reasons.is_empty() { "-".into() } else { reasons },
+            joined(&p["reasons"], ","),
             text(&p["blobs"]),
             text(&p["wal"]["last_lsn"]),
             text(&p["wal"]["durable_lsn"]),
@@ -62,18 +66,14 @@ pub fn render(base: &str) -> Result<String, String> {
             (Value::Bool(false), _) => "failed".into(),
             _ => "-".into(),
         };
-        let ids =
-            d["partitions"].as_array().map(|p| p.iter().map(text).collect::<Vec<_>>().join(",")).unwrap_or_default();
-        let reasons =
-            d["reasons"].as_array().map(|r| r.iter().map(text).collect::<Vec<_>>().join("; ")).unwrap_or_default();
         rows.push(vec![
             text(&d["name"]),
             text(&d["state"]),
             human_bytes(&d["free_bytes"]),
             human_bytes(&d["total_bytes"]),
-            if ids.is_empty() { "-".into() } else { ids },
+            joined(&d["partitions"], ","),
             probe,
-            if reasons.is_empty() { "-".into() } else { reasons },
+            joined(&d["reasons"], "; "),
         ]);
     }
     out.push('\n');

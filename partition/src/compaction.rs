@@ -31,7 +31,6 @@ use crate::error::{Error, Result};
 use crate::index::BlobLoc;
 use crate::manifest::{CompactedRef, Manifest, compacted_generation};
 use crate::partition::{Partition, io_fault, wal_fault};
-use crate::state::State;
 
 /// Bytes of compacted records appended per batch.
 const COPY_BATCH: usize = 4 << 20;
@@ -56,10 +55,9 @@ impl Partition {
     /// gets continue meanwhile. Only a healthy partition compacts.
     pub fn compact(&self) -> Result<CompactionReport> {
         let _one_at_a_time = self.maintenance.lock().unwrap_or_else(PoisonError::into_inner);
-        self.refuse_unless_healthy()?;
+        let log = self.refuse_unless_writable()?;
         let dir = &self.options.dir;
         let manifest = Manifest::read(self.storage.as_ref(), dir).map_err(Error::CompactionFailed)?;
-        let log = self.log()?;
         let bytes_before = self.stored_bytes();
         let covers = log.durable_lsn();
         self.grace.wait();
@@ -101,15 +99,6 @@ impl Partition {
             CompactionReport { covers, blobs: moving.len() as u64, bytes_before, bytes_after: self.stored_bytes() };
         tracing::info!(partition = self.options.id, ?report, "compacted");
         Ok(report)
-    }
-
-    fn refuse_unless_healthy(&self) -> Result<()> {
-        match self.health().state() {
-            State::Healthy => Ok(()),
-            State::Loading => Err(Error::Loading(self.options.id)),
-            State::Faulted(fault) => Err(Error::Faulted { partition: self.options.id, fault }),
-            State::ReadOnly(reasons) => Err(Error::ReadOnly { partition: self.options.id, reasons }),
-        }
     }
 
     /// Writes every moving blob into store `name` and syncs it; returns

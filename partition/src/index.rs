@@ -97,10 +97,10 @@ impl Index {
         })
     }
 
-    /// Applies every record of `wal` after LSN `skip_through`, as store
-    /// `store`.
+    /// Applies every record of `wal` after LSN `skip_through` (0 for all),
+    /// as store `store`.
     pub fn replay(&mut self, wal: &Wal, store: u32, skip_through: Lsn) -> Result<(), Fault> {
-        let mut lsn = wal.first_lsn().max(if store == LOG_STORE { skip_through + 1 } else { 0 });
+        let mut lsn = wal.first_lsn().max(skip_through + 1);
         while lsn <= wal.last_lsn() {
             let records = wal.read_from(lsn, REPLAY_CHUNK).map_err(|e| crate::partition::wal_fault(&e))?;
             for record in records {

@@ -356,13 +356,14 @@ impl Partition {
         }
     }
 
-    fn refuse_unless_writable(&self) -> Result<Arc<Wal>> {
-        self.refuse_unless_serving()?;
-        if let State::ReadOnly(reasons) = self.health.state() {
-            return Err(Error::ReadOnly { partition: self.options.id, reasons });
+    /// The log, if the partition takes writes (it is healthy).
+    pub(crate) fn refuse_unless_writable(&self) -> Result<Arc<Wal>> {
+        match self.health.state() {
+            State::Healthy => self.log(),
+            State::ReadOnly(reasons) => Err(Error::ReadOnly { partition: self.options.id, reasons }),
+            State::Loading => Err(Error::Loading(self.options.id)),
+            State::Faulted(fault) => Err(Error::Faulted { partition: self.options.id, fault }),
         }
-        let wal = self.read().wal.clone();
-        wal.ok_or(Error::Loading(self.options.id))
     }
 
     /// Stores `value` under `key`; returns once durable.
