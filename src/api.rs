@@ -511,7 +511,9 @@ async fn recover_partition(State(node): State<Arc<Node>>, headers: HeaderMap, Pi
     require_admin(&node, &headers)?;
     let (id, partition) = partition(&node, &pid)?;
     let worker = Arc::clone(&partition);
-    blocking(&node, id, move || worker.recover()).await?;
+    let recovered = blocking(&node, id, move || worker.recover()).await;
+    node.registry.sync_fault_journal();
+    recovered?;
     Ok(Json(partition_status(&partition)))
 }
 

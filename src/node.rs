@@ -16,6 +16,9 @@ use crate::config::Config;
 /// show it.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("DN_BUILD_REVISION"), ")");
 
+/// How often the set of faulted partitions is handed to the fault journal.
+const FAULT_JOURNAL_PERIOD: Duration = Duration::from_millis(200);
+
 /// Everything a request handler needs.
 #[derive(Debug)]
 pub struct Node {
@@ -111,8 +114,9 @@ pub fn bootstrap(registry: &Registry, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Probes the disks every `probe_interval` and runs the verifier every
-/// `verify_interval`, on blocking threads, until the node drains.
+/// Probes the disks every `probe_interval`, keeps the fault journal current,
+/// and runs the verifier every `verify_interval`, on blocking threads, until
+/// the node drains.
 pub fn spawn_background(node: &Arc<Node>) {
     let probe = Arc::clone(node);
     tokio::spawn(async move {
@@ -121,6 +125,16 @@ pub fn spawn_background(node: &Arc<Node>) {
             every.tick().await;
             let registry = Arc::clone(&probe.registry);
             let _ = tokio::task::spawn_blocking(move || registry.check_disks()).await;
+        }
+    });
+    // Faults reach the journal on every disk within this period, not only
+    // at the next probe (no I/O here: the journal's writers do that).
+    let journal = Arc::clone(node);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(FAULT_JOURNAL_PERIOD);
+        while !journal.draining.load(Ordering::Acquire) {
+            every.tick().await;
+            journal.registry.sync_fault_journal();
         }
     });
     let verify = Arc::clone(node);

@@ -28,11 +28,15 @@ pub const FAULT_FILE: &str = "FAULT";
 
 /// Writes the fault record durably.
 pub fn write(storage: &dyn Storage, dir: &Path, fault: &Fault) -> std::io::Result<()> {
+    crate::durable::replace_file(storage, dir, FAULT_FILE, encode(fault))
+}
+
+/// The record's text: one `key=value` per line, the message last.
+pub(crate) fn encode(fault: &Fault) -> String {
     let at = fault.at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     let errno = fault.errno.map(|e| e.to_string()).unwrap_or_default();
     let message = fault.message.replace('\n', " ");
-    let text = format!("cause={}\nop={}\nerrno={errno}\nat={at}\nmessage={message}\n", fault.cause.as_str(), fault.op);
-    crate::durable::replace_file(storage, dir, FAULT_FILE, text)
+    format!("cause={}\nop={}\nerrno={errno}\nat={at}\nmessage={message}\n", fault.cause.as_str(), fault.op)
 }
 
 /// Reads the fault record, if there is one.
@@ -57,7 +61,8 @@ pub fn clear(storage: &dyn Storage, dir: &Path) -> std::io::Result<()> {
     }
 }
 
-fn parse(text: &str) -> Fault {
+/// Parses a record; what is missing or damaged gets a safe default.
+pub(crate) fn parse(text: &str) -> Fault {
     let field =
         |name: &str| text.lines().find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')));
     Fault {

@@ -27,6 +27,7 @@ pub mod disk;
 mod durable;
 mod error;
 pub mod fault_file;
+pub mod fault_journal;
 mod grace;
 mod index;
 mod manifest;

@@ -322,6 +322,16 @@ impl Partition {
     /// (best effort: the disk may be what failed), changes the state.
     pub(crate) fn fail(&self, fault: Fault) {
         self.count_io_error(&fault);
+        self.persist_and_fault(fault);
+    }
+
+    /// A fault the node's journal remembers from before a restart: written
+    /// to `FAULT` now, not counted again as an I/O error.
+    pub(crate) fn fault_from_journal(&self, fault: Fault) {
+        self.persist_and_fault(fault);
+    }
+
+    fn persist_and_fault(&self, fault: Fault) {
         if let Err(error) = fault_file::write(self.storage.as_ref(), &self.options.dir, &fault) {
             tracing::error!(partition = self.options.id, disk = self.options.disk, %error, "cannot persist fault record");
         }
@@ -571,8 +581,9 @@ impl Partition {
     }
 
     /// The disk under this partition was declared faulted: `faulted`, not
-    /// persisted (the disk may not take a write; its probe finds it again
-    /// after a restart).
+    /// written to `FAULT` (the disk may not take a write, and a hung one
+    /// would hang the probe); the registry's fault journal on the other
+    /// disks keeps it sticky.
     pub(crate) fn fault_from_disk(&self, fault: Fault) {
         self.health.fault(fault);
     }

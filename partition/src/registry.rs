@@ -9,6 +9,7 @@
 //! <disk>/partitions/.deleting-<id>-<gen>/  an operator delete in progress
 //! <disk>/quarantine/<name>.<nanos>         what the verifier did not recognise
 //! <disk>/.datanode-probe                   the disk probe's canary file
+//! <disk>/.datanode-faults                  the node's fault journal (see `fault_journal.rs`)
 //! ```
 //!
 //! The rules:
@@ -23,6 +24,9 @@
 //!   and its decision. It skips every entry the registry knows in any state,
 //!   and moves what it does not recognise into `quarantine/`; it never
 //!   deletes.
+//! - **Faults stay sticky** even when a partition's own disk cannot take
+//!   its `FAULT` file: every faulted partition is also listed in the fault
+//!   journal on every disk, and applied again at open.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,7 +37,12 @@ use bytes::Bytes;
 use datanode_wal::{Storage, WalOptions};
 
 use crate::disk::{Disk, DiskOptions, DiskStatus};
+use crate::fault_journal::{self, FaultJournal, JournalEntry};
 use crate::partition::{Partition, PartitionOptions};
+use crate::state::State;
+
+/// How long `close` waits for the fault journal's copies.
+const JOURNAL_FLUSH_AT_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The file that marks a directory as a partition and names it.
 pub const META_FILE: &str = "PARTITION";
@@ -148,6 +157,10 @@ pub struct Registry {
     disk_health: Vec<Disk>,
     defaults: PartitionDefaults,
     slots: Mutex<Slots>,
+    journal: FaultJournal,
+    /// Journal entries read at open whose partition is not here (its disk
+    /// did not list); kept in the journal until that id is created anew.
+    carried: Mutex<Vec<JournalEntry>>,
 }
 
 /// What a name in `partitions/` is.
@@ -184,17 +197,70 @@ fn parse_entry(name: &str) -> EntryName {
 impl Registry {
     /// Opens every partition found on `disks`. Blocking. Leftovers of an
     /// interrupted create go to quarantine; an interrupted delete is
-    /// finished. Unknown entries are left for the verifier.
+    /// finished. Unknown entries are left for the verifier. Partitions the
+    /// fault journal lists stay faulted.
     pub fn open(storage: Arc<dyn Storage>, disks: Vec<DiskDir>, defaults: PartitionDefaults) -> Registry {
         let disk_health =
             disks.iter().map(|dir| Disk::new(dir.clone(), Arc::clone(&storage), defaults.disk.clone())).collect();
-        let registry = Registry { storage, disks, disk_health, defaults, slots: Mutex::new(Slots::default()) };
+        let journal = FaultJournal::start(Arc::clone(&storage), &disks);
+        let registry = Registry {
+            storage,
+            disks,
+            disk_health,
+            defaults,
+            slots: Mutex::new(Slots::default()),
+            journal,
+            carried: Mutex::new(Vec::new()),
+        };
         for disk in &registry.disks {
             if let Err(error) = registry.open_disk(disk) {
                 tracing::error!(disk = disk.name, %error, "cannot open the disk's partitions");
             }
         }
+        registry.apply_journal();
         registry
+    }
+
+    /// Faults every partition the journal lists that is not faulted yet
+    /// (which also writes its own `FAULT` file).
+    fn apply_journal(&self) {
+        let mut carried = Vec::new();
+        for entry in fault_journal::read_all(self.storage.as_ref(), &self.disks) {
+            let here = self.lock().by_id.get(&entry.partition).and_then(|slot| match &slot.state {
+                SlotState::Active(partition) if slot.disk == entry.disk => Some(Arc::clone(partition)),
+                _ => None,
+            });
+            match here {
+                Some(partition) if !matches!(partition.health().state(), State::Faulted(_)) => {
+                    tracing::warn!(
+                        partition = entry.partition,
+                        disk = entry.disk,
+                        cause = entry.fault.cause.as_str(),
+                        "the fault journal lists this partition: faulted until recover"
+                    );
+                    partition.fault_from_journal(entry.fault);
+                }
+                Some(_) => {}
+                None => carried.push(entry),
+            }
+        }
+        *self.carried.lock().unwrap_or_else(PoisonError::into_inner) = carried;
+        self.sync_fault_journal();
+    }
+
+    /// Hands the current set of faulted partitions to the fault journal
+    /// (written to every disk in the background if it changed). Cheap;
+    /// call it after anything that may fault or recover a partition.
+    pub fn sync_fault_journal(&self) {
+        let mut entries = self.carried.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        for (id, slot) in &self.lock().by_id {
+            if let SlotState::Active(partition) = &slot.state
+                && let State::Faulted(fault) = partition.health().state()
+            {
+                entries.push(JournalEntry { partition: *id, disk: slot.disk.clone(), fault });
+            }
+        }
+        self.journal.publish(&entries);
     }
 
     fn open_disk(&self, disk: &DiskDir) -> Result<(), RegistryError> {
@@ -286,6 +352,8 @@ impl Registry {
             slots.by_id.insert(id, Slot { disk: disk.name.clone(), generation, state: SlotState::Creating });
             generation
         };
+        // A new partition: faults of an earlier one with this id are moot.
+        self.carried.lock().unwrap_or_else(PoisonError::into_inner).retain(|entry| entry.partition != id);
         let parent = disk.partitions_dir();
         let staging = parent.join(format!(".staging-{id}-{generation}"));
         let made = self.make_partition_dir(&parent, &staging, id);
@@ -357,6 +425,7 @@ impl Registry {
             tracing::warn!(partition = id, %error, "removing a deleted partition's files failed; retried at next start");
         }
         self.lock().by_id.remove(&id);
+        self.sync_fault_journal();
         tracing::info!(partition = id, disk = disk.name, "partition deleted");
         Ok(())
     }
@@ -433,7 +502,9 @@ impl Registry {
     /// Probes every disk once and applies the outcomes to their partitions
     /// (see [`crate::disk`]). Blocking, up to one probe timeout per disk.
     pub fn check_disks(&self) -> Vec<DiskStatus> {
-        self.disk_health.iter().map(|disk| disk.check(&self.partitions_on(disk.name()))).collect()
+        let statuses = self.disk_health.iter().map(|disk| disk.check(&self.partitions_on(disk.name()))).collect();
+        self.sync_fault_journal();
+        statuses
     }
 
     /// Every disk's status, as of its last probe.
@@ -444,10 +515,15 @@ impl Registry {
             .collect()
     }
 
-    /// Closes every partition (drains and syncs their logs). Blocking.
+    /// Closes every partition (drains and syncs their logs), then gives
+    /// the fault journal a moment to reach the disks. Blocking.
     pub fn close(&self) {
         for partition in self.partitions() {
             partition.close();
+        }
+        self.sync_fault_journal();
+        if !self.journal.flush(JOURNAL_FLUSH_AT_CLOSE) {
+            tracing::warn!("the fault journal did not reach every disk before close");
         }
     }
 }

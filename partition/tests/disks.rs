@@ -1,7 +1,8 @@
 //! The disk state machine on the simulated disk: slow syncs degrade a
 //! disk, a failing or hung probe faults it, many faulted partitions fault
 //! it, a full disk makes its partitions read-only until space returns; the
-//! other disk never notices.
+//! other disk never notices. A dead disk's faults stay sticky across a
+//! restart through the fault journal on the other disk.
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
@@ -15,6 +16,14 @@ use datanode_wal::storage::{Fault, FaultOp, SimStorage};
 use datanode_wal::{Storage, WalOptions};
 
 fn registry(sim: &SimStorage) -> Registry {
+    let registry = open(sim);
+    for (id, disk) in [(1, "d0"), (2, "d0"), (3, "d0"), (4, "d1")] {
+        registry.create(id, disk).unwrap();
+    }
+    registry
+}
+
+fn open(sim: &SimStorage) -> Registry {
     let storage: Arc<dyn Storage> = Arc::new(sim.clone());
     let disks = ["d0", "d1"].iter().map(|n| DiskDir { name: n.to_string(), path: PathBuf::from(format!("/{n}")) });
     let defaults = PartitionDefaults {
@@ -27,11 +36,7 @@ fn registry(sim: &SimStorage) -> Registry {
         wal: WalOptions { segment_size: 8192, prewrite_segments: false, ..WalOptions::new(0) },
         ..PartitionDefaults::default()
     };
-    let registry = Registry::open(storage, disks.collect(), defaults);
-    for (id, disk) in [(1, "d0"), (2, "d0"), (3, "d0"), (4, "d1")] {
-        registry.create(id, disk).unwrap();
-    }
-    registry
+    Registry::open(storage, disks.collect(), defaults)
 }
 
 fn state_of(registry: &Registry, id: u64) -> State {
@@ -129,4 +134,49 @@ fn a_full_disk_is_read_only_with_hysteresis() {
     registry.check_disks();
     assert_eq!(state_of(&registry, 1), State::Healthy);
     rt.block_on(registry.get(1).unwrap().put(b"k2", b"writable")).unwrap();
+}
+
+#[test]
+fn a_dead_disks_faults_stay_sticky_across_a_restart_until_recover() {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let sim = SimStorage::new(6);
+    let registry = registry(&sim);
+    rt.block_on(registry.get(1).unwrap().put(b"acked", b"before the disk died")).unwrap();
+    // The filesystem shuts down: every operation on d0 fails from now on.
+    for op in [FaultOp::Open, FaultOp::Write, FaultOp::Sync, FaultOp::SyncDir, FaultOp::Metadata] {
+        sim.inject(Fault::new(op, libc::EIO).on_path("/d0/").sticky());
+    }
+    assert!(rt.block_on(registry.get(1).unwrap().put(b"lost", b"never acknowledged")).is_err());
+    registry.check_disks();
+    let causes = |registry: &Registry| {
+        [1, 2, 3, 4].map(|id| match state_of(registry, id) {
+            State::Faulted(fault) => Some(fault.cause),
+            _ => None,
+        })
+    };
+    let dead = [Some(FaultCause::Io), Some(FaultCause::DiskFaulted), Some(FaultCause::DiskFaulted), None];
+    assert_eq!(causes(&registry), dead);
+    registry.close();
+    drop(registry);
+
+    // Repaired and remounted: d0 works again and holds no FAULT file, since
+    // it took no write after it died; only d1's journal remembers.
+    let restarted = sim.crash_image();
+    for id in [1, 2, 3] {
+        let dir = PathBuf::from(format!("/d0/partitions/{id}"));
+        assert_eq!(datanode_partition::fault_file::read(&restarted, &dir).unwrap(), None);
+    }
+    let registry = open(&restarted);
+    assert_eq!(causes(&registry), dead, "sticky across the restart");
+    assert_eq!(disk_state(&registry, "d1"), DiskState::Healthy);
+    for id in [1, 2, 3] {
+        registry.get(id).unwrap().recover().unwrap();
+    }
+    registry.sync_fault_journal();
+    assert_eq!(&registry.get(1).unwrap().get(b"acked", None).unwrap()[..], b"before the disk died");
+    registry.close();
+    drop(registry);
+
+    let registry = open(&restarted.crash_image());
+    assert_eq!(causes(&registry), [None; 4], "a recover is remembered too");
 }
