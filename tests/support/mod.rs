@@ -1,7 +1,13 @@
-//! Starting the real `datanode` binary for black-box tests, on a free port
-//! and a scratch data directory; the process is killed when the guard drops,
-//! also when the test fails.
+//! Test support for black-box tests of the real `datanode` binary:
+//! starting it on a free port (killed when the guard drops, also when the
+//! test fails), real disks (`disks`), FUSE-served disks with injected
+//! faults (`fuse`), and writers that remember what was acknowledged
+//! (`load`).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod disks;
+pub mod fuse;
+pub mod load;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -10,9 +16,11 @@ use std::time::{Duration, Instant};
 pub struct Daemon {
     child: Option<Child>,
     pub port: u16,
-    pub data: PathBuf,
+    /// `--data-dir` or `--config`, and their value.
+    launch: Vec<String>,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    _config: Option<tempfile::TempDir>,
 }
 
 pub fn free_port() -> u16 {
@@ -23,21 +31,42 @@ impl Daemon {
     /// Starts the binary with `--data-dir data --http-addr 127.0.0.1:PORT`
     /// plus `args` and `env`, and waits until it is ready.
     pub fn start(data: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let launch = vec!["--data-dir".to_string(), data.to_str().unwrap().to_string()];
+        Daemon::launch(launch, None, args, env)
+    }
+
+    /// Starts the binary with this configuration file's text (disks,
+    /// health settings, ...) and `--http-addr 127.0.0.1:PORT`, and waits
+    /// until it is ready.
+    pub fn with_config(toml: &str, env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("datanode.toml");
+        std::fs::write(&path, toml).unwrap();
+        let launch = vec!["--config".to_string(), path.to_str().unwrap().to_string()];
+        Daemon::launch(launch, Some(dir), &[], env)
+    }
+
+    fn launch(launch: Vec<String>, config: Option<tempfile::TempDir>, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut daemon = Daemon {
             child: None,
             port: free_port(),
-            data: data.to_path_buf(),
+            launch,
             args: args.iter().map(|a| a.to_string()).collect(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            _config: config,
         };
         daemon.spawn();
         daemon
     }
 
     fn spawn(&mut self) {
+        self.spawn_process();
+        self.wait_ready();
+    }
+
+    fn spawn_process(&mut self) {
         let child = Command::new(env!("CARGO_BIN_EXE_datanode"))
-            .arg("--data-dir")
-            .arg(&self.data)
+            .args(&self.launch)
             .arg("--http-addr")
             .arg(format!("127.0.0.1:{}", self.port))
             .args(&self.args)
@@ -48,11 +77,60 @@ impl Daemon {
             .spawn()
             .expect("start datanode");
         self.child = Some(child);
-        self.wait_ready();
     }
 
     fn log_path(&self) -> PathBuf {
         std::env::temp_dir().join(format!("datanode-test-{}.stderr", self.port))
+    }
+
+    /// What the node logged (warnings and errors) so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The JSON at `path`, whatever the status.
+    pub fn json(&self, path: &str) -> serde_json::Value {
+        let (_, body) = call(ureq::get(&self.url(path)), None);
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// `/metrics` as text.
+    pub fn metrics(&self) -> String {
+        String::from_utf8(call(ureq::get(&self.url("/metrics")), None).1).unwrap()
+    }
+
+    /// The value of the sample whose line starts with `name{` and contains
+    /// every one of `labels` (`key="value"`), if there is one.
+    pub fn metric(&self, name: &str, labels: &[&str]) -> Option<f64> {
+        self.metrics()
+            .lines()
+            .filter(|line| line.starts_with(&format!("{name}{{")) && labels.iter().all(|l| line.contains(l)))
+            .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+    }
+
+    /// A partition's state name.
+    pub fn state_of(&self, partition: u64) -> String {
+        self.json(&format!("/v1/partitions/{partition}"))["state"].as_str().unwrap_or("?").to_string()
+    }
+
+    /// A disk's state name.
+    pub fn disk_state(&self, disk: &str) -> String {
+        let disks = self.json("/v1/disks");
+        let found = disks.as_array().into_iter().flatten().find(|d| d["name"] == disk);
+        found.and_then(|d| d["state"].as_str()).unwrap_or("?").to_string()
+    }
+
+    /// `POST /v1/partitions/{id}/recover`: its status and body.
+    pub fn recover(&self, partition: u64) -> (u16, serde_json::Value) {
+        let (status, body) = call(ureq::post(&self.url(&format!("/v1/partitions/{partition}/recover"))), Some(b""));
+        (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Starts again, without waiting for readiness (for a node whose disks
+    /// are all faulted).
+    pub fn restart_unready(&mut self) {
+        self.kill();
+        self.spawn_process();
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -125,4 +203,26 @@ pub fn error_code(body: &[u8]) -> String {
     let value: serde_json::Value = serde_json::from_slice(body).expect("JSON error body");
     assert!(value["message"].is_string(), "error bodies carry a message: {value}");
     value["error"].as_str().expect("error code").to_string()
+}
+
+/// Polls `condition` every 20 ms until it holds; panics with `what` after
+/// `timeout`. Returns how long it took.
+pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    started.elapsed()
+}
+
+/// A configuration with these disks (name, path) and extra TOML appended
+/// (sections the test needs, e.g. `[health]`).
+pub fn config_with_disks(disks: &[(&str, &Path)], extra: &str) -> String {
+    let mut toml = String::new();
+    for (name, path) in disks {
+        toml.push_str(&format!("[[disk]]\nname = \"{name}\"\npath = \"{}\"\n\n", path.display()));
+    }
+    toml.push_str(extra);
+    toml
 }

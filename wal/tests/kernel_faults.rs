@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use common::kernel::{SmallTmpfs, XfsDisk, unavailable};
+use common::kernel::{Fs, LoopDisk, SmallTmpfs, unavailable};
 use common::*;
 use datanode_wal::{Error, Wal, WalOptions};
 
@@ -26,7 +26,7 @@ fn xfs_shutdown_poisons_the_wal_and_acknowledged_records_survive() {
         return;
     }
     for (name, storage) in disk_backends() {
-        let mut disk = XfsDisk::new();
+        let mut disk = LoopDisk::new(Fs::Xfs);
         let dir = disk.path().join("wal");
         let wal = open(&storage, &dir, options());
         let written: Vec<Bytes> = (0..300).map(|i| payload(1, i, 4096)).collect();
@@ -61,7 +61,7 @@ fn power_cuts_keep_every_acknowledged_record() {
         return;
     }
     for (name, storage) in disk_backends() {
-        let mut disk = XfsDisk::new();
+        let mut disk = LoopDisk::new(Fs::Xfs);
         let dir = disk.path().join("wal");
         let mut acked: BTreeMap<u64, Bytes> = BTreeMap::new();
         for cycle in 0..4u64 {

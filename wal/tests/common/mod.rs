@@ -1,6 +1,7 @@
 //! Helpers shared by the WAL's integration tests.
 #![allow(dead_code, clippy::unwrap_used)]
 
+#[path = "../../../tests/support/disks.rs"]
 pub mod kernel;
 
 use std::path::Path;
