@@ -13,7 +13,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::disks::{Fs, LoopDisk, unavailable};
+use support::disks::{Fs, LoopDisk, SmallTmpfs, unavailable};
 use support::load::{Load, assert_all_readable};
 use support::{Daemon, config_with_disks, wait_for};
 
@@ -93,4 +93,98 @@ fn s2_disk_death_is_contained() {
     for p in [1, 2, 3, 4] {
         assert_eq!(node.state_of(p), "healthy", "partition {p} after recover and restart");
     }
+}
+
+/// A full disk: ENOSPC turns its partitions read-only (reads still
+/// served), the other disk never notices, and once space returns the
+/// partitions are writable again on their own; nothing acknowledged is lost.
+#[test]
+fn enospc_is_read_only_until_space_returns_and_loses_nothing() {
+    if unavailable(&["mount"]).is_some() {
+        return;
+    }
+    let small = SmallTmpfs::new(12 << 20);
+    let other = tempfile::tempdir().unwrap();
+    let settings = "[health]\nprobe_interval = \"200ms\"\n\n[wal]\nsegment_size = \"1MiB\"\n";
+    let toml = config_with_disks(&[("d0", small.path()), ("d1", other.path())], settings);
+    let mut node = Daemon::with_config(&toml, &[]);
+    let (full, alive) = ([1, 3], [2, 4]);
+    let load = Load::start(&node.url(""), &[1, 2, 3, 4], 2, 16 << 10, "full");
+    let took = wait_for("d0's partitions read-only", Duration::from_secs(60), || {
+        full.iter().all(|&p| node.state_of(p) == "read_only")
+    });
+    eprintln!("writes until read_only(disk_full): {took:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let outcome = load.stop();
+    for p in full {
+        let partition = node.json(&format!("/v1/partitions/{p}"));
+        assert_eq!(partition["reasons"], serde_json::json!(["disk_full"]), "{partition}");
+        assert!(outcome.acked_on(p) > 0);
+        let refused = outcome.failures.get(&p).cloned().unwrap_or_default();
+        assert!(refused.keys().all(|&status| status == 503), "a full disk is 503, never 500: {refused:?}");
+    }
+    for p in alive {
+        assert_eq!(outcome.failed_on(p), 0, "partition {p} on the other disk: {:?}", outcome.failures);
+    }
+    assert_all_readable(&node, &outcome.acked, "while full");
+    assert_eq!(support::call(ureq::put(&node.url("/v1/partitions/1/blobs/more")), Some(b"x")).0, 503);
+
+    small.resize(64 << 20);
+    let took = wait_for("d0's partitions healthy again", Duration::from_secs(30), || {
+        full.iter().all(|&p| node.state_of(p) == "healthy")
+    });
+    eprintln!("space back to healthy: {took:?}");
+    assert_eq!(support::call(ureq::put(&node.url("/v1/partitions/1/blobs/more")), Some(b"x")).0, 201);
+    node.restart();
+    assert_all_readable(&node, &outcome.acked, "after restart");
+}
+
+/// `kill -9` under load, cycle after cycle: every acknowledged write is
+/// there after each restart, and every partition comes back healthy.
+#[test]
+fn kill_9_under_load_loses_no_acknowledged_write() {
+    let data = tempfile::tempdir().unwrap();
+    let mut node = Daemon::start(data.path(), &[], &[]);
+    let mut acked = Vec::new();
+    for cycle in 0..12 {
+        let load = Load::start(&node.url(""), &[1, 2, 3, 4], 2, 1024 + cycle * 512, &format!("k{cycle}"));
+        wait_for("acknowledged writes", Duration::from_secs(30), || load.acked() >= 40);
+        node.kill();
+        acked.extend(load.stop().acked);
+        node.restart();
+        for p in [1, 2, 3, 4] {
+            assert_eq!(node.state_of(p), "healthy", "cycle {cycle}: partition {p}");
+        }
+        assert_all_readable(&node, &acked, &format!("cycle {cycle}"));
+    }
+    eprintln!("{} acknowledged writes over 12 kill -9 cycles, all read back", acked.len());
+}
+
+/// Power cuts: the filesystem shut down without flushing its log (what
+/// was not on the journal is gone) and the process killed, then the disk
+/// remounted and the node started: every acknowledged write is there.
+#[test]
+fn power_cuts_lose_no_acknowledged_write() {
+    if unavailable(Fs::Xfs.tools()).is_some() {
+        return;
+    }
+    let mut disk = LoopDisk::new(Fs::Xfs);
+    let toml = config_with_disks(&[("d0", disk.path())], FAST_PROBES);
+    let mut node = Daemon::with_config(&toml, &[]);
+    let mut acked = Vec::new();
+    for cycle in 0..4 {
+        let load = Load::start(&node.url(""), &[1, 2, 3, 4], 2, 4096, &format!("pc{cycle}"));
+        wait_for("acknowledged writes", Duration::from_secs(30), || load.acked() >= 100);
+        disk.shutdown(false);
+        node.kill();
+        acked.extend(load.stop().acked);
+        disk.unmount();
+        disk.mount();
+        node.restart();
+        for p in [1, 2, 3, 4] {
+            assert_eq!(node.state_of(p), "healthy", "cycle {cycle}: partition {p}");
+        }
+        assert_all_readable(&node, &acked, &format!("power cut {cycle}"));
+    }
+    eprintln!("{} acknowledged writes over 4 power cuts, all read back", acked.len());
 }

@@ -198,6 +198,11 @@ impl SmallTmpfs {
     pub fn path(&self) -> &Path {
         &self.mount_point
     }
+
+    /// Grows (or shrinks) the filesystem in place: space returns.
+    pub fn resize(&self, bytes: u64) {
+        run("mount", &["-o", &format!("remount,size={bytes}"), self.mount_point.to_str().unwrap()]);
+    }
 }
 
 impl Drop for SmallTmpfs {
