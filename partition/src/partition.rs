@@ -126,18 +126,8 @@ impl Partition {
     /// Never fails: a partition that cannot be loaded is returned faulted,
     /// with the reason, so that it is visible and recoverable. A fault
     /// record left on disk keeps it faulted without touching the log.
-    pub fn open(storage: Arc<dyn Storage>, mut options: PartitionOptions) -> Partition {
-        options.wal.log_id = options.id;
-        options.wal.observer = Some(Arc::new(WalMetrics::new(options.id, &options.disk)));
-        let partition = Partition {
-            health: Health::new(options.id, &options.disk),
-            options,
-            storage,
-            inner: RwLock::new(Inner::default()),
-            read_errors: AtomicU32::new(0),
-            maintenance: Mutex::new(()),
-            grace: Grace::default(),
-        };
+    pub fn open(storage: Arc<dyn Storage>, options: PartitionOptions) -> Partition {
+        let partition = Partition::unloaded(storage, options);
         match fault_file::read(partition.storage.as_ref(), &partition.options.dir) {
             Ok(Some(fault)) => {
                 tracing::warn!(partition = partition.options.id, "fault record found: staying faulted until recover");
@@ -150,6 +140,29 @@ impl Partition {
             Err(error) => partition.fail(io_fault("open", &error)),
         }
         partition
+    }
+
+    /// A partition that cannot even be identified safely (its `PARTITION`
+    /// file is unreadable): registered faulted with `fault`, without
+    /// touching its log; `recover` loads it once the disk reads again.
+    pub fn open_faulted(storage: Arc<dyn Storage>, options: PartitionOptions, fault: Fault) -> Partition {
+        let partition = Partition::unloaded(storage, options);
+        partition.fail(fault);
+        partition
+    }
+
+    fn unloaded(storage: Arc<dyn Storage>, mut options: PartitionOptions) -> Partition {
+        options.wal.log_id = options.id;
+        options.wal.observer = Some(Arc::new(WalMetrics::new(options.id, &options.disk)));
+        Partition {
+            health: Health::new(options.id, &options.disk),
+            options,
+            storage,
+            inner: RwLock::new(Inner::default()),
+            read_errors: AtomicU32::new(0),
+            maintenance: Mutex::new(()),
+            grace: Grace::default(),
+        }
     }
 
     /// The partition id.

@@ -38,7 +38,7 @@ use datanode_wal::{Storage, WalOptions};
 
 use crate::disk::{Disk, DiskOptions, DiskStatus};
 use crate::fault_journal::{self, FaultJournal, JournalEntry};
-use crate::partition::{Partition, PartitionOptions};
+use crate::partition::{Partition, PartitionOptions, io_fault};
 use crate::state::State;
 
 /// How long `close` waits for the fault journal's copies.
@@ -271,14 +271,26 @@ impl Registry {
         for name in names {
             let path = dir.join(&name);
             match parse_entry(&name) {
-                EntryName::Partition(id) if self.read_meta(&path) == Some(id) => {
+                EntryName::Partition(id) => {
+                    // A `PARTITION` file that cannot be read (EIO) still names a
+                    // partition: it is served faulted, never left to the
+                    // verifier to quarantine as unknown.
+                    let unreadable = match self.read_meta(&path) {
+                        Ok(Some(found)) if found == id => None,
+                        Ok(_) => continue, // not one of ours: the verifier decides
+                        Err(error) => Some(error),
+                    };
                     let mut slots = self.lock();
                     if slots.by_id.contains_key(&id) {
                         continue; // the same id on a second disk: the verifier quarantines it
                     }
                     let generation = slots.next();
                     drop(slots);
-                    let partition = Arc::new(Partition::open(Arc::clone(&self.storage), self.options(id, disk)));
+                    let (storage, options) = (Arc::clone(&self.storage), self.options(id, disk));
+                    let partition = Arc::new(match unreadable {
+                        None => Partition::open(storage, options),
+                        Some(error) => Partition::open_faulted(storage, options, io_fault("open", &error)),
+                    });
                     self.lock()
                         .by_id
                         .insert(id, Slot { disk: disk.name.clone(), generation, state: SlotState::Active(partition) });
@@ -291,7 +303,7 @@ impl Registry {
                     self.storage.remove_dir_all(&path).map_err(|e| io("remove", &path, e))?;
                     self.storage.sync_dir(&dir).map_err(|e| io("sync", &dir, e))?;
                 }
-                EntryName::Partition(_) | EntryName::Unknown => {}
+                EntryName::Unknown => {}
             }
         }
         Ok(())
@@ -382,11 +394,17 @@ impl Registry {
         storage.sync_dir(parent).map_err(|e| io("sync", parent, e))
     }
 
-    fn read_meta(&self, dir: &Path) -> Option<u64> {
-        let file = self.storage.open(&dir.join(META_FILE), false).ok()?;
-        let len = usize::try_from(file.file_len().ok()?).ok()?.min(256);
-        let text = String::from_utf8(file.read_exact_at(0, len).ok()?).ok()?;
-        text.lines().find_map(|line| line.strip_prefix("id=")).and_then(parse_id)
+    /// The id in `dir/PARTITION`: `Ok(None)` when the file is missing or
+    /// names no id, `Err` when it cannot be read.
+    fn read_meta(&self, dir: &Path) -> std::io::Result<Option<u64>> {
+        let file = match self.storage.open(&dir.join(META_FILE), false) {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        let len = usize::try_from(file.file_len()?).unwrap_or(usize::MAX).min(256);
+        let text = String::from_utf8_lossy(&file.read_exact_at(0, len)?).into_owned();
+        Ok(text.lines().find_map(|line| line.strip_prefix("id=")).and_then(parse_id))
     }
 
     /// Deletes partition `id`: unregister, close, move aside, remove.

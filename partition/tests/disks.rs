@@ -180,3 +180,25 @@ fn a_dead_disks_faults_stay_sticky_across_a_restart_until_recover() {
     let registry = open(&restarted.crash_image());
     assert_eq!(causes(&registry), [None; 4], "a recover is remembered too");
 }
+
+#[test]
+fn an_unreadable_partition_file_is_served_faulted_never_quarantined() {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let sim = SimStorage::new(8);
+    let registry = registry(&sim);
+    rt.block_on(registry.get(1).unwrap().put(b"k", b"kept")).unwrap();
+    registry.close();
+    drop(registry);
+    // A latent sector error under partition 1's PARTITION file.
+    sim.inject(Fault::new(FaultOp::Read, libc::EIO).on_path("/d0/partitions/1/PARTITION").sticky());
+    let registry = open(&sim);
+    match state_of(&registry, 1) {
+        State::Faulted(fault) => assert_eq!((fault.cause, fault.errno), (FaultCause::Io, Some(libc::EIO))),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(state_of(&registry, 4), State::Healthy);
+    assert!(registry.verify_once().quarantined.is_empty(), "an unreadable partition is not an unknown one");
+    sim.clear_faults();
+    registry.get(1).unwrap().recover().unwrap();
+    assert_eq!(&registry.get(1).unwrap().get(b"k", None).unwrap()[..], b"kept");
+}
