@@ -268,14 +268,7 @@ async fn put_blob(
     let put = partition.put(&key, &body);
     let ack = match tokio::time::timeout(node.config.limits.request_timeout, put).await {
         Ok(result) => result.map_err(|e| partition_error(id, e))?,
-        Err(_) => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "timeout",
-                "the partition did not answer in time",
-            )
-            .on(id));
-        }
+        Err(_) => return Err(write_timed_out(id)),
     };
     Ok((StatusCode::CREATED, Json(json!({ "lsn": ack.lsn, "size": ack.size }))).into_response())
 }
@@ -286,11 +279,20 @@ async fn delete_blob(State(node): State<Arc<Node>>, Pid(pid): Pid, uri: Uri) -> 
     refuse_if_draining(&node, id)?;
     match tokio::time::timeout(node.config.limits.request_timeout, partition.delete(&key)).await {
         Ok(result) => result.map(|_| StatusCode::NO_CONTENT).map_err(|e| partition_error(id, e)),
-        Err(_) => {
-            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "the partition did not answer in time")
-                .on(id))
-        }
+        Err(_) => Err(write_timed_out(id)),
     }
+}
+
+/// A put or delete that did not finish within `request_timeout` is still
+/// queued or being synced: it may yet become durable, so it is not a 503
+/// ("not attempted, retry elsewhere") but `write_outcome_unknown`.
+fn write_timed_out(id: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "write_outcome_unknown",
+        "the partition did not answer within request_timeout; the write may still become durable",
+    )
+    .on(id)
 }
 
 /// `Range: bytes=a-b | a- | -n` against a blob of `len` bytes, as a
