@@ -192,18 +192,7 @@ fn power_cuts_lose_no_acknowledged_write() {
 
 /// Where partition `id`'s files on `disk` lie in the disk's image.
 fn partition_extents(disk: &LoopDisk, id: u64) -> Vec<std::ops::Range<u64>> {
-    let mut ranges = Vec::new();
-    let mut dirs = vec![disk.path().join(format!("partitions/{id}"))];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else {
-                ranges.extend(disk.extents(&path));
-            }
-        }
-    }
+    let ranges = disk.extents_under(&disk.path().join(format!("partitions/{id}")));
     assert!(!ranges.is_empty(), "partition {id} has data on {}", disk.path().display());
     ranges
 }

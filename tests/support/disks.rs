@@ -166,6 +166,23 @@ impl LoopDisk {
             })
             .collect()
     }
+
+    /// Where every file under `dir` (on this filesystem) lies in the image.
+    pub fn extents_under(&self, dir: &Path) -> Vec<Range<u64>> {
+        let mut ranges = Vec::new();
+        let mut dirs = vec![dir.to_path_buf()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else {
+                    ranges.extend(self.extents(&path));
+                }
+            }
+        }
+        ranges
+    }
 }
 
 impl Drop for LoopDisk {
