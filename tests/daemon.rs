@@ -235,7 +235,9 @@ fn s1_sigterm_under_load() {
                 })
             })
             .collect();
-        support_wait(|| got.lock().unwrap().len() >= 50);
+        support::wait_for("acknowledged writes", std::time::Duration::from_secs(60), || {
+            got.lock().unwrap().len() >= 50
+        });
         let status = daemon.terminate();
         stop.store(true, Ordering::Release);
         for writer in writers {
@@ -249,14 +251,6 @@ fn s1_sigterm_under_load() {
             let (status, body) = call(ureq::get(&daemon.url(&format!("/v1/partitions/{partition}/blobs/{key}"))), None);
             assert_eq!((status, &body), (200, value), "cycle {cycle}: acknowledged {key} lost");
         }
-    }
-}
-
-fn support_wait(mut condition: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !condition() {
-        assert!(std::time::Instant::now() < deadline, "timed out");
-        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
@@ -311,9 +305,9 @@ fn state_changes_are_pushed_to_alertmanager_and_resolved() {
         })
     };
     read_only(true);
-    support_wait(|| pushed(false));
+    support::wait_for("the firing alert pushed", std::time::Duration::from_secs(60), || pushed(false));
     read_only(false);
-    support_wait(|| pushed(true));
+    support::wait_for("the resolved alert pushed", std::time::Duration::from_secs(60), || pushed(true));
 }
 
 #[test]
