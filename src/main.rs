@@ -4,6 +4,7 @@
 
 mod alerts;
 mod api;
+mod bench;
 mod config;
 mod node;
 mod status;
@@ -44,6 +45,8 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:7070")]
         url: String,
     },
+    /// Put a load on a running node and report throughput and latency.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -77,6 +80,13 @@ fn main() -> ExitCode {
             }
             Err(error) => {
                 eprintln!("datanode: cannot read the node's status: {error}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
+        Some(Command::Bench(args)) => match bench::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("datanode bench: {error:#}");
                 ExitCode::from(EXIT_RUNTIME)
             }
         },

@@ -343,3 +343,24 @@ fn systemd_is_told_ready_after_load_and_stopping_on_sigterm() {
     let n = socket.recv(&mut message).unwrap();
     assert_eq!(&message[..n], b"STOPPING=1");
 }
+
+#[test]
+fn bench_puts_and_gets_against_a_node_and_reports_json() {
+    let data = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(data.path(), &[], &[]);
+    let output = Command::new(env!("CARGO_BIN_EXE_datanode"))
+        .args(["bench", "--url", &daemon.url(""), "--connections", "4", "--partitions", "1-4", "--keys", "20"])
+        .args(["--value-size", "1KiB", "--duration", "1s", "--warmup", "0s", "--json", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    for op in ["put", "get"] {
+        assert!(result[op]["ops"].as_u64().unwrap() > 0, "{result}");
+        assert_eq!(result[op]["errors"], json!({}), "{result}");
+        let (p50, p999) = (result[op]["p50_ms"].as_f64().unwrap(), result[op]["p999_ms"].as_f64().unwrap());
+        assert!(0.0 < p50 && p50 <= p999, "{result}");
+    }
+    let (status, _) = call(ureq::get(&daemon.url("/v1/partitions/3/blobs/bench-7")), None);
+    assert_eq!(status, 200, "the prefill wrote every key");
+}
