@@ -146,7 +146,7 @@ segment_size = "64MiB"
 durability = "sync"
 sync_interval = "10ms"
 max_batch_bytes = "4MiB"
-io_backend = "auto"
+io_backend = "std"
 
 [limits]
 max_blob_size = "16MiB"

@@ -1,0 +1,369 @@
+//! Node-level benchmarks (DESIGN.md section 9):
+//!
+//! - **N1**: PUT and GET of 4 KiB values, 64 connections over 8
+//!   partitions, against the real binary (`datanode bench`), and the same
+//!   load straight on the partition layer in this process (64 threads, the
+//!   same WAL backend and options): the cost of the HTTP layer.
+//! - **N2**: isolation. 64 connections over partitions 2-8 while 8 more
+//!   connections write to partition 1, which is healthy (baseline),
+//!   faulted (bit rot found at load), or whose fsync hangs (its disk is a
+//!   FUSE passthrough with a hang rule; needs root and fusermount3).
+//!   Reported: the 64 connections' throughput and p99 against the
+//!   baseline.
+//!
+//! ```sh
+//! cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2] [--backend std|uring|auto]
+//! ```
+//!
+//! `--dir` must be on the disk under test (default `target/bench-node`).
+//! Results are printed as markdown tables (medians of the rounds) and, with
+//! `--json FILE`, written for `benches/charts.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use datanode_partition::{DiskDir, PartitionDefaults, Registry};
+use datanode_wal::{IoBackend, WalOptions};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use support::Daemon;
+
+struct Args {
+    dir: PathBuf,
+    rounds: usize,
+    seconds: f64,
+    only: Option<Vec<String>>,
+    backend: String,
+    json: Option<PathBuf>,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        dir: PathBuf::from("target/bench-node"),
+        rounds: 3,
+        seconds: 5.0,
+        only: None,
+        backend: "std".into(),
+        json: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--dir" => args.dir = PathBuf::from(it.next().expect("--dir DIR")),
+            "--rounds" => args.rounds = it.next().and_then(|v| v.parse().ok()).expect("--rounds N"),
+            "--seconds" => args.seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds S"),
+            "--only" => args.only = Some(it.next().expect("--only N1,N2").split(',').map(String::from).collect()),
+            "--backend" => args.backend = it.next().expect("--backend std|uring|auto"),
+            "--json" => args.json = Some(PathBuf::from(it.next().expect("--json FILE"))),
+            "--bench" => {}
+            other => panic!(
+                "unknown argument {other}; usage: cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2] [--backend std|uring|auto] [--json FILE]"
+            ),
+        }
+    }
+    args
+}
+
+fn wanted(args: &Args, id: &str) -> bool {
+    args.only.as_ref().is_none_or(|only| only.iter().any(|o| o == id))
+}
+
+fn fresh_dir(root: &Path, name: &str) -> PathBuf {
+    let dir = root.join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::canonicalize(dir).unwrap()
+}
+
+/// One measured run: ops/s and latency percentiles in ms.
+#[derive(Debug, Clone, Copy, Default)]
+struct Run {
+    ops: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    errors: u64,
+}
+
+impl Run {
+    fn from_bench(result: &Value, op: &str) -> Run {
+        let r = &result[op];
+        let errors = r["errors"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+        Run {
+            ops: r["ops_per_sec"].as_f64().unwrap_or(0.0),
+            p50: r["p50_ms"].as_f64().unwrap_or(0.0),
+            p99: r["p99_ms"].as_f64().unwrap_or(0.0),
+            p999: r["p999_ms"].as_f64().unwrap_or(0.0),
+            errors,
+        }
+    }
+
+    fn from_histogram(h: &Histogram<u64>, seconds: f64) -> Run {
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Run { ops: h.len() as f64 / seconds, p50: ms(0.5), p99: ms(0.99), p999: ms(0.999), errors: 0 }
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn medians(runs: &[Run]) -> Run {
+    Run {
+        ops: median(runs.iter().map(|r| r.ops).collect()),
+        p50: median(runs.iter().map(|r| r.p50).collect()),
+        p99: median(runs.iter().map(|r| r.p99).collect()),
+        p999: median(runs.iter().map(|r| r.p999).collect()),
+        errors: runs.iter().map(|r| r.errors).sum(),
+    }
+}
+
+const CONNECTIONS: usize = 64;
+const VALUE: usize = 4096;
+const KEYS: u64 = 1000;
+
+fn node_config(disks: &[(&str, &Path)], backend: &str) -> String {
+    support::config_with_disks(
+        disks,
+        &format!(
+            "[node]\nbootstrap_partitions = 0\n\n[wal]\nio_backend = \"{backend}\"\n\n[health]\nprobe_interval = \"1s\"\n\n[limits]\nrequest_timeout = \"2s\"\n"
+        ),
+    )
+}
+
+fn create(node: &Daemon, id: u64, disk: &str) {
+    let body = format!("{{\"id\":{id},\"disk\":\"{disk}\"}}");
+    let (status, reply) = support::call(ureq::post(&node.url("/v1/partitions")), Some(body.as_bytes()));
+    assert_eq!(status, 201, "create {id}: {}", String::from_utf8_lossy(&reply));
+}
+
+/// `datanode bench` against `node`; returns its JSON.
+fn http_load(node: &Daemon, partitions: &str, connections: usize, put_ratio: f64, seconds: f64) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_datanode"))
+        .args(["bench", "--url", &node.url(""), "--partitions", partitions, "--json", "--quiet"])
+        .args(["--connections", &connections.to_string(), "--put-ratio", &put_ratio.to_string()])
+        .args(["--value-size", &VALUE.to_string(), "--keys", &KEYS.to_string()])
+        .args(["--duration", &format!("{}ms", (seconds * 1000.0) as u64), "--warmup", "1s"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("datanode bench")
+}
+
+fn result_of(child: std::process::Child) -> Value {
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "datanode bench failed");
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// N1 over HTTP: a fresh node with partitions 1-8.
+fn n1_http(args: &Args, put: bool) -> Run {
+    let disk = fresh_dir(&args.dir, "n1-http");
+    let node = Daemon::with_config(&node_config(&[("d0", &disk)], &args.backend), &[]);
+    for id in 1..=8 {
+        create(&node, id, "d0");
+    }
+    let result = result_of(http_load(&node, "1-8", CONNECTIONS, if put { 1.0 } else { 0.0 }, args.seconds));
+    Run::from_bench(&result, if put { "put" } else { "get" })
+}
+
+/// N1 straight on the partition layer: the same 8 partitions, 64 threads.
+fn n1_direct(args: &Args, put: bool) -> Run {
+    let disk = fresh_dir(&args.dir, "n1-direct");
+    let backend: IoBackend = args.backend.parse().unwrap();
+    let storage = datanode_wal::open_backend(backend).unwrap();
+    let defaults = PartitionDefaults { wal: WalOptions::new(0), ..PartitionDefaults::default() };
+    let registry = Arc::new(Registry::open(storage, vec![DiskDir { name: "d0".into(), path: disk }], defaults));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let partitions: Vec<_> = (1..=8).map(|id| registry.create(id, "d0").unwrap()).collect();
+    let value = vec![b'v'; VALUE];
+    if !put {
+        for partition in &partitions {
+            for key in 0..KEYS {
+                runtime.block_on(partition.put(format!("bench-{key}").as_bytes(), &value)).unwrap();
+            }
+        }
+    }
+    let (measuring, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let threads: Vec<_> = (0..CONNECTIONS)
+        .map(|t| {
+            let (partitions, value, handle) = (partitions.clone(), value.clone(), runtime.handle().clone());
+            let (measuring, stop) = (Arc::clone(&measuring), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1);
+                while !stop.load(Ordering::Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let partition = &partitions[(x % 8) as usize];
+                    let key = format!("bench-{}", (x >> 8) % KEYS);
+                    let started = Instant::now();
+                    if put {
+                        handle.block_on(partition.put(key.as_bytes(), &value)).unwrap();
+                    } else {
+                        std::hint::black_box(partition.get(key.as_bytes(), None).unwrap());
+                    }
+                    if measuring.load(Ordering::Relaxed) {
+                        h.record((started.elapsed().as_micros() as u64).max(1)).unwrap();
+                    }
+                }
+                h
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(args.seconds));
+    stop.store(true, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for thread in threads {
+        all.add(thread.join().unwrap()).unwrap();
+    }
+    registry.close();
+    Run::from_histogram(&all, seconds)
+}
+
+fn row(name: &str, run: &Run, base: Option<&Run>) -> String {
+    let ratio = base.map_or(String::from("1.00x"), |b| format!("{:.2}x", run.ops / b.ops));
+    let p99 = base.map_or(String::from("1.00x"), |b| format!("{:.2}x", run.p99 / b.p99));
+    format!(
+        "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {ratio} | {p99} | {} |",
+        run.ops, run.p50, run.p99, run.p999, run.errors
+    )
+}
+
+const HEADER: &str = "| run | ops/s | p50 ms | p99 ms | p99.9 ms | throughput vs base | p99 vs base | errors |\n|---|---|---|---|---|---|---|---|";
+
+fn n1(args: &Args, out: &mut Vec<Value>) {
+    for put in [true, false] {
+        let op = if put { "PUT" } else { "GET" };
+        let (mut http, mut direct) = (Vec::new(), Vec::new());
+        for round in 0..args.rounds {
+            eprintln!("N1 {op} round {}/{}", round + 1, args.rounds);
+            direct.push(n1_direct(args, put));
+            http.push(n1_http(args, put));
+        }
+        let (http, direct) = (medians(&http), medians(&direct));
+        println!("\n### N1 {op} 4 KiB, 64 connections, 8 partitions, backend {}\n\n{HEADER}", args.backend);
+        println!("{}", row("partition layer, in process", &direct, None));
+        println!("{}", row("HTTP, real binary", &http, Some(&direct)));
+        out.push(
+            json!({"id": "N1", "op": op, "backend": args.backend, "direct": to_json(&direct), "http": to_json(&http)}),
+        );
+    }
+}
+
+fn to_json(run: &Run) -> Value {
+    json!({"ops_per_sec": run.ops, "p50_ms": run.p50, "p99_ms": run.p99, "p999_ms": run.p999, "errors": run.errors})
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Trouble {
+    None,
+    Faulted,
+    HungFsync,
+}
+
+/// One N2 run: partitions 2-8 on d0 under 64 connections, partition 1 on
+/// d1 under 8 connections of its own, in the given trouble.
+fn n2_run(args: &Args, trouble: Trouble) -> Run {
+    let d0 = fresh_dir(&args.dir, "n2-d0");
+    let fuse = (trouble == Trouble::HungFsync).then(support::fuse::FuseDir::new);
+    let plain = fresh_dir(&args.dir, "n2-d1");
+    let d1 = fuse.as_ref().map_or(plain.as_path(), |f| f.path());
+    let mut node = Daemon::with_config(&node_config(&[("d0", &d0), ("d1", d1)], &args.backend), &[]);
+    create(&node, 1, "d1");
+    for id in 2..=8 {
+        create(&node, id, "d0");
+    }
+    match trouble {
+        Trouble::None => {}
+        Trouble::Faulted => {
+            let url = node.url("/v1/partitions/1/blobs/x");
+            for _ in 0..100 {
+                assert_eq!(support::call(ureq::put(&url), Some(&[7u8; 4096])).0, 201);
+            }
+            assert_eq!(node.terminate().code(), Some(0));
+            let wal = d1.join("partitions/1/wal");
+            let segment = std::fs::read_dir(&wal).unwrap().flatten().map(|e| e.path()).min().unwrap();
+            let mut bytes = std::fs::read(&segment).unwrap();
+            bytes[64 + 48 + 100] ^= 1;
+            std::fs::write(&segment, bytes).unwrap();
+            node.restart();
+            assert_eq!(node.state_of(1), "faulted");
+        }
+        Trouble::HungFsync => {
+            let rules = &fuse.as_ref().unwrap().rules;
+            rules.add_on(
+                support::fuse::Op::Sync,
+                "partitions/1/",
+                support::fuse::Rules::everywhere(),
+                support::fuse::Action::Hang,
+            );
+        }
+    }
+    let noise = http_load(&node, "1", 8, 1.0, args.seconds);
+    let measured = result_of(http_load(&node, "2-8", CONNECTIONS, 1.0, args.seconds));
+    let noise = noise.wait_with_output().unwrap();
+    let noise: Value = serde_json::from_slice(&noise.stdout).unwrap_or_default();
+    eprintln!("  partition 1 ({trouble:?}): {} puts/s, errors {}", noise["put"]["ops_per_sec"], noise["put"]["errors"]);
+    if let Some(fuse) = &fuse {
+        fuse.rules.clear();
+    }
+    drop(node);
+    Run::from_bench(&measured, "put")
+}
+
+fn n2(args: &Args, out: &mut Vec<Value>) {
+    let mut troubles = vec![Trouble::None, Trouble::Faulted];
+    if support::disks::unavailable(&["fusermount3"]).is_none() {
+        troubles.push(Trouble::HungFsync);
+    }
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); troubles.len()];
+    for round in 0..args.rounds {
+        for (i, trouble) in troubles.iter().enumerate() {
+            eprintln!("N2 {trouble:?} round {}/{}", round + 1, args.rounds);
+            runs[i].push(n2_run(args, *trouble));
+        }
+    }
+    let medians: Vec<Run> = runs.iter().map(|r| medians(r)).collect();
+    println!(
+        "\n### N2 PUT 4 KiB, 64 connections over partitions 2-8, partition 1 under 8 more, backend {}\n\n{HEADER}",
+        args.backend
+    );
+    for (trouble, run) in troubles.iter().zip(&medians) {
+        let name = match trouble {
+            Trouble::None => "partition 1 healthy (baseline)",
+            Trouble::Faulted => "partition 1 faulted",
+            Trouble::HungFsync => "partition 1's fsync hangs",
+        };
+        println!("{}", row(name, run, (*trouble != Trouble::None).then_some(&medians[0])));
+        out.push(json!({"id": "N2", "trouble": format!("{trouble:?}"), "backend": args.backend, "run": to_json(run)}));
+    }
+}
+
+fn main() {
+    let args = parse_args();
+    std::fs::create_dir_all(&args.dir).unwrap();
+    let mut out = Vec::new();
+    if wanted(&args, "N1") {
+        n1(&args, &mut out);
+    }
+    if wanted(&args, "N2") {
+        n2(&args, &mut out);
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
+    }
+}
