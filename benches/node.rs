@@ -10,9 +10,14 @@
 //!   FUSE passthrough with a hang rule; needs root and fusermount3).
 //!   Reported: the 64 connections' throughput and p99 against the
 //!   baseline.
+//! - **SWEEP** (only when asked for): 4 KiB PUTs with 1 to 256
+//!   connections, throughput against latency, for `scripts/charts.py`.
+//! - **RSS**: the resident memory of a node holding `--blobs` (default 10
+//!   million) blobs of 64 bytes, written straight through the partition
+//!   layer, after the real binary has replayed them.
 //!
 //! ```sh
-//! cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2] [--backend std|uring|auto]
+//! cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,RSS] [--backend std|uring|auto] [--blobs N]
 //! ```
 //!
 //! `--dir` must be on the disk under test (default `target/bench-node`).
@@ -21,7 +26,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::path::{Path, PathBuf};
@@ -43,6 +47,7 @@ struct Args {
     only: Option<Vec<String>>,
     backend: String,
     json: Option<PathBuf>,
+    blobs: u64,
 }
 
 fn parse_args() -> Args {
@@ -53,6 +58,7 @@ fn parse_args() -> Args {
         only: None,
         backend: "std".into(),
         json: None,
+        blobs: 10_000_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -63,9 +69,10 @@ fn parse_args() -> Args {
             "--only" => args.only = Some(it.next().expect("--only N1,N2").split(',').map(String::from).collect()),
             "--backend" => args.backend = it.next().expect("--backend std|uring|auto"),
             "--json" => args.json = Some(PathBuf::from(it.next().expect("--json FILE"))),
+            "--blobs" => args.blobs = it.next().and_then(|v| v.parse().ok()).expect("--blobs N"),
             "--bench" => {}
             other => panic!(
-                "unknown argument {other}; usage: cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2] [--backend std|uring|auto] [--json FILE]"
+                "unknown argument {other}; usage: cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,RSS] [--backend std|uring|auto] [--json FILE] [--blobs N]"
             ),
         }
     }
@@ -353,6 +360,86 @@ fn n2(args: &Args, out: &mut Vec<Value>) {
     }
 }
 
+/// Writes `blobs` blobs of 64 bytes (16-byte keys) over 8 partitions
+/// straight through the partition layer, then starts the real binary on
+/// that data and reads its resident memory once it is ready.
+fn rss(args: &Args, out: &mut Vec<Value>) {
+    let disk = fresh_dir(&args.dir, "rss");
+    let storage = datanode_wal::open_backend(IoBackend::Std).unwrap();
+    let wal = WalOptions { durability: datanode_wal::Durability::None, ..WalOptions::new(0) };
+    let defaults = PartitionDefaults { wal, ..PartitionDefaults::default() };
+    let registry = Registry::open(storage, vec![DiskDir { name: "d0".into(), path: disk.clone() }], defaults);
+    let partitions: Vec<_> = (1..=8).map(|id| registry.create(id, "d0").unwrap()).collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+    let started = Instant::now();
+    let lanes = 64u64;
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..lanes)
+            .map(|lane| {
+                let partitions = partitions.clone();
+                let blobs = args.blobs;
+                tokio::spawn(async move {
+                    let value = [b'v'; 64];
+                    for n in (lane..blobs).step_by(lanes as usize) {
+                        let key = format!("blob-{n:011}");
+                        partitions[(n % 8) as usize].put(key.as_bytes(), &value).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    });
+    registry.close();
+    drop(registry);
+    eprintln!("RSS: wrote {} blobs in {:.0?}", args.blobs, started.elapsed());
+    let started = Instant::now();
+    let node = Daemon::start(&disk, &[], &[]);
+    let load = started.elapsed();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid().unwrap())).unwrap();
+    let kib = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let (rss, hwm) = (kib("VmRSS:") * 1024, kib("VmHWM:") * 1024);
+    let blobs =
+        node.json("/v1/partitions").as_array().unwrap().iter().map(|p| p["blobs"].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(blobs, args.blobs, "every blob is in the index");
+    println!("\n### Memory: a node holding {blobs} blobs of 64 bytes (16-byte keys, 8 partitions)\n");
+    println!("| blobs | start to ready | RSS | peak RSS | RSS per blob |\n|---|---|---|---|---|");
+    println!(
+        "| {blobs} | {:.1} s | {:.0} MiB | {:.0} MiB | {:.0} B |",
+        load.as_secs_f64(),
+        rss as f64 / (1 << 20) as f64,
+        hwm as f64 / (1 << 20) as f64,
+        rss as f64 / blobs as f64
+    );
+    out.push(json!({"id": "RSS", "blobs": blobs, "ready_seconds": load.as_secs_f64(), "rss_bytes": rss, "peak_rss_bytes": hwm}));
+}
+
+/// Throughput against latency of the node: 4 KiB PUTs over 8 partitions
+/// with more and more connections, one node for the whole sweep.
+fn sweep(args: &Args, out: &mut Vec<Value>) {
+    let disk = fresh_dir(&args.dir, "sweep");
+    let node = Daemon::with_config(&node_config(&[("d0", &disk)], &args.backend), &[]);
+    for id in 1..=8 {
+        create(&node, id, "d0");
+    }
+    println!("\n### SWEEP: node PUT 4 KiB over 8 partitions, backend {}\n\n{HEADER}", args.backend);
+    for connections in [1, 4, 16, 64, 256] {
+        let runs: Vec<Run> = (0..args.rounds)
+            .map(|_| Run::from_bench(&result_of(http_load(&node, "1-8", connections, 1.0, args.seconds)), "put"))
+            .collect();
+        let run = medians(&runs);
+        println!("{}", row(&format!("{connections} connections"), &run, None));
+        out.push(json!({"id": "SWEEP", "system": "datanode (HTTP)", "concurrency": connections, "ops_per_sec": run.ops, "p50_ms": run.p50, "p99_ms": run.p99}));
+    }
+}
+
 fn main() {
     let args = parse_args();
     std::fs::create_dir_all(&args.dir).unwrap();
@@ -362,6 +449,12 @@ fn main() {
     }
     if wanted(&args, "N2") {
         n2(&args, &mut out);
+    }
+    if args.only.as_ref().is_some_and(|only| only.iter().any(|o| o == "SWEEP")) {
+        sweep(&args, &mut out);
+    }
+    if wanted(&args, "RSS") {
+        rss(&args, &mut out);
     }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&out).unwrap()).unwrap();

@@ -4,7 +4,12 @@
 //!
 //! ```text
 //! cargo bench --bench wal -- [--dir DIR] [--rounds N] [--seconds S] [--only W1,W3]
+//! cargo bench --bench wal -- --only SWEEP --json target/wal-sweep.json
 //! ```
+//!
+//! `SWEEP` runs 4 KiB sync appends into one log with 1, 4, 16 and 64
+//! writers for the WAL and its peers: throughput against latency, the data
+//! of `scripts/charts.py`.
 //!
 //! `--dir` must be on the disk under test (default `target/bench-data`).
 //! fio rows need `fio` on the PATH; W5 drops the page cache when run as root.
@@ -24,10 +29,11 @@ struct Args {
     rounds: usize,
     seconds: f64,
     only: Option<Vec<String>>,
+    json: Option<PathBuf>,
 }
 
 fn parse_args() -> Args {
-    let mut args = Args { dir: PathBuf::from("target/bench-data"), rounds: 3, seconds: 3.0, only: None };
+    let mut args = Args { dir: PathBuf::from("target/bench-data"), rounds: 3, seconds: 3.0, only: None, json: None };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -35,6 +41,7 @@ fn parse_args() -> Args {
             "--rounds" => args.rounds = it.next().and_then(|v| v.parse().ok()).expect("--rounds N"),
             "--seconds" => args.seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds S"),
             "--only" => args.only = Some(it.next().expect("--only W1,W2").split(',').map(String::from).collect()),
+            "--json" => args.json = Some(PathBuf::from(it.next().expect("--json FILE"))),
             "--bench" => {}
             "--help" | "-h" => {
                 println!(
@@ -516,5 +523,39 @@ fn main() {
     }
     if wanted("W5") {
         w5(&args);
+    }
+    if args.only.as_ref().is_some_and(|only| only.iter().any(|o| o == "SWEEP")) {
+        sweep(&args);
+    }
+}
+
+/// Throughput against latency: 4 KiB sync appends, one log, more and more
+/// writers, for the WAL and its peers.
+fn sweep(args: &Args) {
+    let root = args.dir.join("sweep");
+    let systems = [
+        System::Datanode { backend: IoBackend::Std, prewrite: true },
+        System::RaftEngine { recycle: false },
+        System::OkayWal,
+    ];
+    let mut points = Vec::new();
+    for threads in [1, 4, 16, 64] {
+        let runners: Vec<Runner> =
+            systems.iter().map(|s| wal_runner(*s, &root, 1, threads, 4096, args.seconds)).collect();
+        let rows = rounds(args, &runners);
+        print_table(&format!("SWEEP: {threads} writers, 4 KiB, one log, sync"), &rows, "raft-engine 0.4");
+        for row in &rows {
+            let pick = |p: f64| median(row.samples.iter().map(|s| s.percentile(p)).collect()) / 1000.0;
+            points.push(format!(
+                "{{\"system\": \"{}\", \"concurrency\": {threads}, \"ops_per_sec\": {:.1}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}}}",
+                row.name,
+                row.ops(),
+                pick(0.5),
+                pick(0.99)
+            ));
+        }
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, format!("[\n  {}\n]\n", points.join(",\n  "))).unwrap();
     }
 }

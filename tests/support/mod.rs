@@ -133,12 +133,19 @@ impl Daemon {
         self.spawn_process();
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // Generous: a node replaying millions of blobs (the RSS benchmark)
+        // takes a while; a node that never gets ready still fails.
+        let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             if ureq::get(&self.url("/readyz")).call().is_ok_and(|r| r.status() == 200) {
                 return;
@@ -147,7 +154,7 @@ impl Daemon {
                 let stderr = std::fs::read_to_string(self.log_path()).unwrap_or_default();
                 panic!("datanode exited before it was ready: {status}\n{stderr}");
             }
-            assert!(Instant::now() < deadline, "datanode not ready within 60 s");
+            assert!(Instant::now() < deadline, "datanode not ready within 300 s");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
