@@ -155,10 +155,21 @@ fn create(node: &Daemon, id: u64, disk: &str) {
 
 /// `datanode bench` against `node`; returns its JSON.
 fn http_load(node: &Daemon, partitions: &str, connections: usize, put_ratio: f64, seconds: f64) -> std::process::Child {
+    http_load_sized(node, partitions, connections, put_ratio, VALUE, seconds)
+}
+
+fn http_load_sized(
+    node: &Daemon,
+    partitions: &str,
+    connections: usize,
+    put_ratio: f64,
+    value: usize,
+    seconds: f64,
+) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_datanode"))
         .args(["bench", "--url", &node.url(""), "--partitions", partitions, "--json", "--quiet"])
         .args(["--connections", &connections.to_string(), "--put-ratio", &put_ratio.to_string()])
-        .args(["--value-size", &VALUE.to_string(), "--keys", &KEYS.to_string()])
+        .args(["--value-size", &value.to_string(), "--keys", &KEYS.to_string()])
         .args(["--duration", &format!("{}ms", (seconds * 1000.0) as u64), "--warmup", "1s"])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -365,34 +376,8 @@ fn n2(args: &Args, out: &mut Vec<Value>) {
 /// that data and reads its resident memory once it is ready.
 fn rss(args: &Args, out: &mut Vec<Value>) {
     let disk = fresh_dir(&args.dir, "rss");
-    let storage = datanode_wal::open_backend(IoBackend::Std).unwrap();
-    let wal = WalOptions { durability: datanode_wal::Durability::None, ..WalOptions::new(0) };
-    let defaults = PartitionDefaults { wal, ..PartitionDefaults::default() };
-    let registry = Registry::open(storage, vec![DiskDir { name: "d0".into(), path: disk.clone() }], defaults);
-    let partitions: Vec<_> = (1..=8).map(|id| registry.create(id, "d0").unwrap()).collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
     let started = Instant::now();
-    let lanes = 64u64;
-    runtime.block_on(async {
-        let tasks: Vec<_> = (0..lanes)
-            .map(|lane| {
-                let partitions = partitions.clone();
-                let blobs = args.blobs;
-                tokio::spawn(async move {
-                    let value = [b'v'; 64];
-                    for n in (lane..blobs).step_by(lanes as usize) {
-                        let key = format!("blob-{n:011}");
-                        partitions[(n % 8) as usize].put(key.as_bytes(), &value).await.unwrap();
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.unwrap();
-        }
-    });
-    registry.close();
-    drop(registry);
+    fill(&disk, args.blobs * 64, 64);
     eprintln!("RSS: wrote {} blobs in {:.0?}", args.blobs, started.elapsed());
     let started = Instant::now();
     let node = Daemon::start(&disk, &[], &[]);
@@ -440,6 +425,101 @@ fn sweep(args: &Args, out: &mut Vec<Value>) {
     }
 }
 
+/// W1-W4 at node level: the WAL workloads as PUTs over HTTP to one node
+/// with 64 partitions (8 MiB segments); W5 as the time from start to ready
+/// of a node holding 1 GiB.
+fn wnode(args: &Args, out: &mut Vec<Value>) {
+    let disk = fresh_dir(&args.dir, "wnode");
+    let config =
+        node_config(&[("d0", &disk)], &args.backend).replacen("[wal]\n", "[wal]\nsegment_size = \"8MiB\"\n", 1);
+    let node = Daemon::with_config(&config, &[]);
+    for id in 1..=64 {
+        create(&node, id, "d0");
+    }
+    let cases: [(&str, &str, usize, usize); 8] = [
+        ("W1: 1 connection, 1 partition, 4 KiB", "1", 1, 4096),
+        ("W2: 16 connections, 1 partition, 4 KiB", "1", 16, 4096),
+        ("W2: 64 connections, 1 partition, 4 KiB", "1", 64, 4096),
+        ("W3: 1 connection, 1 partition, 64 KiB", "1", 1, 64 << 10),
+        ("W3: 1 connection, 1 partition, 1 MiB", "1", 1, 1 << 20),
+        ("W4: 4 partitions, 4 connections, 4 KiB", "1-4", 4, 4096),
+        ("W4: 16 partitions, 16 connections, 4 KiB", "1-16", 16, 4096),
+        ("W4: 64 partitions, 64 connections, 4 KiB", "1-64", 64, 4096),
+    ];
+    println!("\n### W1-W4 at node level: HTTP PUT, backend {}\n", args.backend);
+    println!("| workload | ops/s | MiB/s | p50 ms | p99 ms | p99.9 ms | errors |\n|---|---|---|---|---|---|---|");
+    for (name, partitions, connections, size) in cases {
+        let runs: Vec<Run> = (0..args.rounds)
+            .map(|_| {
+                let result = result_of(http_load_sized(&node, partitions, connections, 1.0, size, args.seconds));
+                Run::from_bench(&result, "put")
+            })
+            .collect();
+        let run = medians(&runs);
+        let mib = run.ops * size as f64 / (1 << 20) as f64;
+        println!(
+            "| {name} | {:.0} | {mib:.1} | {:.2} | {:.2} | {:.2} | {} |",
+            run.ops, run.p50, run.p99, run.p999, run.errors
+        );
+        out.push(json!({"id": "WNODE", "workload": name, "run": to_json(&run), "mib_per_sec": mib}));
+    }
+    drop(node);
+
+    // W5: a node holding 1 GiB of 4 KiB blobs, from start to ready.
+    let disk = fresh_dir(&args.dir, "w5node");
+    let blobs = fill(&disk, 1 << 30, 4096);
+    drop_caches();
+    let started = Instant::now();
+    let node = Daemon::start(&disk, &[], &[]);
+    let ready = started.elapsed().as_secs_f64();
+    drop(node);
+    println!(
+        "\n### W5 at node level: start to ready with {blobs} blobs of 4 KiB (1 GiB) in 8 partitions, cold cache\n"
+    );
+    println!("| start to ready | MiB/s replayed |\n|---|---|\n| {ready:.2} s | {:.0} |", 1024.0 / ready);
+    out.push(json!({"id": "W5NODE", "ready_seconds": ready, "blobs": blobs}));
+}
+
+/// Drops the page cache when run as root (cold-start measurements).
+fn drop_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3\n");
+}
+
+/// Writes `bytes` of `size`-byte blobs over 8 partitions in `disk`,
+/// straight through the partition layer; returns how many.
+fn fill(disk: &Path, bytes: u64, size: usize) -> u64 {
+    let blobs = bytes / size as u64;
+    let storage = datanode_wal::open_backend(IoBackend::Std).unwrap();
+    let wal = WalOptions { durability: datanode_wal::Durability::None, ..WalOptions::new(0) };
+    let registry = Registry::open(
+        storage,
+        vec![DiskDir { name: "d0".into(), path: disk.to_path_buf() }],
+        PartitionDefaults { wal, ..PartitionDefaults::default() },
+    );
+    let partitions: Vec<_> = (1..=8).map(|id| registry.create(id, "d0").unwrap()).collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+    let lanes = 64u64;
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..lanes)
+            .map(|lane| {
+                let partitions = partitions.clone();
+                tokio::spawn(async move {
+                    let value = vec![b'v'; size];
+                    for n in (lane..blobs).step_by(lanes as usize) {
+                        let key = format!("blob-{n:011}");
+                        partitions[(n % 8) as usize].put(key.as_bytes(), &value).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    });
+    registry.close();
+    blobs
+}
+
 fn main() {
     let args = parse_args();
     std::fs::create_dir_all(&args.dir).unwrap();
@@ -452,6 +532,9 @@ fn main() {
     }
     if args.only.as_ref().is_some_and(|only| only.iter().any(|o| o == "SWEEP")) {
         sweep(&args, &mut out);
+    }
+    if wanted(&args, "WNODE") {
+        wnode(&args, &mut out);
     }
     if wanted(&args, "RSS") {
         rss(&args, &mut out);
