@@ -92,6 +92,8 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, log_id: u64) -> Result<
 
     let mut used: Vec<Scan> = Vec::new();
     let mut unused: Vec<Scan> = Vec::new();
+    // One read buffer for every segment of the log.
+    let mut buf = Vec::new();
     // The first missing id, if any. Unused segments past a gap are
     // leftovers of a failed roll; a used one means a segment was lost.
     let mut gap: Option<u64> = None;
@@ -100,7 +102,7 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, log_id: u64) -> Result<
             gap = Some(ids[i - 1] + 1);
         }
         let expected_first = used.last().map(|s| s.meta.last_lsn + 1);
-        let scan = scan_segment(storage, dir, log_id, id, expected_first)?;
+        let scan = scan_segment(storage, dir, log_id, id, expected_first, &mut buf)?;
         if scan.proven_durable {
             return Err(corruption_at(&scan));
         }
@@ -194,7 +196,14 @@ fn zero_range(scan: &mut Scan, from: u64) -> Result<u64> {
     Ok(len as u64)
 }
 
-fn scan_segment(storage: &dyn Storage, dir: &Path, log_id: u64, id: u64, expected_first: Option<Lsn>) -> Result<Scan> {
+fn scan_segment(
+    storage: &dyn Storage,
+    dir: &Path,
+    log_id: u64,
+    id: u64,
+    expected_first: Option<Lsn>,
+    buf: &mut Vec<u8>,
+) -> Result<Scan> {
     let path = segment::path(dir, id);
     let file = storage.open(&path, false).map_err(|e| Error::io(IoOp::Open, &path, e))?;
     // Read what is on the disk, not what the page cache shows: flush what
@@ -204,9 +213,10 @@ fn scan_segment(storage: &dyn Storage, dir: &Path, log_id: u64, id: u64, expecte
     file.drop_cache().map_err(|e| Error::io(IoOp::Read, &path, e))?;
     let len = file.file_len().map_err(|e| Error::io(IoOp::Metadata, &path, e))?;
     let len = usize::try_from(len).map_err(|_| Error::Invalid(format!("{} is too large", path.display())))?;
-    let bytes = file.read_exact_at(0, len).map_err(|e| Error::io(IoOp::Read, &path, e))?;
+    file.read_exact_into(0, len, buf).map_err(|e| Error::io(IoOp::Read, &path, e))?;
+    let bytes: &[u8] = buf;
 
-    let header = SegmentHeader::decode(&bytes);
+    let header = SegmentHeader::decode(bytes);
     if let Ok(Some(h)) = header
         && (h.log_id != log_id || h.segment_id != id)
     {
@@ -243,7 +253,7 @@ fn scan_segment(storage: &dyn Storage, dir: &Path, log_id: u64, id: u64, expecte
                 .unwrap_or(FrameError::Truncated),
         };
         scan.stop = Some((offset as u64, error));
-        let highest_synced = highest_synced_lsn_after(&bytes, offset + RECORD_ALIGN, log_id, id);
+        let highest_synced = highest_synced_lsn_after(bytes, offset + RECORD_ALIGN, log_id, id);
         scan.proven_durable = match (scan.header_ok(), highest_synced) {
             (_, None) => false,
             // The first LSN that failed to decode was synced before a later

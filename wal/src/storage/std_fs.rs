@@ -75,6 +75,11 @@ impl StorageFile for StdFile {
         Ok(buf)
     }
 
+    fn read_exact_into(&self, offset: u64, len: usize, buf: &mut Vec<u8>) -> io::Result<()> {
+        buf.resize(len, 0);
+        self.file.read_exact_at(buf, offset)
+    }
+
     fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
     }
