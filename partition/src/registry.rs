@@ -41,6 +41,31 @@ use crate::fault_journal::{self, FaultJournal, JournalEntry};
 use crate::partition::{Partition, PartitionOptions, io_fault};
 use crate::state::State;
 
+/// Most threads that open partitions at start.
+const MAX_OPEN_THREADS: usize = 8;
+
+/// A partition found on a disk at open, its id claimed, not opened yet.
+#[derive(Debug)]
+struct Claimed {
+    id: u64,
+    disk: DiskDir,
+    /// Its `PARTITION` file could not be read: opened faulted.
+    unreadable: Option<std::io::Error>,
+}
+
+/// Round-robin over the disks' lists: the first of each disk, then the
+/// second of each, and so on.
+fn interleave(mut per_disk: Vec<Vec<Claimed>>) -> Vec<Claimed> {
+    let mut all = Vec::new();
+    for list in &mut per_disk {
+        list.reverse();
+    }
+    while per_disk.iter().any(|list| !list.is_empty()) {
+        all.extend(per_disk.iter_mut().filter_map(Vec::pop));
+    }
+    all
+}
+
 /// How long `close` waits for the fault journal's copies.
 const JOURNAL_FLUSH_AT_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -212,13 +237,46 @@ impl Registry {
             journal,
             carried: Mutex::new(Vec::new()),
         };
+        let mut found = Vec::new();
         for disk in &registry.disks {
-            if let Err(error) = registry.open_disk(disk) {
-                tracing::error!(disk = disk.name, %error, "cannot open the disk's partitions");
+            match registry.claim_disk(disk) {
+                Ok(claimed) => found.push(claimed),
+                Err(error) => tracing::error!(disk = disk.name, %error, "cannot open the disk's partitions"),
             }
         }
+        registry.open_claimed(interleave(found));
         registry.apply_journal();
         registry
+    }
+
+    /// Opens (replays) the claimed partitions on a few threads at once, so
+    /// that a node with many partitions and disks starts in a fraction of
+    /// the time. The list is interleaved by disk, so every disk is read
+    /// from the start.
+    fn open_claimed(&self, claimed: Vec<Claimed>) {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, MAX_OPEN_THREADS);
+        let queue = Mutex::new(claimed.into_iter());
+        let work = || {
+            loop {
+                let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+                let Some(Claimed { id, disk, unreadable }) = next else { return };
+                let (storage, options) = (Arc::clone(&self.storage), self.options(id, &disk));
+                let partition = Arc::new(match unreadable {
+                    None => Partition::open(storage, options),
+                    Some(error) => Partition::open_faulted(storage, options, io_fault("open", &error)),
+                });
+                if let Some(slot) = self.lock().by_id.get_mut(&id) {
+                    slot.state = SlotState::Active(partition);
+                }
+            }
+        };
+        std::thread::scope(|scope| {
+            for i in 1..threads {
+                // If a thread cannot start, the others (and this one) do its share.
+                let _ = std::thread::Builder::new().name(format!("open-{i}")).spawn_scoped(scope, work);
+            }
+            work();
+        });
     }
 
     /// Faults every partition the journal lists that is not faulted yet
@@ -263,11 +321,16 @@ impl Registry {
         self.journal.publish(&entries);
     }
 
-    fn open_disk(&self, disk: &DiskDir) -> Result<(), RegistryError> {
+    /// Lists a disk's partitions and claims their ids (as `Creating`, so a
+    /// second disk with the same id loses), quarantines leftovers of an
+    /// interrupted create and finishes an interrupted delete. The claimed
+    /// partitions are opened by [`Registry::open_claimed`].
+    fn claim_disk(&self, disk: &DiskDir) -> Result<Vec<Claimed>, RegistryError> {
         let dir = disk.partitions_dir();
         self.storage.create_dir_all(&dir).map_err(|e| io("create", &dir, e))?;
         self.storage.create_dir_all(&disk.quarantine_dir()).map_err(|e| io("create", &disk.quarantine_dir(), e))?;
         let names = self.storage.list_dir(&dir).map_err(|e| io("list", &dir, e))?;
+        let mut claimed = Vec::new();
         for name in names {
             let path = dir.join(&name);
             match parse_entry(&name) {
@@ -285,15 +348,8 @@ impl Registry {
                         continue; // the same id on a second disk: the verifier quarantines it
                     }
                     let generation = slots.next();
-                    drop(slots);
-                    let (storage, options) = (Arc::clone(&self.storage), self.options(id, disk));
-                    let partition = Arc::new(match unreadable {
-                        None => Partition::open(storage, options),
-                        Some(error) => Partition::open_faulted(storage, options, io_fault("open", &error)),
-                    });
-                    self.lock()
-                        .by_id
-                        .insert(id, Slot { disk: disk.name.clone(), generation, state: SlotState::Active(partition) });
+                    slots.by_id.insert(id, Slot { disk: disk.name.clone(), generation, state: SlotState::Creating });
+                    claimed.push(Claimed { id, disk: disk.clone(), unreadable });
                 }
                 EntryName::Staging(..) => {
                     // Never registered, never acknowledged: keep it aside.
@@ -306,7 +362,7 @@ impl Registry {
                 EntryName::Unknown => {}
             }
         }
-        Ok(())
+        Ok(claimed)
     }
 
     fn lock(&self) -> MutexGuard<'_, Slots> {
@@ -560,6 +616,22 @@ fn io(op: &'static str, path: &Path, source: std::io::Error) -> RegistryError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn opening_order_alternates_between_disks() {
+        let claim = |id: u64, disk: &str| Claimed {
+            id,
+            disk: DiskDir { name: disk.into(), path: PathBuf::from(disk) },
+            unreadable: None,
+        };
+        let order = interleave(vec![
+            vec![claim(1, "a"), claim(3, "a"), claim(5, "a")],
+            vec![claim(2, "b")],
+            vec![],
+            vec![claim(4, "c"), claim(6, "c")],
+        ]);
+        assert_eq!(order.iter().map(|c| c.id).collect::<Vec<_>>(), vec![1, 2, 4, 3, 6, 5]);
+    }
 
     #[test]
     fn entry_names_parse_strictly() {
