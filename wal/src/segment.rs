@@ -113,7 +113,21 @@ impl SegmentMeta {
     /// Reads and verifies the record at `pos`.
     pub fn read_record(&self, log_id: u64, pos: RecordPos) -> Result<Bytes> {
         let frame = format::frame_len(pos.len as usize);
-        let bytes = Bytes::from(self.read(pos.offset, frame)?);
+        self.verify(log_id, pos, self.read(pos.offset, frame)?)
+    }
+
+    /// [`Segment::read_record`] if its bytes are all in the page cache
+    /// (never waits for the disk); `Ok(None)` otherwise.
+    pub fn read_record_cached(&self, log_id: u64, pos: RecordPos) -> Result<Option<Bytes>> {
+        let frame = format::frame_len(pos.len as usize);
+        match self.file.read_cached(pos.offset, frame) {
+            Some(bytes) => self.verify(log_id, pos, bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn verify(&self, log_id: u64, pos: RecordPos, bytes: Vec<u8>) -> Result<Bytes> {
+        let bytes = Bytes::from(bytes);
         let (_, payload) = format::decode_record(&bytes, self.expected(log_id, Some(pos.lsn)))
             .map_err(|e| self.corruption(pos.offset, e))?;
         Ok(bytes.slice(payload))

@@ -13,7 +13,7 @@ use crate::error::{Error, IoOp, Result};
 use crate::format::MAX_RECORD_LEN;
 use crate::prepare::Preparer;
 use crate::recovery;
-use crate::segment::SegmentTable;
+use crate::segment::{SegmentMeta, SegmentTable};
 use crate::storage::Storage;
 use crate::writer::{AppendRequest, Counters, Queue, QueueTicket, Request, Shared, Writer, reply_error};
 use crate::{Appended, Lsn, Record, RecordPos, WalOptions};
@@ -198,12 +198,25 @@ impl Wal {
     /// Reads the record at `pos` (as returned by an append), verifying its
     /// checksum, LSN and owner. Blocking: one `pread`.
     pub fn read(&self, pos: RecordPos) -> Result<Bytes> {
+        self.segment_of(pos)?.read_record(self.shared.log_id, pos)
+    }
+
+    /// [`Wal::read`] when the record's bytes are all in the page cache:
+    /// never waits for the disk, so it may run on an async worker.
+    /// `Ok(None)`: not cached (or the backend cannot tell); call `read`
+    /// from a blocking thread. The bytes are verified exactly as by `read`.
+    pub fn read_cached(&self, pos: RecordPos) -> Result<Option<Bytes>> {
+        self.segment_of(pos)?.read_record_cached(self.shared.log_id, pos)
+    }
+
+    fn segment_of(&self, pos: RecordPos) -> Result<SegmentMeta> {
         let segment = self.shared.table().segments.get(&pos.segment_id).cloned();
         let last = self.last_lsn();
-        let segment = segment
-            .filter(|s| pos.lsn >= s.first_lsn && pos.lsn <= s.last_lsn)
-            .ok_or_else(|| Error::LsnOutOfRange { lsn: pos.lsn, first: self.first_lsn(), last })?;
-        segment.read_record(self.shared.log_id, pos)
+        segment.filter(|s| pos.lsn >= s.first_lsn && pos.lsn <= s.last_lsn).ok_or_else(|| Error::LsnOutOfRange {
+            lsn: pos.lsn,
+            first: self.first_lsn(),
+            last,
+        })
     }
 
     /// Reads records from `lsn` on, in order, until about `max_bytes` of

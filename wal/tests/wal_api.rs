@@ -386,3 +386,30 @@ fn after_a_failed_sync_recovery_shows_only_what_is_on_disk() {
         assert_eq!(shown[0], payload(17, 0, 700), "seed {seed}");
     }
 }
+
+/// `read_cached` never waits for the disk: on std it returns records whose
+/// pages are cached, verified like `read`, and `None` once the pages are
+/// dropped; backends that cannot tell (the simulator) always say `None`.
+#[test]
+fn read_cached_serves_only_what_the_page_cache_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn datanode_wal::Storage> = Arc::new(datanode_wal::storage::StdStorage);
+    let options = WalOptions { segment_size: 1 << 20, ..WalOptions::new(1) };
+    let wal = Wal::open(Arc::clone(&storage), dir.path(), options.clone()).unwrap();
+    let appended = wal.append_blocking(vec![Bytes::from(vec![7u8; 10_000])]).unwrap();
+    let pos = appended.positions[0];
+    assert_eq!(wal.read_cached(pos).unwrap(), Some(wal.read(pos).unwrap()));
+    wal.close().unwrap();
+    // Synced and dropped from the cache: reading it would wait for the disk.
+    let wal = Wal::open(Arc::clone(&storage), dir.path(), options.clone()).unwrap();
+    let segment = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.path()).min().unwrap();
+    let file = storage.open(&segment, false).unwrap();
+    file.drop_cache().unwrap();
+    assert_eq!(wal.read_cached(pos).unwrap(), None);
+    assert_eq!(wal.read(pos).unwrap().len(), 10_000, "the blocking read still works");
+
+    let (_sim, sim_storage) = sim(3);
+    let wal = Wal::open(sim_storage, Path::new("/w"), WalOptions::new(1)).unwrap();
+    let pos = wal.append_blocking(vec![Bytes::from_static(b"x")]).unwrap().positions[0];
+    assert_eq!(wal.read_cached(pos).unwrap(), None);
+}

@@ -92,6 +92,15 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
         *buf = self.read_exact_at(offset, len)?;
         Ok(())
     }
+    /// The `len` bytes at `offset` if the page cache holds them all, read
+    /// without ever waiting for the disk; `None` when it would have to
+    /// wait, or cannot tell. Lets an async caller serve hot reads in place
+    /// and send only the others to a blocking thread (where a hung disk
+    /// can stall nothing else). Errors are `None` too: the blocking read
+    /// that follows reports them.
+    fn read_cached(&self, _offset: u64, _len: usize) -> Option<Vec<u8>> {
+        None
+    }
     /// `fdatasync`: everything written before is durable when this returns
     /// `Ok`. After an error, nothing written since the last good sync may be
     /// assumed durable, and a second sync proves nothing (fsyncgate).

@@ -75,6 +75,17 @@ impl StorageFile for StdFile {
         Ok(buf)
     }
 
+    fn read_cached(&self, offset: u64, len: usize) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: len };
+        let offset = libc::off_t::try_from(offset).ok()?;
+        // SAFETY: `iov` points into `buf`, valid and writable for `len`
+        // bytes for the whole call. RWF_NOWAIT: EAGAIN instead of waiting
+        // for the disk.
+        let read = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+        (usize::try_from(read).ok()? == len).then_some(buf)
+    }
+
     fn read_exact_into(&self, offset: u64, len: usize, buf: &mut Vec<u8>) -> io::Result<()> {
         buf.resize(len, 0);
         self.file.read_exact_at(buf, offset)
