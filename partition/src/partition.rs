@@ -453,6 +453,27 @@ impl Partition {
     /// call it from a blocking-capable thread. Never returns bytes that fail
     /// their checksum.
     pub fn get(&self, key: &[u8], range: Option<Range<u64>>) -> Result<Bytes> {
+        let (wal, loc, range) = self.prepare_get(key, range)?;
+        match wal.read(loc.pos) {
+            Ok(record) => self.value_of(key, &loc, &record, range),
+            Err(error) => Err(self.read_failed(error)),
+        }
+    }
+
+    /// [`Partition::get`] if the value's bytes are all in the page cache:
+    /// never waits for the disk, so an async caller may call it in place.
+    /// `Ok(None)`: call `get` from a blocking thread. Same checks, same
+    /// errors.
+    pub fn get_cached(&self, key: &[u8], range: Option<Range<u64>>) -> Result<Option<Bytes>> {
+        let (wal, loc, range) = self.prepare_get(key, range)?;
+        match wal.read_cached(loc.pos) {
+            Ok(Some(record)) => self.value_of(key, &loc, &record, range).map(Some),
+            Ok(None) => Ok(None),
+            Err(error) => Err(self.read_failed(error)),
+        }
+    }
+
+    fn prepare_get(&self, key: &[u8], range: Option<Range<u64>>) -> Result<(Arc<Wal>, BlobLoc, Range<u64>)> {
         self.refuse_unless_serving()?;
         let (wal, loc) = self.locate(key)?;
         let len = loc.value_len();
@@ -460,14 +481,15 @@ impl Partition {
         if range.start > range.end || range.end > len {
             return Err(Error::BadRange { start: range.start, end: range.end, len });
         }
-        let record = match wal.read(loc.pos) {
-            Ok(record) => record,
-            Err(error) => return Err(self.read_failed(error)),
-        };
+        Ok((wal, loc, range))
+    }
+
+    /// The wanted bytes of a record the WAL has read and verified.
+    fn value_of(&self, key: &[u8], loc: &BlobLoc, record: &Bytes, range: Range<u64>) -> Result<Bytes> {
         // The WAL verified the checksum, LSN and owner; check that the
         // record really is this key's put, so an index bug can never serve
         // another key's bytes.
-        match blob::decode(&record) {
+        match blob::decode(record) {
             Some(BlobOp::Put { key: stored, value_offset, .. }) if stored == key => {
                 let start = value_offset + range.start as usize;
                 let end = value_offset + range.end as usize;

@@ -224,3 +224,25 @@ fn a_hung_fsync_stalls_only_its_own_partition() {
     rt.block_on(stuck).unwrap().unwrap();
     assert_eq!(&hung.get(b"k", None).unwrap()[..], b"waits");
 }
+
+/// `get_cached` serves from the page cache with the same checks as `get`,
+/// and defers (`None`) where it cannot tell, as on the simulator.
+#[test]
+fn get_cached_matches_get_and_defers_when_it_cannot_tell() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let std: Arc<dyn Storage> = Arc::new(datanode_wal::storage::StdStorage);
+    let wal = WalOptions { segment_size: 1 << 20, ..WalOptions::new(1) };
+    let partition = Partition::open(std, PartitionOptions { wal, ..PartitionOptions::new(1, "d0", dir.path()) });
+    rt.block_on(partition.put(b"k", b"0123456789")).unwrap();
+    assert_eq!(partition.get_cached(b"k", None).unwrap().as_deref(), Some(&b"0123456789"[..]));
+    assert_eq!(partition.get_cached(b"k", Some(2..5)).unwrap().as_deref(), Some(&b"234"[..]));
+    assert!(matches!(partition.get_cached(b"missing", None), Err(Error::NotFound)));
+    assert!(matches!(partition.get_cached(b"k", Some(5..11)), Err(Error::BadRange { .. })));
+
+    let sim = SimStorage::new(9);
+    let partition = open(&sim, 2);
+    rt.block_on(partition.put(b"k", b"v")).unwrap();
+    assert_eq!(partition.get_cached(b"k", None).unwrap(), None);
+    assert_eq!(&partition.get(b"k", None).unwrap()[..], b"v");
+}
