@@ -339,8 +339,17 @@ async fn read_blob(node: Arc<Node>, pid: String, uri: Uri, headers: HeaderMap, h
         response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(length));
         response
     } else {
-        let wanted = range.clone();
-        let bytes = blocking(&node, id, move || partition.get(&key, wanted)).await?;
+        // Served in place when the page cache holds it; a read that would
+        // wait for the disk goes to a blocking thread, where a hung disk
+        // stalls only that request.
+        let bytes = match partition.get_cached(&key, range.clone()) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => {
+                let wanted = range.clone();
+                blocking(&node, id, move || partition.get(&key, wanted)).await?
+            }
+            Err(error) => return Err(partition_error(id, error)),
+        };
         Response::new(Body::from(bytes))
     };
     *response.status_mut() = status;

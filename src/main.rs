@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use axum::serve::ListenerExt as _;
 use clap::{Args, Parser, Subcommand};
 use datanode_partition::Registry;
 
@@ -196,6 +197,13 @@ async fn run(config: Config, admin_token: Option<String>) -> anyhow::Result<bool
             let _ = stopping_tx.send(());
         }
     };
+    // TCP_NODELAY: a response written in more than one segment must not
+    // wait for the client's delayed ACK (Nagle).
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, api::router(Arc::clone(&node))).with_graceful_shutdown(signalled);
     let served = tokio::spawn(async move { server.await });
     // Serve until a signal arrives; from then on everything must finish
