@@ -10,14 +10,18 @@
 //!   FUSE passthrough with a hang rule; needs root and fusermount3).
 //!   Reported: the 64 connections' throughput and p99 against the
 //!   baseline.
-//! - **SWEEP** (only when asked for): 4 KiB PUTs with 1 to 256
-//!   connections, throughput against latency, for `scripts/charts.py`.
+//!
+//! Only when named with `--only`:
+//! - **SWEEP**: 4 KiB PUTs with 1 to 256 connections, throughput against
+//!   latency, for `scripts/charts.py`.
+//! - **WNODE**: W1-W4 as HTTP PUTs to one node with 64 partitions, and W5
+//!   as the time from start to ready of a node holding 1 GiB.
 //! - **RSS**: the resident memory of a node holding `--blobs` (default 10
 //!   million) blobs of 64 bytes, written straight through the partition
 //!   layer, after the real binary has replayed them.
 //!
 //! ```sh
-//! cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,RSS] [--backend std|uring|auto] [--blobs N]
+//! cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS] [--backend std|uring|auto] [--blobs N]
 //! ```
 //!
 //! `--dir` must be on the disk under test (default `target/bench-node`).
@@ -72,15 +76,20 @@ fn parse_args() -> Args {
             "--blobs" => args.blobs = it.next().and_then(|v| v.parse().ok()).expect("--blobs N"),
             "--bench" => {}
             other => panic!(
-                "unknown argument {other}; usage: cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,RSS] [--backend std|uring|auto] [--json FILE] [--blobs N]"
+                "unknown argument {other}; usage: cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS] [--backend std|uring|auto] [--json FILE] [--blobs N]"
             ),
         }
     }
     args
 }
 
+/// N1 and N2 run unless `--only` names others; the longer WNODE, RSS and
+/// SWEEP only when named.
 fn wanted(args: &Args, id: &str) -> bool {
-    args.only.as_ref().is_none_or(|only| only.iter().any(|o| o == id))
+    match &args.only {
+        None => matches!(id, "N1" | "N2"),
+        Some(only) => only.iter().any(|o| o == id),
+    }
 }
 
 fn fresh_dir(root: &Path, name: &str) -> PathBuf {
@@ -530,7 +539,7 @@ fn main() {
     if wanted(&args, "N2") {
         n2(&args, &mut out);
     }
-    if args.only.as_ref().is_some_and(|only| only.iter().any(|o| o == "SWEEP")) {
+    if wanted(&args, "SWEEP") {
         sweep(&args, &mut out);
     }
     if wanted(&args, "WNODE") {
