@@ -9,7 +9,8 @@
 //!   faulted (bit rot found at load), or whose fsync hangs (its disk is a
 //!   FUSE passthrough with a hang rule; needs root and fusermount3).
 //!   Reported: the 64 connections' throughput and p99 against the
-//!   baseline.
+//!   baseline, closed loop (as fast as answered: throughput), then open
+//!   loop at `--rate` PUTs/s (default 12,000: p99 at equal load).
 //!
 //! Only when named with `--only`:
 //! - **SWEEP**: 4 KiB PUTs with 1 to 256 connections, throughput against
@@ -52,6 +53,8 @@ struct Args {
     backend: String,
     json: Option<PathBuf>,
     blobs: u64,
+    /// N2's open-loop rate (PUTs/s over partitions 2-8).
+    rate: f64,
 }
 
 fn parse_args() -> Args {
@@ -63,6 +66,7 @@ fn parse_args() -> Args {
         backend: "std".into(),
         json: None,
         blobs: 10_000_000,
+        rate: 12_000.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -74,9 +78,10 @@ fn parse_args() -> Args {
             "--backend" => args.backend = it.next().expect("--backend std|uring|auto"),
             "--json" => args.json = Some(PathBuf::from(it.next().expect("--json FILE"))),
             "--blobs" => args.blobs = it.next().and_then(|v| v.parse().ok()).expect("--blobs N"),
+            "--rate" => args.rate = it.next().and_then(|v| v.parse().ok()).expect("--rate PUTS_PER_SEC"),
             "--bench" => {}
             other => panic!(
-                "unknown argument {other}; usage: cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS] [--backend std|uring|auto] [--json FILE] [--blobs N]"
+                "unknown argument {other}; usage: cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS] [--backend std|uring|auto] [--json FILE] [--blobs N] [--rate N]"
             ),
         }
     }
@@ -167,6 +172,14 @@ fn http_load(node: &Daemon, partitions: &str, connections: usize, put_ratio: f64
     http_load_sized(node, partitions, connections, put_ratio, VALUE, seconds)
 }
 
+/// Open loop: 4 KiB PUTs at a fixed total `rate`, latency measured from
+/// when each request was due.
+fn http_load_rate(node: &Daemon, partitions: &str, connections: usize, rate: f64, seconds: f64) -> std::process::Child {
+    let mut command = bench_command(node, partitions, connections, 1.0, VALUE, seconds);
+    command.args(["--rate", &rate.to_string()]);
+    command.spawn().expect("datanode bench")
+}
+
 fn http_load_sized(
     node: &Daemon,
     partitions: &str,
@@ -175,14 +188,25 @@ fn http_load_sized(
     value: usize,
     seconds: f64,
 ) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_datanode"))
+    bench_command(node, partitions, connections, put_ratio, value, seconds).spawn().expect("datanode bench")
+}
+
+fn bench_command(
+    node: &Daemon,
+    partitions: &str,
+    connections: usize,
+    put_ratio: f64,
+    value: usize,
+    seconds: f64,
+) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_datanode"));
+    command
         .args(["bench", "--url", &node.url(""), "--partitions", partitions, "--json", "--quiet"])
         .args(["--connections", &connections.to_string(), "--put-ratio", &put_ratio.to_string()])
         .args(["--value-size", &value.to_string(), "--keys", &KEYS.to_string()])
         .args(["--duration", &format!("{}ms", (seconds * 1000.0) as u64), "--warmup", "1s"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("datanode bench")
+        .stdout(std::process::Stdio::piped());
+    command
 }
 
 fn result_of(child: std::process::Child) -> Value {
@@ -304,7 +328,7 @@ enum Trouble {
 
 /// One N2 run: partitions 2-8 on d0 under 64 connections, partition 1 on
 /// d1 under 8 connections of its own, in the given trouble.
-fn n2_run(args: &Args, trouble: Trouble) -> Run {
+fn n2_run(args: &Args, trouble: Trouble) -> (Run, Run) {
     let d0 = fresh_dir(&args.dir, "n2-d0");
     let fuse = (trouble == Trouble::HungFsync).then(support::fuse::FuseDir::new);
     let plain = fresh_dir(&args.dir, "n2-d1");
@@ -340,8 +364,11 @@ fn n2_run(args: &Args, trouble: Trouble) -> Run {
             );
         }
     }
-    let noise = http_load(&node, "1", 8, 1.0, args.seconds);
-    let measured = result_of(http_load(&node, "2-8", CONNECTIONS, 1.0, args.seconds));
+    // Partition 1's own load spans both measurements (closed, then open
+    // loop), each with its 1 s warm-up.
+    let noise = http_load(&node, "1", 8, 1.0, 2.0 * args.seconds + 2.0);
+    let closed = result_of(http_load(&node, "2-8", CONNECTIONS, 1.0, args.seconds));
+    let open = result_of(http_load_rate(&node, "2-8", CONNECTIONS, args.rate, args.seconds));
     let noise = noise.wait_with_output().unwrap();
     let noise: Value = serde_json::from_slice(&noise.stdout).unwrap_or_default();
     eprintln!("  partition 1 ({trouble:?}): {} puts/s, errors {}", noise["put"]["ops_per_sec"], noise["put"]["errors"]);
@@ -349,7 +376,7 @@ fn n2_run(args: &Args, trouble: Trouble) -> Run {
         fuse.rules.clear();
     }
     drop(node);
-    Run::from_bench(&measured, "put")
+    (Run::from_bench(&closed, "put"), Run::from_bench(&open, "put"))
 }
 
 fn n2(args: &Args, out: &mut Vec<Value>) {
@@ -357,26 +384,32 @@ fn n2(args: &Args, out: &mut Vec<Value>) {
     if support::disks::unavailable(&["fusermount3"]).is_none() {
         troubles.push(Trouble::HungFsync);
     }
-    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); troubles.len()];
+    let mut closed: Vec<Vec<Run>> = vec![Vec::new(); troubles.len()];
+    let mut open: Vec<Vec<Run>> = vec![Vec::new(); troubles.len()];
     for round in 0..args.rounds {
         for (i, trouble) in troubles.iter().enumerate() {
             eprintln!("N2 {trouble:?} round {}/{}", round + 1, args.rounds);
-            runs[i].push(n2_run(args, *trouble));
+            let (c, o) = n2_run(args, *trouble);
+            closed[i].push(c);
+            open[i].push(o);
         }
     }
-    let medians: Vec<Run> = runs.iter().map(|r| medians(r)).collect();
-    println!(
-        "\n### N2 PUT 4 KiB, 64 connections over partitions 2-8, partition 1 under 8 more, backend {}\n\n{HEADER}",
-        args.backend
-    );
-    for (trouble, run) in troubles.iter().zip(&medians) {
-        let name = match trouble {
-            Trouble::None => "partition 1 healthy (baseline)",
-            Trouble::Faulted => "partition 1 faulted",
-            Trouble::HungFsync => "partition 1's fsync hangs",
-        };
-        println!("{}", row(name, run, (*trouble != Trouble::None).then_some(&medians[0])));
-        out.push(json!({"id": "N2", "trouble": format!("{trouble:?}"), "backend": args.backend, "run": to_json(run)}));
+    for (mode, runs) in [("closed loop (as fast as answered)", &closed), ("open loop", &open)] {
+        let medians: Vec<Run> = runs.iter().map(|r| medians(r)).collect();
+        let rate = if mode == "open loop" { format!(" at {:.0} PUTs/s", args.rate) } else { String::new() };
+        println!(
+            "\n### N2 {mode}{rate}: PUT 4 KiB, 64 connections over partitions 2-8, partition 1 under 8 more, backend {}\n\n{HEADER}",
+            args.backend
+        );
+        for (trouble, run) in troubles.iter().zip(&medians) {
+            let name = match trouble {
+                Trouble::None => "partition 1 healthy (baseline)",
+                Trouble::Faulted => "partition 1 faulted",
+                Trouble::HungFsync => "partition 1's fsync hangs",
+            };
+            println!("{}", row(name, run, (*trouble != Trouble::None).then_some(&medians[0])));
+            out.push(json!({"id": "N2", "mode": mode, "trouble": format!("{trouble:?}"), "backend": args.backend, "run": to_json(run)}));
+        }
     }
 }
 

@@ -56,6 +56,12 @@ pub struct BenchArgs {
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
+    /// Open loop: issue this many requests per second in all (spread over
+    /// the connections) whatever the answers' latency, and measure latency
+    /// from when each request was due, so a stall shows in full instead
+    /// of slowing the load down. Without it, closed loop.
+    #[arg(long)]
+    pub rate: Option<f64>,
 }
 
 /// Partition ids, as `--partitions` gives them.
@@ -234,12 +240,28 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Value> {
             let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ (connection as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
             let mut sink = Vec::new();
             let mut path = String::new();
+            // Open loop: this connection's share of the rate, from a
+            // staggered start.
+            let interval = args.rate.map(|rate| Duration::from_secs_f64(args.connections as f64 / rate.max(1e-3)));
+            let stagger = connection as f64 / args.connections as f64;
+            let mut due = interval.map(|every| Instant::now() + every.mul_f64(stagger));
+            let mut was_measuring = false;
             while !stop.load(Ordering::Relaxed) {
+                if !was_measuring && measuring.load(Ordering::Relaxed) {
+                    // A backlog from the warm-up is not carried into the run.
+                    was_measuring = true;
+                    due = interval.map(|every| Instant::now() + every.mul_f64(stagger));
+                }
+                if let (Some(at), Some(every)) = (due.as_mut(), interval) {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(*at)).await;
+                    *at += every;
+                }
                 let partition = args.partitions.0[rng.below(args.partitions.0.len() as u64) as usize];
                 let put = rng.chance(args.put_ratio);
                 path.clear();
                 let _ = write!(path, "/v1/partitions/{partition}/blobs/bench-{}", rng.below(args.keys));
-                let started = Instant::now();
+                // Open loop measures from when the request was due.
+                let started = due.zip(interval).map_or_else(Instant::now, |(next, every)| next - every);
                 let outcome = if put {
                     conn.request("PUT", &path, &value, &mut sink).await
                 } else {
@@ -299,6 +321,7 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Value> {
         "partitions": args.partitions.0,
         "put_ratio": args.put_ratio,
         "value_size": args.value_size,
+        "rate": args.rate,
         "seconds": seconds,
         "ops_per_sec": total as f64 / seconds,
         "put": puts.json(seconds, args.value_size),

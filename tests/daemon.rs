@@ -363,4 +363,14 @@ fn bench_puts_and_gets_against_a_node_and_reports_json() {
     }
     let (status, _) = call(ureq::get(&daemon.url("/v1/partitions/3/blobs/bench-7")), None);
     assert_eq!(status, 200, "the prefill wrote every key");
+
+    let output = Command::new(env!("CARGO_BIN_EXE_datanode"))
+        .args(["bench", "--url", &daemon.url(""), "--connections", "2", "--partitions", "1", "--rate", "100"])
+        .args(["--put-ratio", "1", "--duration", "1s", "--warmup", "0s", "--json", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["rate"], 100.0, "{result}");
+    assert!(result["put"]["ops"].as_u64().unwrap() > 0, "{result}");
 }
