@@ -170,7 +170,7 @@ fn create(node: &Daemon, id: u64, disk: &str) {
 
 /// `datanode bench` against `node`; returns its JSON.
 fn http_load(node: &Daemon, partitions: &str, connections: usize, put_ratio: f64, seconds: f64) -> std::process::Child {
-    http_load_sized(node, partitions, connections, put_ratio, VALUE, seconds)
+    spawn(bench_command(node, partitions, connections, put_ratio, VALUE, seconds))
 }
 
 /// Open loop: 4 KiB PUTs at a fixed total `rate`, latency measured from
@@ -178,18 +178,11 @@ fn http_load(node: &Daemon, partitions: &str, connections: usize, put_ratio: f64
 fn http_load_rate(node: &Daemon, partitions: &str, connections: usize, rate: f64, seconds: f64) -> std::process::Child {
     let mut command = bench_command(node, partitions, connections, 1.0, VALUE, seconds);
     command.args(["--rate", &rate.to_string()]);
-    command.spawn().expect("datanode bench")
+    spawn(command)
 }
 
-fn http_load_sized(
-    node: &Daemon,
-    partitions: &str,
-    connections: usize,
-    put_ratio: f64,
-    value: usize,
-    seconds: f64,
-) -> std::process::Child {
-    bench_command(node, partitions, connections, put_ratio, value, seconds).spawn().expect("datanode bench")
+fn spawn(mut command: Command) -> std::process::Child {
+    command.spawn().expect("datanode bench")
 }
 
 fn bench_command(
@@ -498,7 +491,7 @@ fn wnode(args: &Args, out: &mut Vec<Value>) {
     for (name, partitions, connections, size) in cases {
         let runs: Vec<Run> = (0..args.rounds)
             .map(|_| {
-                let result = result_of(http_load_sized(&node, partitions, connections, 1.0, size, args.seconds));
+                let result = result_of(spawn(bench_command(&node, partitions, connections, 1.0, size, args.seconds)));
                 Run::from_bench(&result, "put")
             })
             .collect();

@@ -666,10 +666,9 @@ impl Drop for FuseDir {
 /// filesystem mounted on top of it.
 pub fn fuse_loop_disk(fs: super::disks::Fs) -> (super::disks::LoopDisk, Rules) {
     let backing_dir = tempfile::tempdir().unwrap();
-    let backing = backing_dir.path().join("new.img");
+    let backing = backing_dir.path().join(IMAGE);
     std::fs::File::create(&backing).unwrap().set_len(super::disks::LoopDisk::image_bytes()).unwrap();
     let mount_dir = tempfile::tempdir().unwrap();
-    std::fs::rename(&backing, backing_dir.path().join(IMAGE)).unwrap();
     let served = FuseDir::mount(backing_dir.path(), mount_dir.path());
     let (image, rules) = (served.path().join(IMAGE), served.rules.clone());
     // Dropped in order: the FUSE session, then its mount point, then the backing file.
