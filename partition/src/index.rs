@@ -1,5 +1,6 @@
 //! The in-memory index: key -> where its latest value lives.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
@@ -51,17 +52,88 @@ impl Entry {
     }
 }
 
+/// Keys up to this many bytes live inside the index entry, with no
+/// allocation of their own.
+const INLINE_KEY: usize = 22;
+
+/// A key as the index holds it: short keys inline (the common case: no
+/// heap allocation, no reference count), longer ones in a box. 24 bytes,
+/// where a `Bytes` handle is 32 plus its allocation.
+#[derive(Clone)]
+pub(crate) enum Key {
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    Boxed(Box<[u8]>),
+}
+
+impl Key {
+    pub fn new(key: &[u8]) -> Key {
+        match u8::try_from(key.len()) {
+            Ok(len) if key.len() <= INLINE_KEY => {
+                let mut bytes = [0; INLINE_KEY];
+                bytes[..key.len()].copy_from_slice(key);
+                Key::Inline { len, bytes }
+            }
+            _ => Key::Boxed(key.into()),
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Key::Boxed(bytes) => bytes,
+        }
+    }
+
+    /// A `Bytes` copy, for callers outside the index.
+    pub fn to_bytes(&self) -> Bytes {
+        Bytes::copy_from_slice(self.as_bytes())
+    }
+}
+
+impl Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Key) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    // The order of the bytes, as `Borrow<[u8]>` requires.
+    fn cmp(&self, other: &Key) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", Bytes::copy_from_slice(self.as_bytes()))
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Index {
-    pub entries: BTreeMap<Bytes, Entry>,
+    pub entries: BTreeMap<Key, Entry>,
     pub blobs: u64,
     pub live_bytes: u64,
 }
 
 impl Index {
     /// Applies an entry unless a newer one for the key is already there.
-    pub fn apply(&mut self, key: Bytes, entry: Entry) {
-        if let Some(old) = self.entries.get(&key) {
+    pub fn apply(&mut self, key: &[u8], entry: Entry) {
+        if let Some(old) = self.entries.get(key) {
             if old.lsn() >= entry.lsn() {
                 return;
             }
@@ -74,7 +146,7 @@ impl Index {
             self.blobs += 1;
             self.live_bytes += loc.value_len();
         }
-        self.entries.insert(key, entry);
+        self.entries.insert(Key::new(key), entry);
     }
 
     /// Points `key` at `new` if it still points at `old` (the same value,
@@ -90,7 +162,7 @@ impl Index {
     }
 
     /// Live entries, in key order.
-    pub fn live(&self) -> impl Iterator<Item = (&Bytes, &BlobLoc)> {
+    pub fn live(&self) -> impl Iterator<Item = (&Key, &BlobLoc)> {
         self.entries.iter().filter_map(|(key, entry)| match entry {
             Entry::Live(loc) => Some((key, loc)),
             Entry::Deleted(_) => None,
@@ -104,18 +176,15 @@ impl Index {
         while lsn <= wal.last_lsn() {
             let records = wal.read_from(lsn, REPLAY_CHUNK).map_err(|e| crate::partition::wal_fault(&e))?;
             for record in records {
-                // Keys are copied out: a slice would keep the whole read
-                // buffer (the log's bytes) alive for as long as the key.
+                // Keys are copied out (`Key::new`): a slice would keep the
+                // whole read buffer (the log's bytes) alive with the key.
                 match blob::decode(&record.data) {
                     Some(BlobOp::Put { key, value_offset, original_lsn }) => {
-                        let key = Bytes::copy_from_slice(&key);
                         let lsn = original_lsn.unwrap_or(record.lsn);
                         let loc = BlobLoc { store, pos: record.pos, value_offset: value_offset as u32, lsn };
-                        self.apply(key, Entry::Live(loc));
+                        self.apply(&key, Entry::Live(loc));
                     }
-                    Some(BlobOp::Delete { key }) => {
-                        self.apply(Bytes::copy_from_slice(&key), Entry::Deleted(record.lsn))
-                    }
+                    Some(BlobOp::Delete { key }) => self.apply(&key, Entry::Deleted(record.lsn)),
                     None => {
                         return Err(Fault {
                             cause: FaultCause::Corruption,
@@ -130,5 +199,27 @@ impl Index {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_key_is_no_bigger_than_three_words() {
+        assert!(std::mem::size_of::<Key>() <= 24, "{}", std::mem::size_of::<Key>());
+    }
+
+    proptest! {
+        /// Inline or boxed, a key keeps its bytes and sorts like them.
+        #[test]
+        fn keys_keep_their_bytes_and_order(a in proptest::collection::vec(any::<u8>(), 0..40), b in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let (ka, kb) = (Key::new(&a), Key::new(&b));
+            prop_assert_eq!(ka.as_bytes(), &a[..]);
+            prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+            prop_assert_eq!(ka == kb, a == b);
+        }
     }
 }

@@ -240,7 +240,7 @@ impl Partition {
         let mut entries = Vec::with_capacity(inner.index.blobs as usize);
         for (key, loc) in inner.index.live() {
             let store = inner.store(loc).ok_or(Error::Loading(self.options.id))?;
-            entries.push((key.clone(), store, *loc));
+            entries.push((key.to_bytes(), store, *loc));
         }
         drop(inner);
         let (writer, header) = ImageWriter::new(self.options.id);
@@ -405,7 +405,7 @@ impl Partition {
         let pos = appended;
         let value_offset = (pos.len as usize - value.len()) as u32;
         let loc = BlobLoc { store: LOG_STORE, pos, value_offset, lsn: pos.lsn };
-        self.write().index.apply(Bytes::copy_from_slice(key), Entry::Live(loc));
+        self.write().index.apply(key, Entry::Live(loc));
         Ok(PutAck { lsn: pos.lsn, size: value.len() as u64 })
     }
 
@@ -418,7 +418,7 @@ impl Partition {
             return Err(Error::NotFound);
         }
         let pos = self.append(&wal, blob::encode_delete(key)).await?;
-        self.write().index.apply(Bytes::copy_from_slice(key), Entry::Deleted(pos.lsn));
+        self.write().index.apply(key, Entry::Deleted(pos.lsn));
         Ok(pos.lsn)
     }
 
@@ -554,14 +554,14 @@ impl Partition {
             .index
             .entries
             .range::<[u8], _>((start, Bound::Unbounded))
-            .take_while(|(key, _)| key.starts_with(prefix))
+            .take_while(|(key, _)| key.as_bytes().starts_with(prefix))
             .filter(|(_, entry)| matches!(entry, Entry::Live(_)));
         for (key, _) in live {
             if keys.len() == limit {
                 let next = keys.last().cloned();
                 return Ok((keys, next));
             }
-            keys.push(key.clone());
+            keys.push(key.to_bytes());
         }
         Ok((keys, None))
     }
@@ -672,7 +672,7 @@ impl Partition {
         let mut moving = Vec::new();
         for (key, loc) in inner.index.live().filter(|(_, loc)| loc.lsn <= covers) {
             let store = inner.store(loc).ok_or(Error::Loading(self.options.id))?;
-            moving.push((key.clone(), *loc, store));
+            moving.push((key.to_bytes(), *loc, store));
         }
         moving.sort_by_key(|(_, loc, _)| (loc.store, loc.pos.segment_id, loc.pos.offset));
         Ok(moving)
