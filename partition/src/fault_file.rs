@@ -41,15 +41,8 @@ pub(crate) fn encode(fault: &Fault) -> String {
 
 /// Reads the fault record, if there is one.
 pub fn read(storage: &dyn Storage, dir: &Path) -> std::io::Result<Option<Fault>> {
-    let path = dir.join(FAULT_FILE);
-    let file = match storage.open(&path, false) {
-        Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(error) => return Err(error),
-    };
-    let len = usize::try_from(file.file_len()?).unwrap_or(usize::MAX).min(64 << 10);
-    let text = String::from_utf8_lossy(&file.read_exact_at(0, len)?).into_owned();
-    Ok(Some(parse(&text)))
+    let text = crate::durable::read_small_file(storage, &dir.join(FAULT_FILE), 64 << 10)?;
+    Ok(text.as_deref().map(parse))
 }
 
 /// Removes the fault record durably.

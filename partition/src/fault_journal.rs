@@ -95,7 +95,7 @@ pub fn decode(text: &str) -> (Vec<JournalEntry>, usize) {
 pub fn read_all(storage: &dyn Storage, disks: &[DiskDir]) -> Vec<JournalEntry> {
     let mut merged: BTreeMap<u64, JournalEntry> = BTreeMap::new();
     for disk in disks {
-        let text = match read_file(storage, &disk.path.join(JOURNAL_FILE)) {
+        let text = match crate::durable::read_small_file(storage, &disk.path.join(JOURNAL_FILE), 16 << 20) {
             Ok(Some(text)) => text,
             Ok(None) => continue,
             Err(error) => {
@@ -112,16 +112,6 @@ pub fn read_all(storage: &dyn Storage, disks: &[DiskDir]) -> Vec<JournalEntry> {
         }
     }
     merged.into_values().collect()
-}
-
-fn read_file(storage: &dyn Storage, path: &Path) -> std::io::Result<Option<String>> {
-    let file = match storage.open(path, false) {
-        Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(error) => return Err(error),
-    };
-    let len = usize::try_from(file.file_len()?).unwrap_or(usize::MAX).min(16 << 20);
-    Ok(Some(String::from_utf8_lossy(&file.read_exact_at(0, len)?).into_owned()))
 }
 
 #[derive(Debug, Default)]

@@ -61,14 +61,10 @@ fn generation(name: &str, prefix: &str) -> Option<u64> {
 impl Manifest {
     /// Reads `CURRENT` from `dir`; a missing file is the default.
     pub fn read(storage: &dyn Storage, dir: &Path) -> Result<Manifest, Fault> {
-        let io_fault = |e: std::io::Error| crate::partition::io_fault("open", &e);
-        let file = match storage.open(&dir.join(CURRENT_FILE), false) {
-            Ok(file) => file,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Manifest::default()),
-            Err(error) => return Err(io_fault(error)),
+        let read = crate::durable::read_small_file(storage, &dir.join(CURRENT_FILE), 4096);
+        let Some(text) = read.map_err(|e| crate::partition::io_fault("open", &e))? else {
+            return Ok(Manifest::default());
         };
-        let len = file.file_len().map_err(io_fault)?.min(4096) as usize;
-        let text = String::from_utf8_lossy(&file.read_exact_at(0, len).map_err(io_fault)?).into_owned();
         Manifest::parse(&text).ok_or_else(|| Fault {
             cause: FaultCause::Corruption,
             op: "open".into(),

@@ -453,14 +453,8 @@ impl Registry {
     /// The id in `dir/PARTITION`: `Ok(None)` when the file is missing or
     /// names no id, `Err` when it cannot be read.
     fn read_meta(&self, dir: &Path) -> std::io::Result<Option<u64>> {
-        let file = match self.storage.open(&dir.join(META_FILE), false) {
-            Ok(file) => file,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(error) => return Err(error),
-        };
-        let len = usize::try_from(file.file_len()?).unwrap_or(usize::MAX).min(256);
-        let text = String::from_utf8_lossy(&file.read_exact_at(0, len)?).into_owned();
-        Ok(text.lines().find_map(|line| line.strip_prefix("id=")).and_then(parse_id))
+        let text = crate::durable::read_small_file(self.storage.as_ref(), &dir.join(META_FILE), 256)?;
+        Ok(text.as_deref().and_then(|text| text.lines().find_map(|line| line.strip_prefix("id="))).and_then(parse_id))
     }
 
     /// Deletes partition `id`: unregister, close, move aside, remove.
