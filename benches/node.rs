@@ -508,7 +508,7 @@ fn wnode(args: &Args, out: &mut Vec<Value>) {
     // W5: a node holding 1 GiB of 4 KiB blobs, from start to ready.
     let disk = fresh_dir(&args.dir, "w5node");
     let blobs = fill(&disk, 1 << 30, 4096);
-    drop_caches();
+    support::disks::drop_page_cache();
     let started = Instant::now();
     let node = Daemon::start(&disk, &[], &[]);
     let ready = started.elapsed().as_secs_f64();
@@ -518,11 +518,6 @@ fn wnode(args: &Args, out: &mut Vec<Value>) {
     );
     println!("| start to ready | MiB/s replayed |\n|---|---|\n| {ready:.2} s | {:.0} |", 1024.0 / ready);
     out.push(json!({"id": "W5NODE", "ready_seconds": ready, "blobs": blobs}));
-}
-
-/// Drops the page cache when run as root (cold-start measurements).
-fn drop_caches() {
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3\n");
 }
 
 /// Writes `bytes` of `size`-byte blobs over 8 partitions in `disk`,

@@ -25,13 +25,19 @@ struct Server {
 }
 
 impl Server {
-    fn start(program: &str, args: impl Fn(&Path, u16) -> Vec<String>, config: &str) -> Server {
+    /// Starts `program` with `--config.file` (holding `config`),
+    /// `<storage_flag>` (a scratch directory), `--web.listen-address` on a
+    /// free loopback port, and `extra` flags; waits for `/-/ready`.
+    fn start(program: &str, storage_flag: &str, extra: &[&str], config: &str) -> Server {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.yml"), config).unwrap();
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
         let child = Command::new(program)
-            .args(args(dir.path(), port))
+            .arg(format!("--config.file={}", dir.path().join("config.yml").display()))
+            .arg(format!("{storage_flag}={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -57,18 +63,7 @@ impl Drop for Server {
 
 fn alertmanager() -> Server {
     let config = "route:\n  receiver: default\n  group_wait: 1s\n  group_interval: 1s\nreceivers:\n  - name: default\n";
-    Server::start(
-        "prometheus-alertmanager",
-        |dir, port| {
-            vec![
-                format!("--config.file={}", dir.join("config.yml").display()),
-                format!("--storage.path={}", dir.join("data").display()),
-                format!("--web.listen-address=127.0.0.1:{port}"),
-                "--cluster.listen-address=".into(),
-            ]
-        },
-        config,
-    )
+    Server::start("prometheus-alertmanager", "--storage.path", &["--cluster.listen-address="], config)
 }
 
 /// Scrapes the node every second and evaluates the shipped rules; its
@@ -82,17 +77,7 @@ fn prometheus(node_port: u16, alertmanager_port: u16) -> Server {
          scrape_configs:\n  - job_name: datanode\n    static_configs:\n      - targets: ['127.0.0.1:{node_port}']\n",
         rules.display()
     );
-    Server::start(
-        "prometheus",
-        |dir, port| {
-            vec![
-                format!("--config.file={}", dir.join("config.yml").display()),
-                format!("--storage.tsdb.path={}", dir.join("data").display()),
-                format!("--web.listen-address=127.0.0.1:{port}"),
-            ]
-        },
-        &config,
-    )
+    Server::start("prometheus", "--storage.tsdb.path", &[], &config)
 }
 
 /// Active `DatanodePartitionFaulted` alerts in Alertmanager for

@@ -348,13 +348,17 @@ fn systemd_is_told_ready_after_load_and_stopping_on_sigterm() {
 fn bench_puts_and_gets_against_a_node_and_reports_json() {
     let data = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(data.path(), &[], &[]);
-    let output = Command::new(env!("CARGO_BIN_EXE_datanode"))
-        .args(["bench", "--url", &daemon.url(""), "--connections", "4", "--partitions", "1-4", "--keys", "20"])
-        .args(["--value-size", "1KiB", "--duration", "1s", "--warmup", "0s", "--json", "--quiet"])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    // `datanode bench` for one second with `args`, as JSON.
+    let bench = |args: &[&str]| -> Value {
+        let output = Command::new(env!("CARGO_BIN_EXE_datanode"))
+            .args(["bench", "--url", &daemon.url(""), "--duration", "1s", "--warmup", "0s", "--json", "--quiet"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let result = bench(&["--connections", "4", "--partitions", "1-4", "--keys", "20", "--value-size", "1KiB"]);
     for op in ["put", "get"] {
         assert!(result[op]["ops"].as_u64().unwrap() > 0, "{result}");
         assert_eq!(result[op]["errors"], json!({}), "{result}");
@@ -364,13 +368,7 @@ fn bench_puts_and_gets_against_a_node_and_reports_json() {
     let (status, _) = call(ureq::get(&daemon.url("/v1/partitions/3/blobs/bench-7")), None);
     assert_eq!(status, 200, "the prefill wrote every key");
 
-    let output = Command::new(env!("CARGO_BIN_EXE_datanode"))
-        .args(["bench", "--url", &daemon.url(""), "--connections", "2", "--partitions", "1", "--rate", "100"])
-        .args(["--put-ratio", "1", "--duration", "1s", "--warmup", "0s", "--json", "--quiet"])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let result = bench(&["--connections", "2", "--partitions", "1", "--rate", "100", "--put-ratio", "1"]);
     assert_eq!(result["rate"], 100.0, "{result}");
     assert!(result["put"]["ops"].as_u64().unwrap() > 0, "{result}");
 }

@@ -13,7 +13,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::disks::{Fs, LoopDisk, SmallTmpfs, unavailable};
+use support::disks::{Fs, LoopDisk, SmallTmpfs, drop_page_cache, unavailable};
 use support::fuse::{Action, FuseDir, Op, Rules, fuse_loop_disk};
 use support::load::{Load, assert_all_readable};
 use support::{Daemon, config_with_disks, wait_for};
@@ -266,11 +266,6 @@ fn write_back_eio_on_xfs_faults_only_the_partition_it_hits() {
     write_back_eio_faults_only_the_partition_it_hits(Fs::Xfs);
 }
 
-/// Evicts clean pages of every file, so the next reads go to the disk.
-fn drop_page_cache() {
-    std::fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
-}
-
 /// Puts `n` blobs on each partition and returns what was acknowledged.
 fn fill(node: &Daemon, partitions: &[u64], n: usize, tag: &str) -> Vec<support::load::Acked> {
     let mut acked = Vec::new();
@@ -299,7 +294,7 @@ fn latent_read_errors_fault_only_their_partition_and_never_serve_wrong_bytes() {
     for range in &bad {
         rules.add(Op::Read, range.clone(), Action::Fail(libc::EIO));
     }
-    drop_page_cache();
+    assert!(drop_page_cache(), "the test runs as root");
     let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
     for put in acked.iter().filter(|a| a.partition == 1) {
         let (status, body) = support::call(ureq::get(&node.url(&format!("/v1/partitions/1/blobs/{}", put.key))), None);

@@ -54,6 +54,12 @@ pub fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Evicts clean cached pages of every file (root only), so that the next
+/// reads go to the disk. Returns whether it could.
+pub fn drop_page_cache() -> bool {
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok()
+}
+
 /// The filesystem on a loop disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fs {

@@ -274,6 +274,24 @@ impl Passthrough {
         }
     }
 
+    /// `unlink` and `rmdir`: `remove` the real entry, then forget its inode.
+    fn remove(
+        &mut self,
+        parent: u64,
+        name: &OsStr,
+        reply: ReplyEmpty,
+        remove: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) {
+        let Some(path) = self.child(parent, name) else { return reply.error(libc::ENOENT) };
+        match remove(&self.real(&path)) {
+            Ok(()) => {
+                self.inodes.forget(&path);
+                reply.ok();
+            }
+            Err(error) => reply.error(errno(&error)),
+        }
+    }
+
     fn handle(&mut self, file: File, relative: PathBuf) -> u64 {
         self.next_fh += 1;
         self.handles.insert(self.next_fh, (Arc::new(file), relative));
@@ -369,25 +387,11 @@ impl Filesystem for Passthrough {
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        let Some(path) = self.child(parent, name) else { return reply.error(libc::ENOENT) };
-        match std::fs::remove_file(self.real(&path)) {
-            Ok(()) => {
-                self.inodes.forget(&path);
-                reply.ok();
-            }
-            Err(error) => reply.error(errno(&error)),
-        }
+        self.remove(parent, name, reply, |path| std::fs::remove_file(path));
     }
 
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        let Some(path) = self.child(parent, name) else { return reply.error(libc::ENOENT) };
-        match std::fs::remove_dir(self.real(&path)) {
-            Ok(()) => {
-                self.inodes.forget(&path);
-                reply.ok();
-            }
-            Err(error) => reply.error(errno(&error)),
-        }
+        self.remove(parent, name, reply, |path| std::fs::remove_dir(path));
     }
 
     fn rename(

@@ -126,13 +126,6 @@ impl Daemon {
         (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
     }
 
-    /// Starts again, without waiting for readiness (for a node whose disks
-    /// are all faulted).
-    pub fn restart_unready(&mut self) {
-        self.kill();
-        self.spawn_process();
-    }
-
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
