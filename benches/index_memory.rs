@@ -63,7 +63,7 @@ fn main() {
         partition.close();
     }
     let before = rss_bytes();
-    let partition = Partition::open(storage, options);
+    let partition = Arc::new(Partition::open(storage, options));
     let after = rss_bytes();
     assert_eq!(partition.stats().blobs, keys);
     let grown = after.saturating_sub(before);

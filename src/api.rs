@@ -67,6 +67,7 @@ impl IntoResponse for ApiError {
 fn partition_error(id: u64, error: PartitionError) -> ApiError {
     let (status, code, state) = match &error {
         PartitionError::Loading(_) => (StatusCode::SERVICE_UNAVAILABLE, "partition_unavailable", Some("loading")),
+        PartitionError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "partition_unavailable", None),
         PartitionError::Faulted { .. } => (StatusCode::SERVICE_UNAVAILABLE, "partition_faulted", Some("faulted")),
         PartitionError::ReadOnly { .. } => (StatusCode::SERVICE_UNAVAILABLE, "partition_read_only", Some("read_only")),
         PartitionError::WriteOutcomeUnknown(_) => (StatusCode::INTERNAL_SERVER_ERROR, "write_outcome_unknown", None),
@@ -550,7 +551,8 @@ async fn set_read_only(
 async fn export_snapshot(State(node): State<Arc<Node>>, headers: HeaderMap, Pid(pid): Pid) -> ApiResult<Response> {
     require_admin(&node, &headers)?;
     let (id, partition) = partition(&node, &pid)?;
-    let export = partition.export().map_err(|e| partition_error(id, e))?;
+    // Taking the key list copies the whole index: not on an async worker.
+    let export = blocking(&node, id, move || partition.export()).await?;
     // Each piece needs a blocking read; stream them from a blocking thread.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::task::spawn_blocking(move || {

@@ -21,6 +21,7 @@
 //! state is complete on disk (replay reads the store, then the log after
 //! `covers`).
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
 use bytes::Bytes;
@@ -30,12 +31,16 @@ use crate::blob;
 use crate::error::{Error, Result};
 use crate::index::BlobLoc;
 use crate::manifest::{CompactedRef, Manifest, compacted_generation};
-use crate::partition::{Partition, io_fault, wal_fault};
+use crate::partition::Partition;
+use crate::state::{Fault, FaultSource};
 
 /// Bytes of compacted records appended per batch.
 const COPY_BATCH: usize = 4 << 20;
 /// Index entries repointed per write-lock hold.
 const RELOCATE_BATCH: usize = 1024;
+
+/// A key compaction moved: its old and new location.
+type Relocation = (Bytes, BlobLoc, BlobLoc);
 
 /// What a compaction did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -55,9 +60,9 @@ impl Partition {
     /// gets continue meanwhile. Only a healthy partition compacts.
     pub fn compact(&self) -> Result<CompactionReport> {
         let _one_at_a_time = self.maintenance.lock().unwrap_or_else(PoisonError::into_inner);
-        let log = self.refuse_unless_writable()?;
+        let (log, _) = self.writable_log()?;
         let dir = &self.options.dir;
-        let manifest = Manifest::read(self.storage.as_ref(), dir).map_err(Error::CompactionFailed)?;
+        let manifest = Manifest::read(self.storage.as_ref(), dir).map_err(Error::CompactionFailed)?.unwrap_or_default();
         let bytes_before = self.stored_bytes();
         let covers = log.durable_lsn();
         self.grace.wait();
@@ -67,21 +72,25 @@ impl Partition {
         let name = format!("compacted-{generation}");
         let _ = self.storage.remove_dir_all(&dir.join(&name));
         let copied = self.copy_into(&name, generation as u32, &moving);
-        let relocations = match copied {
-            Ok(relocations) => relocations,
+        let (relocations, synced) = match copied {
+            Ok(copied) => copied,
             Err(error) => {
                 let _ = self.storage.remove_dir_all(&dir.join(&name));
                 return Err(error);
             }
         };
-        let next = Manifest { log: manifest.log.clone(), compacted: Some(CompactedRef { name: name.clone(), covers }) };
-        next.write(self.storage.as_ref(), dir).map_err(|e| Error::CompactionFailed(io_fault("compact", &e)))?;
+        let next = Manifest {
+            log: manifest.log.clone(),
+            log_synced: manifest.log_synced,
+            compacted: Some(CompactedRef { name: name.clone(), covers, synced }),
+        };
+        next.write(self.storage.as_ref(), dir).map_err(|e| Error::CompactionFailed(Fault::io("compact", &e)))?;
 
         // The new store is the partition's from here on; bring it into use.
-        let store = match self.open_store(&name) {
+        let store = match self.open_store(&name, synced) {
             Ok(store) => Arc::new(store),
             Err(fault) => {
-                self.fail(fault.clone());
+                self.fault(fault.clone(), FaultSource::Operation);
                 return Err(Error::CompactionFailed(fault));
             }
         };
@@ -89,11 +98,18 @@ impl Partition {
         for batch in relocations.chunks(RELOCATE_BATCH) {
             self.relocate(batch);
         }
-        self.retire_stores_except(generation as u32);
-        self.remove_superseded(&next);
-        if let Err(error) = log.purge_before_blocking(covers + 1) {
-            self.fail(wal_fault(&error));
-            return Err(Error::CompactionFailed(wal_fault(&error)));
+        // An export streaming now may still read the old store and the
+        // covered segments: leave them to the next compaction.
+        if self.exports.load(Ordering::SeqCst) > 0 {
+            tracing::info!(partition = self.options.id, "an export is running: old files are removed next time");
+        } else {
+            self.retire_stores_except(generation as u32);
+            self.remove_superseded(&next);
+            if let Err(error) = log.purge_before_blocking(covers + 1) {
+                let fault = Fault::from_wal(&error);
+                self.fault(fault.clone(), FaultSource::Operation);
+                return Err(Error::CompactionFailed(fault));
+            }
         }
         let report =
             CompactionReport { covers, blobs: moving.len() as u64, bytes_before, bytes_after: self.stored_bytes() };
@@ -102,14 +118,14 @@ impl Partition {
     }
 
     /// Writes every moving blob into store `name` and syncs it; returns
-    /// each key with its old and new location.
+    /// each key with its old and new location, and the store's last LSN.
     fn copy_into(
         &self,
         name: &str,
         generation: u32,
         moving: &[(Bytes, BlobLoc, Arc<Wal>)],
-    ) -> Result<Vec<(Bytes, BlobLoc, BlobLoc)>> {
-        let store = self.open_store(name).map_err(Error::CompactionFailed)?;
+    ) -> Result<(Vec<Relocation>, Lsn)> {
+        let store = self.open_store(name, 0).map_err(Error::CompactionFailed)?;
         let mut relocations = Vec::with_capacity(moving.len());
         let mut records = Vec::new();
         let mut pending: Vec<(Bytes, BlobLoc)> = Vec::new();
@@ -124,7 +140,7 @@ impl Partition {
             if bytes >= COPY_BATCH || i + 1 == moving.len() {
                 let appended = store
                     .append_blocking(std::mem::take(&mut records))
-                    .map_err(|e| Error::CompactionFailed(wal_fault(&e)))?;
+                    .map_err(|e| Error::CompactionFailed(Fault::from_wal(&e)))?;
                 for ((key, old), pos) in pending.drain(..).zip(appended.positions) {
                     // kind (1) + original LSN (8) + key length (2) + key
                     let value_offset = (11 + key.len()) as u32;
@@ -133,7 +149,8 @@ impl Partition {
                 bytes = 0;
             }
         }
-        store.close().map_err(|e| Error::CompactionFailed(wal_fault(&e)))?;
-        Ok(relocations)
+        let synced = store.last_lsn();
+        store.close().map_err(|e| Error::CompactionFailed(Fault::from_wal(&e)))?;
+        Ok((relocations, synced))
     }
 }

@@ -24,9 +24,9 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use datanode_wal::{Space, Storage};
 
+use crate::layout::DiskDir;
 use crate::partition::Partition;
-use crate::registry::DiskDir;
-use crate::state::{Fault, FaultCause, ReadOnlyReason, State};
+use crate::state::{Fault, FaultCause, FaultSource, ReadOnlyReason, State};
 
 /// Name of the probe's canary file at the root of each disk.
 pub const PROBE_FILE: &str = ".datanode-probe";
@@ -246,13 +246,7 @@ impl Disk {
             match state {
                 DiskState::Faulted => {
                     if !matches!(partition.health().state(), State::Faulted(_)) {
-                        partition.fault_from_disk(Fault {
-                            cause: FaultCause::DiskFaulted,
-                            op: "probe".into(),
-                            errno: None,
-                            message: format!("disk {} is faulted", self.dir.name),
-                            at: SystemTime::now(),
-                        });
+                        partition.fault(Fault::disk_faulted(&self.dir.name), FaultSource::Disk);
                     }
                 }
                 DiskState::Degraded => partition.set_reason(ReadOnlyReason::DiskDegraded, true),

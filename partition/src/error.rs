@@ -17,6 +17,15 @@ pub enum Error {
     /// The partition is still loading its log.
     #[error("partition {0} is loading")]
     Loading(u64),
+    /// The partition cannot take the call right now (its log is being
+    /// reopened, or it was closed); nothing was attempted.
+    #[error("partition {partition} is unavailable: {reason}")]
+    Unavailable {
+        /// The partition.
+        partition: u64,
+        /// Why.
+        reason: &'static str,
+    },
     /// The partition is faulted; nothing was attempted.
     #[error("partition {partition} is faulted: {}", fault.message)]
     Faulted {
@@ -33,8 +42,10 @@ pub enum Error {
         /// Why.
         reasons: BTreeSet<ReadOnlyReason>,
     },
-    /// The write reached the disk and then failed: it may or may not be
-    /// there. It was not acknowledged; the partition is now faulted.
+    /// The write was handed to the disk and then failed: it may or may not
+    /// be there. It was not acknowledged; the partition is now faulted, or
+    /// read-only on a full disk, and once the outcome is settled what the
+    /// node serves for the key is what it serves after a restart.
     #[error("write outcome unknown: {0}")]
     WriteOutcomeUnknown(#[source] datanode_wal::Error),
     /// No blob under that key.

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use datanode_wal::Storage;
 
 use crate::fault_file;
-use crate::registry::DiskDir;
+use crate::layout::DiskDir;
 use crate::state::Fault;
 
 /// File name of the journal at the root of each disk.

@@ -8,7 +8,7 @@
 //! even under a steady stream of new ones.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 #[derive(Debug, Default)]
 pub(crate) struct Grace {
@@ -18,22 +18,23 @@ pub(crate) struct Grace {
     drained: Condvar,
 }
 
-/// Held by a running operation; leaves its epoch when dropped.
+/// Held by a running operation (it may move to another thread with it);
+/// leaves its epoch when dropped.
 #[derive(Debug)]
-pub(crate) struct Registered<'a> {
-    grace: &'a Grace,
+pub(crate) struct Registered {
+    grace: Arc<Grace>,
     slot: usize,
 }
 
 impl Grace {
     /// Registers a running operation.
-    pub fn enter(&self) -> Registered<'_> {
+    pub fn enter(self: &Arc<Self>) -> Registered {
         loop {
-            let epoch = self.epoch.load(Ordering::Acquire);
+            let epoch = self.epoch.load(Ordering::SeqCst);
             let slot = epoch & 1;
-            self.active[slot].fetch_add(1, Ordering::AcqRel);
-            if self.epoch.load(Ordering::Acquire) == epoch {
-                return Registered { grace: self, slot };
+            self.active[slot].fetch_add(1, Ordering::SeqCst);
+            if self.epoch.load(Ordering::SeqCst) == epoch {
+                return Registered { grace: Arc::clone(self), slot };
             }
             // The epoch flipped under us: register in the new one.
             self.leave(slot);
@@ -41,7 +42,7 @@ impl Grace {
     }
 
     fn leave(&self, slot: usize) {
-        if self.active[slot].fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.active[slot].fetch_sub(1, Ordering::SeqCst) == 1 {
             let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
             self.drained.notify_all();
         }
@@ -51,15 +52,15 @@ impl Grace {
     /// has finished. Callers must not overlap (compaction holds the
     /// partition's maintenance lock).
     pub fn wait(&self) {
-        let old = self.epoch.fetch_add(1, Ordering::AcqRel) & 1;
+        let old = self.epoch.fetch_add(1, Ordering::SeqCst) & 1;
         let mut guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-        while self.active[old].load(Ordering::Acquire) != 0 {
+        while self.active[old].load(Ordering::SeqCst) != 0 {
             guard = self.drained.wait(guard).unwrap_or_else(PoisonError::into_inner);
         }
     }
 }
 
-impl Drop for Registered<'_> {
+impl Drop for Registered {
     fn drop(&mut self) {
         self.grace.leave(self.slot);
     }
@@ -68,7 +69,6 @@ impl Drop for Registered<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::mpsc;
     use std::time::Duration;
 

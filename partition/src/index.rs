@@ -2,13 +2,12 @@
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use datanode_wal::{Lsn, RecordPos, Wal};
 
 use crate::blob::{self, BlobOp};
-use crate::state::{Fault, FaultCause};
+use crate::state::Fault;
 
 /// Store id of the partition's log; compacted stores use their generation.
 pub(crate) const LOG_STORE: u32 = 0;
@@ -174,7 +173,7 @@ impl Index {
     pub fn replay(&mut self, wal: &Wal, store: u32, skip_through: Lsn) -> Result<(), Fault> {
         let mut lsn = wal.first_lsn().max(skip_through + 1);
         while lsn <= wal.last_lsn() {
-            let records = wal.read_from(lsn, REPLAY_CHUNK).map_err(|e| crate::partition::wal_fault(&e))?;
+            let records = wal.read_from(lsn, REPLAY_CHUNK).map_err(|e| Fault::from_wal(&e))?;
             for record in records {
                 // Keys are copied out (`Key::new`): a slice would keep the
                 // whole read buffer (the log's bytes) alive with the key.
@@ -186,13 +185,10 @@ impl Index {
                     }
                     Some(BlobOp::Delete { key }) => self.apply(&key, Entry::Deleted(record.lsn)),
                     None => {
-                        return Err(Fault {
-                            cause: FaultCause::Corruption,
-                            op: "replay".into(),
-                            errno: None,
-                            message: format!("record at LSN {} is not a blob operation", record.lsn),
-                            at: SystemTime::now(),
-                        });
+                        return Err(Fault::corruption(
+                            "replay",
+                            format!("record at LSN {} is not a blob operation", record.lsn),
+                        ));
                     }
                 }
                 lsn = record.lsn + 1;

@@ -4,30 +4,42 @@
 //! Every error is confined here: an I/O error on this partition's log
 //! faults this partition (and writes the sticky fault record), a full disk
 //! makes it read-only, and nothing propagates as a panic.
+//!
+//! **Writes settle on the log's writer thread.** A put or delete hands the
+//! WAL a closure that runs once its record is settled: it applies the
+//! record to the index when it is durable, or turns the failure into this
+//! partition's state change. So what the node serves never depends on
+//! whether the caller was still waiting (a request that timed out), and
+//! the index follows the log's order. The caller's future only maps the
+//! outcome to an answer.
+//!
+//! **Replacing or closing the log fences the writes first** (install,
+//! recover, the retry after a full disk, close): new writes are refused
+//! as not attempted, and every write already under way is settled before
+//! the log is touched, so no write is lost to a log being swapped and no
+//! old log position lands in a new index.
 
 use std::collections::BTreeMap;
 use std::ops::{Bound, Range};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
-use std::io::Read;
 
-use datanode_wal::{Durability, Lsn, RecordPos, Storage, Wal, WalObserver, WalOptions, WalStats};
+use datanode_wal::{Appended, Durability, Lsn, RecordPos, Storage, Wal, WalOptions, WalStats};
 
 use crate::blob::{self, BlobOp};
 use crate::error::{Error, Result};
 use crate::fault_file;
 use crate::grace::Grace;
 use crate::index::{BlobLoc, Entry, Index, LOG_STORE};
-use crate::manifest::{Manifest, compacted_generation, log_generation};
-use crate::snapshot::{ImageReader, ImageWriter};
-use crate::state::{Fault, FaultCause, Health, ReadOnlyReason, State};
+use crate::manifest::{Manifest, compacted_generation};
+use crate::state::{Fault, FaultCause, FaultSource, Health, ReadOnlyReason, State};
+use crate::wal_metrics::WalMetrics;
 
-/// Bytes of snapshot entries appended per batch while installing.
-const INSTALL_BATCH: usize = 4 << 20;
+/// How often a read that raced a compaction looks its key up again.
+const RELOCATED_READ_RETRIES: usize = 3;
 
 /// How a partition is opened.
 #[derive(Debug, Clone)]
@@ -69,12 +81,40 @@ pub(crate) struct Inner {
     /// index entries from the old to the new).
     pub stores: BTreeMap<u32, Arc<Wal>>,
     pub index: Index,
+    /// Bumped whenever the log is replaced: a write settled on an older log
+    /// never touches this index.
+    pub generation: u64,
 }
 
 impl Inner {
     /// The store holding `loc`.
     pub fn store(&self, loc: &BlobLoc) -> Option<Arc<Wal>> {
         if loc.store == LOG_STORE { self.wal.clone() } else { self.stores.get(&loc.store).cloned() }
+    }
+}
+
+/// Why writes are held back from the log, and what they are told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fence {
+    /// A snapshot is being installed: read-only (`snapshot_install`).
+    Install,
+    /// The log is being reopened from disk (recover, after a full disk).
+    Reload,
+    /// The partition is closed (shutdown or delete).
+    Closed,
+}
+
+/// Holds a fence up; lifts it when dropped (a closed partition stays closed).
+pub(crate) struct FenceGuard<'a> {
+    partition: &'a Partition,
+}
+
+impl Drop for FenceGuard<'_> {
+    fn drop(&mut self) {
+        let mut intake = self.partition.intake();
+        if *intake != Some(Fence::Closed) {
+            *intake = None;
+        }
     }
 }
 
@@ -113,11 +153,18 @@ pub struct Partition {
     inner: RwLock<Inner>,
     read_errors: AtomicU32,
     /// Held by whatever replaces the log or the compacted store (install,
-    /// compaction, recover, disk-full retry): one at a time.
+    /// compaction, recover, reload, close): one at a time.
     pub(crate) maintenance: Mutex<()>,
-    /// Puts and deletes run registered here, so compaction can wait until
-    /// every acknowledged one is in the index.
-    pub(crate) grace: Grace,
+    /// Puts and deletes are registered here until they are settled, so a
+    /// fence or a compaction can wait for every one under way.
+    pub(crate) grace: Arc<Grace>,
+    /// Set while writes are held back from the log.
+    intake: Mutex<Option<Fence>>,
+    /// One writer of the `FAULT` file at a time.
+    fault_record: Mutex<()>,
+    /// Exports streaming right now: compaction leaves what they read in
+    /// place until they end.
+    pub(crate) exports: Arc<AtomicUsize>,
 }
 
 impl Partition {
@@ -131,13 +178,13 @@ impl Partition {
         match fault_file::read(partition.storage.as_ref(), &partition.options.dir) {
             Ok(Some(fault)) => {
                 tracing::warn!(partition = partition.options.id, "fault record found: staying faulted until recover");
-                partition.health.fault(fault);
+                partition.fault(fault, FaultSource::Record);
             }
             Ok(None) => match partition.load() {
                 Ok(()) => partition.health.loaded(),
-                Err(fault) => partition.fail(fault),
+                Err(fault) => partition.fault(fault, FaultSource::Operation),
             },
-            Err(error) => partition.fail(io_fault("open", &error)),
+            Err(error) => partition.fault(Fault::io("open", &error), FaultSource::Operation),
         }
         partition
     }
@@ -147,7 +194,7 @@ impl Partition {
     /// touching its log; `recover` loads it once the disk reads again.
     pub fn open_faulted(storage: Arc<dyn Storage>, options: PartitionOptions, fault: Fault) -> Partition {
         let partition = Partition::unloaded(storage, options);
-        partition.fail(fault);
+        partition.fault(fault, FaultSource::Operation);
         partition
     }
 
@@ -161,7 +208,10 @@ impl Partition {
             inner: RwLock::new(Inner::default()),
             read_errors: AtomicU32::new(0),
             maintenance: Mutex::new(()),
-            grace: Grace::default(),
+            grace: Arc::new(Grace::default()),
+            intake: Mutex::new(None),
+            fault_record: Mutex::new(()),
+            exports: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -182,26 +232,40 @@ impl Partition {
 
     /// Opens what `CURRENT` names (the compacted store, then the log),
     /// replays both into a fresh index and installs them; then removes
-    /// directories a finished install or compaction superseded.
-    fn load(&self) -> Result<(), Fault> {
-        let manifest = Manifest::read(self.storage.as_ref(), &self.options.dir)?;
+    /// directories that the durable `CURRENT` provably superseded.
+    pub(crate) fn load(&self) -> Result<(), Fault> {
+        let current = Manifest::read(self.storage.as_ref(), &self.options.dir)?;
+        let manifest = current.clone().unwrap_or_default();
         let mut index = Index::default();
         let mut stores = BTreeMap::new();
         let mut covers = 0;
         if let Some(compacted) = &manifest.compacted {
             let generation = compacted_generation(&compacted.name).unwrap_or(1) as u32;
-            let store = self.open_store(&compacted.name)?;
+            let store = self.open_store(&compacted.name, compacted.synced)?;
             index.replay(&store, generation, 0)?;
             stores.insert(generation, Arc::new(store));
             covers = compacted.covers;
         }
-        let wal = Wal::open(Arc::clone(&self.storage), self.options.dir.join(&manifest.log), self.options.wal.clone())
-            .map_err(|e| wal_fault(&e))?;
+        let wal = self.open_log(&manifest.log, manifest.log_synced)?;
         index.replay(&wal, LOG_STORE, covers)?;
-        *self.write() = Inner { wal: Some(Arc::new(wal)), stores, index };
+        {
+            let mut inner = self.write();
+            let generation = inner.generation + 1;
+            *inner = Inner { wal: Some(Arc::new(wal)), stores, index, generation };
+        }
         self.read_errors.store(0, Ordering::Release);
-        self.remove_superseded(&manifest);
+        // Only a `CURRENT` that was read proves anything superseded.
+        if let Some(current) = current {
+            self.remove_superseded(&current);
+        }
         Ok(())
+    }
+
+    /// Opens the log directory `name`, every record up to `synced` known
+    /// durable.
+    pub(crate) fn open_log(&self, name: &str, synced: Lsn) -> Result<Wal, Fault> {
+        let options = WalOptions { known_durable_lsn: synced, ..self.options.wal.clone() };
+        Wal::open(Arc::clone(&self.storage), self.options.dir.join(name), options).map_err(|e| Fault::from_wal(&e))
     }
 
     /// Options of the partition's other logs (compacted stores, an
@@ -215,9 +279,11 @@ impl Partition {
         }
     }
 
-    pub(crate) fn open_store(&self, name: &str) -> Result<Wal, Fault> {
-        Wal::open(Arc::clone(&self.storage), self.options.dir.join(name), self.bulk_options())
-            .map_err(|e| wal_fault(&e))
+    /// Opens the compacted store `name`, every record up to `synced` known
+    /// durable.
+    pub(crate) fn open_store(&self, name: &str, synced: Lsn) -> Result<Wal, Fault> {
+        let options = WalOptions { known_durable_lsn: synced, ..self.bulk_options() };
+        Wal::open(Arc::clone(&self.storage), self.options.dir.join(name), options).map_err(|e| Fault::from_wal(&e))
     }
 
     /// Removes log and compacted directories `manifest` does not use.
@@ -231,124 +297,75 @@ impl Partition {
         }
     }
 
-    /// Streams a consistent image of the live blobs (see [`crate::snapshot`]):
-    /// the blobs as of this call, whatever is written afterwards. Each
-    /// `next()` does blocking reads.
-    pub fn export(&self) -> Result<Export> {
-        self.refuse_unless_serving()?;
-        let inner = self.read();
-        let mut entries = Vec::with_capacity(inner.index.blobs as usize);
-        for (key, loc) in inner.index.live() {
-            let store = inner.store(loc).ok_or(Error::Loading(self.options.id))?;
-            entries.push((key.to_bytes(), store, *loc));
+    /// Faults the partition: the one way it happens. What else is done is
+    /// decided by `source` (see [`FaultSource`]): an operation's fault is
+    /// counted as an I/O error and written to the sticky `FAULT` record
+    /// (best effort: the disk may be what failed); only the first fault is
+    /// counted and recorded, later ones become the last error.
+    ///
+    /// Blocking when it records: never call it on an async worker.
+    pub(crate) fn fault(&self, fault: Fault, source: FaultSource) {
+        let counted = fault.clone();
+        let first = self.health.fault(fault);
+        if !first {
+            return;
         }
-        drop(inner);
-        let (writer, header) = ImageWriter::new(self.options.id);
-        Ok(Export { entries: entries.into_iter(), writer: Some(writer), header: Some(header) })
+        if source.counts_as_io_error() {
+            self.count_io_error(&counted);
+        }
+        if source.is_recorded() {
+            self.record_fault();
+        }
     }
 
-    /// Replaces the partition's contents with a snapshot image, atomically.
-    /// Blocking. The image is written to a new log directory and every
-    /// checksum verified; only then does one rename of `CURRENT` switch to
-    /// it. Reads are served from the old contents until the switch and
-    /// from the new ones after; writes are refused meanwhile
-    /// (`read_only(snapshot_install)`). A refused or failed install leaves
-    /// the old contents in place. Installing repairs a faulted partition.
-    pub fn install(&self, image: impl Read) -> Result<()> {
-        if let State::Loading = self.health.state() {
-            return Err(Error::Loading(self.options.id));
+    /// [`Partition::fault`] for a caller that may be an async worker: the
+    /// state changes at once, the `FAULT` record is written by a thread of
+    /// its own.
+    fn fault_recorded_later(self: &Arc<Self>, fault: Fault) {
+        let counted = fault.clone();
+        if !self.health.fault(fault) {
+            return;
         }
-        let _one_at_a_time = self.maintenance.lock().unwrap_or_else(PoisonError::into_inner);
-        self.health.add_reason(ReadOnlyReason::SnapshotInstall);
-        let result = self.install_image(image);
-        self.health.clear_reason(ReadOnlyReason::SnapshotInstall);
-        result
+        self.count_io_error(&counted);
+        let partition = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name(format!("fault-{}", self.options.id))
+            .spawn(move || partition.record_fault());
+        if let Err(error) = spawned {
+            tracing::error!(partition = self.options.id, %error, "cannot start writing the fault record");
+        }
     }
 
-    fn install_image(&self, image: impl Read) -> Result<()> {
-        let dir = &self.options.dir;
-        let current = Manifest::read(self.storage.as_ref(), dir).map_err(Error::InstallFailed)?;
-        let next = Manifest { log: format!("wal-{}", log_generation(&current.log).unwrap_or(0) + 1), compacted: None };
-        let staging = dir.join(&next.log);
-        let _ = self.storage.remove_dir_all(&staging);
-        let written = self.write_image(&staging, image);
-        if written.is_err() {
-            let _ = self.storage.remove_dir_all(&staging);
-            return written;
+    /// Writes the partition's first fault to `FAULT`, one writer at a time,
+    /// unless a recover cleared it meanwhile.
+    fn record_fault(&self) {
+        let _one_writer = self.fault_record.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(fault) = self.health.fault_cause() else { return };
+        if let Err(error) = fault_file::write(self.storage.as_ref(), &self.options.dir, &fault) {
+            tracing::error!(
+                partition = self.options.id,
+                disk = self.options.disk,
+                errno = error.raw_os_error(),
+                %error,
+                "cannot persist fault record"
+            );
         }
-        next.write(self.storage.as_ref(), dir).map_err(|e| Error::InstallFailed(io_fault("install", &e)))?;
-        // From here the new image is the partition, also after a crash.
-        let opened = Wal::open(Arc::clone(&self.storage), staging, self.options.wal.clone()).map_err(|e| wal_fault(&e));
-        let mut index = Index::default();
-        let wal = match opened.and_then(|wal| index.replay(&wal, LOG_STORE, 0).map(|()| wal)) {
-            Ok(wal) => wal,
-            Err(fault) => {
-                self.fail(fault.clone());
-                return Err(Error::InstallFailed(fault));
-            }
-        };
-        let fresh = Inner { wal: Some(Arc::new(wal)), stores: BTreeMap::new(), index };
-        let old = std::mem::replace(&mut *self.write(), fresh);
-        for log in old.wal.iter().chain(old.stores.values()) {
-            // Readers of the old contents may still hold it; its threads stop.
-            let _ = log.stop();
-        }
-        self.read_errors.store(0, Ordering::Release);
-        self.remove_superseded(&next);
-        if let State::Faulted(_) = self.health.state() {
-            fault_file::clear(self.storage.as_ref(), dir).map_err(|e| Error::InstallFailed(io_fault("install", &e)))?;
-            self.health.recovered();
-        }
-        tracing::info!(partition = self.options.id, log = next.log, "snapshot installed");
+    }
+
+    /// Removes `FAULT` and marks the partition recovered, as one step with
+    /// respect to [`Partition::record_fault`].
+    pub(crate) fn clear_fault(&self) -> std::io::Result<()> {
+        let _one_writer = self.fault_record.lock().unwrap_or_else(PoisonError::into_inner);
+        fault_file::clear(self.storage.as_ref(), &self.options.dir)?;
+        self.health.recovered();
         Ok(())
     }
 
-    /// Writes a verified image into a fresh log at `staging`, synced.
-    fn write_image(&self, staging: &std::path::Path, image: impl Read) -> Result<()> {
-        let wal = Wal::open(Arc::clone(&self.storage), staging, self.bulk_options())
-            .map_err(|e| Error::InstallFailed(wal_fault(&e)))?;
-        let mut reader =
-            ImageReader::new(image, self.options.max_blob_size).map_err(|e| Error::BadSnapshot(e.to_string()))?;
-        let mut batch = Vec::new();
-        let mut batch_bytes = 0;
-        loop {
-            let entry = reader.next_entry().map_err(|e| Error::BadSnapshot(e.to_string()))?;
-            let done = entry.is_none();
-            if let Some((key, value)) = entry {
-                let record = blob::encode_put(&key, &value);
-                batch_bytes += record.len();
-                batch.push(record);
-            }
-            if (done || batch_bytes >= INSTALL_BATCH) && !batch.is_empty() {
-                wal.append_blocking(std::mem::take(&mut batch)).map_err(|e| Error::InstallFailed(wal_fault(&e)))?;
-                batch_bytes = 0;
-            }
-            if done {
-                break;
-            }
-        }
-        // Closing syncs everything written.
-        wal.close().map_err(|e| Error::InstallFailed(wal_fault(&e)))
-    }
-
-    /// Faults the partition: counts the error, writes the sticky record
-    /// (best effort: the disk may be what failed), changes the state.
-    pub(crate) fn fail(&self, fault: Fault) {
+    /// An I/O error that does not (yet) fault the partition: counted and
+    /// shown as its last error.
+    pub(crate) fn note_io_error(&self, fault: Fault) {
         self.count_io_error(&fault);
-        self.persist_and_fault(fault);
-    }
-
-    /// A fault the node's journal remembers from before a restart: written
-    /// to `FAULT` now, not counted again as an I/O error.
-    pub(crate) fn fault_from_journal(&self, fault: Fault) {
-        self.persist_and_fault(fault);
-    }
-
-    fn persist_and_fault(&self, fault: Fault) {
-        if let Err(error) = fault_file::write(self.storage.as_ref(), &self.options.dir, &fault) {
-            tracing::error!(partition = self.options.id, disk = self.options.disk, %error, "cannot persist fault record");
-        }
-        self.health.fault(fault);
+        self.health.note_error(fault);
     }
 
     fn count_io_error(&self, fault: &Fault) {
@@ -363,12 +380,33 @@ impl Partition {
         }
     }
 
-    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, Inner> {
         self.inner.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, Inner> {
         self.inner.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn intake(&self) -> MutexGuard<'_, Option<Fence>> {
+        self.intake.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Holds new writes back (they are refused as not attempted) and waits
+    /// until every write already under way is settled. Callers hold the
+    /// maintenance lock. `None` when the partition is closed.
+    pub(crate) fn fence(&self, fence: Fence) -> Option<FenceGuard<'_>> {
+        {
+            let mut intake = self.intake();
+            if *intake == Some(Fence::Closed) {
+                return None;
+            }
+            *intake = Some(fence);
+        }
+        // Every write checks the fence after registering, so the writes
+        // this waits for are all the ones that got past it.
+        self.grace.wait();
+        Some(FenceGuard { partition: self })
     }
 
     fn refuse_unless_serving(&self) -> Result<()> {
@@ -379,18 +417,37 @@ impl Partition {
         }
     }
 
-    /// The log, if the partition takes writes (it is healthy).
-    pub(crate) fn refuse_unless_writable(&self) -> Result<Arc<Wal>> {
+    /// The log and its generation, if the partition takes writes (it is
+    /// healthy and no fence is up).
+    pub(crate) fn writable_log(&self) -> Result<(Arc<Wal>, u64)> {
+        let id = self.options.id;
+        match *self.intake() {
+            Some(Fence::Install) => {
+                return Err(Error::ReadOnly { partition: id, reasons: [ReadOnlyReason::SnapshotInstall].into() });
+            }
+            Some(Fence::Reload) => return Err(Error::Unavailable { partition: id, reason: "reopening its log" }),
+            Some(Fence::Closed) => return Err(Error::Unavailable { partition: id, reason: "closed" }),
+            None => {}
+        }
         match self.health.state() {
-            State::Healthy => self.log(),
-            State::ReadOnly(reasons) => Err(Error::ReadOnly { partition: self.options.id, reasons }),
-            State::Loading => Err(Error::Loading(self.options.id)),
-            State::Faulted(fault) => Err(Error::Faulted { partition: self.options.id, fault }),
+            State::Healthy => {
+                let inner = self.read();
+                let wal = inner.wal.clone().ok_or(Error::Loading(id))?;
+                Ok((wal, inner.generation))
+            }
+            State::ReadOnly(reasons) => Err(Error::ReadOnly { partition: id, reasons }),
+            State::Loading => Err(Error::Loading(id)),
+            State::Faulted(fault) => Err(Error::Faulted { partition: id, fault }),
         }
     }
 
     /// Stores `value` under `key`; returns once durable.
-    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<PutAck> {
+    ///
+    /// Cancel-safe: once the record is queued, dropping the future does
+    /// not take it back, and if it becomes durable it is indexed all the
+    /// same, so what the node serves afterwards is what it serves after a
+    /// restart.
+    pub async fn put(self: &Arc<Self>, key: &[u8], value: &[u8]) -> Result<PutAck> {
         blob::check_key(key).map_err(Error::BadRequest)?;
         if value.len() > self.options.max_blob_size {
             return Err(Error::BadRequest(format!(
@@ -399,53 +456,122 @@ impl Partition {
                 self.options.max_blob_size
             )));
         }
-        let _registered = self.grace.enter();
-        let wal = self.refuse_unless_writable()?;
-        let appended = self.append(&wal, blob::encode_put(key, value)).await?;
-        let pos = appended;
-        let value_offset = (pos.len as usize - value.len()) as u32;
-        let loc = BlobLoc { store: LOG_STORE, pos, value_offset, lsn: pos.lsn };
-        self.write().index.apply(key, Entry::Live(loc));
-        Ok(PutAck { lsn: pos.lsn, size: value.len() as u64 })
+        let value_len = value.len();
+        let pos = self
+            .append(key, blob::encode_put(key, value), move |pos| {
+                let value_offset = (pos.len as usize).saturating_sub(value_len) as u32;
+                Entry::Live(BlobLoc { store: LOG_STORE, pos, value_offset, lsn: pos.lsn })
+            })
+            .await?;
+        Ok(PutAck { lsn: pos.lsn, size: value_len as u64 })
     }
 
     /// Deletes `key` durably. `NotFound` if there is no live blob.
-    pub async fn delete(&self, key: &[u8]) -> Result<Lsn> {
+    /// Cancel-safe like [`Partition::put`].
+    pub async fn delete(self: &Arc<Self>, key: &[u8]) -> Result<Lsn> {
         blob::check_key(key).map_err(Error::BadRequest)?;
-        let _registered = self.grace.enter();
-        let wal = self.refuse_unless_writable()?;
+        self.writable_log()?;
         if !matches!(self.read().index.entries.get(key), Some(Entry::Live(_))) {
             return Err(Error::NotFound);
         }
-        let pos = self.append(&wal, blob::encode_delete(key)).await?;
-        self.write().index.apply(key, Entry::Deleted(pos.lsn));
+        let pos = self.append(key, blob::encode_delete(key), |pos| Entry::Deleted(pos.lsn)).await?;
         Ok(pos.lsn)
     }
 
-    /// Appends one record and turns a WAL failure into this partition's
-    /// state change.
-    async fn append(&self, wal: &Wal, record: Bytes) -> Result<RecordPos> {
-        match wal.append(vec![record]).await {
-            Ok(appended) => appended.positions.first().copied().ok_or(Error::NotFound),
-            Err(error) if error.is_disk_full() => {
-                let fault = wal_fault(&error);
-                self.count_io_error(&fault);
-                self.health.note_error(fault);
+    /// Appends one record for `key`. Once it is settled, on the log's
+    /// writer thread, the entry `entry` makes of its position is applied to
+    /// the index (if it is durable), or the failure changes the partition's
+    /// state; then the caller hears of it.
+    async fn append(
+        self: &Arc<Self>,
+        key: &[u8],
+        record: Bytes,
+        entry: impl FnOnce(RecordPos) -> Entry + Send + 'static,
+    ) -> Result<RecordPos> {
+        let registered = self.grace.enter();
+        let (wal, generation) = self.writable_log()?;
+        let partition = Arc::clone(self);
+        let key = Bytes::copy_from_slice(key);
+        let settled = move |result: &datanode_wal::Result<Appended>| {
+            match result {
+                Ok(appended) => {
+                    if let Some(pos) = appended.positions.first() {
+                        partition.apply(generation, &key, entry(*pos));
+                    }
+                }
+                Err(error) => partition.write_failed(error),
+            }
+            // Settled: a fence or compaction waiting for it may go on.
+            drop(registered);
+        };
+        match wal.append_then(vec![record], settled).await {
+            Ok(appended) => appended.positions.first().copied().ok_or(Error::Unavailable {
+                partition: self.options.id,
+                reason: "the log answered an append without a position",
+            }),
+            Err(error) => Err(self.write_refusal(error)),
+        }
+    }
+
+    /// Applies a durable write to the index, unless the log it was written
+    /// to has been replaced since.
+    fn apply(&self, generation: u64, key: &[u8], entry: Entry) {
+        let mut inner = self.write();
+        if inner.generation == generation {
+            inner.index.apply(key, entry);
+        }
+    }
+
+    /// What a failed write does to the partition; runs once per write, on
+    /// the writer thread (or the caller's, for a write refused before it
+    /// was queued).
+    fn write_failed(self: &Arc<Self>, error: &datanode_wal::Error) {
+        match error {
+            datanode_wal::Error::RecordTooLarge { .. } | datanode_wal::Error::Invalid(_) => {}
+            error if error.is_disk_full() && !error.outcome_unknown() => {
+                // The log discarded the batch durably (or never wrote it):
+                // nothing of it is on disk, so read-only tells the truth.
+                if !self.health.has_reason(ReadOnlyReason::DiskFull) {
+                    self.note_io_error(Fault::from_wal(error));
+                }
                 self.health.add_reason(ReadOnlyReason::DiskFull);
-                Err(Error::ReadOnly { partition: self.options.id, reasons: [ReadOnlyReason::DiskFull].into() })
             }
-            Err(datanode_wal::Error::RecordTooLarge { len, max }) => {
-                Err(Error::BadRequest(format!("record of {len} bytes exceeds {max}")))
-            }
-            Err(error) => {
-                let fault = wal_fault(&error);
-                self.fail(fault.clone());
-                if error.outcome_unknown() {
-                    Err(Error::WriteOutcomeUnknown(error))
+            datanode_wal::Error::Closed if *self.intake() == Some(Fence::Closed) => {}
+            error => {
+                let fault = Fault::from_wal(error);
+                if error.outcome_unknown() || self.health.fault_cause().is_some() {
+                    // On the writer thread, or already recorded: no disk
+                    // access on a caller's async worker.
+                    self.fault(fault, FaultSource::Operation);
                 } else {
-                    Err(Error::Faulted { partition: self.options.id, fault })
+                    // Possibly on an async worker, which must not wait for
+                    // the disk (invariant 6): the state changes now, the
+                    // record is written by a thread of its own.
+                    self.fault_recorded_later(fault);
                 }
             }
+        }
+    }
+
+    /// The answer a failed write gets. Its effect on the partition was
+    /// made when it settled ([`Partition::write_failed`]). An attempted
+    /// write is `WriteOutcomeUnknown` whatever its errno, a full disk
+    /// included: its bytes may be on disk. (A batch that failed for lack of
+    /// space and that the log then discarded durably was not attempted.)
+    fn write_refusal(&self, error: datanode_wal::Error) -> Error {
+        let id = self.options.id;
+        if let datanode_wal::Error::RecordTooLarge { len, max } = error {
+            return Error::BadRequest(format!("record of {len} bytes exceeds {max}"));
+        }
+        if error.outcome_unknown() {
+            return Error::WriteOutcomeUnknown(error);
+        }
+        if error.is_disk_full() {
+            return Error::ReadOnly { partition: id, reasons: [ReadOnlyReason::DiskFull].into() };
+        }
+        match self.health.state() {
+            State::Faulted(fault) => Error::Faulted { partition: id, fault },
+            _ => Error::Faulted { partition: id, fault: Fault::from_wal(&error) },
         }
     }
 
@@ -453,27 +579,36 @@ impl Partition {
     /// call it from a blocking-capable thread. Never returns bytes that fail
     /// their checksum.
     pub fn get(&self, key: &[u8], range: Option<Range<u64>>) -> Result<Bytes> {
-        let (wal, loc, range) = self.prepare_get(key, range)?;
-        match wal.read(loc.pos) {
-            Ok(record) => self.value_of(key, &loc, &record, range),
-            Err(error) => Err(self.read_failed(error)),
+        let mut attempt = 0;
+        loop {
+            let (wal, loc, range) = self.prepare_get(key, range.clone())?;
+            match wal.read(loc.pos) {
+                Ok(record) => return self.value_of(key, &loc, &record, range).map_err(|fault| self.bad_value(fault)),
+                Err(datanode_wal::Error::LsnOutOfRange { .. })
+                    if attempt < RELOCATED_READ_RETRIES && self.moved(key, &loc) =>
+                {
+                    // Compaction moved the blob and purged where it was.
+                    attempt += 1;
+                }
+                Err(error) => return Err(self.read_failed(error)),
+            }
         }
     }
 
     /// [`Partition::get`] if the value's bytes are all in the page cache:
     /// never waits for the disk, so an async caller may call it in place.
-    /// `Ok(None)`: call `get` from a blocking thread. Same checks, same
-    /// errors.
+    /// `Ok(None)`: call `get` from a blocking thread, which also does what
+    /// an error needs (faulting the partition writes to the disk).
     pub fn get_cached(&self, key: &[u8], range: Option<Range<u64>>) -> Result<Option<Bytes>> {
         let (wal, loc, range) = self.prepare_get(key, range)?;
         match wal.read_cached(loc.pos) {
-            Ok(Some(record)) => self.value_of(key, &loc, &record, range).map(Some),
-            Ok(None) => Ok(None),
-            Err(error) => Err(self.read_failed(error)),
+            Ok(Some(record)) => Ok(self.value_of(key, &loc, &record, range).ok()),
+            Ok(None) | Err(_) => Ok(None),
         }
     }
 
     fn prepare_get(&self, key: &[u8], range: Option<Range<u64>>) -> Result<(Arc<Wal>, BlobLoc, Range<u64>)> {
+        blob::check_key(key).map_err(Error::BadRequest)?;
         self.refuse_unless_serving()?;
         let (wal, loc) = self.locate(key)?;
         let len = loc.value_len();
@@ -484,33 +619,36 @@ impl Partition {
         Ok((wal, loc, range))
     }
 
+    /// Whether `key` now lives somewhere other than `loc` (or nowhere).
+    fn moved(&self, key: &[u8], loc: &BlobLoc) -> bool {
+        !matches!(self.read().index.entries.get(key), Some(Entry::Live(now)) if now == loc)
+    }
+
     /// The wanted bytes of a record the WAL has read and verified.
-    fn value_of(&self, key: &[u8], loc: &BlobLoc, record: &Bytes, range: Range<u64>) -> Result<Bytes> {
+    fn value_of(&self, key: &[u8], loc: &BlobLoc, record: &Bytes, range: Range<u64>) -> Result<Bytes, Fault> {
         // The WAL verified the checksum, LSN and owner; check that the
         // record really is this key's put, so an index bug can never serve
         // another key's bytes.
+        let not_this_key =
+            || Fault::corruption("read", format!("record at LSN {} is not the put of this key", loc.pos.lsn));
         match blob::decode(record) {
             Some(BlobOp::Put { key: stored, value_offset, .. }) if stored == key => {
                 let start = value_offset + range.start as usize;
                 let end = value_offset + range.end as usize;
-                record.get(start..end).map(|_| record.slice(start..end)).ok_or(Error::NotFound)
+                record.get(start..end).map(|_| record.slice(start..end)).ok_or_else(not_this_key)
             }
-            _ => {
-                let fault = Fault {
-                    cause: FaultCause::Corruption,
-                    op: "read".into(),
-                    errno: None,
-                    message: format!("record at LSN {} is not the put of this key", loc.pos.lsn),
-                    at: SystemTime::now(),
-                };
-                self.fail(fault.clone());
-                Err(Error::Faulted { partition: self.options.id, fault })
-            }
+            _ => Err(not_this_key()),
         }
+    }
+
+    fn bad_value(&self, fault: Fault) -> Error {
+        self.fault(fault.clone(), FaultSource::Operation);
+        Error::Faulted { partition: self.options.id, fault }
     }
 
     /// The length of the value under `key` (no disk access).
     pub fn len_of(&self, key: &[u8]) -> Result<u64> {
+        blob::check_key(key).map_err(Error::BadRequest)?;
         self.refuse_unless_serving()?;
         Ok(self.locate(key)?.1.value_len())
     }
@@ -525,17 +663,20 @@ impl Partition {
     /// Counts a failed read; corruption faults at once, other errors past
     /// the tolerance.
     pub(crate) fn read_failed(&self, error: datanode_wal::Error) -> Error {
-        let fault = wal_fault(&error);
+        let fault = Fault::from_wal(&error);
         if fault.cause == FaultCause::Corruption {
-            self.fail(fault);
+            self.fault(fault, FaultSource::Operation);
+            return Error::Read(error);
+        }
+        if matches!(error, datanode_wal::Error::LsnOutOfRange { .. }) {
+            // Not the disk's doing: the index and the log disagree.
             return Error::Read(error);
         }
         let errors = self.read_errors.fetch_add(1, Ordering::AcqRel) + 1;
         if errors > self.options.read_error_tolerance {
-            self.fail(Fault { cause: FaultCause::ReadErrors, ..fault });
+            self.fault(Fault { cause: FaultCause::ReadErrors, ..fault }, FaultSource::Operation);
         } else {
-            self.count_io_error(&fault);
-            self.health.note_error(fault);
+            self.note_io_error(fault);
         }
         Error::Read(error)
     }
@@ -568,19 +709,22 @@ impl Partition {
 
     /// Reopens the log from disk, replays and verifies it; on success the
     /// fault record is removed and the partition serves again. Blocking.
+    /// Writes under way are settled first; new ones are refused meanwhile.
     pub fn recover(&self) -> Result<()> {
         let _one_at_a_time = self.maintenance.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(_fenced) = self.fence(Fence::Reload) else {
+            return Err(Error::Unavailable { partition: self.options.id, reason: "closed" });
+        };
         self.close_wal();
         match self.load() {
             Ok(()) => {
-                if let Err(error) = fault_file::clear(self.storage.as_ref(), &self.options.dir) {
+                if let Err(error) = self.clear_fault() {
                     // A fault we cannot clear would come back at restart.
-                    let fault = io_fault("recover", &error);
+                    let fault = Fault::io("recover", &error);
                     self.close_wal();
                     self.health.note_error(fault.clone());
                     return Err(Error::RecoverFailed(fault));
                 }
-                self.health.recovered();
                 Ok(())
             }
             Err(fault) => {
@@ -598,29 +742,22 @@ impl Partition {
             return false;
         }
         let _one_at_a_time = self.maintenance.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(_fenced) = self.fence(Fence::Reload) else { return false };
         self.close_wal();
         match self.load() {
             Ok(()) => {
                 self.health.clear_reason(ReadOnlyReason::DiskFull);
                 true
             }
-            Err(fault) if fault.errno.is_some_and(is_disk_full_errno) => {
+            Err(fault) if fault.is_disk_full() => {
                 self.health.note_error(fault);
                 false
             }
             Err(fault) => {
-                self.fail(fault);
+                self.fault(fault, FaultSource::Operation);
                 false
             }
         }
-    }
-
-    /// The disk under this partition was declared faulted: `faulted`, not
-    /// written to `FAULT` (the disk may not take a write, and a hung one
-    /// would hang the probe); the registry's fault journal on the other
-    /// disks keeps it sticky.
-    pub(crate) fn fault_from_disk(&self, fault: Fault) {
-        self.health.fault(fault);
     }
 
     /// Sets or clears a read-only reason that comes from the disk.
@@ -652,11 +789,6 @@ impl Partition {
             durable_lsn,
             wal,
         }
-    }
-
-    /// The log.
-    pub(crate) fn log(&self) -> Result<Arc<Wal>> {
-        self.read().wal.clone().ok_or(Error::Loading(self.options.id))
     }
 
     /// Bytes used by the log and the compacted stores.
@@ -698,12 +830,19 @@ impl Partition {
         inner.stores.retain(|generation, _| *generation == keep || referenced.contains(generation));
     }
 
-    /// Drains and closes the log (joins its writer). Blocking.
+    /// Refuses new writes, settles the ones under way, drains and closes
+    /// the log (joins its writer). Blocking. The partition stays closed.
     pub fn close(&self) {
+        let _one_at_a_time = self.maintenance.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(fenced) = self.fence(Fence::Closed) {
+            std::mem::forget(fenced);
+        }
         self.close_wal();
     }
 
-    fn close_wal(&self) {
+    /// Stops the log and the compacted stores. Callers hold the
+    /// maintenance lock and a fence, so no write is under way.
+    pub(crate) fn close_wal(&self) {
         let (wal, stores) = {
             let mut inner = self.write();
             (inner.wal.take(), std::mem::take(&mut inner.stores))
@@ -717,90 +856,19 @@ impl Partition {
             }
         }
     }
-}
 
-/// A snapshot image being streamed; see [`Partition::export`].
-#[derive(Debug)]
-pub struct Export {
-    entries: std::vec::IntoIter<(Bytes, Arc<Wal>, BlobLoc)>,
-    writer: Option<ImageWriter>,
-    header: Option<Bytes>,
-}
-
-impl Iterator for Export {
-    type Item = Result<Bytes>;
-
-    /// The next piece of the image: header, one entry each, trailer.
-    fn next(&mut self) -> Option<Result<Bytes>> {
-        if let Some(header) = self.header.take() {
-            return Some(Ok(header));
-        }
-        let writer = self.writer.as_mut()?;
-        match self.entries.next() {
-            Some((key, store, loc)) => {
-                let record = match store.read(loc.pos) {
-                    Ok(record) => record,
-                    Err(error) => {
-                        self.writer = None;
-                        return Some(Err(Error::Read(error)));
-                    }
-                };
-                let value = record.slice(loc.value_offset as usize..);
-                Some(Ok(writer.entry(&key, &value)))
-            }
-            None => self.writer.take().map(|writer| Ok(writer.trailer())),
-        }
-    }
-}
-
-fn is_disk_full_errno(errno: i32) -> bool {
-    matches!(errno, libc::ENOSPC | libc::EDQUOT | libc::EFBIG)
-}
-
-/// Classifies a WAL error by its kind and errno, never by its message.
-pub(crate) fn wal_fault(error: &datanode_wal::Error) -> Fault {
-    let cause = match error {
-        datanode_wal::Error::Corruption { .. } => FaultCause::Corruption,
-        datanode_wal::Error::Closed => FaultCause::WriterDied,
-        _ => FaultCause::Io,
-    };
-    let op = error.op().map_or("open", |op| op.as_str()).to_string();
-    Fault { cause, op, errno: error.errno(), message: error.to_string(), at: SystemTime::now() }
-}
-
-pub(crate) fn io_fault(op: &str, error: &std::io::Error) -> Fault {
-    Fault {
-        cause: FaultCause::Io,
-        op: op.to_string(),
-        errno: error.raw_os_error(),
-        message: error.to_string(),
-        at: SystemTime::now(),
-    }
-}
-
-/// Feeds the WAL's events into the contract metrics.
-struct WalMetrics {
-    partition: String,
-    disk: String,
-}
-
-impl WalMetrics {
-    fn new(partition: u64, disk: &str) -> WalMetrics {
-        WalMetrics { partition: partition.to_string(), disk: disk.to_string() }
-    }
-}
-
-impl WalObserver for WalMetrics {
-    fn batch_written(&self, records: usize, bytes: usize) {
-        metrics::counter!("datanode_wal_appends_total", "partition" => self.partition.clone())
-            .increment(records as u64);
-        metrics::counter!("datanode_wal_append_bytes_total", "partition" => self.partition.clone())
-            .increment(bytes as u64);
-        metrics::histogram!("datanode_wal_batch_records").record(records as f64);
-    }
-
-    fn synced(&self, elapsed: Duration, _ok: bool) {
-        metrics::counter!("datanode_wal_syncs_total", "partition" => self.partition.clone()).increment(1);
-        metrics::histogram!("datanode_wal_sync_seconds", "disk" => self.disk.clone()).record(elapsed.as_secs_f64());
+    /// Swaps in a freshly loaded log and index (an install), retiring the
+    /// old ones; returns the old logs, to be stopped by the caller.
+    pub(crate) fn replace_contents(&self, wal: Wal, index: Index) -> Vec<Arc<Wal>> {
+        let old = {
+            let mut inner = self.write();
+            let generation = inner.generation + 1;
+            std::mem::replace(
+                &mut *inner,
+                Inner { wal: Some(Arc::new(wal)), stores: BTreeMap::new(), index, generation },
+            )
+        };
+        self.read_errors.store(0, Ordering::Release);
+        old.wal.into_iter().chain(old.stores.into_values()).collect()
     }
 }

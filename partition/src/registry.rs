@@ -1,16 +1,7 @@
 //! Which partitions exist and where: create and delete without racing the
 //! background verifier (scenario S4).
 //!
-//! On-disk layout (operators rely on it):
-//!
-//! ```text
-//! <disk>/partitions/<id>/                  a partition: PARTITION, wal/, FAULT
-//! <disk>/partitions/.staging-<id>-<gen>/   a create in progress
-//! <disk>/partitions/.deleting-<id>-<gen>/  an operator delete in progress
-//! <disk>/quarantine/<name>.<nanos>         what the verifier did not recognise
-//! <disk>/.datanode-probe                   the disk probe's canary file
-//! <disk>/.datanode-faults                  the node's fault journal (see `fault_journal.rs`)
-//! ```
+//! The on-disk layout is in `layout.rs`.
 //!
 //! The rules:
 //! - **Create** registers the id as `Creating` (with a fresh generation)
@@ -38,8 +29,10 @@ use datanode_wal::{Storage, WalOptions};
 
 use crate::disk::{Disk, DiskOptions, DiskStatus};
 use crate::fault_journal::{self, FaultJournal, JournalEntry};
-use crate::partition::{Partition, PartitionOptions, io_fault};
-use crate::state::State;
+use crate::layout::{DiskDir, META_FILE};
+use crate::manifest::Manifest;
+use crate::partition::{Partition, PartitionOptions};
+use crate::state::{Fault, FaultSource, State};
 
 /// Most threads that open partitions at start.
 const MAX_OPEN_THREADS: usize = 8;
@@ -68,30 +61,6 @@ fn interleave(mut per_disk: Vec<Vec<Claimed>>) -> Vec<Claimed> {
 
 /// How long `close` waits for the fault journal's copies.
 const JOURNAL_FLUSH_AT_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// The file that marks a directory as a partition and names it.
-pub const META_FILE: &str = "PARTITION";
-
-/// A disk the registry places partitions on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskDir {
-    /// Its name (`[a-z0-9_-]{1,32}`, validated by the caller).
-    pub name: String,
-    /// Its mount point or directory.
-    pub path: PathBuf,
-}
-
-impl DiskDir {
-    /// `<disk>/partitions`.
-    pub fn partitions_dir(&self) -> PathBuf {
-        self.path.join("partitions")
-    }
-
-    /// `<disk>/quarantine`.
-    pub fn quarantine_dir(&self) -> PathBuf {
-        self.path.join("quarantine")
-    }
-}
 
 /// Options every partition (and every disk's state machine) is opened with.
 #[derive(Debug, Clone)]
@@ -169,6 +138,8 @@ struct Slots {
 pub struct VerifyReport {
     /// Entries moved into quarantine, with their new paths.
     pub quarantined: Vec<PathBuf>,
+    /// Partition directories the node does not serve, left in place.
+    pub unadopted: Vec<PathBuf>,
     /// Disks whose directory could not be listed.
     pub unreadable_disks: Vec<String>,
 }
@@ -180,6 +151,9 @@ pub struct Registry {
     disks: Vec<DiskDir>,
     /// One probe and state machine per disk, in the same order.
     disk_health: Vec<Disk>,
+    /// Per disk, in the same order: held by create, delete and the
+    /// verifier while they change that disk's `partitions/`.
+    layout: Vec<Mutex<()>>,
     defaults: PartitionDefaults,
     slots: Mutex<Slots>,
     journal: FaultJournal,
@@ -228,10 +202,12 @@ impl Registry {
         let disk_health =
             disks.iter().map(|dir| Disk::new(dir.clone(), Arc::clone(&storage), defaults.disk.clone())).collect();
         let journal = FaultJournal::start(Arc::clone(&storage), &disks);
+        let layout = disks.iter().map(|_| Mutex::new(())).collect();
         let registry = Registry {
             storage,
             disks,
             disk_health,
+            layout,
             defaults,
             slots: Mutex::new(Slots::default()),
             journal,
@@ -263,7 +239,7 @@ impl Registry {
                 let (storage, options) = (Arc::clone(&self.storage), self.options(id, &disk));
                 let partition = Arc::new(match unreadable {
                     None => Partition::open(storage, options),
-                    Some(error) => Partition::open_faulted(storage, options, io_fault("open", &error)),
+                    Some(error) => Partition::open_faulted(storage, options, Fault::io("open", &error)),
                 });
                 if let Some(slot) = self.lock().by_id.get_mut(&id) {
                     slot.state = SlotState::Active(partition);
@@ -296,7 +272,7 @@ impl Registry {
                         cause = entry.fault.cause.as_str(),
                         "the fault journal lists this partition: faulted until recover"
                     );
-                    partition.fault_from_journal(entry.fault);
+                    partition.fault(entry.fault, FaultSource::Journal);
                 }
                 Some(_) => {}
                 None => carried.push(entry),
@@ -345,7 +321,7 @@ impl Registry {
                     };
                     let mut slots = self.lock();
                     if slots.by_id.contains_key(&id) {
-                        continue; // the same id on a second disk: the verifier quarantines it
+                        continue; // the same id on a second disk: left in place, reported by the verifier
                     }
                     let generation = slots.next();
                     slots.by_id.insert(id, Slot { disk: disk.name.clone(), generation, state: SlotState::Creating });
@@ -376,6 +352,12 @@ impl Registry {
             read_error_tolerance: self.defaults.read_error_tolerance,
             ..PartitionOptions::new(id, disk.name.clone(), disk.partitions_dir().join(id.to_string()))
         }
+    }
+
+    /// The layout lock of disk `name` (see [`Registry::verify_once`]).
+    fn layout_lock(&self, name: &str) -> Option<MutexGuard<'_, ()>> {
+        let at = self.disks.iter().position(|d| d.name == name)?;
+        self.layout.get(at).map(|lock| lock.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     fn disk(&self, name: &str) -> Result<&DiskDir, RegistryError> {
@@ -424,7 +406,10 @@ impl Registry {
         self.carried.lock().unwrap_or_else(PoisonError::into_inner).retain(|entry| entry.partition != id);
         let parent = disk.partitions_dir();
         let staging = parent.join(format!(".staging-{id}-{generation}"));
-        let made = self.make_partition_dir(&parent, &staging, id);
+        let made = {
+            let _layout = self.layout_lock(&disk.name);
+            self.make_partition_dir(&parent, &staging, id)
+        };
         if let Err(error) = made {
             self.lock().by_id.remove(&id);
             let _ = self.storage.remove_dir_all(&staging);
@@ -444,6 +429,9 @@ impl Registry {
         let meta = staging.join(META_FILE);
         let file = storage.open(&meta, true).map_err(|e| io("create", &meta, e))?;
         file.write_all_and_sync(0, &[Bytes::from(format!("id={id}\n"))]).map_err(|(_, e)| io("write", &meta, e))?;
+        // Every partition starts with a `CURRENT`, so that a lost one is
+        // noticed (see `manifest.rs`).
+        Manifest::default().write(storage, staging).map_err(|e| io("create", staging, e))?;
         storage.sync_dir(staging).map_err(|e| io("sync", staging, e))?;
         let live = parent.join(id.to_string());
         storage.rename(staging, &live).map_err(|e| io("rename", staging, e))?;
@@ -474,11 +462,13 @@ impl Registry {
         let parent = disk.partitions_dir();
         let live = parent.join(id.to_string());
         let aside = parent.join(format!(".deleting-{id}-{generation}"));
-        let moved = self
-            .storage
-            .rename(&live, &aside)
-            .map_err(|e| io("rename", &live, e))
-            .and_then(|()| self.storage.sync_dir(&parent).map_err(|e| io("sync", &parent, e)));
+        let moved = {
+            let _layout = self.layout_lock(&disk.name);
+            self.storage
+                .rename(&live, &aside)
+                .map_err(|e| io("rename", &live, e))
+                .and_then(|()| self.storage.sync_dir(&parent).map_err(|e| io("sync", &parent, e)))
+        };
         if let Err(error) = moved {
             // Still in place: serve it again rather than lose track of it.
             let reopened = Arc::new(Partition::open(Arc::clone(&self.storage), self.options(id, &disk)));
@@ -499,10 +489,19 @@ impl Registry {
     }
 
     /// One verifier pass over every disk: entries the registry does not
-    /// know, in any state, go to quarantine. Never deletes.
+    /// know, in any state, go to quarantine; a directory that holds a valid
+    /// partition is never moved (invariant: metadata loss never deletes
+    /// data), only reported, and adopted at the next start. Never deletes.
+    ///
+    /// Decisions are made under the registry lock, so a create or delete
+    /// cannot change the answer in between, but the disk I/O (reading a
+    /// `PARTITION` file, the rename and its syncs) runs outside it, under
+    /// the disk's layout lock, which only create, delete and the verifier
+    /// take: requests never wait for a slow or hung disk here.
     pub fn verify_once(&self) -> VerifyReport {
         let mut report = VerifyReport::default();
-        for disk in &self.disks {
+        for (disk, layout) in self.disks.iter().zip(&self.layout) {
+            let _layout = layout.lock().unwrap_or_else(PoisonError::into_inner);
             let names = match self.storage.list_dir(&disk.partitions_dir()) {
                 Ok(names) => names,
                 Err(_) => {
@@ -510,36 +509,57 @@ impl Registry {
                     continue;
                 }
             };
+            let mut unadopted = 0;
             for name in names {
-                // Decide and act under the lock: a create or delete cannot
-                // change the answer in between.
-                let slots = self.lock();
-                let known = |id: u64, generation: Option<u64>, creating: Option<bool>| {
-                    slots.by_id.get(&id).is_some_and(|slot| {
-                        slot.disk == disk.name
-                            && generation.is_none_or(|g| g == slot.generation)
-                            && creating.is_none_or(|c| c == matches!(slot.state, SlotState::Creating))
-                    })
-                };
-                let recognised = match parse_entry(&name) {
-                    EntryName::Partition(id) => known(id, None, None),
-                    EntryName::Staging(id, generation) => known(id, Some(generation), Some(true)),
-                    EntryName::Deleting(id, generation) => {
-                        known(id, Some(generation), Some(false)) || !slots.by_id.contains_key(&id)
-                    }
-                    EntryName::Unknown => false,
-                };
-                if recognised {
+                let entry = parse_entry(&name);
+                if self.recognised(disk, &entry) {
                     continue;
+                }
+                if let EntryName::Partition(id) = entry {
+                    let path = disk.partitions_dir().join(&name);
+                    // A valid partition (or one whose PARTITION file cannot be
+                    // read) stays where it is, whoever put it there.
+                    if !matches!(self.read_meta(&path), Ok(found) if found != Some(id)) {
+                        unadopted += 1;
+                        tracing::warn!(
+                            disk = disk.name,
+                            partition = id,
+                            path = %path.display(),
+                            "a partition directory the node does not serve: left in place, adopted at the next start \
+                             (unless its id is served from another disk)"
+                        );
+                        report.unadopted.push(path);
+                        continue;
+                    }
                 }
                 match self.quarantine(disk, &name) {
                     Ok(path) => report.quarantined.push(path),
                     Err(error) => tracing::error!(disk = disk.name, name, %error, "cannot quarantine"),
                 }
-                drop(slots);
             }
+            metrics::gauge!("datanode_unadopted_partitions", "disk" => disk.name.clone()).set(f64::from(unadopted));
         }
         report
+    }
+
+    /// Whether the registry knows this entry of `disk`'s `partitions/`.
+    fn recognised(&self, disk: &DiskDir, entry: &EntryName) -> bool {
+        let slots = self.lock();
+        let known = |id: u64, generation: Option<u64>, creating: Option<bool>| {
+            slots.by_id.get(&id).is_some_and(|slot| {
+                slot.disk == disk.name
+                    && generation.is_none_or(|g| g == slot.generation)
+                    && creating.is_none_or(|c| c == matches!(slot.state, SlotState::Creating))
+            })
+        };
+        match *entry {
+            EntryName::Partition(id) => known(id, None, None),
+            EntryName::Staging(id, generation) => known(id, Some(generation), Some(true)),
+            EntryName::Deleting(id, generation) => {
+                known(id, Some(generation), Some(false)) || !slots.by_id.contains_key(&id)
+            }
+            EntryName::Unknown => false,
+        }
     }
 
     /// Moves `partitions/<name>` to `quarantine/<name>.<nanos>`.

@@ -1,222 +1,210 @@
-//! Snapshot images: a partition's live blobs as one checksummed byte
-//! stream, for backup and restore, for moving a partition between nodes,
-//! and later for Raft snapshot transfer.
+//! Snapshot export and install: a partition's contents as an image (the
+//! format is in `image.rs`), streamed out, or swapped in atomically.
 //!
-//! ```text
-//! header   "DNSNAP" 0x00 0x01 (magic and version), u64 partition id
-//! entry*   u8 1, u16 key length, u32 value length, key, value,
-//!          u32 CRC-32 of the entry's bytes before it
-//! trailer  u8 2, u64 entry count, u32 CRC-32 of the header followed by
-//!          every entry CRC (LE), in order
-//! ```
+//! **Install** writes the incoming image into a new log directory, beside
+//! the live one, and verifies every checksum and the image's partition id;
+//! only then does one rename of `CURRENT` switch to it. Before the switch,
+//! writes are fenced and every write under way is settled, so none is lost
+//! to the swap and no position of the old log lands in the new index.
+//! Reads are served from the old contents until the switch and from the
+//! new ones after; a refused or failed install leaves the old contents in
+//! place. `CURRENT` records the image's last LSN as synced
+//! (`log_synced`), so damage to the installed log is corruption at the
+//! next open, never a torn tail.
 //!
-//! Little-endian throughout. An image is accepted only whole: a bad CRC, a
-//! wrong count, a truncation or trailing bytes reject it.
+//! **Export** streams the live blobs as of the call. While it streams,
+//! compaction leaves the files it reads in place.
 
 use std::io::Read;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
+use datanode_wal::{Lsn, Wal};
 
-use crate::blob::MAX_KEY_LEN;
+use crate::blob;
+use crate::error::{Error, Result};
+use crate::image::{ImageReader, ImageWriter};
+use crate::index::{BlobLoc, Index, LOG_STORE};
+use crate::manifest::{Manifest, log_generation};
+use crate::partition::{Fence, Partition};
+use crate::state::{Fault, FaultSource, ReadOnlyReason, State};
 
-const MAGIC: [u8; 8] = *b"DNSNAP\x00\x01";
-const ENTRY: u8 = 1;
-const END: u8 = 2;
+/// Bytes of snapshot entries appended per batch while installing.
+const INSTALL_BATCH: usize = 4 << 20;
 
-/// Running state of an image being written: entry count and CRC of CRCs.
+impl Partition {
+    /// Streams a consistent image of the live blobs: the blobs as of this
+    /// call, whatever is written afterwards. Copies the key list under the
+    /// index lock (blocking for large partitions: call it from a
+    /// blocking-capable thread); each `next()` does a blocking read.
+    pub fn export(&self) -> Result<Export> {
+        match self.health().state() {
+            State::Loading => return Err(Error::Loading(self.id())),
+            State::Faulted(fault) => return Err(Error::Faulted { partition: self.id(), fault }),
+            State::Healthy | State::ReadOnly(_) => {}
+        }
+        // Pinned before the key list is taken, so a compaction that runs
+        // meanwhile leaves every position in it readable.
+        let pin = ExportPin::new(Arc::clone(&self.exports));
+        let inner = self.read();
+        let mut entries = Vec::with_capacity(inner.index.blobs as usize);
+        for (key, loc) in inner.index.live() {
+            let store = inner.store(loc).ok_or(Error::Loading(self.id()))?;
+            entries.push((key.to_bytes(), store, *loc));
+        }
+        drop(inner);
+        let (writer, header) = ImageWriter::new(self.id());
+        Ok(Export { entries: entries.into_iter(), writer: Some(writer), header: Some(header), _pin: pin })
+    }
+
+    /// Replaces the partition's contents with a snapshot image of this
+    /// partition, atomically (see the module docs). Blocking. Writes are
+    /// refused meanwhile (`read_only(snapshot_install)`). A refused or
+    /// failed install leaves the old contents in place. Installing repairs
+    /// a faulted partition.
+    pub fn install(&self, image: impl Read) -> Result<()> {
+        if let State::Loading = self.health().state() {
+            return Err(Error::Loading(self.id()));
+        }
+        let _one_at_a_time = self.maintenance.lock().unwrap_or_else(PoisonError::into_inner);
+        self.health().add_reason(ReadOnlyReason::SnapshotInstall);
+        let result = match self.fence(Fence::Install) {
+            Some(_fenced) => self.install_image(image),
+            None => Err(Error::Unavailable { partition: self.id(), reason: "closed" }),
+        };
+        self.health().clear_reason(ReadOnlyReason::SnapshotInstall);
+        result
+    }
+
+    fn install_image(&self, image: impl Read) -> Result<()> {
+        let dir = &self.options.dir;
+        let current = Manifest::read(self.storage.as_ref(), dir).map_err(Error::InstallFailed)?.unwrap_or_default();
+        let next_name = format!("wal-{}", log_generation(&current.log).unwrap_or(0) + 1);
+        let staging = dir.join(&next_name);
+        let _ = self.storage.remove_dir_all(&staging);
+        let written = self.write_image(&staging, image);
+        let last_lsn = match written {
+            Ok(last_lsn) => last_lsn,
+            Err(error) => {
+                let _ = self.storage.remove_dir_all(&staging);
+                return Err(error);
+            }
+        };
+        let next = Manifest { log: next_name, log_synced: last_lsn, compacted: None };
+        next.write(self.storage.as_ref(), dir).map_err(|e| Error::InstallFailed(Fault::io("install", &e)))?;
+        // From here the new image is the partition, also after a crash.
+        let opened = self.open_log(&next.log, next.log_synced);
+        let mut index = Index::default();
+        let wal = match opened.and_then(|wal| index.replay(&wal, LOG_STORE, 0).map(|()| wal)) {
+            Ok(wal) => wal,
+            Err(fault) => {
+                self.fault(fault.clone(), FaultSource::Operation);
+                return Err(Error::InstallFailed(fault));
+            }
+        };
+        for log in self.replace_contents(wal, index) {
+            // Readers of the old contents may still hold it; its threads stop.
+            let _ = log.stop();
+        }
+        self.remove_superseded(&next);
+        if let State::Faulted(_) = self.health().state() {
+            self.clear_fault().map_err(|e| Error::InstallFailed(Fault::io("install", &e)))?;
+        }
+        tracing::info!(partition = self.id(), log = next.log, "snapshot installed");
+        Ok(())
+    }
+
+    /// Writes a verified image of this partition into a fresh log at
+    /// `staging`, synced; returns its last LSN.
+    fn write_image(&self, staging: &Path, image: impl Read) -> Result<Lsn> {
+        let wal = Wal::open(Arc::clone(&self.storage), staging, self.bulk_options())
+            .map_err(|e| Error::InstallFailed(Fault::from_wal(&e)))?;
+        let mut reader =
+            ImageReader::new(image, self.options.max_blob_size).map_err(|e| Error::BadSnapshot(e.to_string()))?;
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        loop {
+            let entry = reader.next_entry().map_err(|e| Error::BadSnapshot(e.to_string()))?;
+            let done = entry.is_none();
+            if let Some((key, value)) = entry {
+                let record = blob::encode_put(&key, &value);
+                batch_bytes += record.len();
+                batch.push(record);
+            }
+            if (done || batch_bytes >= INSTALL_BATCH) && !batch.is_empty() {
+                wal.append_blocking(std::mem::take(&mut batch))
+                    .map_err(|e| Error::InstallFailed(Fault::from_wal(&e)))?;
+                batch_bytes = 0;
+            }
+            if done {
+                break;
+            }
+        }
+        // Trusted only now: the trailer's checksum covers the header.
+        if reader.partition() != self.id() {
+            return Err(Error::BadSnapshot(format!(
+                "the image is of partition {}, not {}",
+                reader.partition(),
+                self.id()
+            )));
+        }
+        let last_lsn = wal.last_lsn();
+        // Closing syncs everything written.
+        wal.close().map_err(|e| Error::InstallFailed(Fault::from_wal(&e)))?;
+        Ok(last_lsn)
+    }
+}
+
+/// Counts an export as running until dropped.
 #[derive(Debug)]
-pub struct ImageWriter {
-    count: u64,
-    crcs: crc32fast::Hasher,
-}
+struct ExportPin(Arc<AtomicUsize>);
 
-impl ImageWriter {
-    /// Starts an image of `partition`; returns the writer and the header
-    /// bytes, which go first.
-    pub fn new(partition: u64) -> (ImageWriter, Bytes) {
-        let mut head = BytesMut::with_capacity(16);
-        head.put_slice(&MAGIC);
-        head.put_u64_le(partition);
-        let mut crcs = crc32fast::Hasher::new();
-        crcs.update(&head);
-        (ImageWriter { count: 0, crcs }, head.freeze())
-    }
-
-    /// Encodes one entry.
-    pub fn entry(&mut self, key: &[u8], value: &[u8]) -> Bytes {
-        let mut out = BytesMut::with_capacity(11 + key.len() + value.len());
-        out.put_u8(ENTRY);
-        out.put_u16_le(key.len() as u16);
-        out.put_u32_le(value.len() as u32);
-        out.put_slice(key);
-        out.put_slice(value);
-        let crc = crc32fast::hash(&out);
-        out.put_u32_le(crc);
-        self.count += 1;
-        self.crcs.update(&crc.to_le_bytes());
-        out.freeze()
-    }
-
-    /// Encodes the trailer; the image is complete after it.
-    pub fn trailer(self) -> Bytes {
-        let mut out = BytesMut::with_capacity(13);
-        out.put_u8(END);
-        out.put_u64_le(self.count);
-        out.put_u32_le(self.crcs.finalize());
-        out.freeze()
+impl ExportPin {
+    fn new(exports: Arc<AtomicUsize>) -> ExportPin {
+        exports.fetch_add(1, Ordering::SeqCst);
+        ExportPin(exports)
     }
 }
 
-/// One blob of an image: key and value.
-pub type ImageEntry = (Vec<u8>, Vec<u8>);
+impl Drop for ExportPin {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
-/// Why an image was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("snapshot image rejected: {0}")]
-pub struct BadImage(pub String);
-
-/// Reads an image entry by entry, verifying as it goes.
+/// A snapshot image being streamed; see [`Partition::export`].
 #[derive(Debug)]
-pub struct ImageReader<R> {
-    input: R,
-    max_value: usize,
-    count: u64,
-    crcs: crc32fast::Hasher,
-    done: bool,
+pub struct Export {
+    entries: std::vec::IntoIter<(Bytes, Arc<Wal>, BlobLoc)>,
+    writer: Option<ImageWriter>,
+    header: Option<Bytes>,
+    _pin: ExportPin,
 }
 
-impl<R: Read> ImageReader<R> {
-    /// Checks the header; values larger than `max_value` are refused.
-    pub fn new(mut input: R, max_value: usize) -> Result<ImageReader<R>, BadImage> {
-        let mut head = [0u8; 16];
-        read_exact(&mut input, &mut head)?;
-        if head[..8] != MAGIC {
-            return Err(BadImage("not a datanode snapshot (bad magic or version)".into()));
-        }
-        let mut crcs = crc32fast::Hasher::new();
-        crcs.update(&head);
-        Ok(ImageReader { input, max_value, count: 0, crcs, done: false })
-    }
+impl Iterator for Export {
+    type Item = Result<Bytes>;
 
-    /// The next verified `(key, value)`, or `None` after a valid trailer.
-    pub fn next_entry(&mut self) -> Result<Option<ImageEntry>, BadImage> {
-        if self.done {
-            return Ok(None);
+    /// The next piece of the image: header, one entry each, trailer.
+    fn next(&mut self) -> Option<Result<Bytes>> {
+        if let Some(header) = self.header.take() {
+            return Some(Ok(header));
         }
-        let mut tag = [0u8; 1];
-        read_exact(&mut self.input, &mut tag)?;
-        match tag[0] {
-            ENTRY => {
-                let mut lens = [0u8; 6];
-                read_exact(&mut self.input, &mut lens)?;
-                let key_len = u16::from_le_bytes([lens[0], lens[1]]) as usize;
-                let value_len = u32::from_le_bytes([lens[2], lens[3], lens[4], lens[5]]) as usize;
-                if key_len == 0 || key_len > MAX_KEY_LEN || value_len > self.max_value {
-                    return Err(BadImage(format!("entry {} has impossible lengths", self.count)));
-                }
-                let mut body = vec![0u8; key_len + value_len];
-                read_exact(&mut self.input, &mut body)?;
-                let mut crc = [0u8; 4];
-                read_exact(&mut self.input, &mut crc)?;
-                let mut hasher = crc32fast::Hasher::new();
-                hasher.update(&tag);
-                hasher.update(&lens);
-                hasher.update(&body);
-                if hasher.finalize().to_le_bytes() != crc {
-                    return Err(BadImage(format!("entry {} fails its checksum", self.count)));
-                }
-                self.count += 1;
-                self.crcs.update(&crc);
-                let value = body.split_off(key_len);
-                Ok(Some((body, value)))
+        let writer = self.writer.as_mut()?;
+        match self.entries.next() {
+            Some((key, store, loc)) => {
+                let record = match store.read(loc.pos) {
+                    Ok(record) => record,
+                    Err(error) => {
+                        self.writer = None;
+                        return Some(Err(Error::Read(error)));
+                    }
+                };
+                let value = record.slice(loc.value_offset as usize..);
+                Some(Ok(writer.entry(&key, &value)))
             }
-            END => {
-                let mut tail = [0u8; 12];
-                read_exact(&mut self.input, &mut tail)?;
-                let count = u64::from_le_bytes(tail[..8].try_into().unwrap_or_default());
-                let crc = u32::from_le_bytes(tail[8..].try_into().unwrap_or_default());
-                let expected = std::mem::replace(&mut self.crcs, crc32fast::Hasher::new()).finalize();
-                if count != self.count || crc != expected {
-                    return Err(BadImage("trailer does not match the entries".into()));
-                }
-                let mut extra = [0u8; 1];
-                if self.input.read(&mut extra).map_err(|e| BadImage(e.to_string()))? != 0 {
-                    return Err(BadImage("bytes after the trailer".into()));
-                }
-                self.done = true;
-                Ok(None)
-            }
-            other => Err(BadImage(format!("unknown tag {other} after entry {}", self.count))),
+            None => self.writer.take().map(|writer| Ok(writer.trailer())),
         }
-    }
-}
-
-fn read_exact(input: &mut impl Read, buf: &mut [u8]) -> Result<(), BadImage> {
-    input.read_exact(buf).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => BadImage("image is truncated".into()),
-        _ => BadImage(e.to_string()),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn image(entries: &[ImageEntry]) -> Vec<u8> {
-        let (mut writer, head) = ImageWriter::new(7);
-        let mut out = head.to_vec();
-        for (key, value) in entries {
-            out.extend_from_slice(&writer.entry(key, value));
-        }
-        out.extend_from_slice(&writer.trailer());
-        out
-    }
-
-    fn read_all(bytes: &[u8]) -> Result<Vec<ImageEntry>, BadImage> {
-        let mut reader = ImageReader::new(bytes, 1 << 20)?;
-        let mut out = Vec::new();
-        while let Some(entry) = reader.next_entry()? {
-            out.push(entry);
-        }
-        Ok(out)
-    }
-
-    fn entries() -> impl Strategy<Value = Vec<ImageEntry>> {
-        proptest::collection::vec(
-            (proptest::collection::vec(any::<u8>(), 1..40), proptest::collection::vec(any::<u8>(), 0..200)),
-            0..20,
-        )
-    }
-
-    proptest! {
-        #[test]
-        fn images_round_trip(entries in entries()) {
-            prop_assert_eq!(read_all(&image(&entries)).unwrap(), entries);
-        }
-
-        #[test]
-        fn any_changed_or_missing_byte_is_refused(
-            entries in entries(),
-            at in any::<prop::sample::Index>(),
-            xor in 1u8..=255,
-            truncate in any::<bool>(),
-        ) {
-            let mut bytes = image(&entries);
-            let at = at.index(bytes.len());
-            if truncate {
-                bytes.truncate(at);
-            } else {
-                bytes[at] ^= xor;
-            }
-            prop_assert!(read_all(&bytes).is_err());
-        }
-    }
-
-    #[test]
-    fn trailing_bytes_are_refused() {
-        let mut bytes = image(&[(b"k".to_vec(), b"v".to_vec())]);
-        bytes.push(0);
-        assert!(read_all(&bytes).is_err());
     }
 }

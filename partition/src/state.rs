@@ -109,6 +109,90 @@ pub struct Fault {
     pub at: SystemTime,
 }
 
+impl Fault {
+    /// A failed file operation `op`, classified by its errno.
+    pub fn io(op: &str, error: &std::io::Error) -> Fault {
+        Fault {
+            cause: FaultCause::Io,
+            op: op.to_string(),
+            errno: error.raw_os_error(),
+            message: error.to_string(),
+            at: SystemTime::now(),
+        }
+    }
+
+    /// A WAL error, classified by its kind and errno, never by its message.
+    pub fn from_wal(error: &datanode_wal::Error) -> Fault {
+        let cause = match error {
+            datanode_wal::Error::Corruption { .. } => FaultCause::Corruption,
+            datanode_wal::Error::Closed => FaultCause::WriterDied,
+            _ => FaultCause::Io,
+        };
+        let op = error.op().map_or("open", |op| op.as_str()).to_string();
+        Fault { cause, op, errno: error.errno(), message: error.to_string(), at: SystemTime::now() }
+    }
+
+    /// Bytes or metadata that are not what was written, found during `op`.
+    pub fn corruption(op: &str, message: impl Into<String>) -> Fault {
+        Fault {
+            cause: FaultCause::Corruption,
+            op: op.to_string(),
+            errno: None,
+            message: message.into(),
+            at: SystemTime::now(),
+        }
+    }
+
+    /// The partition's disk was declared faulted.
+    pub fn disk_faulted(disk: &str) -> Fault {
+        Fault {
+            cause: FaultCause::DiskFaulted,
+            op: "probe".into(),
+            errno: None,
+            message: format!("disk {disk} is faulted"),
+            at: SystemTime::now(),
+        }
+    }
+
+    /// True for "no space" errnos (ENOSPC, EDQUOT, EFBIG): the disk is
+    /// full, not broken.
+    pub fn is_disk_full(&self) -> bool {
+        self.errno.is_some_and(|errno| matches!(errno, libc::ENOSPC | libc::EDQUOT | libc::EFBIG))
+    }
+}
+
+/// Where a fault was seen. It decides, in one place, what faulting a
+/// partition does besides the state change (see `Partition::fault`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultSource {
+    /// An operation of the partition itself failed (a write, sync, read,
+    /// open): counted in `datanode_io_errors_total` and recorded in `FAULT`.
+    Operation,
+    /// The node's fault journal remembered it from before a restart:
+    /// recorded in `FAULT` now, not counted again.
+    Journal,
+    /// Read back from the partition's own `FAULT` record at open: already
+    /// recorded and counted.
+    Record,
+    /// The whole disk was declared faulted: neither counted per partition
+    /// nor written to `FAULT` (the disk may not take a write, and a hung one
+    /// would hang the caller); the fault journal on the other disks keeps it
+    /// sticky.
+    Disk,
+}
+
+impl FaultSource {
+    /// Whether the fault counts as an I/O error of the partition's disk.
+    pub fn counts_as_io_error(self) -> bool {
+        self == FaultSource::Operation
+    }
+
+    /// Whether the fault is written to the partition's `FAULT` file.
+    pub fn is_recorded(self) -> bool {
+        matches!(self, FaultSource::Operation | FaultSource::Journal)
+    }
+}
+
 /// The state of a partition, as the outside world sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum State {
@@ -211,8 +295,9 @@ impl Health {
     }
 
     /// `any -> Faulted`. The first fault is kept; a second one while
-    /// faulted is only recorded as the last error.
-    pub(crate) fn fault(&self, fault: Fault) {
+    /// faulted is only recorded as the last error. Returns whether this
+    /// was the first. Only `Partition::fault` calls it.
+    pub(crate) fn fault(&self, fault: Fault) -> bool {
         metrics::counter!(
             "datanode_partition_faults_total",
             "partition" => self.partition.to_string(),
@@ -220,13 +305,21 @@ impl Health {
             "cause" => fault.cause.as_str()
         )
         .increment(1);
-        self.change("fault", move |facts| {
+        let mut first = false;
+        self.change("fault", |facts| {
             facts.last_error = Some(fault.clone());
             if facts.fault.is_none() {
                 facts.fault = Some(fault);
+                first = true;
             }
             facts.loading = false;
         });
+        first
+    }
+
+    /// The fault that stopped the partition, if it is faulted.
+    pub fn fault_cause(&self) -> Option<Fault> {
+        self.lock().fault.clone()
     }
 
     /// Records an error that does not (yet) change the state.

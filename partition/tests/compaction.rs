@@ -11,13 +11,13 @@ use datanode_partition::{Partition, PartitionOptions};
 use datanode_wal::storage::SimStorage;
 use datanode_wal::{Storage, WalOptions};
 
-fn open(sim: &SimStorage) -> Partition {
+fn open(sim: &SimStorage) -> Arc<Partition> {
     let storage: Arc<dyn Storage> = Arc::new(sim.clone());
     let options = PartitionOptions {
         wal: WalOptions { segment_size: 16 << 10, prewrite_segments: false, ..WalOptions::new(1) },
         ..PartitionOptions::new(1, "d0", PathBuf::from("/d0/partitions/1"))
     };
-    Partition::open(storage, options)
+    Arc::new(Partition::open(storage, options))
 }
 
 fn value(key: u32, version: u32) -> Vec<u8> {

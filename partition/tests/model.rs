@@ -78,9 +78,9 @@ fn options() -> PartitionOptions {
     }
 }
 
-fn open(sim: &SimStorage) -> Partition {
+fn open(sim: &SimStorage) -> Arc<Partition> {
     let storage: Arc<dyn Storage> = Arc::new(sim.clone());
-    Partition::open(storage, options())
+    Arc::new(Partition::open(storage, options()))
 }
 
 /// Brings the partition back to serving writes, as an operator would.

@@ -19,9 +19,9 @@ fn options(id: u64) -> PartitionOptions {
     }
 }
 
-fn open(storage: &SimStorage, id: u64) -> Partition {
+fn open(storage: &SimStorage, id: u64) -> Arc<Partition> {
     let storage: Arc<dyn Storage> = Arc::new(storage.clone());
-    Partition::open(storage, options(id))
+    Arc::new(Partition::open(storage, options(id)))
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -233,7 +233,8 @@ fn get_cached_matches_get_and_defers_when_it_cannot_tell() {
     let dir = tempfile::tempdir().unwrap();
     let std: Arc<dyn Storage> = Arc::new(datanode_wal::storage::StdStorage);
     let wal = WalOptions { segment_size: 1 << 20, ..WalOptions::new(1) };
-    let partition = Partition::open(std, PartitionOptions { wal, ..PartitionOptions::new(1, "d0", dir.path()) });
+    let partition =
+        Arc::new(Partition::open(std, PartitionOptions { wal, ..PartitionOptions::new(1, "d0", dir.path()) }));
     rt.block_on(partition.put(b"k", b"0123456789")).unwrap();
     assert_eq!(partition.get_cached(b"k", None).unwrap().as_deref(), Some(&b"0123456789"[..]));
     assert_eq!(partition.get_cached(b"k", Some(2..5)).unwrap().as_deref(), Some(&b"234"[..]));

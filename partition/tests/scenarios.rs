@@ -103,33 +103,48 @@ fn s4_create_delete_churn_vs_verifier() {
 }
 
 #[test]
-fn the_verifier_quarantines_what_it_does_not_know_and_deletes_nothing() {
+fn the_verifier_never_moves_a_valid_partition_and_quarantines_the_rest() {
     let sim = SimStorage::new(5);
     let storage: Arc<dyn Storage> = Arc::new(sim.clone());
     let registry = Registry::open(Arc::clone(&storage), disks(), defaults());
     registry.create(1, "d0").unwrap();
-    // A stray directory, and a partition directory no registry knows.
-    for (path, bytes) in [("/d0/partitions/lost+found/x", &b"junk"[..]), ("/d1/partitions/9/PARTITION", b"id=9\n")] {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    // A valid partition that the node did not find at start (moved in by an
+    // operator), a stray directory, and a directory whose PARTITION file
+    // names another id.
+    let moved_in = filled(&sim, 9, "moved", &rt);
+    moved_in.close();
+    drop(moved_in);
+    for (path, bytes) in [
+        ("/d0/partitions/9/PARTITION", &b"id=9\n"[..]),
+        ("/d0/partitions/lost+found/x", b"junk"),
+        ("/d1/partitions/12/PARTITION", b"id=13\n"),
+    ] {
         storage.open(Path::new(path), true).unwrap().write_all_at(0, &[Bytes::from_static(bytes)]).unwrap();
     }
     let report = registry.verify_once();
+    assert_eq!(report.unadopted, vec![PathBuf::from("/d0/partitions/9")], "{report:?}");
     assert_eq!(report.quarantined.len(), 2, "{report:?}");
     let mut kept = quarantined(storage.as_ref());
     kept.sort();
-    assert!(kept[0].starts_with("9.") && kept[1].starts_with("lost+found."), "{kept:?}");
-    assert_eq!(
-        sim.contents(&report.quarantined.iter().find(|p| p.starts_with("/d1")).unwrap().join("PARTITION")).unwrap(),
-        b"id=9\n"
-    );
+    assert!(kept[0].starts_with("12.") && kept[1].starts_with("lost+found."), "{kept:?}");
     assert!(registry.get(1).is_some());
-    assert!(registry.verify_once().quarantined.is_empty(), "a second pass finds nothing new");
+    let again = registry.verify_once();
+    assert!(again.quarantined.is_empty() && again.unadopted.len() == 1, "{again:?}");
+    // Adopted, with its data, at the next start.
+    registry.close();
+    drop(registry);
+    let registry = Registry::open(Arc::clone(&storage), disks(), defaults());
+    let adopted = registry.get(9).expect("the moved-in partition is served after a restart");
+    assert_eq!(&adopted.get(b"k3", None).unwrap()[..], "moved-3".repeat(40).as_bytes());
+    assert!(registry.verify_once().unadopted.is_empty());
 }
 
 fn image_of(partition: &datanode_partition::Partition) -> Vec<u8> {
     partition.export().unwrap().map(|piece| piece.unwrap()).flat_map(|b| b.to_vec()).collect()
 }
 
-fn filled(sim: &SimStorage, id: u64, tag: &str, rt: &tokio::runtime::Runtime) -> datanode_partition::Partition {
+fn filled(sim: &SimStorage, id: u64, tag: &str, rt: &tokio::runtime::Runtime) -> Arc<datanode_partition::Partition> {
     let partition = open_partition(sim, id);
     for i in 0..10 {
         rt.block_on(partition.put(format!("k{i}").as_bytes(), format!("{tag}-{i}").repeat(40).as_bytes())).unwrap();
@@ -145,9 +160,10 @@ fn filled(sim: &SimStorage, id: u64, tag: &str, rt: &tokio::runtime::Runtime) ->
 fn s0_snapshot_install_under_reads() {
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let sim = SimStorage::new(6);
-    let target = Arc::new(filled(&sim, 1, "old", &rt));
+    let target = filled(&sim, 1, "old", &rt);
     let image_old = image_of(&target);
-    let image_new = image_of(&filled(&sim, 2, "new", &rt));
+    // An image of the same partition, from another copy of it.
+    let image_new = image_of(&filled(&SimStorage::new(77), 1, "new", &rt));
     let stop = Arc::new(AtomicBool::new(false));
     let readers: Vec<_> = (0..3)
         .map(|r| {
@@ -189,21 +205,22 @@ fn s0_snapshot_install_under_reads() {
     assert_eq!(reopened.stats().blobs, 10);
 }
 
-fn open_partition(sim: &SimStorage, id: u64) -> datanode_partition::Partition {
+fn open_partition(sim: &SimStorage, id: u64) -> Arc<datanode_partition::Partition> {
     let storage: Arc<dyn Storage> = Arc::new(sim.clone());
     let dir = PathBuf::from(format!("/d0/partitions/{id}"));
     let options = datanode_partition::PartitionOptions {
         wal: defaults().wal,
         ..datanode_partition::PartitionOptions::new(id, "d0", dir)
     };
-    datanode_partition::Partition::open(storage, options)
+    Arc::new(datanode_partition::Partition::open(storage, options))
 }
 
 #[test]
 fn installing_an_image_repairs_a_faulted_partition() {
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let sim = SimStorage::new(7);
-    let healthy_copy = image_of(&filled(&sim, 3, "good", &rt));
+    // An image of the same partition, from a healthy copy elsewhere.
+    let healthy_copy = image_of(&filled(&SimStorage::new(8), 4, "good", &rt));
     let broken = filled(&sim, 4, "bad", &rt);
     sim.inject(
         datanode_wal::storage::Fault::new(datanode_wal::storage::FaultOp::Sync, libc::EIO).on_path("/partitions/4/"),

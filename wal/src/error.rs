@@ -136,6 +136,13 @@ pub enum Corruption {
     ForeignSegment,
     /// A segment file between two others is missing.
     MissingSegment,
+    /// The log ends before an LSN that was known to be durable.
+    LostRecords {
+        /// The LSN known durable.
+        durable: Lsn,
+        /// The last LSN the log still holds.
+        last: Lsn,
+    },
 }
 
 impl std::fmt::Display for Corruption {
@@ -148,6 +155,9 @@ impl std::fmt::Display for Corruption {
             }
             Corruption::ForeignSegment => f.write_str("segment belongs to another log"),
             Corruption::MissingSegment => f.write_str("segment file missing"),
+            Corruption::LostRecords { durable, last } => {
+                write!(f, "the log ends at LSN {last}, before LSN {durable}, which was durable")
+            }
         }
     }
 }

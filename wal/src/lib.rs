@@ -88,6 +88,12 @@ pub struct WalOptions {
     pub prewrite_segments: bool,
     /// Told about every batch and sync (for metrics).
     pub observer: Option<Arc<dyn WalObserver>>,
+    /// Every record up to this LSN is known to be on stable storage: the
+    /// caller synced the log and then recorded the fact durably (a manifest
+    /// renamed after a [`Wal::close`]). Recovery then treats damage at or
+    /// below it, and a log that ends before it, as corruption, never as a
+    /// torn tail. 0: nothing known beyond what the records prove.
+    pub known_durable_lsn: Lsn,
 }
 
 impl std::fmt::Debug for WalOptions {
@@ -100,6 +106,7 @@ impl std::fmt::Debug for WalOptions {
             .field("max_queued_bytes", &self.max_queued_bytes)
             .field("prewrite_segments", &self.prewrite_segments)
             .field("observer", &self.observer.is_some())
+            .field("known_durable_lsn", &self.known_durable_lsn)
             .finish()
     }
 }
@@ -116,6 +123,7 @@ impl WalOptions {
             max_queued_bytes: 64 << 20,
             prewrite_segments: true,
             observer: None,
+            known_durable_lsn: 0,
         }
     }
 }

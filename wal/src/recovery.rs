@@ -67,7 +67,10 @@ impl Scan {
 }
 
 /// Recovers the log in `dir`; see the module docs for the rules.
-pub(crate) fn recover(storage: &dyn Storage, dir: &Path, log_id: u64) -> Result<Recovered> {
+/// `known_durable` is an LSN the caller knows was synced (see
+/// [`crate::WalOptions::known_durable_lsn`]): damage at or below it is
+/// corruption, whatever the records prove.
+pub(crate) fn recover(storage: &dyn Storage, dir: &Path, log_id: u64, known_durable: Lsn) -> Result<Recovered> {
     let names = storage.list_dir(dir).map_err(|e| Error::io(IoOp::Metadata, dir, e))?;
     let mut ids = Vec::new();
     let mut removed_leftovers = false;
@@ -135,6 +138,18 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, log_id: u64) -> Result<
         }
     }
 
+    let last_lsn = used.last().map_or(0, |s| s.meta.last_lsn);
+    if last_lsn < known_durable {
+        // Records that were durable are gone or damaged: never truncate them.
+        return Err(match used.last().filter(|s| s.stop.is_some()).or(unused.first()) {
+            Some(scan) if scan.stop.is_some() || scan.header.is_err() => corruption_at(scan),
+            _ => Error::Corruption {
+                segment_id: used.last().map_or(0, |s| s.meta.id),
+                offset: used.last().map_or(0, |s| s.meta.end_offset),
+                detail: Corruption::LostRecords { durable: known_durable, last: last_lsn },
+            },
+        });
+    }
     let mut torn_bytes = 0;
     if let Some(last) = used.last_mut()
         && let Some((offset, error)) = last.stop.take()
@@ -156,7 +171,11 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, log_id: u64) -> Result<
             removed_leftovers = true;
         }
     }
-    if removed_leftovers {
+    // A spare is about to become the active segment and take acknowledged
+    // records, but a crash between a pre-write's rename and its directory
+    // sync leaves a name that a power cut can still undo (back to `.prep`,
+    // removed at the next open): make its name durable before it is used.
+    if removed_leftovers || spare.is_some() {
         storage.sync_dir(dir).map_err(|e| Error::io(IoOp::SyncDir, dir, e))?;
     }
     let next_segment_id = spare.as_ref().map(|s| s.id).or(next_after_used).or(ids.last().map(|id| id + 1)).unwrap_or(1);

@@ -15,7 +15,7 @@ use crate::prepare::Preparer;
 use crate::recovery;
 use crate::segment::{SegmentMeta, SegmentTable};
 use crate::storage::Storage;
-use crate::writer::{AppendRequest, Counters, Queue, QueueTicket, Request, Shared, Writer, reply_error};
+use crate::writer::{AppendRequest, Counters, Queue, QueueTicket, Request, Settled, Shared, Writer, reply_error};
 use crate::{Appended, Lsn, Record, RecordPos, WalOptions};
 
 /// One write-ahead log in one directory. See the crate docs for the
@@ -70,7 +70,7 @@ impl Wal {
             return Err(Error::Invalid("segment_size must be >= 4096 and limits non-zero".into()));
         }
         create_dir_durably(storage.as_ref(), &dir)?;
-        let recovered = recovery::recover(storage.as_ref(), &dir, options.log_id)?;
+        let recovered = recovery::recover(storage.as_ref(), &dir, options.log_id, options.known_durable_lsn)?;
         if recovered.torn_bytes > 0 {
             tracing::warn!(dir = %dir.display(), bytes = recovered.torn_bytes, "zeroed torn tail at open");
         }
@@ -117,23 +117,59 @@ impl Wal {
     /// once they are as durable as the log's [`crate::Durability`] says.
     ///
     /// Waits for queue space first (backpressure). An empty batch is refused.
+    /// Dropping the future after the batch was queued does not take it
+    /// back: it is still written (see [`Wal::append_then`]).
     pub async fn append(&self, records: Vec<Bytes>) -> Result<Appended> {
+        self.append_inner(records, None).await
+    }
+
+    /// [`Wal::append`], and `then` runs with the outcome before the caller
+    /// is answered: on the writer thread, in LSN order with the other
+    /// appends, whether or not the caller still waits. So whatever must
+    /// follow a durable append (an index update) happens even when the
+    /// caller gave up, and happens before anyone hears of the append.
+    ///
+    /// `then` runs exactly once, except when the future is dropped while
+    /// still waiting for queue space: then nothing was written and `then`
+    /// is dropped uncalled. It must be quick and must not call into this
+    /// log (the writer waits for it). An append refused before it was
+    /// queued (poisoned, closed, too large) runs `then` on the caller's
+    /// thread.
+    pub async fn append_then(
+        &self,
+        records: Vec<Bytes>,
+        then: impl FnOnce(&Result<Appended>) + Send + 'static,
+    ) -> Result<Appended> {
+        self.append_inner(records, Some(Box::new(then))).await
+    }
+
+    async fn append_inner(&self, records: Vec<Bytes>, then: Option<Settled>) -> Result<Appended> {
+        let refused = |error: Error, then: Option<Settled>| {
+            let result = Err(error);
+            if let Some(then) = then {
+                then(&result);
+            }
+            result
+        };
         if records.is_empty() {
-            return Err(Error::Invalid("empty append".into()));
+            return refused(Error::Invalid("empty append".into()), then);
         }
         let bytes: usize = records.iter().map(Bytes::len).sum();
         if let Some(len) = records.iter().map(Bytes::len).find(|len| *len > self.max_record) {
-            return Err(Error::RecordTooLarge { len, max: self.max_record });
+            return refused(Error::RecordTooLarge { len, max: self.max_record }, then);
         }
         if let Some(error) = self.shared.poison_error() {
-            return Err(error);
+            return refused(error, then);
         }
         // A request larger than the whole queue takes all of it and goes alone.
         let wanted = bytes.clamp(1, self.shared.queue_capacity) as u32;
-        let permit = Arc::clone(&self.shared.space).acquire_many_owned(wanted).await.map_err(|_| Error::Closed)?;
+        let permit = match Arc::clone(&self.shared.space).acquire_many_owned(wanted).await {
+            Ok(permit) => permit,
+            Err(_) => return refused(Error::Closed, then),
+        };
         let (reply, answer) = oneshot::channel();
         let ticket = QueueTicket::new(permit, bytes, Arc::clone(&self.shared.queued_bytes));
-        self.submit(Request::Append(AppendRequest { records, bytes, reply, ticket }))?;
+        self.submit(Request::Append(AppendRequest { records, bytes, reply, ticket, then }))?;
         answer.await.map_err(|_| Error::Closed)?
     }
 

@@ -28,6 +28,10 @@ use crate::{Appended, Durability, Lsn, RecordPos, WalOptions};
 
 static PADDING: [u8; format::RECORD_ALIGN] = [0; format::RECORD_ALIGN];
 
+/// What runs on the writer thread once an append is settled; see
+/// [`crate::Wal::append_then`].
+pub(crate) type Settled = Box<dyn FnOnce(&Result<Appended>) + Send>;
+
 /// One caller's append, waiting in the queue.
 pub(crate) struct AppendRequest {
     pub records: Vec<Bytes>,
@@ -35,13 +39,20 @@ pub(crate) struct AppendRequest {
     pub reply: oneshot::Sender<Result<Appended>>,
     /// Queue space held until the request is answered or dropped.
     pub ticket: QueueTicket,
+    /// Runs with the outcome before the caller is answered, whether or not
+    /// the caller still waits.
+    pub then: Option<Settled>,
 }
 
 impl AppendRequest {
-    /// Gives the queue space back, then answers the caller, so a caller that
-    /// got its answer never still counts against the queue.
+    /// Runs the request's `then`, gives the queue space back, then answers
+    /// the caller, so a caller that got its answer never still counts
+    /// against the queue and always sees the effects of `then`.
     fn answer(self, result: Result<Appended>) {
-        let AppendRequest { reply, ticket, .. } = self;
+        let AppendRequest { reply, ticket, then, .. } = self;
+        if let Some(then) = then {
+            then(&result);
+        }
         drop(ticket);
         // The caller may have stopped waiting; nothing to do then.
         let _ = reply.send(result);
@@ -160,6 +171,14 @@ pub(crate) struct Writer {
     unsynced_since: Option<Instant>,
 }
 
+/// Why a batch failed, which decides what its requests are told.
+enum BatchFailure {
+    /// Its bytes were handed to the kernel: outcome unknown.
+    Attempted(Error),
+    /// Nothing of it was written.
+    NotAttempted(Error),
+}
+
 enum Work {
     Appends(Vec<AppendRequest>),
     Control(Request),
@@ -256,16 +275,30 @@ impl Writer {
             return fail_appends(batch, || clone_poison(&error));
         }
         match self.write_records(&batch) {
-            Ok(mut appended) => {
-                for request in batch.into_iter().rev() {
-                    request.answer(appended.pop().ok_or(Error::Closed));
+            Ok(appended) => {
+                // In LSN order, so whatever `then` does sees the log's order.
+                for (request, result) in batch.into_iter().zip(appended) {
+                    request.answer(Ok(result));
                 }
             }
-            Err(error) => {
-                // The failing batch learns the real error; all others are
-                // told the log is poisoned.
+            Err(BatchFailure::Attempted(error)) => {
+                // Every request of the batch went out in the same write, so
+                // each learns that its outcome is unknown: the same op and
+                // errno, never "poisoned", which would claim it was not
+                // attempted.
+                let (op, errno) = (error.op().unwrap_or(IoOp::Write), error.errno().unwrap_or(libc::EIO));
+                let path = self.shared.dir.clone();
                 let mut first = Some(error);
-                fail_appends(batch, || first.take().unwrap_or_else(|| self.poisoned_or_closed()));
+                fail_appends(batch, || {
+                    first.take().unwrap_or_else(|| Error::io(op, path.clone(), io::Error::from_raw_os_error(errno)))
+                });
+                self.fail_queued();
+            }
+            Err(BatchFailure::NotAttempted(error)) => {
+                // Failed before any byte of the batch was written (a roll to
+                // the next segment): not attempted, like everything queued.
+                tracing::debug!(dir = %self.shared.dir.display(), %error, "batch not written");
+                fail_appends(batch, || self.poisoned_or_closed());
                 self.fail_queued();
             }
         }
@@ -277,13 +310,13 @@ impl Writer {
 
     /// Writes and (per durability) syncs the batch; one `Appended` per
     /// request, in request order.
-    fn write_records(&mut self, batch: &[AppendRequest]) -> Result<Vec<Appended>> {
+    fn write_records(&mut self, batch: &[AppendRequest]) -> Result<Vec<Appended>, BatchFailure> {
         let frame_bytes: u64 =
             batch.iter().flat_map(|r| &r.records).map(|payload| format::frame_len(payload.len()) as u64).sum();
         let record_count: usize = batch.iter().map(|r| r.records.len()).sum();
         let payload_bytes: usize = batch.iter().map(|r| r.bytes).sum();
-        self.ensure_room(frame_bytes)?;
-        let Some(active) = self.active.as_mut() else { return Err(Error::Closed) };
+        self.ensure_room(frame_bytes).map_err(BatchFailure::NotAttempted)?;
+        let Some(active) = self.active.as_mut() else { return Err(BatchFailure::NotAttempted(Error::Closed)) };
 
         let mut pieces = Vec::with_capacity(record_count * 3);
         let write_at = active.offset;
@@ -335,13 +368,19 @@ impl Writer {
             if op == IoOp::Sync {
                 self.observe_sync(started.elapsed(), false);
             }
-            return Err(self.poison(op, active_path(&self.active), error));
+            let no_space = op == IoOp::Write && is_no_space(&error);
+            let error = self.poison(op, active_path(&self.active), error);
+            if no_space && self.discard(write_at, offset - write_at) {
+                // Nothing of the batch is there, durably: not attempted.
+                return Err(BatchFailure::NotAttempted(error));
+            }
+            return Err(BatchFailure::Attempted(error));
         }
         if sync_now {
             self.observe_sync(started.elapsed(), true);
         }
 
-        let Some(active) = self.active.as_mut() else { return Err(Error::Closed) };
+        let Some(active) = self.active.as_mut() else { return Err(BatchFailure::NotAttempted(Error::Closed)) };
         active.offset = offset;
         active.empty = false;
         let last_lsn = next_lsn - 1;
@@ -368,6 +407,33 @@ impl Writer {
             observer.batch_written(record_count, payload_bytes);
         }
         Ok(appended)
+    }
+
+    /// After a write into `[at, at + len)` of the active segment failed for
+    /// lack of space (which, unlike a failed sync, loses nothing already
+    /// written): zeroes whatever part of it reached the file and syncs, so
+    /// that the batch is durably not there and its requests can truthfully
+    /// be told so. Overwriting bytes already in the file takes no new space.
+    /// `false` if that failed too; the batch's outcome is then unknown.
+    fn discard(&self, at: u64, len: u64) -> bool {
+        let Some(active) = &self.active else { return false };
+        let zeroed = (|| -> io::Result<()> {
+            let end = active.file.file_len()?.min(at + len);
+            if end > at {
+                let written = active.file.read_exact_at(at, (end - at) as usize)?;
+                if let Some(last) = written.iter().rposition(|b| *b != 0) {
+                    active.file.write_all_at(at, &[Bytes::from(vec![0u8; last + 1])])?;
+                }
+            }
+            active.file.sync_data()
+        })();
+        match zeroed {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::error!(dir = %self.shared.dir.display(), %error, "cannot discard a batch that failed for lack of space");
+                false
+            }
+        }
     }
 
     /// Makes sure the active segment can take `frame_bytes` more, rolling to
@@ -566,6 +632,10 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+fn is_no_space(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG))
 }
 
 fn active_path(active: &Option<Active>) -> PathBuf {

@@ -413,3 +413,144 @@ fn read_cached_serves_only_what_the_page_cache_holds() {
     let pos = wal.append_blocking(vec![Bytes::from_static(b"x")]).unwrap().positions[0];
     assert_eq!(wal.read_cached(pos).unwrap(), None);
 }
+
+/// Holds one append in its sync so that eight more queue up and go out
+/// together in one write, which `fault` then fails; returns their results.
+fn fail_a_batch_of_eight(seed: u64, fault: Fault) -> (datanode_wal::storage::SimStorage, Vec<Result<(), Error>>) {
+    let (sim, storage) = sim(seed);
+    let wal = Arc::new(open(&storage, Path::new("/log"), writer_only_options(seed)));
+    wal.append_blocking(vec![payload(seed, 0, 10)]).unwrap();
+    sim.pause(FaultOp::Sync);
+    let first = {
+        let wal = Arc::clone(&wal);
+        std::thread::spawn(move || wal.append_blocking(vec![payload(seed, 1, 10)]))
+    };
+    wait_until("the first append is syncing", || sim.held() == 1);
+    let batch: Vec<_> = (0..8)
+        .map(|i| {
+            let wal = Arc::clone(&wal);
+            std::thread::spawn(move || wal.append_blocking(vec![payload(seed, i + 2, 10)]))
+        })
+        .collect();
+    wait_until("eight appends queue up", || wal.queued_bytes() == 90);
+    sim.inject(fault);
+    sim.resume(FaultOp::Sync);
+    first.join().unwrap().unwrap();
+    let results = batch.into_iter().map(|t| t.join().unwrap().map(|_| ())).collect();
+    let later = wal.append_blocking(vec![payload(seed, 99, 10)]).unwrap_err();
+    assert!(matches!(later, Error::Poisoned { .. }) && !later.outcome_unknown(), "{later:?}");
+    (sim, results)
+}
+
+#[test]
+fn every_request_of_a_failed_batch_learns_its_outcome_is_unknown() {
+    let (_, results) = fail_a_batch_of_eight(21, Fault::new(FaultOp::Write, libc::EIO).on_path(".wal").short_write());
+    for result in results {
+        let error = result.unwrap_err();
+        assert!(
+            error.outcome_unknown() && error.errno() == Some(libc::EIO),
+            "a request written in the failing batch must learn its outcome is unknown, not {error:?}"
+        );
+    }
+}
+
+#[test]
+fn a_batch_that_failed_for_lack_of_space_is_durably_discarded() {
+    // A file-size limit cuts the write short: part of the batch is in the
+    // file. It is zeroed and synced, so the batch is truthfully "not
+    // written", now and after any crash.
+    let (sim, results) =
+        fail_a_batch_of_eight(25, Fault::new(FaultOp::Write, libc::EFBIG).on_path(".wal").short_write());
+    for result in results {
+        let error = result.unwrap_err();
+        assert!(
+            matches!(error, Error::Poisoned { .. }) && error.is_disk_full() && !error.outcome_unknown(),
+            "a discarded batch is not attempted, not {error:?}"
+        );
+    }
+    for _ in 0..8 {
+        let image: Arc<dyn datanode_wal::Storage> = Arc::new(sim.crash_image());
+        let reopened = open(&image, Path::new("/log"), writer_only_options(25));
+        assert_eq!(read_all(&reopened), vec![payload(25, 0, 10), payload(25, 1, 10)]);
+    }
+}
+
+#[test]
+fn then_runs_for_every_settled_append_even_when_the_caller_gave_up() {
+    let (sim, storage) = sim(22);
+    let wal = Arc::new(open(&storage, Path::new("/log"), writer_only_options(22)));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    sim.pause(FaultOp::Sync);
+    let (settled_tx, settled) = std::sync::mpsc::channel();
+    let append = wal.append_then(vec![payload(22, 0, 10)], move |result| {
+        settled_tx.send(result.as_ref().map(|a| a.first_lsn).map_err(|e| e.to_string())).unwrap();
+    });
+    let gave_up = runtime.block_on(async { tokio::time::timeout(std::time::Duration::from_millis(50), append).await });
+    assert!(gave_up.is_err(), "the append is held in its sync");
+    assert!(settled.try_recv().is_err(), "nothing is settled before the sync");
+    sim.resume(FaultOp::Sync);
+    let lsn = settled.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+    assert_eq!(lsn, Ok(1), "the abandoned append was still written, and `then` saw it");
+
+    // A refused append runs `then` too, with the refusal.
+    sim.inject(Fault::new(FaultOp::Write, libc::EIO).on_path(".wal"));
+    assert!(wal.append_blocking(vec![payload(22, 1, 10)]).is_err());
+    let (refused_tx, refused) = std::sync::mpsc::channel();
+    let result = runtime.block_on(wal.append_then(vec![payload(22, 2, 10)], move |result| {
+        refused_tx.send(result.is_err()).unwrap();
+    }));
+    assert!(matches!(result, Err(Error::Poisoned { .. })), "{result:?}");
+    assert_eq!(refused.try_recv(), Ok(true));
+}
+
+#[test]
+fn damage_below_a_known_durable_lsn_is_corruption_not_a_torn_tail() {
+    // A log written in bulk and synced once at close carries no proof in
+    // its records that they were synced; the caller that synced it knows.
+    let bulk = |log_id| WalOptions { durability: Durability::None, ..writer_only_options(log_id) };
+    for (seed, damage) in [(23u64, "flip"), (24, "zeros")] {
+        let (sim, storage) = sim(seed);
+        let dir = Path::new("/log");
+        let wal = open(&storage, dir, WalOptions { segment_size: 1 << 20, ..bulk(seed) });
+        for i in 0..50 {
+            wal.append_blocking(vec![payload(seed, i, 100)]).unwrap();
+        }
+        wal.close().unwrap();
+        let seg = dir.join("00000000000000000001.wal");
+        let quarter = 64 + 12 * 152 + 60;
+        match damage {
+            "flip" => sim.tamper(&seg, quarter, &[0x5a]).unwrap(),
+            _ => sim.tamper(&seg, quarter - 60, &vec![0u8; 38 * 152]).unwrap(),
+        }
+        let before = sim.contents(&seg).unwrap();
+        let known = WalOptions { known_durable_lsn: 50, segment_size: 1 << 20, ..bulk(seed) };
+        let error = Wal::open(Arc::clone(&storage), dir, known).unwrap_err();
+        assert!(matches!(error, Error::Corruption { segment_id: 1, .. }), "{damage}: {error:?}");
+        assert_eq!(sim.contents(&seg).unwrap(), before, "{damage}: durable records must never be truncated");
+    }
+}
+
+#[test]
+fn a_spare_segment_name_is_made_durable_before_it_takes_records() {
+    // The state a crash leaves between a pre-write's rename and its
+    // directory sync: zeros under the segment's name, which a power cut can
+    // still turn back into the `.prep` name that recovery removes.
+    for seed in 0..16u64 {
+        let (sim, storage) = sim(100 + seed);
+        let dir = Path::new("/log");
+        storage.create_dir_all(dir).unwrap();
+        let prep = dir.join("00000000000000000001.wal.prep");
+        let file = storage.open(&prep, true).unwrap();
+        storage.sync_dir(dir).unwrap();
+        file.write_all_and_sync(0, &[Bytes::from(vec![0u8; 4096])]).unwrap();
+        storage.rename(&prep, &dir.join("00000000000000000001.wal")).unwrap();
+        drop(file);
+        let wal = open(&storage, dir, writer_only_options(30));
+        for i in 0..3 {
+            wal.append_blocking(vec![payload(30, i, 100)]).unwrap();
+        }
+        let image: Arc<dyn datanode_wal::Storage> = Arc::new(sim.crash_image());
+        let reopened = open(&image, dir, writer_only_options(30));
+        assert_eq!(read_all(&reopened).len(), 3, "seed {seed}: acknowledged records lost with the spare's name");
+    }
+}
