@@ -161,6 +161,10 @@ fn an_install_under_write_load_settles_every_write_and_faults_nothing() {
         std::thread::spawn(move || p.install(&image[..]))
     };
     wait_until("the install fences writes", || p.health().state().name() == "read_only");
+    // Not synchronisation: an install that does not wait for the writes
+    // under way gets this long to swap the log under them, which is what
+    // this test must catch. One that waits is blocked until the resume.
+    std::thread::sleep(Duration::from_millis(300));
     sim.resume(FaultOp::Sync);
     installer.join().unwrap().unwrap();
     for writer in writers {
