@@ -148,13 +148,17 @@ fn admin_endpoints_need_the_token_and_reject_bad_bodies() {
     read_only(false);
     assert_eq!(call(ureq::put(&daemon.url("/v1/partitions/7/blobs/k")), Some(b"v")).0, 201);
 
-    // Snapshot of 7 installed into a new partition 8.
+    // A snapshot of 7 is refused by another partition, and restores 7.
     let image = call(ureq::get(&daemon.url("/v1/partitions/7/snapshot")).set("Authorization", "Bearer s3cret"), None);
     assert_eq!(image.0, 200);
     assert_eq!(call(admin(), Some(br#"{"id":8,"disk":"d0"}"#)).0, 201);
     let install = ureq::put(&daemon.url("/v1/partitions/8/snapshot")).set("Authorization", "Bearer s3cret");
+    let (status, body) = call(install, Some(&image.1));
+    assert_eq!((status, error_code(&body).as_str()), (400, "bad_snapshot"));
+    assert_eq!(call(ureq::delete(&daemon.url("/v1/partitions/7/blobs/k")), None).0, 204);
+    let install = ureq::put(&daemon.url("/v1/partitions/7/snapshot")).set("Authorization", "Bearer s3cret");
     assert_eq!(call(install, Some(&image.1)).0, 200);
-    assert_eq!(call(ureq::get(&daemon.url("/v1/partitions/8/blobs/k")), None), (200, b"v".to_vec()));
+    assert_eq!(call(ureq::get(&daemon.url("/v1/partitions/7/blobs/k")), None), (200, b"v".to_vec()));
     let damaged = ureq::put(&daemon.url("/v1/partitions/8/snapshot")).set("Authorization", "Bearer s3cret");
     let (status, body) = call(damaged, Some(&image.1[..image.1.len() - 1]));
     assert_eq!((status, error_code(&body).as_str()), (400, "bad_snapshot"));

@@ -32,7 +32,7 @@ impl Grace {
         loop {
             let epoch = self.epoch.load(Ordering::SeqCst);
             let slot = epoch & 1;
-            self.active[slot].fetch_add(1, Ordering::SeqCst);
+            self.counter(slot).fetch_add(1, Ordering::SeqCst);
             if self.epoch.load(Ordering::SeqCst) == epoch {
                 return Registered { grace: Arc::clone(self), slot };
             }
@@ -41,8 +41,14 @@ impl Grace {
         }
     }
 
+    /// The count of operations running in epoch parity `slot`.
+    fn counter(&self, slot: usize) -> &AtomicUsize {
+        let [even, odd] = &self.active;
+        if slot & 1 == 0 { even } else { odd }
+    }
+
     fn leave(&self, slot: usize) {
-        if self.active[slot].fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.counter(slot).fetch_sub(1, Ordering::SeqCst) == 1 {
             let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
             self.drained.notify_all();
         }
@@ -54,7 +60,7 @@ impl Grace {
     pub fn wait(&self) {
         let old = self.epoch.fetch_add(1, Ordering::SeqCst) & 1;
         let mut guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-        while self.active[old].load(Ordering::SeqCst) != 0 {
+        while self.counter(old).load(Ordering::SeqCst) != 0 {
             guard = self.drained.wait(guard).unwrap_or_else(PoisonError::into_inner);
         }
     }

@@ -69,7 +69,7 @@ impl Key {
         match u8::try_from(key.len()) {
             Ok(len) if key.len() <= INLINE_KEY => {
                 let mut bytes = [0; INLINE_KEY];
-                bytes[..key.len()].copy_from_slice(key);
+                bytes.iter_mut().zip(key).for_each(|(slot, byte)| *slot = *byte);
                 Key::Inline { len, bytes }
             }
             _ => Key::Boxed(key.into()),
@@ -78,7 +78,7 @@ impl Key {
 
     pub fn as_bytes(&self) -> &[u8] {
         match self {
-            Key::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Key::Inline { len, bytes } => bytes.get(..usize::from(*len)).unwrap_or(bytes),
             Key::Boxed(bytes) => bytes,
         }
     }

@@ -20,6 +20,7 @@
 //! async runtime, call them on a blocking-capable thread.
 
 #![warn(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::indexing_slicing))]
 
 pub mod blob;
 mod compaction;

@@ -596,8 +596,9 @@ impl Filesystem for Passthrough {
         let Ok(path) = std::ffi::CString::new(self.backing.as_os_str().as_encoded_bytes()) else {
             return reply.error(libc::EINVAL);
         };
-        // SAFETY: statvfs fills the zeroed struct; the path is NUL-terminated.
+        // SAFETY: a plain C struct of integers; all zeros is a valid value.
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: statvfs fills the struct we own; the path is NUL-terminated.
         if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
             return reply.error(errno(&std::io::Error::last_os_error()));
         }

@@ -91,10 +91,10 @@ impl SegmentHeader {
         if bytes.iter().all(|b| *b == 0) {
             return Ok(None);
         }
-        if bytes[0..8] != SEGMENT_MAGIC {
+        if bytes.get(0..8) != Some(&SEGMENT_MAGIC[..]) {
             return Err(FrameError::BadMagic);
         }
-        if le_u32(bytes, 60) != crc32fast::hash(&bytes[0..60]) {
+        if le_u32(bytes, 60) != crc32fast::hash(bytes.get(0..60).unwrap_or_default()) {
             return Err(FrameError::BadChecksum);
         }
         let version = le_u32(bytes, 8);
@@ -206,7 +206,7 @@ pub fn decode_record(bytes: &[u8], expected: Expected) -> Result<(RecordHeader, 
     }
     let payload_range = RECORD_HEADER_LEN..RECORD_HEADER_LEN + len as usize;
     let payload = bytes.get(payload_range.clone()).ok_or(FrameError::Truncated)?;
-    if le_u32(head, 4) != record_crc(&head[8..], payload) {
+    if le_u32(head, 4) != record_crc(head.get(8..).unwrap_or_default(), payload) {
         return Err(FrameError::BadChecksum);
     }
     let header = RecordHeader {
@@ -230,15 +230,28 @@ pub fn decode_record(bytes: &[u8], expected: Expected) -> Result<(RecordHeader, 
     Ok((header, payload_range))
 }
 
+/// The payload length a record header claims (checked by
+/// [`decode_record`]), to know how many bytes to read for the whole frame.
+pub(crate) fn record_len(head: &[u8]) -> usize {
+    le_u32(head, 8) as usize
+}
+
+/// The little-endian `u32` at `at`; callers pass a header whose length was
+/// checked, and a short slice reads as zeros (which fails every check).
 fn le_u32(bytes: &[u8], at: usize) -> u32 {
     let mut word = [0u8; 4];
-    word.copy_from_slice(&bytes[at..at + 4]);
+    if let Some(found) = bytes.get(at..at + 4) {
+        word.copy_from_slice(found);
+    }
     u32::from_le_bytes(word)
 }
 
+/// The little-endian `u64` at `at`, like [`le_u32`].
 fn le_u64(bytes: &[u8], at: usize) -> u64 {
     let mut word = [0u8; 8];
-    word.copy_from_slice(&bytes[at..at + 8]);
+    if let Some(found) = bytes.get(at..at + 8) {
+        word.copy_from_slice(found);
+    }
     u64::from_le_bytes(word)
 }
 

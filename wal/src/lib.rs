@@ -35,6 +35,7 @@
 //! runtime call them on a blocking-capable thread.
 
 #![warn(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::indexing_slicing))]
 
 mod block_on;
 mod error;

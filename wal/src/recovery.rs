@@ -100,10 +100,15 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, log_id: u64, known_dura
     // The first missing id, if any. Unused segments past a gap are
     // leftovers of a failed roll; a used one means a segment was lost.
     let mut gap: Option<u64> = None;
-    for (i, id) in ids.iter().copied().enumerate() {
-        if i > 0 && gap.is_none() && id != ids[i - 1] + 1 {
-            gap = Some(ids[i - 1] + 1);
+    let mut previous_id: Option<u64> = None;
+    for id in ids.iter().copied() {
+        if let Some(previous) = previous_id
+            && gap.is_none()
+            && id != previous + 1
+        {
+            gap = Some(previous + 1);
         }
+        previous_id = Some(id);
         let expected_first = used.last().map(|s| s.meta.last_lsn + 1);
         let scan = scan_segment(storage, dir, log_id, id, expected_first, &mut buf)?;
         if scan.proven_durable {
@@ -293,8 +298,8 @@ fn highest_synced_lsn_after(bytes: &[u8], from: usize, log_id: u64, id: u64) -> 
     let last_start = bytes.len().checked_sub(format::RECORD_HEADER_LEN)?;
     (from.next_multiple_of(RECORD_ALIGN)..=last_start)
         .step_by(RECORD_ALIGN)
-        .filter(|at| bytes[*at..*at + 4] == magic)
-        .filter_map(|at| format::decode_record(&bytes[at..], expected).ok())
+        .filter(|at| bytes.get(*at..*at + 4) == Some(&magic[..]))
+        .filter_map(|at| format::decode_record(bytes.get(at..)?, expected).ok())
         .map(|(record, _)| record.synced_lsn)
         .max()
 }

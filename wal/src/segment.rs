@@ -143,7 +143,7 @@ impl SegmentMeta {
         let mut window = Window { start: offset, bytes: Bytes::new() };
         while next <= self.last_lsn {
             let head = self.fill(&mut window, offset, RECORD_HEADER_LEN)?;
-            let len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize;
+            let len = format::record_len(&head);
             let frame = self.fill(&mut window, offset, format::frame_len(len))?;
             let (header, payload) = format::decode_record(&frame, self.expected(log_id, Some(next)))
                 .map_err(|e| self.corruption(offset, e))?;

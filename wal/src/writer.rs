@@ -353,7 +353,7 @@ impl Writer {
             }
             let padding = format::padding_len(payload.len());
             if padding > 0 {
-                pieces.push(Bytes::from_static(&PADDING[..padding]));
+                pieces.push(Bytes::from_static(PADDING.get(..padding).unwrap_or_default()));
             }
         }
 

@@ -65,9 +65,11 @@ pub(crate) fn statvfs_space(path: &Path) -> io::Result<Space> {
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
-    // SAFETY: statvfs writes into the zeroed struct we own; `c_path` is a
-    // valid NUL-terminated string for the duration of the call.
+    // SAFETY: `statvfs` is a plain C struct of integers, for which all
+    // zeros is a valid value.
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs writes into the struct we own; `c_path` is a valid
+    // NUL-terminated string for the duration of the call.
     if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -181,12 +183,12 @@ pub(crate) fn drop_cached_pages(fd: std::os::fd::RawFd) -> io::Result<()> {
 /// past the pieces that are done: how a short vectored write continues.
 pub(crate) fn advance(pieces: &mut [&[u8]], start: &mut usize, mut written: usize) {
     while written > 0 && *start < pieces.len() {
-        let piece = &mut pieces[*start];
+        let Some(piece) = pieces.get_mut(*start) else { return };
         if written >= piece.len() {
             written -= piece.len();
             *start += 1;
         } else {
-            *piece = &piece[written..];
+            *piece = piece.get(written..).unwrap_or_default();
             written = 0;
         }
     }

@@ -116,7 +116,7 @@ fn write_all_vectored(fd: i32, mut offset: u64, bufs: &[Bytes]) -> io::Result<()
     let mut pieces: Vec<&[u8]> = bufs.iter().map(|b| &b[..]).filter(|b| !b.is_empty()).collect();
     let mut start = 0;
     while start < pieces.len() {
-        let batch = &pieces[start..pieces.len().min(start + IOV_MAX)];
+        let batch = pieces.get(start..pieces.len().min(start + IOV_MAX)).unwrap_or_default();
         let iovecs: Vec<libc::iovec> = batch
             .iter()
             .map(|piece| libc::iovec { iov_base: piece.as_ptr() as *mut libc::c_void, iov_len: piece.len() })

@@ -63,25 +63,26 @@ thread_local! {
     static RING: RefCell<Option<IoUring>> = const { RefCell::new(None) };
 }
 
-/// Runs `f` with this thread's ring, creating it on first use.
-fn with_ring<T>(f: impl FnOnce(&mut IoUring) -> Result<T, RingBroken>) -> io::Result<T> {
+/// Runs `f` with this thread's ring, creating it on first use. A
+/// [`RingBroken`] answer means operations may still be in flight: the
+/// caller must then leak every buffer it handed to them (the ring itself is
+/// leaked here), never free memory the kernel could still read or write.
+fn with_ring<T>(f: impl FnOnce(&mut IoUring) -> Result<T, RingBroken>) -> Result<T, RingBroken> {
     RING.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
-            *slot = Some(IoUring::new(RING_ENTRIES)?);
+            // Nothing submitted yet: an error here leaves nothing in flight,
+            // but is reported the same way for simplicity.
+            *slot = Some(IoUring::new(RING_ENTRIES).map_err(RingBroken)?);
         }
-        let Some(ring) = slot.as_mut() else { return Err(io::Error::other("no ring")) };
-        match f(ring) {
-            Ok(value) => Ok(value),
-            Err(RingBroken(error)) => {
-                // Completions may still be owed: never free what the
-                // kernel could write to.
-                if let Some(ring) = slot.take() {
-                    std::mem::forget(ring);
-                }
-                Err(error)
-            }
+        let Some(ring) = slot.as_mut() else { return Err(RingBroken(io::Error::other("no ring"))) };
+        let result = f(ring);
+        if result.is_err()
+            && let Some(ring) = slot.take()
+        {
+            std::mem::forget(ring);
         }
+        result
     })
 }
 
@@ -164,7 +165,9 @@ impl UringFile {
         let mut start = 0;
         let mut synced = !sync;
         while start < pieces.len() || !synced {
-            let iovecs: Vec<libc::iovec> = pieces[start..]
+            let iovecs: Vec<libc::iovec> = pieces
+                .get(start..)
+                .unwrap_or_default()
                 .iter()
                 .take(IOV_MAX)
                 .map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() })
@@ -184,8 +187,16 @@ impl UringFile {
                 entries.push(opcode::Fsync::new(self.fd()).flags(types::FsyncFlags::DATASYNC).build().user_data(SYNC));
             }
             // `iovecs` and `pieces` (borrowed from `bufs`) outlive the call,
-            // which reaps every completion before returning.
-            let done = with_ring(|ring| submit_and_reap(ring, &entries)).map_err(|e| (IoOp::Write, e))?;
+            // which reaps every completion before returning; if it cannot,
+            // they are leaked, so the kernel never reads freed memory.
+            let done = match with_ring(|ring| submit_and_reap(ring, &entries)) {
+                Ok(done) => done,
+                Err(RingBroken(error)) => {
+                    std::mem::forget(iovecs);
+                    bufs.iter().for_each(|buf| std::mem::forget(buf.clone()));
+                    return Err((IoOp::Write, error));
+                }
+            };
             let result_of = |tag| done.iter().find(|(data, _)| *data == tag).map(|(_, result)| *result);
             if let Some(written) = result_of(WRITE) {
                 if written < 0 {
@@ -223,14 +234,22 @@ impl StorageFile for UringFile {
         let mut buf = vec![0u8; len];
         let mut filled = 0;
         while filled < len {
-            let rest = &mut buf[filled..];
+            let Some(rest) = buf.get_mut(filled..) else { break };
             let chunk = rest.len().min(1 << 30) as u32;
             let entry = opcode::Read::new(self.fd(), rest.as_mut_ptr(), chunk)
                 .offset(offset + filled as u64)
                 .build()
                 .user_data(READ);
-            // `buf` outlives the call, which reaps the completion.
-            let done = with_ring(|ring| submit_and_reap(ring, &[entry]))?;
+            // `buf` outlives the call, which reaps the completion; if it
+            // cannot, `buf` is leaked, so the kernel never writes into
+            // freed memory.
+            let done = match with_ring(|ring| submit_and_reap(ring, &[entry])) {
+                Ok(done) => done,
+                Err(RingBroken(error)) => {
+                    std::mem::forget(buf);
+                    return Err(error);
+                }
+            };
             match done.first().map(|(_, result)| *result) {
                 Some(read) if read < 0 => return Err(io::Error::from_raw_os_error(-read)),
                 Some(0) | None => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
@@ -242,7 +261,8 @@ impl StorageFile for UringFile {
 
     fn sync_data(&self) -> io::Result<()> {
         let entry = opcode::Fsync::new(self.fd()).flags(types::FsyncFlags::DATASYNC).build().user_data(SYNC);
-        let done = with_ring(|ring| submit_and_reap(ring, &[entry]))?;
+        // No buffer: nothing to keep alive if the ring breaks.
+        let done = with_ring(|ring| submit_and_reap(ring, &[entry])).map_err(|RingBroken(error)| error)?;
         match done.first().map(|(_, result)| *result) {
             Some(result) if result < 0 => Err(io::Error::from_raw_os_error(-result)),
             _ => Ok(()),
