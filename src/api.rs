@@ -172,21 +172,32 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Pid {
 /// `/blobs/`. Keys are arbitrary bytes, so they are not decoded as UTF-8.
 fn blob_key(uri: &Uri) -> ApiResult<Vec<u8>> {
     let encoded = uri.path().split_once("/blobs/").map(|(_, key)| key).unwrap_or_default();
-    let bytes = encoded.as_bytes();
-    let mut key = Vec::with_capacity(bytes.len());
+    percent_decode(encoded.as_bytes(), false).ok_or_else(|| ApiError::bad_request("bad percent-encoding in the key"))
+}
+
+/// Percent-decodes `bytes` into raw bytes (never as UTF-8); in a query,
+/// `+` is a space as in HTML forms. `None` for a bad escape.
+fn percent_decode(bytes: &[u8], plus_is_space: bool) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-            let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
-            key.push(byte.ok_or_else(|| ApiError::bad_request("bad percent-encoding in the key"))?);
-            i += 3;
-        } else {
-            key.push(bytes[i]);
-            i += 1;
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok())?;
+                out.push(u8::from_str_radix(hex, 16).ok().filter(|_| hex.bytes().all(|b| b.is_ascii_hexdigit()))?);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            byte => {
+                out.push(byte);
+                i += 1;
+            }
         }
     }
-    Ok(key)
+    Some(out)
 }
 
 fn partition_id(raw: &str) -> ApiResult<u64> {
@@ -372,13 +383,48 @@ async fn head_blob(State(node): State<Arc<Node>>, Pid(pid): Pid, uri: Uri, heade
     read_blob(node, pid, uri, headers, true).await
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Largest `limit` of a listing.
+const MAX_LIST_LIMIT: usize = 10_000;
+
+/// `?prefix=&after=&limit=` of a listing. `prefix` and `after` are raw
+/// bytes, percent-decoded from the raw query, so that any key (binary or
+/// not) can be a prefix or a resume point.
+#[derive(Debug, PartialEq)]
 struct ListQuery {
-    #[serde(default)]
-    prefix: String,
-    after: Option<String>,
-    limit: Option<usize>,
+    prefix: Vec<u8>,
+    after: Option<Vec<u8>>,
+    limit: usize,
+}
+
+fn list_query(raw: Option<&str>) -> ApiResult<ListQuery> {
+    let mut query = ListQuery { prefix: Vec::new(), after: None, limit: 1000 };
+    let (mut prefix_seen, mut limit_seen) = (false, false);
+    for pair in raw.unwrap_or_default().split('&').filter(|pair| !pair.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value.as_bytes(), true)
+            .ok_or_else(|| ApiError::bad_request(format!("bad percent-encoding in {name:?}")))?;
+        let repeated = match name {
+            "prefix" => std::mem::replace(&mut prefix_seen, true),
+            "after" => query.after.is_some(),
+            "limit" => std::mem::replace(&mut limit_seen, true),
+            other => return Err(ApiError::bad_request(format!("unknown query parameter {other:?}"))),
+        };
+        if repeated {
+            return Err(ApiError::bad_request(format!("query parameter {name:?} given twice")));
+        }
+        match name {
+            "prefix" => query.prefix = value,
+            "after" => query.after = Some(value),
+            _ => {
+                let text = String::from_utf8_lossy(&value);
+                query.limit =
+                    text.parse::<usize>().ok().filter(|limit| (1..=MAX_LIST_LIMIT).contains(limit)).ok_or_else(
+                        || ApiError::bad_request(format!("limit {text:?} is not in 1..={MAX_LIST_LIMIT}")),
+                    )?;
+            }
+        }
+    }
+    Ok(query)
 }
 
 /// A key as JSON: a string when it is UTF-8, else `{"base64": ...}`.
@@ -389,17 +435,11 @@ fn key_json(key: &[u8]) -> Value {
     }
 }
 
-async fn list_blobs(
-    State(node): State<Arc<Node>>,
-    Pid(pid): Pid,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<Value>> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+async fn list_blobs(State(node): State<Arc<Node>>, Pid(pid): Pid, uri: Uri) -> ApiResult<Json<Value>> {
+    let query = list_query(uri.query())?;
     let (id, partition) = partition(&node, &pid)?;
-    let limit = query.limit.unwrap_or(1000).clamp(1, 10_000);
-    let (keys, next) = partition
-        .list(query.prefix.as_bytes(), query.after.as_deref().map(str::as_bytes), limit)
-        .map_err(|e| partition_error(id, e))?;
+    let (keys, next) =
+        partition.list(&query.prefix, query.after.as_deref(), query.limit).map_err(|e| partition_error(id, e))?;
     let keys: Vec<Value> = keys.iter().map(|k| key_json(k)).collect();
     Ok(Json(json!({ "keys": keys, "next": next.as_deref().map(key_json) })))
 }
@@ -683,6 +723,18 @@ mod tests {
         for bad in ["bytes=10-", "bytes=5-2", "items=0-1", "bytes=0-1,3-4", "bytes=a-b", "bytes=-0", ""] {
             assert_eq!(parse_range(bad, 10), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn list_queries_decode_raw_bytes_and_refuse_bad_limits() {
+        let parsed = list_query(Some("prefix=%FF%00a+b&after=%FF&limit=10000")).unwrap();
+        assert_eq!(parsed, ListQuery { prefix: b"\xff\x00a b".to_vec(), after: Some(vec![0xff]), limit: 10_000 });
+        assert_eq!(list_query(None).unwrap(), ListQuery { prefix: Vec::new(), after: None, limit: 1000 });
+        assert_eq!(list_query(Some("after=&")).unwrap().after, Some(Vec::new()));
+        for bad in ["limit=0", "limit=10001", "limit=+5", "prefix=%f", "prefix=%+f", "x=1", "limit=1&limit=2"] {
+            assert!(list_query(Some(bad)).is_err(), "{bad}");
+        }
+        assert_eq!(percent_decode(b"a+%2B", false), Some(b"a++".to_vec()));
     }
 
     #[test]

@@ -1,0 +1,99 @@
+//! The edges of the HTTP surface on the real binary: binary keys in
+//! listings, key and partition-id validation, configuration that cannot
+//! work, slow and broken clients (raw TCP where a real client cannot
+//! misbehave enough), shutdown with stalled connections, and admin calls
+//! whose answer must match what they did.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use base64::Engine;
+use serde_json::Value;
+use support::{Daemon, call, error_code};
+
+fn json_of(body: &[u8]) -> Value {
+    serde_json::from_slice(body).unwrap()
+}
+
+/// Every byte percent-encoded: any key can go into a path or a query.
+fn percent(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("%{b:02X}")).collect()
+}
+
+/// A listed key (`"text"` or `{"base64": ...}`) back to its bytes.
+fn key_bytes(key: &Value) -> Vec<u8> {
+    match key {
+        Value::String(text) => text.as_bytes().to_vec(),
+        other => base64::engine::general_purpose::STANDARD.decode(other["base64"].as_str().unwrap()).unwrap(),
+    }
+}
+
+/// Pages through `GET .../blobs?prefix=P&limit=N`, passing each `next`
+/// back as `after`; panics if it does not end within `max_pages`.
+fn list_all(daemon: &Daemon, partition: u64, prefix: &[u8], limit: usize, max_pages: usize) -> Vec<Vec<u8>> {
+    let mut keys = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    for _ in 0..max_pages {
+        let mut url = format!("/v1/partitions/{partition}/blobs?limit={limit}&prefix={}", percent(prefix));
+        if let Some(after) = &after {
+            url.push_str(&format!("&after={}", percent(after)));
+        }
+        let (status, body) = call(ureq::get(&daemon.url(&url)), None);
+        assert_eq!(status, 200, "{url}: {}", String::from_utf8_lossy(&body));
+        let page = json_of(&body);
+        keys.extend(page["keys"].as_array().unwrap().iter().map(key_bytes));
+        match &page["next"] {
+            Value::Null => return keys,
+            next => after = Some(key_bytes(next)),
+        }
+    }
+    panic!("listing {prefix:?} did not end within {max_pages} pages; so far {keys:?}");
+}
+
+#[test]
+fn binary_keys_are_prefixes_and_resume_points_and_paging_ends() {
+    let data = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(data.path(), &[], &[]);
+    let stored: Vec<Vec<u8>> = vec![
+        b"a".to_vec(),
+        b"a+b".to_vec(),
+        vec![0xff],
+        vec![0xff, 0x01],
+        vec![0xff, 0x02],
+        vec![0xfe, 0xff],
+        b"z".to_vec(),
+    ];
+    for key in &stored {
+        let url = daemon.url(&format!("/v1/partitions/1/blobs/{}", percent(key)));
+        assert_eq!(call(ureq::put(&url), Some(b"v")).0, 201, "{key:?}");
+    }
+    let (status, body) = call(ureq::get(&daemon.url("/v1/partitions/1/blobs?prefix=%FF")), None);
+    assert_eq!(status, 200);
+    let keys: Vec<Vec<u8>> = json_of(&body)["keys"].as_array().unwrap().iter().map(key_bytes).collect();
+    assert_eq!(keys, vec![vec![0xff], vec![0xff, 0x01], vec![0xff, 0x02]], "a binary prefix");
+    let (_, body) = call(ureq::get(&daemon.url("/v1/partitions/1/blobs?after=%FF&limit=1")), None);
+    assert_eq!(key_bytes(&json_of(&body)["keys"][0]), vec![0xff, 0x01], "a binary resume point");
+    let (_, body) = call(ureq::get(&daemon.url("/v1/partitions/1/blobs?prefix=a%2B")), None);
+    assert_eq!(json_of(&body)["keys"], serde_json::json!(["a+b"]), "%2B is a plus");
+
+    let mut sorted = stored.clone();
+    sorted.sort();
+    for limit in [1, 2, 3, 10] {
+        let listed = list_all(&daemon, 1, b"", limit, 20);
+        assert_eq!(listed, sorted, "limit {limit}: every key once, in order");
+        let listed = list_all(&daemon, 1, &[0xff], limit, 20);
+        assert_eq!(listed.len(), 3, "limit {limit}");
+        assert_eq!(listed.iter().collect::<BTreeSet<_>>().len(), 3);
+    }
+    // The last key of a page is `next` whatever it looks like.
+    let (_, body) = call(ureq::get(&daemon.url("/v1/partitions/1/blobs?prefix=%FF&limit=2")), None);
+    assert_eq!(key_bytes(&json_of(&body)["next"]), vec![0xff, 0x01]);
+
+    for bad in ["limit=0", "limit=10001", "limit=-1", "limit=many", "after=%G1", "prefix=%F", "colour=red"] {
+        let (status, body) = call(ureq::get(&daemon.url(&format!("/v1/partitions/1/blobs?{bad}"))), None);
+        assert_eq!((status, error_code(&body).as_str()), (400, "bad_request"), "{bad}");
+    }
+    assert_eq!(call(ureq::get(&daemon.url("/v1/partitions/1/blobs?limit=10000")), None).0, 200);
+}
