@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
+use datanode_partition::blob::MAX_KEY_LEN;
 use datanode_partition::{DiskStatus, Error as PartitionError, Partition, RegistryError, State as PState};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -100,6 +101,8 @@ pub fn router(node: Arc<Node>) -> Router {
     let limit = node.config.limits.max_blob_size as usize;
     Router::new()
         .route("/v1/partitions/{pid}/blobs/{*key}", get(get_blob).put(put_blob).delete(delete_blob).head(head_blob))
+        // An empty key: answered 400 by the key check, like any bad key.
+        .route("/v1/partitions/{pid}/blobs/", get(get_blob).put(put_blob).delete(delete_blob).head(head_blob))
         .route("/v1/partitions/{pid}/blobs", get(list_blobs))
         .route("/v1/partitions", get(list_partitions).post(create_partition))
         .route("/v1/partitions/{pid}", get(get_partition).delete(delete_partition))
@@ -134,10 +137,10 @@ async fn observe(request: Request, next: Next) -> Response {
 
 fn operation(method: &Method, route: &str) -> &'static str {
     match (method.as_str(), route) {
-        ("PUT", "/v1/partitions/{pid}/blobs/{*key}") => "put_blob",
-        ("GET", "/v1/partitions/{pid}/blobs/{*key}") => "get_blob",
-        ("HEAD", "/v1/partitions/{pid}/blobs/{*key}") => "head_blob",
-        ("DELETE", "/v1/partitions/{pid}/blobs/{*key}") => "delete_blob",
+        ("PUT", "/v1/partitions/{pid}/blobs/{*key}" | "/v1/partitions/{pid}/blobs/") => "put_blob",
+        ("GET", "/v1/partitions/{pid}/blobs/{*key}" | "/v1/partitions/{pid}/blobs/") => "get_blob",
+        ("HEAD", "/v1/partitions/{pid}/blobs/{*key}" | "/v1/partitions/{pid}/blobs/") => "head_blob",
+        ("DELETE", "/v1/partitions/{pid}/blobs/{*key}" | "/v1/partitions/{pid}/blobs/") => "delete_blob",
         ("GET", "/v1/partitions/{pid}/blobs") => "list_blobs",
         ("GET", "/v1/partitions") => "list_partitions",
         ("POST", "/v1/partitions") => "create_partition",
@@ -172,7 +175,12 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Pid {
 /// `/blobs/`. Keys are arbitrary bytes, so they are not decoded as UTF-8.
 fn blob_key(uri: &Uri) -> ApiResult<Vec<u8>> {
     let encoded = uri.path().split_once("/blobs/").map(|(_, key)| key).unwrap_or_default();
-    percent_decode(encoded.as_bytes(), false).ok_or_else(|| ApiError::bad_request("bad percent-encoding in the key"))
+    let key = percent_decode(encoded.as_bytes(), false)
+        .ok_or_else(|| ApiError::bad_request("bad percent-encoding in the key"))?;
+    if !(1..=MAX_KEY_LEN).contains(&key.len()) {
+        return Err(ApiError::bad_request(format!("a key is 1..={MAX_KEY_LEN} bytes, not {}", key.len())));
+    }
+    Ok(key)
 }
 
 /// Percent-decodes `bytes` into raw bytes (never as UTF-8); in a query,

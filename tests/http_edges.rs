@@ -97,3 +97,27 @@ fn binary_keys_are_prefixes_and_resume_points_and_paging_ends() {
     }
     assert_eq!(call(ureq::get(&daemon.url("/v1/partitions/1/blobs?limit=10000")), None).0, 200);
 }
+
+#[test]
+fn keys_are_1_to_1024_bytes_on_every_method() {
+    let data = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(data.path(), &[], &[]);
+    let long = daemon.url(&format!("/v1/partitions/1/blobs/{}", "k".repeat(2000)));
+    let longest = daemon.url(&format!("/v1/partitions/1/blobs/{}", "k".repeat(1024)));
+    let empty = daemon.url("/v1/partitions/1/blobs/");
+    assert_eq!(call(ureq::put(&longest), Some(b"v")).0, 201, "1024 bytes is a key");
+    assert_eq!(call(ureq::get(&longest), None), (200, b"v".to_vec()));
+    for url in [&long, &empty] {
+        for (request, body) in [(ureq::get(url), None), (ureq::put(url), Some(&b"v"[..])), (ureq::delete(url), None)] {
+            let what = format!("{} {}", request.method(), &request.url()[..60.min(request.url().len())]);
+            let (status, body) = call(request, body);
+            assert_eq!((status, error_code(&body).as_str()), (400, "bad_request"), "{what}");
+        }
+        let head = match ureq::head(url).call() {
+            Ok(response) => response.status(),
+            Err(ureq::Error::Status(status, _)) => status,
+            Err(error) => panic!("{error}"),
+        };
+        assert_eq!(head, 400, "HEAD");
+    }
+}
