@@ -208,8 +208,12 @@ fn percent_decode(bytes: &[u8], plus_is_space: bool) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// A partition id in a path: canonical decimal only (`7`, not `007` or
+/// `+7`), so that one partition has one name.
 fn partition_id(raw: &str) -> ApiResult<u64> {
-    raw.parse().map_err(|_| ApiError::bad_request(format!("partition id {raw:?} is not a number")))
+    let id: Option<u64> = raw.bytes().all(|b| b.is_ascii_digit()).then(|| raw.parse().ok()).flatten();
+    id.filter(|id| id.to_string() == raw)
+        .ok_or_else(|| ApiError::bad_request(format!("partition id {raw:?} is not a canonical decimal number")))
 }
 
 fn partition(node: &Node, raw: &str) -> ApiResult<(u64, Arc<Partition>)> {
@@ -743,6 +747,15 @@ mod tests {
             assert!(list_query(Some(bad)).is_err(), "{bad}");
         }
         assert_eq!(percent_decode(b"a+%2B", false), Some(b"a++".to_vec()));
+    }
+
+    #[test]
+    fn partition_ids_are_canonical_decimal() {
+        assert_eq!(partition_id("7").ok(), Some(7));
+        assert_eq!(partition_id("0").ok(), Some(0));
+        for bad in ["007", "00", "+7", "-7", "", "7a", " 7", "18446744073709551616"] {
+            assert!(partition_id(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

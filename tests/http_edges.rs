@@ -121,3 +121,24 @@ fn keys_are_1_to_1024_bytes_on_every_method() {
         assert_eq!(head, 400, "HEAD");
     }
 }
+
+#[test]
+fn partition_ids_in_paths_are_canonical_decimal() {
+    let data = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(data.path(), &[], &[]);
+    assert_eq!(call(ureq::put(&daemon.url("/v1/partitions/1/blobs/k")), Some(b"v")).0, 201);
+    for path in [
+        "/v1/partitions/007",
+        "/v1/partitions/01/blobs/k",
+        "/v1/partitions/+1/blobs/k",
+        "/v1/partitions/001/blobs",
+        "/v1/partitions/18446744073709551616",
+    ] {
+        let (status, body) = call(ureq::get(&daemon.url(path)), None);
+        assert_eq!((status, error_code(&body).as_str()), (400, "bad_request"), "{path}");
+    }
+    let (status, body) = call(ureq::put(&daemon.url("/v1/partitions/01/blobs/k")), Some(b"w"));
+    assert_eq!((status, error_code(&body).as_str()), (400, "bad_request"), "PUT to 01");
+    assert_eq!(call(ureq::get(&daemon.url("/v1/partitions/1/blobs/k")), None), (200, b"v".to_vec()));
+    assert_eq!(call(ureq::get(&daemon.url("/v1/partitions/0")), None).0, 404, "0 is canonical, and absent");
+}
