@@ -142,3 +142,47 @@ fn partition_ids_in_paths_are_canonical_decimal() {
     assert_eq!(call(ureq::get(&daemon.url("/v1/partitions/1/blobs/k")), None), (200, b"v".to_vec()));
     assert_eq!(call(ureq::get(&daemon.url("/v1/partitions/0")), None).0, 404, "0 is canonical, and absent");
 }
+
+/// Every value that cannot work is refused at load, by `check-config` and
+/// by `serve` alike, with exit 78 and a message naming key and value.
+#[test]
+fn configuration_that_cannot_work_is_refused_naming_key_and_value() {
+    let binary = env!("CARGO_BIN_EXE_datanode");
+    let data = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str, &str)] = &[
+        ("DATANODE_WAL__MAX_BATCH_BYTES", "0", "wal.max_batch_bytes"),
+        ("DATANODE_WAL__MAX_BATCH_BYTES", "128MiB", "wal.max_batch_bytes"),
+        ("DATANODE_WAL__SEGMENT_SIZE", "4KiB", "wal.segment_size"),
+        ("DATANODE_WAL__SEGMENT_SIZE", "1TiB", "wal.segment_size"),
+        ("DATANODE_WAL__SYNC_INTERVAL", "0s", "wal.sync_interval"),
+        ("DATANODE_HEALTH__PROBE_INTERVAL", "0s", "health.probe_interval"),
+        ("DATANODE_HEALTH__VERIFY_INTERVAL", "0s", "health.verify_interval"),
+        ("DATANODE_HEALTH__SLOW_SYNC", "0s", "health.slow_sync"),
+        ("DATANODE_HEALTH__PROBE_INTERVAL", "1000000s", "health.probe_interval"),
+        ("DATANODE_HEALTH__DISK_FULL_RATIO", "1.5", "health.disk_full_ratio"),
+        ("DATANODE_HEALTH__DISK_RESUME_RATIO", "0.97", "health.disk_resume_ratio"),
+        ("DATANODE_HEALTH__DISK_RESUME_RATIO", "-0.5", "health.disk_resume_ratio"),
+        ("DATANODE_NODE__SHUTDOWN_TIMEOUT", "0s", "node.shutdown_timeout"),
+        ("DATANODE_NODE__BOOTSTRAP_PARTITIONS", "100000000", "node.bootstrap_partitions"),
+        ("DATANODE_LIMITS__REQUEST_TIMEOUT", "0s", "limits.request_timeout"),
+        ("DATANODE_LIMITS__MAX_BLOB_SIZE", "0", "limits.max_blob_size"),
+        ("DATANODE_LIMITS__MAX_QUEUED_BYTES_PER_PARTITION", "0", "limits.max_queued_bytes_per_partition"),
+        ("DATANODE_LIMITS__MAX_QUEUED_BYTES_PER_PARTITION", "64GiB", "limits.max_queued_bytes_per_partition"),
+        ("DATANODE_ALERTS__ALERTMANAGER_URL", "localhost:9093", "alerts.alertmanager_url"),
+        // Overflows the duration arithmetic.
+        ("DATANODE_NODE__SHUTDOWN_TIMEOUT", "307445734561825861m", "node.shutdown_timeout"),
+    ];
+    for (variable, value, key) in cases {
+        let checked = std::process::Command::new(binary).arg("check-config").env(variable, value).output().unwrap();
+        let stderr = String::from_utf8_lossy(&checked.stderr);
+        assert_eq!(checked.status.code(), Some(78), "check-config {variable}={value}: {stderr}");
+        assert!(stderr.contains(key) && stderr.contains(value), "{variable}={value} names key and value: {stderr}");
+        let served = std::process::Command::new(binary)
+            .args(["--http-addr", &format!("127.0.0.1:{}", support::free_port()), "--data-dir"])
+            .arg(data.path())
+            .env(variable, value)
+            .output()
+            .unwrap();
+        assert_eq!(served.status.code(), Some(78), "serve {variable}={value}");
+    }
+}
