@@ -269,7 +269,7 @@ fn body_or_error(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
         StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body exceeds the limit")
         }
-        _ => ApiError::bad_request(rejection.body_text()),
+        _ => ApiError::bad_request(format!("the request body broke off: {}", rejection.body_text())),
     })
 }
 

@@ -100,6 +100,9 @@ pub struct LimitsConfig {
     /// A request that takes longer gets 503.
     #[serde(with = "human_duration")]
     pub request_timeout: Duration,
+    /// Longest wait for a request head, and longest pause inside a body.
+    #[serde(with = "human_duration")]
+    pub header_timeout: Duration,
 }
 
 /// `[health]`.
@@ -152,6 +155,7 @@ io_backend = "std"
 max_blob_size = "16MiB"
 max_queued_bytes_per_partition = "64MiB"
 request_timeout = "30s"
+header_timeout = "10s"
 
 [health]
 probe_interval = "5s"
@@ -279,6 +283,7 @@ impl Config {
             ("node.shutdown_timeout", self.node.shutdown_timeout, Duration::from_millis(100), hour),
             ("wal.sync_interval", self.wal.sync_interval, Duration::from_millis(1), hour),
             ("limits.request_timeout", self.limits.request_timeout, Duration::from_millis(10), hour),
+            ("limits.header_timeout", self.limits.header_timeout, Duration::from_millis(100), hour),
             ("health.probe_interval", self.health.probe_interval, Duration::from_millis(10), day),
             ("health.slow_sync", self.health.slow_sync, Duration::from_millis(1), hour),
             ("health.verify_interval", self.health.verify_interval, Duration::from_millis(10), day),

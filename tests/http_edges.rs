@@ -8,6 +8,9 @@
 mod support;
 
 use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::Value;
@@ -15,6 +18,49 @@ use support::{Daemon, call, error_code};
 
 fn json_of(body: &[u8]) -> Value {
     serde_json::from_slice(body).unwrap()
+}
+
+/// A raw connection to the node, with a read timeout so that a test fails
+/// instead of hanging.
+fn connect(daemon: &Daemon) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", daemon.port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream
+}
+
+/// One response read off a raw connection: status, lower-cased head and
+/// body (by `Content-Length`). `None` when the node closed the connection
+/// before answering.
+fn read_response(stream: &mut TcpStream) -> Option<(u16, String, Vec<u8>)> {
+    let mut bytes = Vec::new();
+    let mut byte = [0u8; 1];
+    while !bytes.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(0) => return None,
+            Ok(_) => bytes.push(byte[0]),
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => return None,
+            Err(error) => panic!("no answer and no close: {error}"),
+        }
+    }
+    let head = String::from_utf8_lossy(&bytes).to_ascii_lowercase();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map_or(0, |value| value.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    Some((status, head, body))
+}
+
+/// Whether the node closes `stream` (EOF or reset) with nothing more
+/// to say, within the stream's read timeout.
+fn closed_by_node(stream: &mut TcpStream) -> bool {
+    let mut rest = Vec::new();
+    match stream.read_to_end(&mut rest) {
+        Ok(_) => rest.is_empty() || String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 "),
+        Err(error) => error.kind() == std::io::ErrorKind::ConnectionReset,
+    }
 }
 
 /// Every byte percent-encoded: any key can go into a path or a query.
@@ -185,4 +231,74 @@ fn configuration_that_cannot_work_is_refused_naming_key_and_value() {
             .unwrap();
         assert_eq!(served.status.code(), Some(78), "serve {variable}={value}");
     }
+}
+
+/// A client that sends half a request head, one whose body stalls after
+/// the head, and one idle keep-alive connection: on SIGTERM the node closes
+/// them all, exits 0 well within `shutdown_timeout`, and what it
+/// acknowledged before is there after a restart.
+#[test]
+fn sigterm_with_stalled_clients_exits_0_promptly_and_keeps_the_data() {
+    let data = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(data.path(), &[], &[("DATANODE_NODE__SHUTDOWN_TIMEOUT", "20s")]);
+    for i in 0..20 {
+        let url = daemon.url(&format!("/v1/partitions/{}/blobs/before-{i}", 1 + i % 4));
+        assert_eq!(call(ureq::put(&url), Some(format!("value {i}").as_bytes())).0, 201);
+    }
+    let mut half_head = connect(&daemon);
+    half_head.write_all(b"GET /v1/partitions/1/blobs/before-0 HTTP/1.1\r\nHost: x\r\nAcc").unwrap();
+    let mut stalled_body = connect(&daemon);
+    stalled_body
+        .write_all(
+            b"PUT /v1/partitions/1/blobs/stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .unwrap();
+    // `100 Continue` means the handler is waiting for the body.
+    let (status, _, _) = read_response(&mut stalled_body).unwrap();
+    assert_eq!(status, 100);
+    stalled_body.write_all(b"0123456789").unwrap();
+    let mut idle = connect(&daemon);
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut idle).unwrap().0, 200);
+
+    let started = Instant::now();
+    let status = daemon.terminate();
+    let took = started.elapsed();
+    eprintln!("SIGTERM to exit with stalled clients: {took:?}");
+    assert_eq!(status.code(), Some(0), "clean exit despite stalled clients after {took:?}: {}", daemon.log());
+    assert!(took < Duration::from_secs(10), "the drain took {took:?}; stalled clients held it up");
+    for stream in [&mut half_head, &mut stalled_body, &mut idle] {
+        assert!(closed_by_node(stream), "every connection is closed");
+    }
+    daemon.restart();
+    for i in 0..20 {
+        let url = daemon.url(&format!("/v1/partitions/{}/blobs/before-{i}", 1 + i % 4));
+        assert_eq!(call(ureq::get(&url), None), (200, format!("value {i}").into_bytes()), "before-{i} is durable");
+    }
+    assert_eq!(call(ureq::get(&daemon.url("/v1/partitions/1/blobs/stalled")), None).0, 404, "never acknowledged");
+}
+
+/// While serving, a request head that does not arrive within
+/// `header_timeout` closes its connection, a body that stalls that long
+/// breaks off with a JSON 400, and the node keeps serving everyone else.
+#[test]
+fn slow_clients_are_cut_off_after_header_timeout() {
+    let data = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(data.path(), &[], &[("DATANODE_LIMITS__HEADER_TIMEOUT", "1s")]);
+    let mut silent = connect(&daemon);
+    let mut half_head = connect(&daemon);
+    half_head.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let mut stalled_body = connect(&daemon);
+    stalled_body
+        .write_all(b"PUT /v1/partitions/1/blobs/stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .unwrap();
+    let started = Instant::now();
+    assert!(closed_by_node(&mut silent), "a connection that says nothing is closed");
+    assert!(closed_by_node(&mut half_head), "half a head is closed");
+    let (status, _, body) = read_response(&mut stalled_body).expect("an answer to the stalled body");
+    assert_eq!((status, error_code(&body).as_str()), (400, "bad_request"));
+    assert!(String::from_utf8_lossy(&body).contains("broke off"), "{}", String::from_utf8_lossy(&body));
+    assert!(started.elapsed() < Duration::from_secs(10), "cut off after {:?}", started.elapsed());
+    assert_eq!(call(ureq::get(&daemon.url("/v1/partitions/1/blobs/stalled")), None).0, 404, "nothing written");
+    assert_eq!(call(ureq::get(&daemon.url("/healthz")), None).0, 200);
 }
