@@ -263,6 +263,19 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// Runs an admin change (install, recover) on a blocking thread to its
+/// end, without `request_timeout`: once a change is under way the answer
+/// is its real outcome, never a timeout while it goes on to complete.
+async fn to_completion<T: Send + 'static>(
+    id: u64,
+    work: impl FnOnce() -> Result<T, PartitionError> + Send + 'static,
+) -> ApiResult<T> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(|e| partition_error(id, e)),
+        Err(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request's task failed").on(id)),
+    }
+}
+
 /// A request body, or the JSON error for one that is too large or broken.
 fn body_or_error(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
     body.map_err(|rejection| match rejection.status() {
@@ -574,7 +587,7 @@ async fn recover_partition(State(node): State<Arc<Node>>, headers: HeaderMap, Pi
     require_admin(&node, &headers)?;
     let (id, partition) = partition(&node, &pid)?;
     let worker = Arc::clone(&partition);
-    let recovered = blocking(&node, id, move || worker.recover()).await;
+    let recovered = to_completion(id, move || worker.recover()).await;
     node.registry.sync_fault_journal();
     recovered?;
     Ok(Json(partition_status(&partition)))
@@ -639,16 +652,23 @@ async fn install_snapshot(
     // on a blocking thread; it is never held in memory whole.
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     let worker = Arc::clone(&partition);
-    let install = blocking(&node, id, move || worker.install(ChannelReader { rx, current: Bytes::new() }));
+    let install = to_completion(id, move || worker.install(ChannelReader { rx, current: Bytes::new() }));
     let limit = node.snapshot_limit();
     let feed = async move {
         let mut stream = body.into_data_stream();
         let mut total = 0usize;
         while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
-            let Ok(chunk) = chunk else { return Err("the request body broke off") };
+            let Ok(chunk) = chunk else {
+                return Err(ApiError::bad_request("the request body broke off").on(id));
+            };
             total += chunk.len();
             if total > limit {
-                return Err("snapshot image too large");
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "snapshot image too large",
+                )
+                .on(id));
             }
             if tx.send(chunk).await.is_err() {
                 break;
@@ -657,12 +677,15 @@ async fn install_snapshot(
         Ok(())
     };
     let (installed, fed) = tokio::join!(install, feed);
-    if let Err(reason) = fed {
-        // The install saw a truncated image and refused it.
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", reason).on(id));
+    // An install that completed changed the partition: that is the answer,
+    // whatever happened to the rest of the body. One that did not changed
+    // nothing; if the body broke off, that is why (it saw a truncated
+    // image and refused it).
+    match (installed, fed) {
+        (Ok(()), _) => Ok(Json(partition_status(&partition))),
+        (Err(_), Err(body_error)) => Err(body_error),
+        (Err(error), Ok(())) => Err(error),
     }
-    installed?;
-    Ok(Json(partition_status(&partition)))
 }
 
 /// Chunks arriving on a channel as a blocking `Read`.

@@ -9,7 +9,7 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -301,4 +301,77 @@ fn slow_clients_are_cut_off_after_header_timeout() {
     assert!(started.elapsed() < Duration::from_secs(10), "cut off after {:?}", started.elapsed());
     assert_eq!(call(ureq::get(&daemon.url("/v1/partitions/1/blobs/stalled")), None).0, 404, "nothing written");
     assert_eq!(call(ureq::get(&daemon.url("/healthz")), None).0, 200);
+}
+
+/// A body that breaks off (the client stops sending mid-body) is 400
+/// `bad_request`, never 413: that is only for a body that is too large.
+/// An install whose image broke off changes nothing.
+#[test]
+fn a_body_that_breaks_off_is_400_and_changes_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(data.path(), &[], &[]);
+    assert_eq!(call(ureq::put(&daemon.url("/v1/partitions/1/blobs/k")), Some(b"old")).0, 201);
+    assert_eq!(call(ureq::put(&daemon.url("/v1/partitions/2/blobs/k")), Some(b"new")).0, 201);
+    let (status, image) = call(ureq::get(&daemon.url("/v1/partitions/2/snapshot")), None);
+    assert_eq!(status, 200);
+    for (what, head, body) in [
+        ("put", "PUT /v1/partitions/1/blobs/k".to_string(), b"0123456789".to_vec()),
+        ("install", "PUT /v1/partitions/1/snapshot".to_string(), image[..image.len() / 2].to_vec()),
+    ] {
+        let mut stream = connect(&daemon);
+        let length = if what == "put" { 100 } else { image.len() };
+        write!(stream, "{head} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n").unwrap();
+        stream.write_all(&body).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        let (status, _, body) = read_response(&mut stream).expect("an answer");
+        assert_eq!(
+            (status, error_code(&body).as_str()),
+            (400, "bad_request"),
+            "{what}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert_eq!(call(ureq::get(&daemon.url("/v1/partitions/1/blobs/k")), None), (200, b"old".to_vec()), "{what}");
+    }
+}
+
+/// Install and recover are not cut off by `request_timeout` once they
+/// change anything: an install whose image arrives slowly (longer than
+/// `request_timeout`) answers 200 and the contents are replaced; a
+/// recover that takes longer answers 200. What an admin call answers is
+/// what it did.
+#[test]
+fn slow_admin_calls_answer_their_real_outcome() {
+    let data = tempfile::tempdir().unwrap();
+    // Written with the default request_timeout, so that a slow fsync on a
+    // busy machine cannot fail the setup.
+    let mut writer = Daemon::start(data.path(), &[], &[]);
+    for i in 0..64 {
+        let url = writer.url(&format!("/v1/partitions/2/blobs/k{i}"));
+        assert_eq!(call(ureq::put(&url), Some(&vec![i as u8; 1024])).0, 201);
+    }
+    assert_eq!(call(ureq::put(&writer.url("/v1/partitions/1/blobs/k0")), Some(b"old")).0, 201);
+    let (_, image) = call(ureq::get(&writer.url("/v1/partitions/2/snapshot")), None);
+    assert_eq!(writer.terminate().code(), Some(0));
+    let daemon = Daemon::start(data.path(), &[], &[("DATANODE_LIMITS__REQUEST_TIMEOUT", "1s")]);
+    let mut stream = connect(&daemon);
+    write!(stream, "PUT /v1/partitions/1/snapshot HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", image.len())
+        .unwrap();
+    let started = Instant::now();
+    // About 20 KB/s: the upload takes longer than request_timeout.
+    for chunk in image.chunks(1024) {
+        stream.write_all(chunk).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, _, body) = read_response(&mut stream).expect("an answer");
+    assert!(started.elapsed() > Duration::from_secs(1), "the upload outlasted request_timeout");
+    let replaced = call(ureq::get(&daemon.url("/v1/partitions/1/blobs/k0")), None) == (200, vec![0u8; 1024]);
+    assert!(replaced, "the install completed");
+    assert_eq!(status, 200, "so it answers success: {}", String::from_utf8_lossy(&body));
+    drop(daemon);
+
+    // A recover (reopen, replay, verify, sync) takes longer than 10 ms.
+    let daemon = Daemon::start(data.path(), &[], &[("DATANODE_LIMITS__REQUEST_TIMEOUT", "10ms")]);
+    let (status, body) = daemon.recover(1);
+    assert_eq!(status, 200, "recover answers its outcome: {body}");
+    assert_eq!(body["state"], "healthy");
 }
