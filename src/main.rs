@@ -145,14 +145,19 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    match runtime.block_on(run(config, admin_token)) {
+    let code = match runtime.block_on(run(config, admin_token)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(EXIT_RUNTIME),
         Err(error) => {
             tracing::error!(error = %format!("{error:#}"), "datanode stopped");
             ExitCode::from(EXIT_RUNTIME)
         }
-    }
+    };
+    // Dropping the runtime would wait for every blocking thread, and one
+    // stuck in a hung read or sync never returns: leave them, the exit
+    // ends them. 0 only came from a registry that closed every partition.
+    runtime.shutdown_background();
+    code
 }
 
 /// Loads, serves until SIGTERM/SIGINT, drains. `Ok(true)` for a clean

@@ -375,3 +375,48 @@ fn slow_admin_calls_answer_their_real_outcome() {
     assert_eq!(status, 200, "recover answers its outcome: {body}");
     assert_eq!(body["state"], "healthy");
 }
+
+/// The state letter of a process in `/proc/PID/stat` (`Z` once it has
+/// exited while a thread of it is still stuck in the kernel), or `None`
+/// once it is gone.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next())
+}
+
+/// A hung fdatasync (and a read stuck on the same files) at shutdown:
+/// past `shutdown_timeout` the process exits 1 whatever is stuck; it does
+/// not wait for the stuck threads, and it never exits 0.
+#[test]
+fn a_hung_sync_at_shutdown_exits_1_after_shutdown_timeout() {
+    use support::fuse::{Action, FuseDir, Op, Rules};
+    if support::disks::unavailable(&["fusermount3"]).is_some() {
+        return;
+    }
+    let d0 = FuseDir::new();
+    let settings =
+        "[node]\nshutdown_timeout = \"2s\"\nbootstrap_partitions = 2\n\n[limits]\nrequest_timeout = \"1s\"\n";
+    let mut daemon = Daemon::with_config(&support::config_with_disks(&[("d0", d0.path())], settings), &[]);
+    let _release = d0.rules.cleared_on_drop();
+    assert_eq!(call(ureq::put(&daemon.url("/v1/partitions/1/blobs/k")), Some(&vec![7u8; 64 << 10])).0, 201);
+    support::disks::drop_page_cache();
+    d0.rules.add_on(Op::Sync, "partitions/1/", Rules::everywhere(), Action::Hang);
+    d0.rules.add_on(Op::Read, "partitions/1/", Rules::everywhere(), Action::Hang);
+    // A write stuck in its sync, and a read stuck on a blocking thread.
+    let (status, body) = call(ureq::put(&daemon.url("/v1/partitions/1/blobs/w")), Some(b"x"));
+    assert_eq!((status, error_code(&body).as_str()), (500, "write_outcome_unknown"));
+    let (status, body) = call(ureq::get(&daemon.url("/v1/partitions/1/blobs/k")), None);
+    assert_eq!((status, error_code(&body).as_str()), (503, "timeout"), "the read is stuck");
+
+    let pid = daemon.pid().unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let took = support::wait_for("the process to exit despite the hung sync", Duration::from_secs(20), || {
+        process_state(pid).is_none_or(|state| state == 'Z')
+    });
+    eprintln!("SIGTERM to exit with a hung sync: {took:?}");
+    assert!(took >= Duration::from_secs(2), "not before shutdown_timeout");
+    // Released, the stuck threads end and the exit status can be collected.
+    d0.rules.clear();
+    assert_eq!(daemon.terminate().code(), Some(1), "a shutdown that did not close every partition is not clean");
+}
