@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
+use datanode_partition::blob::MAX_KEY_LEN;
 use datanode_partition::{DiskStatus, Error as PartitionError, Partition, RegistryError, State as PState};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -101,6 +102,8 @@ pub fn router(node: Arc<Node>) -> Router {
     let limit = node.config.limits.max_blob_size as usize;
     Router::new()
         .route("/v1/partitions/{pid}/blobs/{*key}", get(get_blob).put(put_blob).delete(delete_blob).head(head_blob))
+        // An empty key: answered 400 by the key check, like any bad key.
+        .route("/v1/partitions/{pid}/blobs/", get(get_blob).put(put_blob).delete(delete_blob).head(head_blob))
         .route("/v1/partitions/{pid}/blobs", get(list_blobs))
         .route("/v1/partitions", get(list_partitions).post(create_partition))
         .route("/v1/partitions/{pid}", get(get_partition).delete(delete_partition))
@@ -135,10 +138,10 @@ async fn observe(request: Request, next: Next) -> Response {
 
 fn operation(method: &Method, route: &str) -> &'static str {
     match (method.as_str(), route) {
-        ("PUT", "/v1/partitions/{pid}/blobs/{*key}") => "put_blob",
-        ("GET", "/v1/partitions/{pid}/blobs/{*key}") => "get_blob",
-        ("HEAD", "/v1/partitions/{pid}/blobs/{*key}") => "head_blob",
-        ("DELETE", "/v1/partitions/{pid}/blobs/{*key}") => "delete_blob",
+        ("PUT", "/v1/partitions/{pid}/blobs/{*key}" | "/v1/partitions/{pid}/blobs/") => "put_blob",
+        ("GET", "/v1/partitions/{pid}/blobs/{*key}" | "/v1/partitions/{pid}/blobs/") => "get_blob",
+        ("HEAD", "/v1/partitions/{pid}/blobs/{*key}" | "/v1/partitions/{pid}/blobs/") => "head_blob",
+        ("DELETE", "/v1/partitions/{pid}/blobs/{*key}" | "/v1/partitions/{pid}/blobs/") => "delete_blob",
         ("GET", "/v1/partitions/{pid}/blobs") => "list_blobs",
         ("GET", "/v1/partitions") => "list_partitions",
         ("POST", "/v1/partitions") => "create_partition",
@@ -173,25 +176,45 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Pid {
 /// `/blobs/`. Keys are arbitrary bytes, so they are not decoded as UTF-8.
 fn blob_key(uri: &Uri) -> ApiResult<Vec<u8>> {
     let encoded = uri.path().split_once("/blobs/").map(|(_, key)| key).unwrap_or_default();
-    let bytes = encoded.as_bytes();
-    let mut key = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-            let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
-            key.push(byte.ok_or_else(|| ApiError::bad_request("bad percent-encoding in the key"))?);
-            i += 3;
-        } else {
-            key.push(bytes[i]);
-            i += 1;
-        }
+    let key = percent_decode(encoded.as_bytes(), false)
+        .ok_or_else(|| ApiError::bad_request("bad percent-encoding in the key"))?;
+    if !(1..=MAX_KEY_LEN).contains(&key.len()) {
+        return Err(ApiError::bad_request(format!("a key is 1..={MAX_KEY_LEN} bytes, not {}", key.len())));
     }
     Ok(key)
 }
 
+/// Percent-decodes `bytes` into raw bytes (never as UTF-8); in a query,
+/// `+` is a space as in HTML forms. `None` for a bad escape.
+fn percent_decode(bytes: &[u8], plus_is_space: bool) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok())?;
+                out.push(u8::from_str_radix(hex, 16).ok().filter(|_| hex.bytes().all(|b| b.is_ascii_hexdigit()))?);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            byte => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// A partition id in a path: canonical decimal only (`7`, not `007` or
+/// `+7`), so that one partition has one name.
 fn partition_id(raw: &str) -> ApiResult<u64> {
-    raw.parse().map_err(|_| ApiError::bad_request(format!("partition id {raw:?} is not a number")))
+    let id: Option<u64> = raw.bytes().all(|b| b.is_ascii_digit()).then(|| raw.parse().ok()).flatten();
+    id.filter(|id| id.to_string() == raw)
+        .ok_or_else(|| ApiError::bad_request(format!("partition id {raw:?} is not a canonical decimal number")))
 }
 
 fn partition(node: &Node, raw: &str) -> ApiResult<(u64, Arc<Partition>)> {
@@ -241,13 +264,26 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// Runs an admin change (install, recover) on a blocking thread to its
+/// end, without `request_timeout`: once a change is under way the answer
+/// is its real outcome, never a timeout while it goes on to complete.
+async fn to_completion<T: Send + 'static>(
+    id: u64,
+    work: impl FnOnce() -> Result<T, PartitionError> + Send + 'static,
+) -> ApiResult<T> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(|e| partition_error(id, e)),
+        Err(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request's task failed").on(id)),
+    }
+}
+
 /// A request body, or the JSON error for one that is too large or broken.
 fn body_or_error(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
     body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body exceeds the limit")
         }
-        _ => ApiError::bad_request(rejection.body_text()),
+        _ => ApiError::bad_request(format!("the request body broke off: {}", rejection.body_text())),
     })
 }
 
@@ -373,13 +409,48 @@ async fn head_blob(State(node): State<Arc<Node>>, Pid(pid): Pid, uri: Uri, heade
     read_blob(node, pid, uri, headers, true).await
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Largest `limit` of a listing.
+const MAX_LIST_LIMIT: usize = 10_000;
+
+/// `?prefix=&after=&limit=` of a listing. `prefix` and `after` are raw
+/// bytes, percent-decoded from the raw query, so that any key (binary or
+/// not) can be a prefix or a resume point.
+#[derive(Debug, PartialEq)]
 struct ListQuery {
-    #[serde(default)]
-    prefix: String,
-    after: Option<String>,
-    limit: Option<usize>,
+    prefix: Vec<u8>,
+    after: Option<Vec<u8>>,
+    limit: usize,
+}
+
+fn list_query(raw: Option<&str>) -> ApiResult<ListQuery> {
+    let mut query = ListQuery { prefix: Vec::new(), after: None, limit: 1000 };
+    let (mut prefix_seen, mut limit_seen) = (false, false);
+    for pair in raw.unwrap_or_default().split('&').filter(|pair| !pair.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value.as_bytes(), true)
+            .ok_or_else(|| ApiError::bad_request(format!("bad percent-encoding in {name:?}")))?;
+        let repeated = match name {
+            "prefix" => std::mem::replace(&mut prefix_seen, true),
+            "after" => query.after.is_some(),
+            "limit" => std::mem::replace(&mut limit_seen, true),
+            other => return Err(ApiError::bad_request(format!("unknown query parameter {other:?}"))),
+        };
+        if repeated {
+            return Err(ApiError::bad_request(format!("query parameter {name:?} given twice")));
+        }
+        match name {
+            "prefix" => query.prefix = value,
+            "after" => query.after = Some(value),
+            _ => {
+                let text = String::from_utf8_lossy(&value);
+                query.limit =
+                    text.parse::<usize>().ok().filter(|limit| (1..=MAX_LIST_LIMIT).contains(limit)).ok_or_else(
+                        || ApiError::bad_request(format!("limit {text:?} is not in 1..={MAX_LIST_LIMIT}")),
+                    )?;
+            }
+        }
+    }
+    Ok(query)
 }
 
 /// A key as JSON: a string when it is UTF-8, else `{"base64": ...}`.
@@ -390,17 +461,11 @@ fn key_json(key: &[u8]) -> Value {
     }
 }
 
-async fn list_blobs(
-    State(node): State<Arc<Node>>,
-    Pid(pid): Pid,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<Value>> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+async fn list_blobs(State(node): State<Arc<Node>>, Pid(pid): Pid, uri: Uri) -> ApiResult<Json<Value>> {
+    let query = list_query(uri.query())?;
     let (id, partition) = partition(&node, &pid)?;
-    let limit = query.limit.unwrap_or(1000).clamp(1, 10_000);
-    let (keys, next) = partition
-        .list(query.prefix.as_bytes(), query.after.as_deref().map(str::as_bytes), limit)
-        .map_err(|e| partition_error(id, e))?;
+    let (keys, next) =
+        partition.list(&query.prefix, query.after.as_deref(), query.limit).map_err(|e| partition_error(id, e))?;
     let keys: Vec<Value> = keys.iter().map(|k| key_json(k)).collect();
     Ok(Json(json!({ "keys": keys, "next": next.as_deref().map(key_json) })))
 }
@@ -523,7 +588,7 @@ async fn recover_partition(State(node): State<Arc<Node>>, headers: HeaderMap, Pi
     require_admin(&node, &headers)?;
     let (id, partition) = partition(&node, &pid)?;
     let worker = Arc::clone(&partition);
-    let recovered = blocking(&node, id, move || worker.recover()).await;
+    let recovered = to_completion(id, move || worker.recover()).await;
     node.registry.sync_fault_journal();
     recovered?;
     Ok(Json(partition_status(&partition)))
@@ -589,16 +654,23 @@ async fn install_snapshot(
     // on a blocking thread; it is never held in memory whole.
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     let worker = Arc::clone(&partition);
-    let install = blocking(&node, id, move || worker.install(ChannelReader { rx, current: Bytes::new() }));
+    let install = to_completion(id, move || worker.install(ChannelReader { rx, current: Bytes::new() }));
     let limit = node.snapshot_limit();
     let feed = async move {
         let mut stream = body.into_data_stream();
         let mut total = 0usize;
         while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
-            let Ok(chunk) = chunk else { return Err("the request body broke off") };
+            let Ok(chunk) = chunk else {
+                return Err(ApiError::bad_request("the request body broke off").on(id));
+            };
             total += chunk.len();
             if total > limit {
-                return Err("snapshot image too large");
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "snapshot image too large",
+                )
+                .on(id));
             }
             if tx.send(chunk).await.is_err() {
                 break;
@@ -607,12 +679,15 @@ async fn install_snapshot(
         Ok(())
     };
     let (installed, fed) = tokio::join!(install, feed);
-    if let Err(reason) = fed {
-        // The install saw a truncated image and refused it.
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", reason).on(id));
+    // An install that completed changed the partition: that is the answer,
+    // whatever happened to the rest of the body. One that did not changed
+    // nothing; if the body broke off, that is why (it saw a truncated
+    // image and refused it).
+    match (installed, fed) {
+        (Ok(()), _) => Ok(Json(partition_status(&partition))),
+        (Err(_), Err(body_error)) => Err(body_error),
+        (Err(error), Ok(())) => Err(error),
     }
-    installed?;
-    Ok(Json(partition_status(&partition)))
 }
 
 /// Chunks arriving on a channel as a blocking `Read`.
@@ -684,6 +759,27 @@ mod tests {
         assert_eq!(parse_range("bytes=8-100", 10), Some(8..10));
         for bad in ["bytes=10-", "bytes=5-2", "items=0-1", "bytes=0-1,3-4", "bytes=a-b", "bytes=-0", ""] {
             assert_eq!(parse_range(bad, 10), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn list_queries_decode_raw_bytes_and_refuse_bad_limits() {
+        let parsed = list_query(Some("prefix=%FF%00a+b&after=%FF&limit=10000")).unwrap();
+        assert_eq!(parsed, ListQuery { prefix: b"\xff\x00a b".to_vec(), after: Some(vec![0xff]), limit: 10_000 });
+        assert_eq!(list_query(None).unwrap(), ListQuery { prefix: Vec::new(), after: None, limit: 1000 });
+        assert_eq!(list_query(Some("after=&")).unwrap().after, Some(Vec::new()));
+        for bad in ["limit=0", "limit=10001", "limit=+5", "prefix=%f", "prefix=%+f", "x=1", "limit=1&limit=2"] {
+            assert!(list_query(Some(bad)).is_err(), "{bad}");
+        }
+        assert_eq!(percent_decode(b"a+%2B", false), Some(b"a++".to_vec()));
+    }
+
+    #[test]
+    fn partition_ids_are_canonical_decimal() {
+        assert_eq!(partition_id("7").ok(), Some(7));
+        assert_eq!(partition_id("0").ok(), Some(0));
+        for bad in ["007", "00", "+7", "-7", "", "7a", " 7", "18446744073709551616"] {
+            assert!(partition_id(bad).is_err(), "{bad:?}");
         }
     }
 

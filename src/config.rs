@@ -100,6 +100,9 @@ pub struct LimitsConfig {
     /// A request that takes longer gets 503.
     #[serde(with = "human_duration")]
     pub request_timeout: Duration,
+    /// Longest wait for a request head, and longest pause inside a body.
+    #[serde(with = "human_duration")]
+    pub header_timeout: Duration,
 }
 
 /// `[health]`.
@@ -152,6 +155,7 @@ io_backend = "std"
 max_blob_size = "16MiB"
 max_queued_bytes_per_partition = "64MiB"
 request_timeout = "30s"
+header_timeout = "10s"
 
 [health]
 probe_interval = "5s"
@@ -160,6 +164,22 @@ disk_resume_ratio = 0.90
 slow_sync = "500ms"
 verify_interval = "60s"
 "#;
+
+/// Most partitions `node.bootstrap_partitions` may ask for.
+const MAX_BOOTSTRAP_PARTITIONS: u64 = 10_000;
+/// Bounds of `wal.segment_size`.
+const MIN_SEGMENT: u64 = 64 << 10;
+const MAX_SEGMENT: u64 = 4 << 30;
+/// Most bytes a partition's log can queue (its queue counts in `u32`).
+const MAX_QUEUE: u64 = 4 << 30;
+
+/// A size within `min..=max`, or an error naming key and value.
+fn check_size(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        return Ok(());
+    }
+    Err(ConfigError(format!("{key} = \"{}\" is outside {}..={}", size_text(value), size_text(min), size_text(max))))
+}
 
 /// The sections an environment variable may name.
 const SECTIONS: [&str; 5] = ["node", "wal", "limits", "health", "alerts"];
@@ -208,12 +228,18 @@ impl Config {
             set_path(&mut tree, &["node".into(), "http_addr".into()], addr.clone().into())
                 .map_err(|e| ConfigError(format!("--http-addr: {e}")))?;
         }
-        let config: Config =
-            toml::Value::Table(tree).try_into().map_err(|e: toml::de::Error| ConfigError(e.message().to_string()))?;
+        // serde_path_to_error names the key whose value did not parse.
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError(format!("{path}: {}", e.into_inner().message()))
+        })?;
         config.validate()?;
         Ok(config)
     }
 
+    /// Refuses every value that cannot work (a zero or absurd size or
+    /// interval, ratios out of order, a batch larger than the queue), naming
+    /// the key and the value.
     fn validate(&self) -> Result<(), ConfigError> {
         let fail = |message: String| Err(ConfigError(message));
         if self.disk.is_empty() {
@@ -223,31 +249,72 @@ impl Config {
             let valid = (1..=32).contains(&disk.name.len())
                 && disk.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
             if !valid {
-                return fail(format!("disk name {:?} must match [a-z0-9_-]{{1,32}}", disk.name));
+                return fail(format!("disk[{i}].name = {:?} must match [a-z0-9_-]{{1,32}}", disk.name));
+            }
+            if disk.path.as_os_str().is_empty() {
+                return fail(format!("disk[{i}].path = \"\" names no directory"));
             }
             if self.disk[..i].iter().any(|other| other.name == disk.name || other.path == disk.path) {
-                return fail(format!("disk {:?} repeats a name or path", disk.name));
+                return fail(format!("disk[{i}] ({:?}) repeats a name or path", disk.name));
             }
         }
+        if self.node.bootstrap_partitions > MAX_BOOTSTRAP_PARTITIONS {
+            return fail(format!(
+                "node.bootstrap_partitions = {} is more than {MAX_BOOTSTRAP_PARTITIONS}",
+                self.node.bootstrap_partitions
+            ));
+        }
         if !["sync", "interval", "none"].contains(&self.wal.durability.as_str()) {
-            return fail(format!("wal.durability {:?} is not sync, interval or none", self.wal.durability));
+            return fail(format!("wal.durability = {:?} is not sync, interval or none", self.wal.durability));
         }
         if self.wal.io_backend.parse::<datanode_wal::IoBackend>().is_err() {
-            return fail(format!("wal.io_backend {:?} is not auto, std or uring", self.wal.io_backend));
+            return fail(format!("wal.io_backend = {:?} is not auto, std or uring", self.wal.io_backend));
         }
-        if self.wal.segment_size < 64 << 10 {
-            return fail("wal.segment_size must be at least 64KiB".into());
-        }
-        if self.limits.max_blob_size == 0 || self.limits.max_blob_size > self.limits.max_queued_bytes_per_partition {
-            return fail("limits.max_blob_size must be positive and at most max_queued_bytes_per_partition".into());
+        let queue = self.limits.max_queued_bytes_per_partition;
+        check_size("limits.max_queued_bytes_per_partition", queue, 1, MAX_QUEUE)?;
+        check_size("wal.segment_size", self.wal.segment_size, MIN_SEGMENT, MAX_SEGMENT)?;
+        check_size("wal.max_batch_bytes", self.wal.max_batch_bytes, 1, queue)
+            .map_err(|e| ConfigError(format!("{} (at most limits.max_queued_bytes_per_partition)", e.0)))?;
+        check_size("limits.max_blob_size", self.limits.max_blob_size, 1, queue)
+            .map_err(|e| ConfigError(format!("{} (at most limits.max_queued_bytes_per_partition)", e.0)))?;
+        let hour = Duration::from_secs(3600);
+        let day = 24 * hour;
+        for (key, value, min, max) in [
+            ("node.shutdown_timeout", self.node.shutdown_timeout, Duration::from_millis(100), hour),
+            ("wal.sync_interval", self.wal.sync_interval, Duration::from_millis(1), hour),
+            ("limits.request_timeout", self.limits.request_timeout, Duration::from_millis(10), hour),
+            ("limits.header_timeout", self.limits.header_timeout, Duration::from_millis(100), hour),
+            ("health.probe_interval", self.health.probe_interval, Duration::from_millis(10), day),
+            ("health.slow_sync", self.health.slow_sync, Duration::from_millis(1), hour),
+            ("health.verify_interval", self.health.verify_interval, Duration::from_millis(10), day),
+        ] {
+            if !(min..=max).contains(&value) {
+                return fail(format!(
+                    "{key} = \"{}\" is outside {}..={}",
+                    duration_text(value),
+                    duration_text(min),
+                    duration_text(max)
+                ));
+            }
         }
         let (full, resume) = (self.health.disk_full_ratio, self.health.disk_resume_ratio);
-        if !(0.0 < resume && resume < full && full <= 1.0) {
-            return fail("health ratios need 0 < disk_resume_ratio < disk_full_ratio <= 1".into());
+        if !(0.0 < full && full <= 1.0) {
+            return fail(format!("health.disk_full_ratio = {full} is outside 0 < ratio <= 1"));
+        }
+        if !(0.0 < resume && resume < full) {
+            return fail(format!(
+                "health.disk_resume_ratio = {resume} must be above 0 and below health.disk_full_ratio = {full}"
+            ));
+        }
+        if let Some(url) = &self.alerts.alertmanager_url {
+            let rest = url.strip_prefix("http://").unwrap_or_default();
+            if rest.is_empty() || rest.starts_with('/') {
+                return fail(format!("alerts.alertmanager_url = {url:?} is not an http:// URL with a host"));
+            }
         }
         if !self.node.http_addr.ip().is_loopback() && self.node.admin_token_file.is_none() {
             return fail(format!(
-                "node.http_addr {} is not loopback: node.admin_token_file is required",
+                "node.http_addr = {} is not loopback: node.admin_token_file is required",
                 self.node.http_addr
             ));
         }
@@ -337,26 +404,40 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     let number: u64 = digits.parse().map_err(|_| format!("{text:?} is not a duration"))?;
+    let seconds = |factor: u64| {
+        number.checked_mul(factor).map(Duration::from_secs).ok_or_else(|| format!("{text:?} is too long"))
+    };
     match unit.trim() {
         "ms" => Ok(Duration::from_millis(number)),
         "s" => Ok(Duration::from_secs(number)),
-        "m" => Ok(Duration::from_secs(number * 60)),
-        "h" => Ok(Duration::from_secs(number * 3600)),
+        "m" => seconds(60),
+        "h" => seconds(3600),
         other => Err(format!("unknown duration unit {other:?} in {text:?} (ms, s, m, h)")),
     }
+}
+
+/// A size the way the configuration writes it: `"64MiB"`, `"512"`.
+pub fn size_text(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 40 && b % (1 << 40) == 0 => format!("{}TiB", b >> 40),
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}GiB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
+        b => b.to_string(),
+    }
+}
+
+/// A duration the way the configuration writes it: `"30s"`, `"10ms"`.
+pub fn duration_text(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    if millis.is_multiple_of(1000) { format!("{}s", millis / 1000) } else { format!("{millis}ms") }
 }
 
 mod human_size {
     use super::*;
 
     pub fn serialize<S: Serializer>(bytes: &u64, serializer: S) -> Result<S::Ok, S::Error> {
-        let text = match *bytes {
-            b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}GiB", b >> 30),
-            b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
-            b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
-            b => b.to_string(),
-        };
-        serializer.serialize_str(&text)
+        serializer.serialize_str(&size_text(*bytes))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
@@ -377,9 +458,7 @@ mod human_duration {
     use super::*;
 
     pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-        let millis = duration.as_millis();
-        let text = if millis.is_multiple_of(1000) { format!("{}s", millis / 1000) } else { format!("{millis}ms") };
-        serializer.serialize_str(&text)
+        serializer.serialize_str(&duration_text(*duration))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
@@ -446,6 +525,29 @@ mod tests {
             let error = Config::load(None, env(&[(key, value)]), &Overrides::default()).unwrap_err();
             assert!(!error.0.is_empty(), "{key}={value}");
         }
+    }
+
+    #[test]
+    fn values_that_cannot_work_are_refused_naming_key_and_value() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("DATANODE_WAL__MAX_BATCH_BYTES", "0", "wal.max_batch_bytes = \"0\""),
+            ("DATANODE_HEALTH__PROBE_INTERVAL", "0s", "health.probe_interval = \"0s\""),
+            ("DATANODE_HEALTH__VERIFY_INTERVAL", "0ms", "health.verify_interval = \"0s\""),
+            ("DATANODE_WAL__SEGMENT_SIZE", "8KiB", "wal.segment_size = \"8KiB\""),
+            ("DATANODE_HEALTH__DISK_FULL_RATIO", "nan", "health.disk_full_ratio = NaN"),
+            ("DATANODE_NODE__SHUTDOWN_TIMEOUT", "soon", "node.shutdown_timeout: \"soon\" is not a duration"),
+            ("DATANODE_NODE__BOOTSTRAP_PARTITIONS", "-1", "node.bootstrap_partitions: invalid value: integer `-1`"),
+            ("DATANODE_NODE__SHUTDOWN_TIMEOUT", "999999999999999999h", "is too long"),
+        ];
+        for (key, value, expected) in cases {
+            let error = Config::load(None, env(&[(key, value)]), &Overrides::default()).unwrap_err();
+            assert!(error.0.contains(expected), "{key}={value}: {}", error.0);
+        }
+        let mut tiny = env(&[("DATANODE_LIMITS__MAX_QUEUED_BYTES_PER_PARTITION", "1MiB")]);
+        tiny.push(("DATANODE_LIMITS__MAX_BLOB_SIZE".into(), "1MiB".into()));
+        assert!(Config::load(None, tiny.clone(), &Overrides::default()).unwrap_err().0.contains("wal.max_batch_bytes"));
+        tiny.push(("DATANODE_WAL__MAX_BATCH_BYTES".into(), "1MiB".into()));
+        assert!(Config::load(None, tiny, &Overrides::default()).is_ok(), "a batch as large as the queue works");
     }
 
     #[test]

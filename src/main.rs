@@ -7,6 +7,7 @@ mod api;
 mod bench;
 mod config;
 mod node;
+mod server;
 mod status;
 
 use std::io::IsTerminal;
@@ -15,7 +16,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::serve::ListenerExt as _;
 use clap::{Args, Parser, Subcommand};
 use datanode_partition::Registry;
 
@@ -145,14 +145,19 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    match runtime.block_on(run(config, admin_token)) {
+    let code = match runtime.block_on(run(config, admin_token)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(EXIT_RUNTIME),
         Err(error) => {
             tracing::error!(error = %format!("{error:#}"), "datanode stopped");
             ExitCode::from(EXIT_RUNTIME)
         }
-    }
+    };
+    // Dropping the runtime would wait for every blocking thread, and one
+    // stuck in a hung read or sync never returns: leave them, the exit
+    // ends them. 0 only came from a registry that closed every partition.
+    runtime.shutdown_background();
+    code
 }
 
 /// Loads, serves until SIGTERM/SIGINT, drains. `Ok(true)` for a clean
@@ -186,36 +191,32 @@ async fn run(config: Config, admin_token: Option<String>) -> anyhow::Result<bool
     node::sd_notify("READY=1");
     tracing::info!(addr = %listener.local_addr()?, version = VERSION, "datanode ready");
 
-    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-    let signalled = {
-        let node = Arc::clone(&node);
-        async move {
-            wait_for_signal().await;
-            tracing::info!("shutting down: draining");
-            node.draining.store(true, Ordering::Release);
-            node::sd_notify("STOPPING=1");
-            let _ = stopping_tx.send(());
-        }
-    };
-    // TCP_NODELAY: a response written in more than one segment must not
-    // wait for the client's delayed ACK (Nagle).
-    let listener = listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY");
-        }
-    });
-    let server = axum::serve(listener, api::router(Arc::clone(&node))).with_graceful_shutdown(signalled);
-    let served = tokio::spawn(async move { server.await });
-    // Serve until a signal arrives; from then on everything must finish
-    // within the shutdown timeout.
-    let _ = stopping_rx.await;
-    let drained = tokio::time::timeout(shutdown_timeout, async {
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let options = server::ServeOptions { header_timeout: node.config.limits.header_timeout };
+    let mut served = tokio::spawn(server::serve(listener, api::router(Arc::clone(&node)), options, drain_rx));
+    wait_for_signal().await;
+    // From here on everything must finish within the shutdown timeout.
+    let deadline = tokio::time::Instant::now() + shutdown_timeout;
+    tracing::info!("shutting down: draining");
+    node.draining.store(true, Ordering::Release);
+    node::sd_notify("STOPPING=1");
+    drain_tx.send_replace(true);
+    // Requests in progress get half of it; connections still open then
+    // (a client that does not read its answer) are closed.
+    let connections_deadline = tokio::time::Instant::now() + shutdown_timeout / 2;
+    if tokio::time::timeout_at(connections_deadline, &mut served).await.is_err() {
+        tracing::warn!("closing connections still open after half of shutdown_timeout");
+        served.abort();
         let _ = served.await;
-        let registry = Arc::clone(&node.registry);
-        tokio::task::spawn_blocking(move || registry.close()).await
-    })
-    .await;
-    match drained {
+    }
+    // Close on a thread of its own: a hung sync must not hold the runtime.
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    let registry = Arc::clone(&node.registry);
+    std::thread::Builder::new().name("registry-close".into()).spawn(move || {
+        registry.close();
+        let _ = closed_tx.send(());
+    })?;
+    match tokio::time::timeout_at(deadline, closed_rx).await {
         Ok(Ok(())) => {
             tracing::info!("datanode stopped cleanly");
             Ok(true)
