@@ -346,11 +346,12 @@ fn slow_admin_calls_answer_their_real_outcome() {
     // busy machine cannot fail the setup.
     let mut writer = Daemon::start(data.path(), &[], &[]);
     for i in 0..64 {
-        let url = writer.url(&format!("/v1/partitions/2/blobs/k{i}"));
+        let url = writer.url(&format!("/v1/partitions/1/blobs/k{i}"));
         assert_eq!(call(ureq::put(&url), Some(&vec![i as u8; 1024])).0, 201);
     }
+    // An image of partition 1 (an image restores only its own partition).
+    let (_, image) = call(ureq::get(&writer.url("/v1/partitions/1/snapshot")), None);
     assert_eq!(call(ureq::put(&writer.url("/v1/partitions/1/blobs/k0")), Some(b"old")).0, 201);
-    let (_, image) = call(ureq::get(&writer.url("/v1/partitions/2/snapshot")), None);
     assert_eq!(writer.terminate().code(), Some(0));
     let daemon = Daemon::start(data.path(), &[], &[("DATANODE_LIMITS__REQUEST_TIMEOUT", "1s")]);
     let mut stream = connect(&daemon);
