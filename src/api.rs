@@ -52,8 +52,8 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    fn body(&self) -> Value {
         let mut body = json!({ "error": self.code, "message": self.message });
         if let Some(partition) = self.partition {
             body["partition"] = partition.into();
@@ -61,8 +61,28 @@ impl IntoResponse for ApiError {
         if let Some(state) = self.state {
             body["state"] = state.into();
         }
+        body
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = self.body();
         (self.status, Json(body)).into_response()
     }
+}
+
+/// The JSON body for a response hyper gives by itself, before any route
+/// sees the request (a request head it cannot parse: 400; a URI or
+/// headers too large: 414, 431). Counted as `op="other"`.
+pub fn protocol_error(status: StatusCode) -> Vec<u8> {
+    let (code, message) = match status {
+        StatusCode::URI_TOO_LONG => ("uri_too_long", "the request URI is too long"),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => ("headers_too_large", "the request headers are too large"),
+        _ => ("bad_request", "the request is not valid HTTP/1.1"),
+    };
+    metrics::counter!("datanode_requests_total", "op" => "other", "code" => status.as_u16().to_string()).increment(1);
+    ApiError::new(status, code, message).body().to_string().into_bytes()
 }
 
 /// The one mapping from partition errors to HTTP.

@@ -474,3 +474,39 @@ fn a_hung_disk_holds_at_most_its_bound_of_blocking_threads() {
         call(ureq::get(&daemon.url("/v1/partitions/3/blobs/k4")), None).0 == 200
     });
 }
+
+/// What hyper answers by itself (a request line it cannot parse, headers
+/// too large, a URI too long) has the JSON error shape too, also on a
+/// keep-alive connection that served a request before.
+#[test]
+fn protocol_errors_get_the_json_error_shape() {
+    let data = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(data.path(), &[], &[]);
+    let huge_header = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(1 << 20));
+    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "u".repeat(70_000));
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("garbage", b"\x00\x01\x02garbage\r\n\r\n".to_vec(), 400),
+        ("bad version", b"GET / HTTP/9.9\r\nHost: x\r\n\r\n".to_vec(), 400),
+        ("bad header", b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n".to_vec(), 400),
+        ("headers too large", huge_header.into_bytes(), 431),
+        ("uri too long", long_uri.into_bytes(), 414),
+    ];
+    for (what, request, status) in &cases {
+        for after_a_request in [false, true] {
+            let mut stream = connect(&daemon);
+            if after_a_request {
+                stream.write_all(b"GET /v1/partitions/1/blobs/nothing HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+                let (got, _, body) = read_response(&mut stream).unwrap();
+                assert_eq!((got, error_code(&body).as_str()), (404, "blob_not_found"));
+            }
+            let _ = stream.write_all(request);
+            let (got, head, body) = read_response(&mut stream).unwrap_or_else(|| panic!("{what}: no answer"));
+            assert_eq!(got, *status, "{what} (after a request: {after_a_request})");
+            assert!(head.contains("content-type: application/json"), "{what}: {head}");
+            let body: Value = serde_json::from_slice(&body)
+                .unwrap_or_else(|_| panic!("{what} (after a request: {after_a_request}): not JSON: {head}"));
+            assert!(body["error"].is_string() && body["message"].is_string(), "{what}: {body}");
+        }
+    }
+    assert_eq!(call(ureq::get(&daemon.url("/healthz")), None).0, 200);
+}
