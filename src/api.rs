@@ -19,6 +19,7 @@ use datanode_partition::blob::MAX_KEY_LEN;
 use datanode_partition::{DiskStatus, Error as PartitionError, Partition, RegistryError, State as PState};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::node::Node;
 
@@ -51,8 +52,8 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    fn body(&self) -> Value {
         let mut body = json!({ "error": self.code, "message": self.message });
         if let Some(partition) = self.partition {
             body["partition"] = partition.into();
@@ -60,8 +61,28 @@ impl IntoResponse for ApiError {
         if let Some(state) = self.state {
             body["state"] = state.into();
         }
+        body
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = self.body();
         (self.status, Json(body)).into_response()
     }
+}
+
+/// The JSON body for a response hyper gives by itself, before any route
+/// sees the request (a request head it cannot parse: 400; a URI or
+/// headers too large: 414, 431). Counted as `op="other"`.
+pub fn protocol_error(status: StatusCode) -> Vec<u8> {
+    let (code, message) = match status {
+        StatusCode::URI_TOO_LONG => ("uri_too_long", "the request URI is too long"),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => ("headers_too_large", "the request headers are too large"),
+        _ => ("bad_request", "the request is not valid HTTP/1.1"),
+    };
+    metrics::counter!("datanode_requests_total", "op" => "other", "code" => status.as_u16().to_string()).increment(1);
+    ApiError::new(status, code, message).body().to_string().into_bytes()
 }
 
 /// The one mapping from partition errors to HTTP.
@@ -244,14 +265,41 @@ fn refuse_if_draining(node: &Node, id: u64) -> ApiResult<()> {
     Ok(())
 }
 
-/// Runs blocking partition work on a blocking thread, bounded by the
-/// request timeout.
+/// A permit for one blocking operation on `disk`, or 503
+/// `partition_unavailable` at once when the disk already holds
+/// `max_blocking_per_disk` of them (a slow or hung disk): nothing was
+/// attempted, so it is safe to retry, here later or elsewhere.
+fn disk_permit(node: &Node, id: Option<u64>, disk: &str) -> ApiResult<OwnedSemaphorePermit> {
+    node.disk_permit(disk).ok_or_else(|| {
+        let error = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "partition_unavailable",
+            format!(
+                "disk {disk} is busy: {} blocking operations are running on it; nothing was attempted",
+                node.config.limits.max_blocking_per_disk
+            ),
+        );
+        match id {
+            Some(id) => error.on(id),
+            None => error,
+        }
+    })
+}
+
+/// Runs blocking partition work on a blocking thread, holding one of its
+/// disk's permits until the work returns (however long after the answer),
+/// bounded by the request timeout. For reads: safe to retry.
 async fn blocking<T: Send + 'static>(
     node: &Node,
     id: u64,
+    disk: &str,
     work: impl FnOnce() -> Result<T, PartitionError> + Send + 'static,
 ) -> ApiResult<T> {
-    let task = tokio::task::spawn_blocking(work);
+    let permit = disk_permit(node, Some(id), disk)?;
+    let task = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    });
     match tokio::time::timeout(node.config.limits.request_timeout, task).await {
         Ok(Ok(result)) => result.map_err(|e| partition_error(id, e)),
         Ok(Err(_)) => {
@@ -264,16 +312,22 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// Runs an admin change (install, recover) on a blocking thread to its
-/// end, without `request_timeout`: once a change is under way the answer
-/// is its real outcome, never a timeout while it goes on to complete.
-async fn to_completion<T: Send + 'static>(
-    id: u64,
-    work: impl FnOnce() -> Result<T, PartitionError> + Send + 'static,
+/// Runs an admin change on a blocking thread to its end, without
+/// `request_timeout`: once a change is under way the answer is its real
+/// outcome, never a timeout while it goes on to complete. Holds one of
+/// the disk's permits (taken before anything starts) while it runs.
+async fn to_completion<T: Send + 'static, E: Send + 'static>(
+    permit: OwnedSemaphorePermit,
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+    error: impl FnOnce(E) -> ApiError,
 ) -> ApiResult<T> {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result.map_err(|e| partition_error(id, e)),
-        Err(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request's task failed").on(id)),
+    let task = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    });
+    match task.await {
+        Ok(result) => result.map_err(error),
+        Err(_) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request's task failed")),
     }
 }
 
@@ -382,8 +436,8 @@ async fn read_blob(node: Arc<Node>, pid: String, uri: Uri, headers: HeaderMap, h
         let bytes = match partition.get_cached(&key, range.clone()) {
             Ok(Some(bytes)) => bytes,
             Ok(None) => {
-                let wanted = range.clone();
-                blocking(&node, id, move || partition.get(&key, wanted)).await?
+                let (wanted, disk) = (range.clone(), partition.disk().to_string());
+                blocking(&node, id, &disk, move || partition.get(&key, wanted)).await?
             }
             Err(error) => return Err(partition_error(id, error)),
         };
@@ -566,29 +620,30 @@ async fn create_partition(
     require_admin(&node, &headers)?;
     let request: CreatePartition = admin_json(&body_or_error(body)?)?;
     let registry = Arc::clone(&node.registry);
-    let created = tokio::task::spawn_blocking(move || registry.create(request.id, &request.disk))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "create failed"))?
-        .map_err(registry_error)?;
+    if !node.disk_permits.contains_key(&request.disk) {
+        return Err(registry_error(RegistryError::UnknownDisk(request.disk)));
+    }
+    let permit = disk_permit(&node, Some(request.id), &request.disk)?;
+    let created = to_completion(permit, move || registry.create(request.id, &request.disk), registry_error).await?;
     Ok((StatusCode::CREATED, Json(partition_status(&created))).into_response())
 }
 
 async fn delete_partition(State(node): State<Arc<Node>>, headers: HeaderMap, Pid(pid): Pid) -> ApiResult<StatusCode> {
     require_admin(&node, &headers)?;
     let id = partition_id(&pid)?;
+    let (_, partition) = partition(&node, &pid)?;
+    let permit = disk_permit(&node, Some(id), partition.disk())?;
     let registry = Arc::clone(&node.registry);
-    tokio::task::spawn_blocking(move || registry.delete(id))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "delete failed"))?
-        .map_err(registry_error)?;
+    to_completion(permit, move || registry.delete(id), registry_error).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn recover_partition(State(node): State<Arc<Node>>, headers: HeaderMap, Pid(pid): Pid) -> ApiResult<Json<Value>> {
     require_admin(&node, &headers)?;
     let (id, partition) = partition(&node, &pid)?;
+    let permit = disk_permit(&node, Some(id), partition.disk())?;
     let worker = Arc::clone(&partition);
-    let recovered = to_completion(id, move || worker.recover()).await;
+    let recovered = to_completion(permit, move || worker.recover(), |e| partition_error(id, e)).await;
     node.registry.sync_fault_journal();
     recovered?;
     Ok(Json(partition_status(&partition)))
@@ -616,11 +671,20 @@ async fn set_read_only(
 async fn export_snapshot(State(node): State<Arc<Node>>, headers: HeaderMap, Pid(pid): Pid) -> ApiResult<Response> {
     require_admin(&node, &headers)?;
     let (id, partition) = partition(&node, &pid)?;
+    let permit = disk_permit(&node, Some(id), partition.disk())?;
     // Taking the key list copies the whole index: not on an async worker.
-    let export = blocking(&node, id, move || partition.export()).await?;
+    let export = match tokio::task::spawn_blocking(move || partition.export()).await {
+        Ok(result) => result.map_err(|e| partition_error(id, e))?,
+        Err(_) => {
+            return Err(
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request's task failed").on(id)
+            );
+        }
+    };
     // Each piece needs a blocking read; stream them from a blocking thread.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         for piece in export {
             let item = piece.map_err(|e| std::io::Error::other(e.to_string()));
             let failed = item.is_err();
@@ -653,8 +717,13 @@ async fn install_snapshot(
     // The image streams from the connection into the install, which runs
     // on a blocking thread; it is never held in memory whole.
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let permit = disk_permit(&node, Some(id), partition.disk())?;
     let worker = Arc::clone(&partition);
-    let install = to_completion(id, move || worker.install(ChannelReader { rx, current: Bytes::new() }));
+    let install = to_completion(
+        permit,
+        move || worker.install(ChannelReader { rx, current: Bytes::new() }),
+        |e| partition_error(id, e),
+    );
     let limit = node.snapshot_limit();
     let feed = async move {
         let mut stream = body.into_data_stream();

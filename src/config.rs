@@ -103,6 +103,9 @@ pub struct LimitsConfig {
     /// Longest wait for a request head, and longest pause inside a body.
     #[serde(with = "human_duration")]
     pub header_timeout: Duration,
+    /// Blocking operations (reads that miss the page cache, admin work)
+    /// one disk may have running at once.
+    pub max_blocking_per_disk: u64,
 }
 
 /// `[health]`.
@@ -156,6 +159,7 @@ max_blob_size = "16MiB"
 max_queued_bytes_per_partition = "64MiB"
 request_timeout = "30s"
 header_timeout = "10s"
+max_blocking_per_disk = 16
 
 [health]
 probe_interval = "5s"
@@ -167,6 +171,9 @@ verify_interval = "60s"
 
 /// Most partitions `node.bootstrap_partitions` may ask for.
 const MAX_BOOTSTRAP_PARTITIONS: u64 = 10_000;
+/// Most blocking operations one disk may hold (the runtime has 512
+/// blocking threads for every disk together).
+const MAX_BLOCKING_PER_DISK: u64 = 128;
 /// Bounds of `wal.segment_size`.
 const MIN_SEGMENT: u64 = 64 << 10;
 const MAX_SEGMENT: u64 = 4 << 30;
@@ -277,6 +284,12 @@ impl Config {
             .map_err(|e| ConfigError(format!("{} (at most limits.max_queued_bytes_per_partition)", e.0)))?;
         check_size("limits.max_blob_size", self.limits.max_blob_size, 1, queue)
             .map_err(|e| ConfigError(format!("{} (at most limits.max_queued_bytes_per_partition)", e.0)))?;
+        if !(1..=MAX_BLOCKING_PER_DISK).contains(&self.limits.max_blocking_per_disk) {
+            return fail(format!(
+                "limits.max_blocking_per_disk = {} is outside 1..={MAX_BLOCKING_PER_DISK}",
+                self.limits.max_blocking_per_disk
+            ));
+        }
         let hour = Duration::from_secs(3600);
         let day = 24 * hour;
         for (key, value, min, max) in [

@@ -14,7 +14,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use clap::{Args, Parser, Subcommand};
 use datanode_partition::Registry;
@@ -177,15 +177,8 @@ async fn run(config: Config, admin_token: Option<String>) -> anyhow::Result<bool
     .await??;
     let listener = tokio::net::TcpListener::bind(config.node.http_addr).await?;
     let shutdown_timeout = config.node.shutdown_timeout;
-    let node = Arc::new(Node {
-        config,
-        registry: Arc::new(registry),
-        admin_token,
-        metrics,
-        ready: AtomicBool::new(false),
-        draining: AtomicBool::new(false),
-    });
-    node::spawn_background(&node);
+    let node = Arc::new(Node::new(config, registry, admin_token, metrics));
+    node::spawn_background(&node)?;
     alerts::spawn(&node);
     node.ready.store(true, Ordering::Release);
     node::sd_notify("READY=1");
@@ -198,7 +191,7 @@ async fn run(config: Config, admin_token: Option<String>) -> anyhow::Result<bool
     // From here on everything must finish within the shutdown timeout.
     let deadline = tokio::time::Instant::now() + shutdown_timeout;
     tracing::info!("shutting down: draining");
-    node.draining.store(true, Ordering::Release);
+    node.begin_drain();
     node::sd_notify("STOPPING=1");
     drain_tx.send_replace(true);
     // Requests in progress get half of it; connections still open then

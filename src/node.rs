@@ -1,10 +1,11 @@
 //! The running node: its registry, readiness, background loops, and the
 //! shutdown sequence.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use datanode_partition::{DiskDir, DiskOptions, DiskState, PartitionDefaults, Registry};
 use datanode_wal::{Durability, WalOptions};
@@ -34,9 +35,58 @@ pub struct Node {
     pub ready: AtomicBool,
     /// Shutting down: new writes get 503 `shutting_down`.
     pub draining: AtomicBool,
+    /// Per disk name: the blocking operations it may still start.
+    pub disk_permits: HashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// Wakes the background threads when the node drains.
+    pub drained: (Mutex<()>, Condvar),
 }
 
 impl Node {
+    /// A node serving `registry` under `config`.
+    pub fn new(config: Config, registry: Registry, admin_token: Option<String>, metrics: PrometheusHandle) -> Node {
+        let permits = config.limits.max_blocking_per_disk as usize;
+        let disk_permits =
+            config.disk.iter().map(|d| (d.name.clone(), Arc::new(tokio::sync::Semaphore::new(permits)))).collect();
+        Node {
+            config,
+            registry: Arc::new(registry),
+            admin_token,
+            metrics,
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            disk_permits,
+            drained: (Mutex::new(()), Condvar::new()),
+        }
+    }
+
+    /// A permit to run one blocking operation on `disk`, if it has one
+    /// left: a hung disk holds at most `max_blocking_per_disk` threads.
+    pub fn disk_permit(&self, disk: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.disk_permits.get(disk).and_then(|permits| Arc::clone(permits).try_acquire_owned().ok())
+    }
+
+    /// Starts the drain: new writes are refused, background loops stop.
+    pub fn begin_drain(&self) {
+        let _held = self.drained.0.lock().unwrap_or_else(PoisonError::into_inner);
+        self.draining.store(true, Ordering::Release);
+        self.drained.1.notify_all();
+    }
+
+    /// Sleeps until `deadline`; `false` (at once) when the node drains.
+    fn sleep_until(&self, deadline: Instant) -> bool {
+        let mut held = self.drained.0.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if self.draining.load(Ordering::Acquire) {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            held = self.drained.1.wait_timeout(held, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
+        }
+    }
+
     /// Why `/readyz` says no, if it does.
     pub fn not_ready_reason(&self) -> Option<String> {
         if self.draining.load(Ordering::Acquire) {
@@ -114,19 +164,19 @@ pub fn bootstrap(registry: &Registry, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Probes the disks every `probe_interval`, keeps the fault journal current,
-/// and runs the verifier every `verify_interval`, on blocking threads, until
-/// the node drains.
-pub fn spawn_background(node: &Arc<Node>) {
-    let probe = Arc::clone(node);
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(probe.config.health.probe_interval);
-        while !probe.draining.load(Ordering::Acquire) {
-            every.tick().await;
-            let registry = Arc::clone(&probe.registry);
-            let _ = tokio::task::spawn_blocking(move || registry.check_disks()).await;
-        }
-    });
+/// Probes the disks every `probe_interval` and runs the verifier every
+/// `verify_interval`, each on a thread of its own (never the blocking pool
+/// that requests use, which a hung disk may fill), and keeps the fault
+/// journal current, until the node drains.
+pub fn spawn_background(node: &Arc<Node>) -> std::io::Result<()> {
+    let every = node.config.health.probe_interval;
+    spawn_loop(node, "disk-probe", every, Duration::ZERO, |registry| {
+        registry.check_disks();
+    })?;
+    let every = node.config.health.verify_interval;
+    spawn_loop(node, "verifier", every, every, |registry| {
+        registry.verify_once();
+    })?;
     // Faults reach the journal on every disk within this period, not only
     // at the next probe (no I/O here: the journal's writers do that).
     let journal = Arc::clone(node);
@@ -137,16 +187,28 @@ pub fn spawn_background(node: &Arc<Node>) {
             journal.registry.sync_fault_journal();
         }
     });
-    let verify = Arc::clone(node);
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(verify.config.health.verify_interval);
-        every.tick().await;
-        while !verify.draining.load(Ordering::Acquire) {
-            every.tick().await;
-            let registry = Arc::clone(&verify.registry);
-            let _ = tokio::task::spawn_blocking(move || registry.verify_once()).await;
+    Ok(())
+}
+
+/// Runs `work` after `first`, then every `every`, on a thread named
+/// `name`, until the node drains. A round that overruns is followed by
+/// the next one at once, never by a burst.
+fn spawn_loop(
+    node: &Arc<Node>,
+    name: &str,
+    every: Duration,
+    first: Duration,
+    work: impl Fn(&Registry) + Send + 'static,
+) -> std::io::Result<()> {
+    let node = Arc::clone(node);
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        let mut next = Instant::now() + first;
+        while node.sleep_until(next) {
+            work(&node.registry);
+            next = (next + every).max(Instant::now());
         }
-    });
+    })?;
+    Ok(())
 }
 
 /// Tells systemd (`Type=notify`) about the node's state, if it is

@@ -13,11 +13,13 @@
 //!   finishes that request and then closes. While draining, a body that
 //!   pauses for [`DRAIN_BODY_STALL`] breaks off. [`serve`] returns once every
 //!   connection is gone; the caller bounds that wait and drops the rest.
+//! - What hyper answers by itself (400 for a request head it cannot parse,
+//!   414, 431) gets the JSON error shape: [`JsonProtocolErrors`].
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -25,6 +27,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
@@ -84,11 +87,21 @@ async fn draining(drain: &mut watch::Receiver<bool>) {
 }
 
 /// Requests of one connection whose response is not finished yet.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct InFlight {
     count: AtomicUsize,
     /// Signalled when `count` drops to zero.
     idle: Notify,
+    /// No request is in progress and every byte of the answers so far has
+    /// been flushed: whatever hyper writes now is a response of its own
+    /// (to a request head it could not parse), never ours.
+    clean: AtomicBool,
+}
+
+impl Default for InFlight {
+    fn default() -> InFlight {
+        InFlight { count: AtomicUsize::new(0), idle: Notify::new(), clean: AtomicBool::new(true) }
+    }
 }
 
 /// Counts one request in flight until dropped (with its response body).
@@ -97,6 +110,7 @@ struct InFlightGuard(Arc<InFlight>);
 
 impl InFlightGuard {
     fn new(in_flight: &Arc<InFlight>) -> InFlightGuard {
+        in_flight.clean.store(false, Ordering::Release);
         in_flight.count.fetch_add(1, Ordering::AcqRel);
         InFlightGuard(Arc::clone(in_flight))
     }
@@ -133,7 +147,8 @@ async fn connection(
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(options.header_timeout);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let io = JsonProtocolErrors { inner: TokioIo::new(stream), in_flight: Arc::clone(&in_flight), replacing: None };
+    let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let mut draining = false;
     loop {
@@ -239,5 +254,109 @@ impl http_body::Body for GuardedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The connection's I/O, which replaces the bodiless responses hyper writes
+/// by itself for a request head it cannot parse (400, 414, 431) with the
+/// same status and the JSON error shape of `api::protocol_error`.
+///
+/// Such a response is recognised without parsing hyper's output: it is
+/// the first write once no request is in flight and every byte of the
+/// answers before it has been flushed (`InFlight::clean`), because hyper
+/// writes nothing else then. hyper closes the connection after it.
+struct JsonProtocolErrors<T> {
+    inner: T,
+    in_flight: Arc<InFlight>,
+    /// The JSON response being written, how much of it is out, and how
+    /// many bytes of hyper's own to report written once it is all out.
+    replacing: Option<(Vec<u8>, usize, usize)>,
+}
+
+impl<T: Write + Unpin> JsonProtocolErrors<T> {
+    /// Starts replacing when `bufs` are hyper's own error response.
+    fn intercept(&mut self, bufs: &[std::io::IoSlice<'_>]) {
+        if self.replacing.is_some() || !self.in_flight.clean.load(Ordering::Acquire) {
+            return;
+        }
+        let first: &[u8] = bufs.iter().map(|b| &**b).find(|b| !b.is_empty()).unwrap_or_default();
+        let status = first
+            .strip_prefix(b"HTTP/1.1 ")
+            .and_then(|rest| rest.get(..3))
+            .and_then(|code| std::str::from_utf8(code).ok())
+            .and_then(|code| code.parse::<u16>().ok());
+        let Some(status) = status.and_then(|s| axum::http::StatusCode::from_u16(s).ok()) else { return };
+        let body = crate::api::protocol_error(status);
+        let mut response = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            body.len()
+        )
+        .into_bytes();
+        response.extend_from_slice(&body);
+        let reported = bufs.iter().map(|b| b.len()).sum();
+        self.replacing = Some((response, 0, reported));
+    }
+
+    /// Writes out the replacement; `Ready(n)` reports hyper's `n` bytes
+    /// written once all of it is out.
+    fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let Some((response, written, reported)) = &mut self.replacing else { return Poll::Ready(Ok(0)) };
+        while *written < response.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &response[*written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            *written += n;
+        }
+        let reported = *reported;
+        self.replacing = None;
+        Poll::Ready(Ok(reported))
+    }
+}
+
+impl<T: Read + Unpin> Read for JsonProtocolErrors<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: Write + Unpin> Write for JsonProtocolErrors<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.intercept(&[std::io::IoSlice::new(buf)]);
+        if self.replacing.is_some() {
+            return self.poll_replacement(cx);
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.intercept(bufs);
+        if self.replacing.is_some() {
+            return self.poll_replacement(cx);
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        // hyper flushes its I/O only once its own buffer is written out.
+        if self.in_flight.count.load(Ordering::Acquire) == 0 {
+            self.in_flight.clean.store(true, Ordering::Release);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -421,3 +421,93 @@ fn a_hung_sync_at_shutdown_exits_1_after_shutdown_timeout() {
     d0.rules.clear();
     assert_eq!(daemon.terminate().code(), Some(1), "a shutdown that did not close every partition is not clean");
 }
+
+/// Reads stuck on a hung disk hold at most `max_blocking_per_disk`
+/// blocking threads: beyond that, that disk's reads answer 503 at once
+/// (safe to retry), the other disk's reads are served, and the disks are
+/// still probed.
+#[test]
+fn a_hung_disk_holds_at_most_its_bound_of_blocking_threads() {
+    use support::fuse::{Action, FuseDir, Op, Rules};
+    if support::disks::unavailable(&["fusermount3"]).is_some() {
+        return;
+    }
+    let d0 = FuseDir::new();
+    let d1 = tempfile::tempdir().unwrap();
+    let settings =
+        "[health]\nprobe_interval = \"200ms\"\n\n[limits]\nrequest_timeout = \"1s\"\nmax_blocking_per_disk = 3\n";
+    let daemon =
+        Daemon::with_config(&support::config_with_disks(&[("d0", d0.path()), ("d1", d1.path())], settings), &[]);
+    let _release = d0.rules.cleared_on_drop();
+    // Partitions 1 and 3 live on d0, 2 and 4 on d1.
+    for p in 1..=4 {
+        for i in 0..5 {
+            let url = daemon.url(&format!("/v1/partitions/{p}/blobs/k{i}"));
+            assert_eq!(call(ureq::put(&url), Some(&vec![p as u8; 64 << 10])).0, 201);
+        }
+    }
+    support::disks::drop_page_cache();
+    d0.rules.add_on(Op::Read, "partitions/", Rules::everywhere(), Action::Hang);
+    for i in 0..3 {
+        let (status, body) = call(ureq::get(&daemon.url(&format!("/v1/partitions/1/blobs/k{i}"))), None);
+        assert_eq!((status, error_code(&body).as_str()), (503, "timeout"), "read {i} is stuck");
+    }
+    let probed = |disk: &str| -> String {
+        let disks = daemon.json("/v1/disks");
+        let found = disks.as_array().into_iter().flatten().find(|d| d["name"] == disk).cloned();
+        found.map(|d| d["last_probe"]["at"].to_string()).unwrap_or_default()
+    };
+    let last_probe = probed("d0");
+    for p in [1, 3] {
+        let started = Instant::now();
+        let (status, body) = call(ureq::get(&daemon.url(&format!("/v1/partitions/{p}/blobs/k4"))), None);
+        let took = started.elapsed();
+        assert_eq!((status, error_code(&body).as_str()), (503, "partition_unavailable"), "partition {p} on d0");
+        assert!(took < Duration::from_millis(500), "refused at once, not after request_timeout: {took:?}");
+    }
+    for p in [2, 4] {
+        let (status, body) = call(ureq::get(&daemon.url(&format!("/v1/partitions/{p}/blobs/k4"))), None);
+        assert_eq!((status, body), (200, vec![p as u8; 64 << 10]), "partition {p} on d1 is served");
+    }
+    support::wait_for("d0 probed again", Duration::from_secs(10), || probed("d0") != last_probe);
+    d0.rules.clear();
+    support::wait_for("d0 reads again", Duration::from_secs(30), || {
+        call(ureq::get(&daemon.url("/v1/partitions/3/blobs/k4")), None).0 == 200
+    });
+}
+
+/// What hyper answers by itself (a request line it cannot parse, headers
+/// too large, a URI too long) has the JSON error shape too, also on a
+/// keep-alive connection that served a request before.
+#[test]
+fn protocol_errors_get_the_json_error_shape() {
+    let data = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(data.path(), &[], &[]);
+    let huge_header = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(1 << 20));
+    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "u".repeat(70_000));
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("garbage", b"\x00\x01\x02garbage\r\n\r\n".to_vec(), 400),
+        ("bad version", b"GET / HTTP/9.9\r\nHost: x\r\n\r\n".to_vec(), 400),
+        ("bad header", b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n".to_vec(), 400),
+        ("headers too large", huge_header.into_bytes(), 431),
+        ("uri too long", long_uri.into_bytes(), 414),
+    ];
+    for (what, request, status) in &cases {
+        for after_a_request in [false, true] {
+            let mut stream = connect(&daemon);
+            if after_a_request {
+                stream.write_all(b"GET /v1/partitions/1/blobs/nothing HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+                let (got, _, body) = read_response(&mut stream).unwrap();
+                assert_eq!((got, error_code(&body).as_str()), (404, "blob_not_found"));
+            }
+            let _ = stream.write_all(request);
+            let (got, head, body) = read_response(&mut stream).unwrap_or_else(|| panic!("{what}: no answer"));
+            assert_eq!(got, *status, "{what} (after a request: {after_a_request})");
+            assert!(head.contains("content-type: application/json"), "{what}: {head}");
+            let body: Value = serde_json::from_slice(&body)
+                .unwrap_or_else(|_| panic!("{what} (after a request: {after_a_request}): not JSON: {head}"));
+            assert!(body["error"].is_string() && body["message"].is_string(), "{what}: {body}");
+        }
+    }
+    assert_eq!(call(ureq::get(&daemon.url("/healthz")), None).0, 200);
+}
