@@ -87,7 +87,7 @@ impl Partition {
         next.write(self.storage.as_ref(), dir).map_err(|e| Error::CompactionFailed(Fault::io("compact", &e)))?;
 
         // The new store is the partition's from here on; bring it into use.
-        let store = match self.open_store(&name, synced) {
+        let store = match self.open_store(&name, synced, true) {
             Ok(store) => Arc::new(store),
             Err(fault) => {
                 self.fault(fault.clone(), FaultSource::Operation);
@@ -125,7 +125,7 @@ impl Partition {
         generation: u32,
         moving: &[(Bytes, BlobLoc, Arc<Wal>)],
     ) -> Result<(Vec<Relocation>, Lsn)> {
-        let store = self.open_store(name, 0).map_err(Error::CompactionFailed)?;
+        let store = self.open_store(name, 0, false).map_err(Error::CompactionFailed)?;
         let mut relocations = Vec::with_capacity(moving.len());
         let mut records = Vec::new();
         let mut pending: Vec<(Bytes, BlobLoc)> = Vec::new();

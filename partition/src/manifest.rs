@@ -18,12 +18,14 @@
 //! never as a torn tail (such logs are written in bulk, and their records
 //! carry no proof of their own that they were synced).
 //!
-//! A partition is created with a `CURRENT` naming `wal`. One without it is
-//! its `wal` directory alone (partitions created before the file existed),
-//! but only if no other log or compacted directory is there: then the file
-//! was lost, and the partition is faulted, never reset to `wal`, so that
-//! nothing is removed on a guess (invariant: metadata loss never deletes
-//! data).
+//! A partition writes its `CURRENT` (naming `wal`) when it is first
+//! opened. One without it is new, or its `wal` directory alone (partitions
+//! created before the file existed), but only if no other log or compacted
+//! directory is there: then the file was lost, and the partition is
+//! faulted, never reset to `wal`, so that nothing is removed on a guess
+//! (invariant: metadata loss never deletes data). What `CURRENT` names
+//! must exist: a log directory that is gone is a fault too, never replaced
+//! by an empty log.
 
 use std::path::Path;
 

@@ -233,6 +233,11 @@ impl Partition {
     /// Opens what `CURRENT` names (the compacted store, then the log),
     /// replays both into a fresh index and installs them; then removes
     /// directories that the durable `CURRENT` provably superseded.
+    ///
+    /// What `CURRENT` names must exist: a missing log is a fault, never a
+    /// new empty log. Without `CURRENT` the partition is new (its log is
+    /// created) or from before the file existed (its `wal` is opened); either
+    /// way `CURRENT` is written, so a log lost later is noticed.
     pub(crate) fn load(&self) -> Result<(), Fault> {
         let current = Manifest::read(self.storage.as_ref(), &self.options.dir)?;
         let manifest = current.clone().unwrap_or_default();
@@ -241,12 +246,15 @@ impl Partition {
         let mut covers = 0;
         if let Some(compacted) = &manifest.compacted {
             let generation = compacted_generation(&compacted.name).unwrap_or(1) as u32;
-            let store = self.open_store(&compacted.name, compacted.synced)?;
+            let store = self.open_store(&compacted.name, compacted.synced, true)?;
             index.replay(&store, generation, 0)?;
             stores.insert(generation, Arc::new(store));
             covers = compacted.covers;
         }
-        let wal = self.open_log(&manifest.log, manifest.log_synced)?;
+        let wal = self.open_log(&manifest.log, manifest.log_synced, current.is_some())?;
+        if current.is_none() {
+            manifest.write(self.storage.as_ref(), &self.options.dir).map_err(|e| Fault::io("open", &e))?;
+        }
         index.replay(&wal, LOG_STORE, covers)?;
         {
             let mut inner = self.write();
@@ -262,9 +270,10 @@ impl Partition {
     }
 
     /// Opens the log directory `name`, every record up to `synced` known
-    /// durable.
-    pub(crate) fn open_log(&self, name: &str, synced: Lsn) -> Result<Wal, Fault> {
-        let options = WalOptions { known_durable_lsn: synced, ..self.options.wal.clone() };
+    /// durable; with `must_exist`, a directory without a log is a fault.
+    pub(crate) fn open_log(&self, name: &str, synced: Lsn, must_exist: bool) -> Result<Wal, Fault> {
+        let options =
+            WalOptions { known_durable_lsn: synced, create_if_missing: !must_exist, ..self.options.wal.clone() };
         Wal::open(Arc::clone(&self.storage), self.options.dir.join(name), options).map_err(|e| Fault::from_wal(&e))
     }
 
@@ -280,9 +289,9 @@ impl Partition {
     }
 
     /// Opens the compacted store `name`, every record up to `synced` known
-    /// durable.
-    pub(crate) fn open_store(&self, name: &str, synced: Lsn) -> Result<Wal, Fault> {
-        let options = WalOptions { known_durable_lsn: synced, ..self.bulk_options() };
+    /// durable; with `must_exist`, a directory without a log is a fault.
+    pub(crate) fn open_store(&self, name: &str, synced: Lsn, must_exist: bool) -> Result<Wal, Fault> {
+        let options = WalOptions { known_durable_lsn: synced, create_if_missing: !must_exist, ..self.bulk_options() };
         Wal::open(Arc::clone(&self.storage), self.options.dir.join(name), options).map_err(|e| Fault::from_wal(&e))
     }
 

@@ -30,7 +30,6 @@ use datanode_wal::{Storage, WalOptions};
 use crate::disk::{Disk, DiskOptions, DiskStatus};
 use crate::fault_journal::{self, FaultJournal, JournalEntry};
 use crate::layout::{DiskDir, META_FILE};
-use crate::manifest::Manifest;
 use crate::partition::{Partition, PartitionOptions};
 use crate::state::{Fault, FaultSource, State};
 
@@ -429,9 +428,6 @@ impl Registry {
         let meta = staging.join(META_FILE);
         let file = storage.open(&meta, true).map_err(|e| io("create", &meta, e))?;
         file.write_all_and_sync(0, &[Bytes::from(format!("id={id}\n"))]).map_err(|(_, e)| io("write", &meta, e))?;
-        // Every partition starts with a `CURRENT`, so that a lost one is
-        // noticed (see `manifest.rs`).
-        Manifest::default().write(storage, staging).map_err(|e| io("create", staging, e))?;
         storage.sync_dir(staging).map_err(|e| io("sync", staging, e))?;
         let live = parent.join(id.to_string());
         storage.rename(staging, &live).map_err(|e| io("rename", staging, e))?;

@@ -95,7 +95,7 @@ impl Partition {
         let next = Manifest { log: next_name, log_synced: last_lsn, compacted: None };
         next.write(self.storage.as_ref(), dir).map_err(|e| Error::InstallFailed(Fault::io("install", &e)))?;
         // From here the new image is the partition, also after a crash.
-        let opened = self.open_log(&next.log, next.log_synced);
+        let opened = self.open_log(&next.log, next.log_synced, true);
         let mut index = Index::default();
         let wal = match opened.and_then(|wal| index.replay(&wal, LOG_STORE, 0).map(|()| wal)) {
             Ok(wal) => wal,

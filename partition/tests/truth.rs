@@ -200,3 +200,36 @@ fn an_image_of_another_partition_is_refused_and_changes_nothing() {
     assert!(matches!(p.get(b"k001", None), Err(Error::NotFound)));
     assert_eq!(p.health().state(), State::Healthy);
 }
+
+#[test]
+fn a_lost_log_directory_faults_the_partition_and_is_not_recreated() {
+    // On a real filesystem: the log directory of a partition that had data
+    // is gone (moved away, a bad restore). It must not come back as a new,
+    // empty, healthy log.
+    let rt = runtime();
+    let root = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(datanode_wal::storage::StdStorage);
+    let disks = || vec![datanode_partition::DiskDir { name: "d0".into(), path: root.path().to_path_buf() }];
+    let defaults = || datanode_partition::PartitionDefaults {
+        wal: WalOptions { segment_size: 1 << 20, ..WalOptions::new(0) },
+        ..Default::default()
+    };
+    let registry = datanode_partition::Registry::open(Arc::clone(&storage), disks(), defaults());
+    let p = registry.create(3, "d0").unwrap();
+    for k in 0..3u32 {
+        rt.block_on(p.put(format!("k{k}").as_bytes(), &value(k, "acked"))).unwrap();
+    }
+    drop(p);
+    registry.close();
+    drop(registry);
+    let wal = root.path().join("partitions/3/wal");
+    std::fs::rename(&wal, root.path().join("moved-away")).unwrap();
+    let registry = datanode_partition::Registry::open(Arc::clone(&storage), disks(), defaults());
+    let p = registry.get(3).unwrap();
+    match p.health().state() {
+        State::Faulted(fault) => assert_eq!(fault.cause, FaultCause::Corruption, "{fault:?}"),
+        other => panic!("a partition whose log is gone must be faulted, not {other:?}"),
+    }
+    assert!(!wal.exists(), "no empty log is made in its place");
+    registry.close();
+}

@@ -136,6 +136,9 @@ pub enum Corruption {
     ForeignSegment,
     /// A segment file between two others is missing.
     MissingSegment,
+    /// The directory holds no log (no marker, no segment) although the log
+    /// must exist.
+    MissingLog,
     /// The log ends before an LSN that was known to be durable.
     LostRecords {
         /// The LSN known durable.
@@ -155,6 +158,7 @@ impl std::fmt::Display for Corruption {
             }
             Corruption::ForeignSegment => f.write_str("segment belongs to another log"),
             Corruption::MissingSegment => f.write_str("segment file missing"),
+            Corruption::MissingLog => f.write_str("the log directory is missing or holds no log"),
             Corruption::LostRecords { durable, last } => {
                 write!(f, "the log ends at LSN {last}, before LSN {durable}, which was durable")
             }

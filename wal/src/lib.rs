@@ -95,6 +95,11 @@ pub struct WalOptions {
     /// below it, and a log that ends before it, as corruption, never as a
     /// torn tail. 0: nothing known beyond what the records prove.
     pub known_durable_lsn: Lsn,
+    /// Create the log if the directory holds none. Off for a log that must
+    /// already exist (one a manifest names): then a directory without a
+    /// log (neither its `LOG` marker nor a segment) is
+    /// [`Corruption::MissingLog`], never silently replaced by an empty log.
+    pub create_if_missing: bool,
 }
 
 impl std::fmt::Debug for WalOptions {
@@ -108,6 +113,7 @@ impl std::fmt::Debug for WalOptions {
             .field("prewrite_segments", &self.prewrite_segments)
             .field("observer", &self.observer.is_some())
             .field("known_durable_lsn", &self.known_durable_lsn)
+            .field("create_if_missing", &self.create_if_missing)
             .finish()
     }
 }
@@ -125,6 +131,7 @@ impl WalOptions {
             prewrite_segments: true,
             observer: None,
             known_durable_lsn: 0,
+            create_if_missing: true,
         }
     }
 }

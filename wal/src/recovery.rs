@@ -88,6 +88,7 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, log_id: u64, known_dura
                 }
                 removed_leftovers = true;
             }
+            DirEntry::Marker => {}
             DirEntry::Foreign => tracing::warn!(dir = %dir.display(), name, "ignoring unknown file in WAL directory"),
         }
     }

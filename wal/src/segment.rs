@@ -34,8 +34,14 @@ pub(crate) fn prep_file_name(id: u64) -> String {
 pub(crate) enum DirEntry {
     Segment(u64),
     Preparing(u64),
+    /// The file that marks the directory as a log ([`LOG_MARKER`]).
+    Marker,
     Foreign,
 }
+
+/// Written when a log directory is created: a log whose directory lacks
+/// both it and any segment is a log that was lost, not a new one.
+pub(crate) const LOG_MARKER: &str = "LOG";
 
 pub(crate) fn classify(name: &str) -> DirEntry {
     let parse = |digits: &str| {
@@ -45,6 +51,8 @@ pub(crate) fn classify(name: &str) -> DirEntry {
         DirEntry::Preparing(id)
     } else if let Some(id) = name.strip_suffix(".wal").and_then(parse) {
         DirEntry::Segment(id)
+    } else if name == LOG_MARKER {
+        DirEntry::Marker
     } else {
         DirEntry::Foreign
     }

@@ -9,11 +9,11 @@ use bytes::Bytes;
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::block_on::block_on;
-use crate::error::{Error, IoOp, Result};
+use crate::error::{Corruption, Error, IoOp, Result};
 use crate::format::MAX_RECORD_LEN;
 use crate::prepare::Preparer;
 use crate::recovery;
-use crate::segment::{SegmentMeta, SegmentTable};
+use crate::segment::{self, DirEntry, SegmentMeta, SegmentTable};
 use crate::storage::Storage;
 use crate::writer::{AppendRequest, Counters, Queue, QueueTicket, Request, Settled, Shared, Writer, reply_error};
 use crate::{Appended, Lsn, Record, RecordPos, WalOptions};
@@ -69,7 +69,21 @@ impl Wal {
         if options.segment_size < 4096 || options.max_batch_bytes == 0 || options.max_queued_bytes == 0 {
             return Err(Error::Invalid("segment_size must be >= 4096 and limits non-zero".into()));
         }
+        let names = match storage.list_dir(&dir) {
+            Ok(names) => names,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(error) => return Err(Error::io(IoOp::Metadata, &dir, error)),
+        };
+        let marked = names.iter().any(|name| segment::classify(name) == DirEntry::Marker);
+        let has_log = marked || names.iter().any(|name| matches!(segment::classify(name), DirEntry::Segment(_)));
+        if !has_log && !options.create_if_missing {
+            return Err(Error::Corruption { segment_id: 0, offset: 0, detail: Corruption::MissingLog });
+        }
         create_dir_durably(storage.as_ref(), &dir)?;
+        if !marked {
+            // New, or made before the marker existed.
+            write_marker(storage.as_ref(), &dir, options.log_id)?;
+        }
         let recovered = recovery::recover(storage.as_ref(), &dir, options.log_id, options.known_durable_lsn)?;
         if recovered.torn_bytes > 0 {
             tracing::warn!(dir = %dir.display(), bytes = recovered.torn_bytes, "zeroed torn tail at open");
@@ -367,6 +381,15 @@ impl Drop for Wal {
         self.shared.wake.notify_all();
         self.shared.space.close();
     }
+}
+
+/// Writes the `LOG` marker durably (file synced, then the directory).
+fn write_marker(storage: &dyn Storage, dir: &Path, log_id: u64) -> Result<()> {
+    let path = dir.join(segment::LOG_MARKER);
+    let file = storage.open(&path, true).map_err(|e| Error::io(IoOp::Open, &path, e))?;
+    file.write_all_and_sync(0, &[Bytes::from(format!("log_id={log_id}\n"))])
+        .map_err(|(op, e)| Error::io(op, &path, e))?;
+    storage.sync_dir(dir).map_err(|e| Error::io(IoOp::SyncDir, dir, e))
 }
 
 fn create_dir_durably(storage: &dyn Storage, dir: &Path) -> Result<()> {
