@@ -130,6 +130,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/partitions/{pid}", get(get_partition).delete(delete_partition))
         .route("/v1/partitions/{pid}/recover", post(recover_partition))
         .route("/v1/partitions/{pid}/read-only", post(set_read_only))
+        .route("/v1/partitions/{pid}/compact", post(compact_partition))
         .route("/v1/partitions/{pid}/snapshot", get(export_snapshot).put(install_snapshot))
         .route("/v1/disks", get(list_disks))
         .route("/healthz", get(healthz))
@@ -170,6 +171,7 @@ fn operation(method: &Method, route: &str) -> &'static str {
         ("DELETE", "/v1/partitions/{pid}") => "delete_partition",
         ("POST", "/v1/partitions/{pid}/recover") => "recover",
         ("POST", "/v1/partitions/{pid}/read-only") => "read_only",
+        ("POST", "/v1/partitions/{pid}/compact") => "compact",
         ("GET", "/v1/partitions/{pid}/snapshot") => "export_snapshot",
         ("PUT", "/v1/partitions/{pid}/snapshot") => "install_snapshot",
         ("GET", "/v1/disks") => "list_disks",
@@ -647,6 +649,17 @@ async fn recover_partition(State(node): State<Arc<Node>>, headers: HeaderMap, Pi
     node.registry.sync_fault_journal();
     recovered?;
     Ok(Json(partition_status(&partition)))
+}
+
+/// `POST /v1/partitions/{pid}/compact`: compacts now, within the disk's
+/// copy budget; answers what it gave back.
+async fn compact_partition(State(node): State<Arc<Node>>, headers: HeaderMap, Pid(pid): Pid) -> ApiResult<Json<Value>> {
+    require_admin(&node, &headers)?;
+    let (id, partition) = partition(&node, &pid)?;
+    let permit = disk_permit(&node, Some(id), partition.disk())?;
+    let budget = Some(node.config.compaction.max_bytes_per_sec);
+    let report = to_completion(permit, move || partition.compact_limited(budget), |e| partition_error(id, e)).await?;
+    Ok(Json(json!({ "reclaimed_bytes": report.reclaimed_bytes(), "copied_bytes": report.copied_bytes })))
 }
 
 #[derive(Debug, Deserialize)]

@@ -34,6 +34,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Probes and thresholds.
     pub health: HealthConfig,
+    /// Compaction by policy.
+    pub compaction: CompactionConfig,
     /// Alert delivery.
     #[serde(default)]
     pub alerts: AlertsConfig,
@@ -127,6 +129,24 @@ pub struct HealthConfig {
     pub verify_interval: Duration,
 }
 
+/// `[compaction]`: the node compacts partitions by itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CompactionConfig {
+    /// Compact a partition when garbage / stored bytes reaches this ...
+    pub garbage_ratio: f64,
+    /// ... and it holds at least this much garbage.
+    #[serde(with = "human_size")]
+    pub min_garbage: u64,
+    /// How often each disk's partitions are looked at.
+    #[serde(with = "human_duration")]
+    pub check_interval: Duration,
+    /// Copy budget per disk, so compaction does not take the disk from
+    /// foreground writes.
+    #[serde(with = "human_size")]
+    pub max_bytes_per_sec: u64,
+}
+
 /// `[alerts]`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -167,6 +187,12 @@ disk_full_ratio = 0.95
 disk_resume_ratio = 0.90
 slow_sync = "500ms"
 verify_interval = "60s"
+
+[compaction]
+garbage_ratio = 0.5
+min_garbage = "64MiB"
+check_interval = "30s"
+max_bytes_per_sec = "64MiB"
 "#;
 
 /// Most partitions `node.bootstrap_partitions` may ask for.
@@ -189,7 +215,7 @@ fn check_size(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigErr
 }
 
 /// The sections an environment variable may name.
-const SECTIONS: [&str; 5] = ["node", "wal", "limits", "health", "alerts"];
+const SECTIONS: [&str; 6] = ["node", "wal", "limits", "health", "compaction", "alerts"];
 
 /// Flags that override everything else.
 #[derive(Debug, Default, Clone)]
@@ -300,6 +326,7 @@ impl Config {
             ("health.probe_interval", self.health.probe_interval, Duration::from_millis(10), day),
             ("health.slow_sync", self.health.slow_sync, Duration::from_millis(1), hour),
             ("health.verify_interval", self.health.verify_interval, Duration::from_millis(10), day),
+            ("compaction.check_interval", self.compaction.check_interval, Duration::from_millis(10), day),
         ] {
             if !(min..=max).contains(&value) {
                 return fail(format!(
@@ -319,6 +346,11 @@ impl Config {
                 "health.disk_resume_ratio = {resume} must be above 0 and below health.disk_full_ratio = {full}"
             ));
         }
+        let ratio = self.compaction.garbage_ratio;
+        if !(0.0 < ratio && ratio <= 1.0) {
+            return fail(format!("compaction.garbage_ratio = {ratio} is outside 0 < ratio <= 1"));
+        }
+        check_size("compaction.max_bytes_per_sec", self.compaction.max_bytes_per_sec, 64 << 10, u64::MAX)?;
         if let Some(url) = &self.alerts.alertmanager_url {
             let rest = url.strip_prefix("http://").unwrap_or_default();
             if rest.is_empty() || rest.starts_with('/') {

@@ -107,9 +107,14 @@ impl Node {
         1 << 30
     }
 
-    /// Gauges that are counts over partitions: `datanode_partitions{state}`.
+    /// Gauges that are counts over partitions: `datanode_partitions{state}`,
+    /// and each partition's `datanode_partition_garbage_bytes`.
     pub fn export_gauges(&self) {
         let partitions = self.registry.partitions();
+        for partition in &partitions {
+            metrics::gauge!("datanode_partition_garbage_bytes", "partition" => partition.id().to_string())
+                .set(partition.garbage_bytes() as f64);
+        }
         for state in datanode_partition::state::STATE_NAMES {
             let count = partitions.iter().filter(|p| p.health().state().name() == state).count();
             metrics::gauge!("datanode_partitions", "state" => state).set(count as f64);
@@ -177,6 +182,32 @@ pub fn spawn_background(node: &Arc<Node>) -> std::io::Result<()> {
     spawn_loop(node, "verifier", every, every, |registry| {
         registry.verify_once();
     })?;
+    // One compaction thread per disk: a disk's copy budget is spent by one
+    // compaction at a time, and a slow disk holds up only its own.
+    let policy = datanode_partition::CompactionPolicy {
+        garbage_ratio: node.config.compaction.garbage_ratio,
+        min_garbage: node.config.compaction.min_garbage,
+        max_bytes_per_sec: Some(node.config.compaction.max_bytes_per_sec),
+    };
+    let every = node.config.compaction.check_interval;
+    for disk in node.registry.disks().iter().map(|d| d.name.clone()) {
+        let watcher = Arc::clone(node);
+        spawn_loop(node, &format!("compact-{disk}"), every, every, move |registry| {
+            let outcomes = registry.compact_disk(&disk, &policy, || !watcher.draining.load(Ordering::Acquire));
+            for (partition, outcome) in outcomes {
+                match outcome {
+                    Ok(report) => tracing::info!(
+                        partition,
+                        disk,
+                        reclaimed_bytes = report.reclaimed_bytes(),
+                        copied_bytes = report.copied_bytes,
+                        "compacted by policy"
+                    ),
+                    Err(error) => tracing::warn!(partition, disk, %error, "compaction by policy did not run"),
+                }
+            }
+        })?;
+    }
     // Faults reach the journal on every disk within this period, not only
     // at the next probe (no I/O here: the journal's writers do that).
     let journal = Arc::clone(node);

@@ -39,6 +39,24 @@ const COPY_BATCH: usize = 4 << 20;
 /// Index entries repointed per write-lock hold.
 const RELOCATE_BATCH: usize = 1024;
 
+/// When the node compacts a partition by itself.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CompactionPolicy {
+    /// Compact when garbage / stored bytes reaches this ...
+    pub garbage_ratio: f64,
+    /// ... and the partition holds at least this much garbage.
+    pub min_garbage: u64,
+    /// Copy budget of one disk, in bytes per second (`None`: no limit).
+    pub max_bytes_per_sec: Option<u64>,
+}
+
+impl CompactionPolicy {
+    /// Whether a partition with this much garbage of `stored` bytes is due.
+    pub fn is_due(&self, garbage: u64, stored: u64) -> bool {
+        stored > 0 && garbage >= self.min_garbage && garbage as f64 / stored as f64 >= self.garbage_ratio
+    }
+}
+
 /// A key compaction moved: its old and new location.
 type Relocation = (Bytes, BlobLoc, BlobLoc);
 
@@ -53,12 +71,56 @@ pub struct CompactionReport {
     pub bytes_before: u64,
     /// Log and store bytes after.
     pub bytes_after: u64,
+    /// Bytes of live records copied.
+    pub copied_bytes: u64,
+}
+
+impl CompactionReport {
+    /// Disk space given back: bytes before less bytes after.
+    pub fn reclaimed_bytes(&self) -> u64 {
+        self.bytes_before.saturating_sub(self.bytes_after)
+    }
 }
 
 impl Partition {
-    /// Compacts the partition (see the module docs). Blocking; puts and
-    /// gets continue meanwhile. Only a healthy partition compacts.
+    /// Compacts the partition (see the module docs) as fast as the disk
+    /// allows. Blocking; puts and gets continue meanwhile. Only a healthy
+    /// partition compacts.
     pub fn compact(&self) -> Result<CompactionReport> {
+        self.compact_limited(None)
+    }
+
+    /// Bytes of the log and compacted stores that no live blob needs:
+    /// overwritten and deleted blobs, tombstones. What compaction would
+    /// give back (roughly: the log's active segment is never purged).
+    pub fn garbage_bytes(&self) -> u64 {
+        let live = self.read().index.live_record_bytes;
+        self.stored_bytes().saturating_sub(live)
+    }
+
+    /// [`Partition::compact`], copying at most `max_bytes_per_sec` (so
+    /// that it does not take the disk from foreground writes). Counts the
+    /// outcome in `datanode_compactions_total{partition,result}` and the
+    /// bytes copied in `datanode_compaction_bytes_total{disk}`.
+    pub fn compact_limited(&self, max_bytes_per_sec: Option<u64>) -> Result<CompactionReport> {
+        let result = self.compact_inner(max_bytes_per_sec);
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(Error::ReadOnly { .. } | Error::Faulted { .. } | Error::Loading(_) | Error::Unavailable { .. }) => {
+                "skipped"
+            }
+            Err(_) => "failed",
+        };
+        metrics::counter!("datanode_compactions_total", "partition" => self.id().to_string(), "result" => outcome)
+            .increment(1);
+        if let Ok(report) = &result {
+            metrics::counter!("datanode_compaction_bytes_total", "disk" => self.disk().to_string())
+                .increment(report.copied_bytes);
+        }
+        result
+    }
+
+    fn compact_inner(&self, max_bytes_per_sec: Option<u64>) -> Result<CompactionReport> {
         let _one_at_a_time = self.maintenance.lock().unwrap_or_else(PoisonError::into_inner);
         let (log, _) = self.writable_log()?;
         let dir = &self.options.dir;
@@ -71,7 +133,7 @@ impl Partition {
         let generation = manifest.compacted.as_ref().and_then(|c| compacted_generation(&c.name)).unwrap_or(0) + 1;
         let name = format!("compacted-{generation}");
         let _ = self.storage.remove_dir_all(&dir.join(&name));
-        let copied = self.copy_into(&name, generation as u32, &moving);
+        let copied = self.copy_into(&name, generation as u32, &moving, max_bytes_per_sec);
         let (relocations, synced) = match copied {
             Ok(copied) => copied,
             Err(error) => {
@@ -111,8 +173,14 @@ impl Partition {
                 return Err(Error::CompactionFailed(fault));
             }
         }
-        let report =
-            CompactionReport { covers, blobs: moving.len() as u64, bytes_before, bytes_after: self.stored_bytes() };
+        let copied_bytes = relocations.iter().map(|(_, _, new)| new.record_bytes()).sum();
+        let report = CompactionReport {
+            covers,
+            blobs: moving.len() as u64,
+            bytes_before,
+            bytes_after: self.stored_bytes(),
+            copied_bytes,
+        };
         tracing::info!(partition = self.options.id, ?report, "compacted");
         Ok(report)
     }
@@ -124,7 +192,10 @@ impl Partition {
         name: &str,
         generation: u32,
         moving: &[(Bytes, BlobLoc, Arc<Wal>)],
+        max_bytes_per_sec: Option<u64>,
     ) -> Result<(Vec<Relocation>, Lsn)> {
+        let started = std::time::Instant::now();
+        let mut copied = 0u64;
         let store = self.open_store(name, 0, false).map_err(Error::CompactionFailed)?;
         let mut relocations = Vec::with_capacity(moving.len());
         let mut records = Vec::new();
@@ -146,7 +217,15 @@ impl Partition {
                     let value_offset = (11 + key.len()) as u32;
                     relocations.push((key, old, BlobLoc { store: generation, pos, value_offset, lsn: old.lsn }));
                 }
+                copied += bytes as u64;
                 bytes = 0;
+                // The copy budget: never ahead of `max_bytes_per_sec`.
+                if let Some(rate) = max_bytes_per_sec.filter(|rate| *rate > 0) {
+                    let due = std::time::Duration::from_secs_f64(copied as f64 / rate as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
             }
         }
         let synced = store.last_lsn();

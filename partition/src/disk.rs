@@ -254,6 +254,7 @@ impl Disk {
             }
             if full {
                 partition.set_reason(ReadOnlyReason::DiskFull, true);
+                partition.reopen_poisoned_log();
             } else if probe_ok && partition.health().has_reason(ReadOnlyReason::DiskFull) {
                 // A write and sync just worked and usage is low again.
                 partition.retry_after_disk_full();

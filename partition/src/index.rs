@@ -30,7 +30,12 @@ pub(crate) struct BlobLoc {
 
 impl BlobLoc {
     pub fn value_len(&self) -> u64 {
-        u64::from(self.pos.len - self.value_offset)
+        u64::from(self.pos.len.saturating_sub(self.value_offset))
+    }
+
+    /// Bytes the record takes in its store.
+    pub fn record_bytes(&self) -> u64 {
+        datanode_wal::format::frame_len(self.pos.len as usize) as u64
     }
 }
 
@@ -127,6 +132,9 @@ pub(crate) struct Index {
     pub entries: BTreeMap<Key, Entry>,
     pub blobs: u64,
     pub live_bytes: u64,
+    /// Bytes the live blobs' records take in their stores (frames: header,
+    /// key, value, padding); what compaction would keep.
+    pub live_record_bytes: u64,
 }
 
 impl Index {
@@ -139,11 +147,13 @@ impl Index {
             if let Entry::Live(loc) = old {
                 self.blobs -= 1;
                 self.live_bytes -= loc.value_len();
+                self.live_record_bytes -= loc.record_bytes();
             }
         }
         if let Entry::Live(loc) = &entry {
             self.blobs += 1;
             self.live_bytes += loc.value_len();
+            self.live_record_bytes += loc.record_bytes();
         }
         self.entries.insert(Key::new(key), entry);
     }
@@ -154,6 +164,7 @@ impl Index {
         match self.entries.get_mut(key) {
             Some(Entry::Live(current)) if *current == old => {
                 *current = new;
+                self.live_record_bytes = self.live_record_bytes - old.record_bytes() + new.record_bytes();
                 true
             }
             _ => false,

@@ -40,7 +40,7 @@ mod snapshot;
 pub mod state;
 mod wal_metrics;
 
-pub use compaction::CompactionReport;
+pub use compaction::{CompactionPolicy, CompactionReport};
 pub use disk::{DiskOptions, DiskState, DiskStatus, ProbeResult};
 pub use error::{Error, Result};
 pub use layout::DiskDir;

@@ -104,6 +104,15 @@ pub(crate) enum Fence {
     Closed,
 }
 
+/// Which writes a partition is asked to take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// A put (or anything that adds data): only when healthy.
+    Any,
+    /// A delete: also when read-only only for a full disk.
+    Delete,
+}
+
 /// Holds a fence up; lifts it when dropped (a closed partition stays closed).
 pub(crate) struct FenceGuard<'a> {
     partition: &'a Partition,
@@ -201,6 +210,12 @@ impl Partition {
     fn unloaded(storage: Arc<dyn Storage>, mut options: PartitionOptions) -> Partition {
         options.wal.log_id = options.id;
         options.wal.observer = Some(Arc::new(WalMetrics::new(options.id, &options.disk)));
+        // Counters exist at 0 from the start, so `increase()` sees the first.
+        for result in ["ok", "failed", "skipped"] {
+            metrics::counter!("datanode_compactions_total", "partition" => options.id.to_string(), "result" => result)
+                .increment(0);
+        }
+        metrics::counter!("datanode_compaction_bytes_total", "disk" => options.disk.clone()).increment(0);
         Partition {
             health: Health::new(options.id, &options.disk),
             options,
@@ -429,6 +444,12 @@ impl Partition {
     /// The log and its generation, if the partition takes writes (it is
     /// healthy and no fence is up).
     pub(crate) fn writable_log(&self) -> Result<(Arc<Wal>, u64)> {
+        self.log_for(Write::Any)
+    }
+
+    /// The log and its generation, if the partition takes this kind of
+    /// write now.
+    fn log_for(&self, write: Write) -> Result<(Arc<Wal>, u64)> {
         let id = self.options.id;
         match *self.intake() {
             Some(Fence::Install) => {
@@ -438,16 +459,22 @@ impl Partition {
             Some(Fence::Closed) => return Err(Error::Unavailable { partition: id, reason: "closed" }),
             None => {}
         }
+        let writable = |reasons: &std::collections::BTreeSet<ReadOnlyReason>| {
+            reasons.is_empty() || (write == Write::Delete && reasons.iter().all(|r| *r == ReadOnlyReason::DiskFull))
+        };
         match self.health.state() {
-            State::Healthy => {
-                let inner = self.read();
-                let wal = inner.wal.clone().ok_or(Error::Loading(id))?;
-                Ok((wal, inner.generation))
-            }
+            State::Healthy => self.current_log(),
+            State::ReadOnly(reasons) if writable(&reasons) => self.current_log(),
             State::ReadOnly(reasons) => Err(Error::ReadOnly { partition: id, reasons }),
             State::Loading => Err(Error::Loading(id)),
             State::Faulted(fault) => Err(Error::Faulted { partition: id, fault }),
         }
+    }
+
+    fn current_log(&self) -> Result<(Arc<Wal>, u64)> {
+        let inner = self.read();
+        let wal = inner.wal.clone().ok_or(Error::Loading(self.options.id))?;
+        Ok((wal, inner.generation))
     }
 
     /// Stores `value` under `key`; returns once durable.
@@ -467,7 +494,7 @@ impl Partition {
         }
         let value_len = value.len();
         let pos = self
-            .append(key, blob::encode_put(key, value), move |pos| {
+            .append(Write::Any, key, blob::encode_put(key, value), move |pos| {
                 let value_offset = (pos.len as usize).saturating_sub(value_len) as u32;
                 Entry::Live(BlobLoc { store: LOG_STORE, pos, value_offset, lsn: pos.lsn })
             })
@@ -476,14 +503,17 @@ impl Partition {
     }
 
     /// Deletes `key` durably. `NotFound` if there is no live blob.
-    /// Cancel-safe like [`Partition::put`].
+    /// Cancel-safe like [`Partition::put`]. Accepted on a partition that is
+    /// read-only only because its disk is full, so that an operator can free
+    /// space (a tombstone is small, and the disk keeps headroom under its
+    /// full ratio).
     pub async fn delete(self: &Arc<Self>, key: &[u8]) -> Result<Lsn> {
         blob::check_key(key).map_err(Error::BadRequest)?;
-        self.writable_log()?;
+        self.log_for(Write::Delete)?;
         if !matches!(self.read().index.entries.get(key), Some(Entry::Live(_))) {
             return Err(Error::NotFound);
         }
-        let pos = self.append(key, blob::encode_delete(key), |pos| Entry::Deleted(pos.lsn)).await?;
+        let pos = self.append(Write::Delete, key, blob::encode_delete(key), |pos| Entry::Deleted(pos.lsn)).await?;
         Ok(pos.lsn)
     }
 
@@ -493,12 +523,13 @@ impl Partition {
     /// state; then the caller hears of it.
     async fn append(
         self: &Arc<Self>,
+        write: Write,
         key: &[u8],
         record: Bytes,
         entry: impl FnOnce(RecordPos) -> Entry + Send + 'static,
     ) -> Result<RecordPos> {
         let registered = self.grace.enter();
-        let (wal, generation) = self.writable_log()?;
+        let (wal, generation) = self.log_for(write)?;
         let partition = Arc::clone(self);
         let key = Bytes::copy_from_slice(key);
         let settled = move |result: &datanode_wal::Result<Appended>| {
@@ -769,6 +800,29 @@ impl Partition {
         }
     }
 
+    /// On a full disk: if a write that ran out of space poisoned the log,
+    /// reopens it (the reason stays), so that deletes can free space.
+    /// Blocking. Called by the disk's probe.
+    pub fn reopen_poisoned_log(&self) {
+        let poisoned = self.read().wal.as_ref().is_some_and(|wal| wal.poisoned().is_some());
+        if !poisoned || !self.health.has_reason(ReadOnlyReason::DiskFull) {
+            return;
+        }
+        let _one_at_a_time = self.maintenance.lock().unwrap_or_else(PoisonError::into_inner);
+        if matches!(self.health.state(), State::Faulted(_)) {
+            return;
+        }
+        let Some(_fenced) = self.fence(Fence::Reload) else { return };
+        self.close_wal();
+        if let Err(fault) = self.load() {
+            if fault.is_disk_full() {
+                self.health.note_error(fault);
+            } else {
+                self.fault(fault, FaultSource::Operation);
+            }
+        }
+    }
+
     /// Sets or clears a read-only reason that comes from the disk.
     pub(crate) fn set_reason(&self, reason: ReadOnlyReason, on: bool) {
         if on {
@@ -801,7 +855,7 @@ impl Partition {
     }
 
     /// Bytes used by the log and the compacted stores.
-    pub(crate) fn stored_bytes(&self) -> u64 {
+    pub fn stored_bytes(&self) -> u64 {
         let inner = self.read();
         inner.wal.iter().chain(inner.stores.values()).map(|store| store.stats().log_bytes).sum()
     }

@@ -27,6 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use datanode_wal::{Storage, WalOptions};
 
+use crate::compaction::{CompactionPolicy, CompactionReport};
 use crate::disk::{Disk, DiskOptions, DiskStatus};
 use crate::fault_journal::{self, FaultJournal, JournalEntry};
 use crate::layout::{DiskDir, META_FILE};
@@ -581,6 +582,36 @@ impl Registry {
                 _ => None,
             })
             .collect()
+    }
+
+    /// One round of compaction by policy on disk `name`: every healthy
+    /// partition that `policy` finds due is compacted, most garbage first,
+    /// one at a time (so the disk's copy budget holds), until `keep_going`
+    /// says stop. Blocking. Returns each partition compacted with its
+    /// outcome.
+    pub fn compact_disk(
+        &self,
+        name: &str,
+        policy: &CompactionPolicy,
+        keep_going: impl Fn() -> bool,
+    ) -> Vec<(u64, crate::Result<CompactionReport>)> {
+        let mut due: Vec<(u64, Arc<Partition>)> = self
+            .partitions_on(name)
+            .into_iter()
+            .filter(|p| p.health().state() == State::Healthy)
+            .map(|p| (p.garbage_bytes(), p))
+            .filter(|(garbage, p)| policy.is_due(*garbage, p.stored_bytes()))
+            .collect();
+        due.sort_by_key(|(garbage, _)| std::cmp::Reverse(*garbage));
+        let mut done = Vec::new();
+        for (garbage, partition) in due {
+            if !keep_going() {
+                break;
+            }
+            tracing::info!(partition = partition.id(), disk = name, garbage, "compacting by policy");
+            done.push((partition.id(), partition.compact_limited(policy.max_bytes_per_sec)));
+        }
+        done
     }
 
     /// Probes every disk once and applies the outcomes to their partitions

@@ -123,3 +123,36 @@ fn compaction_under_concurrent_puts_and_gets_loses_nothing() {
         assert_eq!(reopened.get(&key.to_le_bytes(), None).unwrap(), value(*key, *version), "after reopen, key {key}");
     }
 }
+
+#[test]
+fn garbage_is_counted_and_a_budget_slows_the_copy() {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let sim = SimStorage::new(3);
+    let partition = open(&sim);
+    for key in 0..20u32 {
+        rt.block_on(partition.put(&key.to_le_bytes(), &value(key, 0))).unwrap();
+    }
+    let fresh = partition.garbage_bytes();
+    for version in 1..6u32 {
+        for key in 0..20u32 {
+            rt.block_on(partition.put(&key.to_le_bytes(), &value(key, version))).unwrap();
+        }
+    }
+    for key in 0..10u32 {
+        rt.block_on(partition.delete(&key.to_le_bytes())).unwrap();
+    }
+    let garbage = partition.garbage_bytes();
+    assert!(
+        garbage > fresh + 100 * value(0, 0).len() as u64,
+        "overwrites and deletes are garbage: {fresh} -> {garbage}"
+    );
+    // 10 live blobs of ~750 bytes at 10 KB/s: at least about 0.5 s.
+    let started = std::time::Instant::now();
+    let report = partition.compact_limited(Some(10_000)).unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(500), "{:?}", started.elapsed());
+    assert!(report.copied_bytes > 0 && report.reclaimed_bytes() > 0, "{report:?}");
+    assert!(partition.garbage_bytes() < garbage / 2, "{} after, {garbage} before", partition.garbage_bytes());
+    for key in 10..20u32 {
+        assert_eq!(&partition.get(&key.to_le_bytes(), None).unwrap()[..], &value(key, 5)[..]);
+    }
+}

@@ -127,6 +127,13 @@ fn a_full_disk_is_read_only_with_hysteresis() {
     assert_eq!(state_of(&registry, 1), State::ReadOnly([ReadOnlyReason::DiskFull].into()));
     assert!(registry.disk_statuses()[0].reasons.contains(&"disk_full".to_string()));
     assert_eq!(&registry.get(1).unwrap().get(b"k", None).unwrap()[..], b"kept");
+    // Deletes are taken (so an operator can free space), puts are not.
+    rt.block_on(registry.get(1).unwrap().put(b"k3", b"more")).unwrap_err();
+    rt.block_on(registry.get(1).unwrap().put(b"k", b"x")).unwrap_err();
+    sim.set_space(1000, 30);
+    rt.block_on(registry.get(1).unwrap().delete(b"k")).unwrap();
+    assert!(matches!(registry.get(1).unwrap().get(b"k", None), Err(datanode_partition::Error::NotFound)));
+    rt.block_on(registry.get(1).unwrap().put(b"k", b"kept")).unwrap_err();
     sim.set_space(1000, 70); // 93%: below full, above resume -> stays read-only
     registry.check_disks();
     assert_eq!(state_of(&registry, 1), State::ReadOnly([ReadOnlyReason::DiskFull].into()));
