@@ -101,7 +101,7 @@ fn an_operator_compacts_a_partition_and_hears_what_came_back() {
     for k in 0..4u8 {
         let (status, value) = call(ureq::get(&daemon.url(&format!("/v1/partitions/2/blobs/k{k}"))), None);
         assert_eq!(status, 200);
-        assert_eq!(value, vec![(196 + k) as u8; 4096], "k{k} keeps its last value");
+        assert_eq!(value, vec![196 + k; 4096], "k{k} keeps its last value");
     }
     let (status, _) = call(ureq::post(&daemon.url("/v1/partitions/99/compact")), Some(b""));
     assert_eq!(status, 404);
