@@ -87,6 +87,9 @@ pub struct WalConfig {
     pub max_batch_bytes: u64,
     /// `auto`, `std` or `uring`.
     pub io_backend: String,
+    /// Most threads carrying the logs' I/O on one disk, whatever the
+    /// number of partitions.
+    pub io_threads_per_disk: u64,
 }
 
 /// `[limits]`.
@@ -173,6 +176,7 @@ durability = "sync"
 sync_interval = "10ms"
 max_batch_bytes = "4MiB"
 io_backend = "std"
+io_threads_per_disk = 16
 
 [limits]
 max_blob_size = "16MiB"
@@ -299,6 +303,9 @@ impl Config {
         }
         if !["sync", "interval", "none"].contains(&self.wal.durability.as_str()) {
             return fail(format!("wal.durability = {:?} is not sync, interval or none", self.wal.durability));
+        }
+        if !(1..=256).contains(&self.wal.io_threads_per_disk) {
+            return fail(format!("wal.io_threads_per_disk = {} is outside 1..=256", self.wal.io_threads_per_disk));
         }
         if self.wal.io_backend.parse::<datanode_wal::IoBackend>().is_err() {
             return fail(format!("wal.io_backend = {:?} is not auto, std or uring", self.wal.io_backend));

@@ -145,6 +145,7 @@ pub fn partition_defaults(config: &Config) -> PartitionDefaults {
             ..WalOptions::new(0)
         },
         max_blob_size: config.limits.max_blob_size as usize,
+        io_threads_per_disk: config.wal.io_threads_per_disk as usize,
         read_error_tolerance: 3,
     }
 }

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use datanode_wal::{Storage, WalOptions};
+use datanode_wal::{Engine, Storage, WalOptions};
 
 use crate::compaction::{CompactionPolicy, CompactionReport};
 use crate::disk::{Disk, DiskOptions, DiskStatus};
@@ -73,7 +73,13 @@ pub struct PartitionDefaults {
     pub max_blob_size: usize,
     /// Read errors tolerated before a partition is faulted.
     pub read_error_tolerance: u32,
+    /// Most threads carrying the logs' I/O on one disk, however many
+    /// partitions it holds.
+    pub io_threads_per_disk: usize,
 }
+
+/// Default of [`PartitionDefaults::io_threads_per_disk`].
+pub const DEFAULT_IO_THREADS_PER_DISK: usize = 16;
 
 impl Default for PartitionDefaults {
     fn default() -> PartitionDefaults {
@@ -83,6 +89,7 @@ impl Default for PartitionDefaults {
             wal: template.wal,
             max_blob_size: template.max_blob_size,
             read_error_tolerance: template.read_error_tolerance,
+            io_threads_per_disk: DEFAULT_IO_THREADS_PER_DISK,
         }
     }
 }
@@ -154,6 +161,8 @@ pub struct Registry {
     /// Per disk, in the same order: held by create, delete and the
     /// verifier while they change that disk's `partitions/`.
     layout: Vec<Mutex<()>>,
+    /// Per disk, in the same order: the threads that carry its logs' I/O.
+    engines: Vec<Engine>,
     defaults: PartitionDefaults,
     slots: Mutex<Slots>,
     journal: FaultJournal,
@@ -203,11 +212,14 @@ impl Registry {
             disks.iter().map(|dir| Disk::new(dir.clone(), Arc::clone(&storage), defaults.disk.clone())).collect();
         let journal = FaultJournal::start(Arc::clone(&storage), &disks);
         let layout = disks.iter().map(|_| Mutex::new(())).collect();
+        let engines =
+            disks.iter().map(|dir| Engine::new(format!("disk-{}", dir.name), defaults.io_threads_per_disk)).collect();
         let registry = Registry {
             storage,
             disks,
             disk_health,
             layout,
+            engines,
             defaults,
             slots: Mutex::new(Slots::default()),
             journal,
@@ -346,8 +358,9 @@ impl Registry {
     }
 
     fn options(&self, id: u64, disk: &DiskDir) -> PartitionOptions {
+        let engine = self.disks.iter().position(|d| d.name == disk.name).and_then(|at| self.engines.get(at)).cloned();
         PartitionOptions {
-            wal: self.defaults.wal.clone(),
+            wal: WalOptions { engine, ..self.defaults.wal.clone() },
             max_blob_size: self.defaults.max_blob_size,
             read_error_tolerance: self.defaults.read_error_tolerance,
             ..PartitionOptions::new(id, disk.name.clone(), disk.partitions_dir().join(id.to_string()))

@@ -209,3 +209,54 @@ fn an_unreadable_partition_file_is_served_faulted_never_quarantined() {
     registry.get(1).unwrap().recover().unwrap();
     assert_eq!(&registry.get(1).unwrap().get(b"k", None).unwrap()[..], b"kept");
 }
+
+fn process_threads() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn partitions_share_their_disks_threads_and_a_hung_fsync_stalls_only_its_own() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+    let sim = SimStorage::new(11);
+    let storage: Arc<dyn Storage> = Arc::new(sim.clone());
+    let disks = vec![DiskDir { name: "d0".into(), path: PathBuf::from("/d0") }];
+    let defaults = PartitionDefaults {
+        wal: WalOptions { segment_size: 64 << 10, ..WalOptions::new(0) },
+        io_threads_per_disk: 4,
+        ..PartitionDefaults::default()
+    };
+    let before = process_threads();
+    let registry = Registry::open(storage, disks, defaults);
+    for id in 1..=300 {
+        registry.create(id, "d0").unwrap();
+    }
+    // One partition's fsync hangs; its put waits.
+    sim.pause_on(FaultOp::Sync, "/d0/partitions/1/");
+    let hung = {
+        let partition = registry.get(1).unwrap();
+        rt.spawn(async move { partition.put(b"k", b"held").await })
+    };
+    while sim.held() == 0 {
+        std::thread::yield_now();
+    }
+    // Every other partition, on the same disk and the same threads, writes.
+    let others: Vec<_> = (2..=300)
+        .map(|id| {
+            let partition = registry.get(id).unwrap();
+            rt.spawn(async move { partition.put(b"k", format!("v{id}").as_bytes()).await })
+        })
+        .collect();
+    for put in others {
+        rt.block_on(put).unwrap().unwrap();
+    }
+    let grown = process_threads().saturating_sub(before);
+    // The disk's 4 I/O threads, its fault-journal writer, and slack for the
+    // test's own; never one or two per partition.
+    assert!(grown <= 12, "300 partitions grew the process by {grown} threads");
+    assert!(!hung.is_finished(), "the hung partition's put is still waiting");
+    sim.resume(FaultOp::Sync);
+    rt.block_on(hung).unwrap().unwrap();
+    assert_eq!(&registry.get(1).unwrap().get(b"k", None).unwrap()[..], b"held");
+    registry.close();
+}

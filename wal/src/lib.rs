@@ -4,9 +4,11 @@
 //! One [`Wal`] is one log in one directory, identified by an opaque `log_id`
 //! (the layers above use their partition id; this crate gives it no
 //! meaning). Appends from any number of tasks or threads are queued and
-//! written by one writer thread per log: everything queued goes out in one
-//! vectored write followed by one `fdatasync`, and then every waiter in the
-//! batch is answered. The on-disk format is described in `FORMAT.md`.
+//! written by the log's writer: everything queued goes out in one vectored
+//! write followed by one `fdatasync`, and then every waiter in the batch is
+//! answered. A log is an owned object, not a thread: its writer runs on an
+//! [`Engine`], a small pool of threads shared by the logs of one disk,
+//! whenever it has work. The on-disk format is described in `FORMAT.md`.
 //!
 //! # Durability contract
 //!
@@ -38,6 +40,7 @@
 #![cfg_attr(not(test), deny(clippy::indexing_slicing))]
 
 mod block_on;
+mod engine;
 mod error;
 pub mod format;
 mod prepare;
@@ -52,6 +55,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+pub use engine::Engine;
 pub use error::{Corruption, Error, IoOp, Result};
 pub use storage::{IoBackend, Space, Storage, StorageFile, open_backend};
 pub use wal::{Wal, WalStats};
@@ -100,6 +104,9 @@ pub struct WalOptions {
     /// log (neither its `LOG` marker nor a segment) is
     /// [`Corruption::MissingLog`], never silently replaced by an empty log.
     pub create_if_missing: bool,
+    /// The pool of threads that carries this log's I/O, shared with the
+    /// other logs on its disk. `None`: a pool of one thread of its own.
+    pub engine: Option<Engine>,
 }
 
 impl std::fmt::Debug for WalOptions {
@@ -114,6 +121,7 @@ impl std::fmt::Debug for WalOptions {
             .field("observer", &self.observer.is_some())
             .field("known_durable_lsn", &self.known_durable_lsn)
             .field("create_if_missing", &self.create_if_missing)
+            .field("engine", &self.engine)
             .finish()
     }
 }
@@ -132,6 +140,7 @@ impl WalOptions {
             observer: None,
             known_durable_lsn: 0,
             create_if_missing: true,
+            engine: None,
         }
     }
 }

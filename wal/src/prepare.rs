@@ -1,19 +1,20 @@
-//! Pre-writing segments ahead of the writer.
+//! Pre-writing segments ahead of the writer, as jobs on the log's engine.
 //!
 //! A sync write into space that was already written (and synced) needs no
 //! extent or size metadata in the journal, so its `fdatasync` is about twice
-//! as fast as one into fresh space. A background thread therefore fills the
+//! as fast as one into fresh space. A job on the engine therefore fills the
 //! next segment with zeros, syncs it and renames it into place while the
 //! writer fills the current one. If it falls behind, the writer waits for
 //! it; if it fails (a full disk), the writer creates the segment itself and
 //! writes into fresh space.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
 
 use bytes::Bytes;
 
+use crate::engine::{Engine, Job, Next};
 use crate::error::{Error, IoOp, Result};
 use crate::recovery::Spare;
 use crate::segment;
@@ -21,11 +22,19 @@ use crate::storage::{Storage, StorageFile};
 
 const ZERO_CHUNK: usize = 4 << 20;
 
-/// Hands out segment files, pre-written when it can.
-#[derive(Debug)]
+/// Hands out segment files, pre-written when it can. The pre-writes run as
+/// jobs on the log's engine, never on a thread of their own.
 pub(crate) struct Preparer {
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    job: Arc<PrepareJob>,
+    engine: Engine,
+    prewrite: bool,
+}
+
+impl std::fmt::Debug for Preparer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Preparer").field("dir", &self.shared.dir).field("prewrite", &self.prewrite).finish()
+    }
 }
 
 #[derive(Debug)]
@@ -50,9 +59,27 @@ struct State {
     closing: bool,
 }
 
+/// The engine job that pre-writes the wanted segment.
+struct PrepareJob {
+    scheduled: AtomicBool,
+    shared: Arc<Shared>,
+}
+
+impl Job for PrepareJob {
+    fn run(&self) -> Next {
+        self.shared.prepare_wanted();
+        Next::Idle
+    }
+
+    fn scheduled(&self) -> &AtomicBool {
+        &self.scheduled
+    }
+}
+
 impl Preparer {
-    /// Starts the background thread (unless `prewrite` is off). `spare` is a
-    /// zeroed segment left from before, handed out first.
+    /// A preparer whose pre-writes (unless `prewrite` is off) run on
+    /// `engine`. `spare` is a zeroed segment left from before, handed out
+    /// first.
     pub fn start(
         storage: Arc<dyn Storage>,
         dir: PathBuf,
@@ -60,7 +87,8 @@ impl Preparer {
         prewrite: bool,
         spare: Option<Spare>,
         first_wanted: u64,
-    ) -> Result<Preparer> {
+        engine: Engine,
+    ) -> Preparer {
         let wanted = (prewrite && spare.is_none()).then_some(first_wanted);
         let shared = Arc::new(Shared {
             storage,
@@ -69,35 +97,51 @@ impl Preparer {
             state: Mutex::new(State { wanted, ready: spare, busy: false, abort: false, closing: false }),
             changed: Condvar::new(),
         });
-        let thread = if prewrite {
-            let worker = Arc::clone(&shared);
-            let handle = std::thread::Builder::new()
-                .name("wal-prepare".into())
-                .spawn(move || worker.run())
-                .map_err(|e| Error::io(IoOp::Open, &shared.dir, e))?;
-            Some(handle)
-        } else {
-            None
-        };
-        Ok(Preparer { shared, thread: Mutex::new(thread) })
+        let job = Arc::new(PrepareJob { scheduled: AtomicBool::new(false), shared: Arc::clone(&shared) });
+        let preparer = Preparer { shared, job, engine, prewrite };
+        if wanted.is_some() {
+            preparer.schedule();
+        }
+        preparer
+    }
+
+    fn schedule(&self) {
+        let job: Arc<dyn Job> = Arc::clone(&self.job) as Arc<dyn Job>;
+        self.engine.schedule(job);
     }
 
     /// The file for segment `id`: the prepared one if the preparer has it,
     /// else a fresh file whose name is made durable here. With `wait`, a
-    /// pre-write of `id` that is under way or about to start is waited for;
-    /// without, it is abandoned (the writer must not stall behind it). Only
-    /// once the file is in hand is `id + 1` asked for, so a failure here
-    /// never leaves a later segment behind a missing one.
+    /// pre-write of `id` that is under way is waited for, and one not yet
+    /// started is done here; without, it is abandoned (the writer must not
+    /// stall behind it). Only once the file is in hand is `id + 1` asked
+    /// for, so a failure here never leaves a later segment behind a missing
+    /// one.
     pub fn take(&self, id: u64, wait: bool) -> Result<Arc<dyn StorageFile>> {
         let shared = &self.shared;
-        let prewrite = self.running();
         let mut state = shared.lock();
         if !wait && state.ready.as_ref().is_none_or(|ready| ready.id != id) {
             state.abort = state.busy;
             state.wanted = None;
         }
-        while state.busy || (prewrite && state.wanted == Some(id) && !state.closing) {
+        while state.busy {
             state = shared.wait(state);
+        }
+        if wait && self.prewrite && state.wanted == Some(id) && !state.closing && state.ready.is_none() {
+            // Queued but not started: waiting for the job could wait for
+            // this very worker. Do it here.
+            state.wanted = None;
+            state.busy = true;
+            drop(state);
+            let prepared = shared.prewrite(id);
+            state = shared.lock();
+            state.busy = false;
+            match prepared {
+                Ok(file) => state.ready = Some(Spare { id, file }),
+                Err(error) => {
+                    tracing::warn!(dir = %shared.dir.display(), segment = id, %error, "pre-writing segment failed")
+                }
+            }
         }
         state.abort = false;
         let mut stale = None;
@@ -110,6 +154,7 @@ impl Preparer {
         };
         state.wanted = None;
         drop(state);
+        shared.changed.notify_all();
         if let Some(stale) = stale {
             shared.remove(stale.id)?;
         }
@@ -122,9 +167,9 @@ impl Preparer {
                 file
             }
         };
-        if prewrite {
+        if self.prewrite {
             shared.lock().wanted = Some(id + 1);
-            shared.changed.notify_all();
+            self.schedule();
         }
         Ok(file)
     }
@@ -146,26 +191,13 @@ impl Preparer {
         }
     }
 
-    /// Stops the thread, finishing a pre-write in progress first.
+    /// Stops preparing, finishing a pre-write in progress first.
     pub fn close(&self) {
-        self.shared.lock().closing = true;
-        self.shared.changed.notify_all();
-        let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(thread) = thread
-            && thread.join().is_err()
-        {
-            tracing::error!(dir = %self.shared.dir.display(), "segment preparer panicked");
+        let mut state = self.shared.lock();
+        state.closing = true;
+        while state.busy {
+            state = self.shared.wait(state);
         }
-    }
-
-    fn running(&self) -> bool {
-        self.thread.lock().unwrap_or_else(PoisonError::into_inner).is_some()
-    }
-}
-
-impl Drop for Preparer {
-    fn drop(&mut self) {
-        self.close();
     }
 }
 
@@ -178,33 +210,31 @@ impl Shared {
         self.changed.wait(guard).unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn run(&self) {
-        loop {
-            let mut state = self.lock();
-            while !state.closing && (state.wanted.is_none() || state.ready.is_some()) {
-                state = self.wait(state);
-            }
-            let Some(id) = state.wanted.take().filter(|_| !state.closing) else {
-                return;
-            };
-            state.busy = true;
-            drop(state);
-            let prepared = self.prewrite(id);
-            let mut state = self.lock();
-            state.busy = false;
-            match prepared {
-                Ok(file) => state.ready = Some(Spare { id, file }),
-                Err(error) if state.abort => {
-                    tracing::debug!(dir = %self.dir.display(), segment = id, %error, "pre-write abandoned");
-                }
-                Err(error) => {
-                    // Not fatal: the writer creates the segment itself.
-                    tracing::warn!(dir = %self.dir.display(), segment = id, %error, "pre-writing segment failed");
-                }
-            }
-            drop(state);
-            self.changed.notify_all();
+    /// Pre-writes the wanted segment, if one is wanted and none is ready:
+    /// one engine job's work.
+    fn prepare_wanted(&self) {
+        let mut state = self.lock();
+        if state.closing || state.busy || state.ready.is_some() {
+            return;
         }
+        let Some(id) = state.wanted.take() else { return };
+        state.busy = true;
+        drop(state);
+        let prepared = self.prewrite(id);
+        let mut state = self.lock();
+        state.busy = false;
+        match prepared {
+            Ok(file) => state.ready = Some(Spare { id, file }),
+            Err(error) if state.abort => {
+                tracing::debug!(dir = %self.dir.display(), segment = id, %error, "pre-write abandoned");
+            }
+            Err(error) => {
+                // Not fatal: the writer creates the segment itself.
+                tracing::warn!(dir = %self.dir.display(), segment = id, %error, "pre-writing segment failed");
+            }
+        }
+        drop(state);
+        self.changed.notify_all();
     }
 
     /// Writes `segment_size` zeros to a temporary name, syncs, renames it

@@ -2,13 +2,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Condvar, Mutex, RwLock, TryLockError};
 
 use bytes::Bytes;
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::block_on::block_on;
+use crate::engine::{Engine, Job, Next};
 use crate::error::{Corruption, Error, IoOp, Result};
 use crate::format::MAX_RECORD_LEN;
 use crate::prepare::Preparer;
@@ -23,8 +23,47 @@ use crate::{Appended, Lsn, Record, RecordPos, WalOptions};
 pub struct Wal {
     shared: Arc<Shared>,
     preparer: Arc<Preparer>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    task: Arc<LogTask>,
+    engine: Engine,
     max_record: usize,
+}
+
+/// The engine job of one log: its writer, run by one worker at a time.
+struct LogTask {
+    scheduled: AtomicBool,
+    shared: Arc<Shared>,
+    writer: Mutex<Writer>,
+}
+
+impl Job for LogTask {
+    fn run(&self) -> Next {
+        let due = match self.writer.try_lock() {
+            Ok(mut writer) => run_writer(&mut writer, &self.shared),
+            // Another worker runs this log now (or is stuck in its sync):
+            // it looks at the queue again when it is done.
+            Err(TryLockError::WouldBlock) => return Next::Idle,
+            Err(TryLockError::Poisoned(poisoned)) => run_writer(&mut poisoned.into_inner(), &self.shared),
+        };
+        if self.shared.has_work() { Next::Again } else { due.map_or(Next::Idle, Next::At) }
+    }
+
+    fn scheduled(&self) -> &AtomicBool {
+        &self.scheduled
+    }
+}
+
+/// Runs the writer's step; a panic in it (a bug) must not take the worker
+/// or the process down: the log is poisoned and closed, so its partition
+/// sees a dead writer and faults (invariant 5).
+fn run_writer(writer: &mut Writer, shared: &Shared) -> Option<std::time::Instant> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.step())) {
+        Ok(due) => due,
+        Err(_) => {
+            tracing::error!(dir = %shared.dir.display(), "WAL writer panicked: the log is closed");
+            writer.abandon();
+            None
+        }
+    }
 }
 
 impl std::fmt::Debug for Wal {
@@ -98,7 +137,8 @@ impl Wal {
             log_id: options.log_id,
             dir: dir.clone(),
             queue: Mutex::new(Queue::default()),
-            wake: Condvar::new(),
+            exited: Mutex::new(false),
+            exit: Condvar::new(),
             space: Arc::new(Semaphore::new(queue_capacity)),
             queue_capacity,
             queued_bytes: Arc::new(AtomicUsize::new(0)),
@@ -109,6 +149,8 @@ impl Wal {
             poison: Mutex::new(None),
             counters: Counters::default(),
         });
+        // A log given no engine gets one of its own, of one thread.
+        let engine = options.engine.clone().unwrap_or_else(|| Engine::new("wal", 1));
         let preparer = Arc::new(Preparer::start(
             Arc::clone(&storage),
             dir.clone(),
@@ -116,15 +158,17 @@ impl Wal {
             options.prewrite_segments,
             recovered.spare,
             recovered.next_segment_id,
-        )?);
+            engine.clone(),
+        ));
         let max_record = MAX_RECORD_LEN.min(options.max_queued_bytes);
         let writer =
             Writer::new(Arc::clone(&shared), storage, options, Arc::clone(&preparer), recovered.next_segment_id);
-        let thread = std::thread::Builder::new()
-            .name("wal-writer".into())
-            .spawn(move || writer.run())
-            .map_err(|e| Error::io(IoOp::Open, &dir, e))?;
-        Ok(Wal { shared, preparer, writer: Mutex::new(Some(thread)), max_record })
+        let task = Arc::new(LogTask {
+            scheduled: AtomicBool::new(false),
+            shared: Arc::clone(&shared),
+            writer: Mutex::new(writer),
+        });
+        Ok(Wal { shared, preparer, task, engine, max_record })
     }
 
     /// Appends `records` as one batch; returns their LSNs and positions
@@ -241,7 +285,7 @@ impl Wal {
         }
         queue.requests.push_back(request);
         drop(queue);
-        self.shared.wake.notify_one();
+        self.schedule();
         Ok(())
     }
 
@@ -361,15 +405,15 @@ impl Wal {
 
     fn shutdown(&self) {
         self.shared.queue().closing = true;
-        self.shared.wake.notify_all();
-        let writer = self.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(writer) = writer
-            && writer.join().is_err()
-        {
-            tracing::error!(dir = %self.shared.dir.display(), "WAL writer panicked");
-        }
+        self.schedule();
+        self.shared.wait_exited();
         self.shared.space.close();
         self.preparer.close();
+    }
+
+    fn schedule(&self) {
+        let task: Arc<dyn Job> = Arc::clone(&self.task) as Arc<dyn Job>;
+        self.engine.schedule(task);
     }
 }
 
@@ -378,7 +422,7 @@ impl Drop for Wal {
     /// writer thread, without waiting for it.
     fn drop(&mut self) {
         self.shared.queue().closing = true;
-        self.shared.wake.notify_all();
+        self.schedule();
         self.shared.space.close();
     }
 }

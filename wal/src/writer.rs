@@ -1,4 +1,6 @@
-//! The writer thread: group commit, segment rolls, truncation and purge.
+//! The writer: group commit, segment rolls, truncation and purge. It runs
+//! on an engine worker whenever its log has work (`engine.rs`), one worker
+//! at a time.
 //!
 //! Appends queue up in [`Shared::queue`] while the previous batch is being
 //! written and synced; the writer then takes everything queued (up to
@@ -108,7 +110,9 @@ pub(crate) struct Shared {
     pub log_id: u64,
     pub dir: PathBuf,
     pub queue: Mutex<Queue>,
-    pub wake: Condvar,
+    /// Set once the writer closed, drained and synced; `exit` is told.
+    pub exited: Mutex<bool>,
+    pub exit: Condvar,
     pub space: Arc<Semaphore>,
     /// Permits `space` was created with: bytes that may be queued.
     pub queue_capacity: usize,
@@ -135,6 +139,28 @@ impl Shared {
 
     fn table_mut(&self) -> RwLockWriteGuard<'_, SegmentTable> {
         self.table.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn mark_exited(&self) {
+        *self.exited.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.exit.notify_all();
+    }
+
+    /// Waits until the writer has exited.
+    pub fn wait_exited(&self) {
+        let mut exited = self.exited.lock().unwrap_or_else(PoisonError::into_inner);
+        while !*exited {
+            exited = self.exit.wait(exited).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Whether anything is queued, or a close is waiting to be served.
+    pub fn has_work(&self) -> bool {
+        let (queued, closing) = {
+            let queue = self.queue();
+            (!queue.requests.is_empty(), queue.closing)
+        };
+        queued || (closing && !*self.exited.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// The error every call gets once the log is poisoned.
@@ -169,6 +195,8 @@ pub(crate) struct Writer {
     durable_lsn: Lsn,
     /// Records written but not yet synced, since when.
     unsynced_since: Option<Instant>,
+    /// Closed and drained: nothing more will run.
+    exited: bool,
 }
 
 /// Why a batch failed, which decides what its requests are told.
@@ -183,6 +211,8 @@ enum Work {
     Appends(Vec<AppendRequest>),
     Control(Request),
     SyncDue,
+    /// Nothing queued: wait for more, or until the periodic sync is due.
+    Wait(Option<Instant>),
     Exit,
 }
 
@@ -202,12 +232,39 @@ impl Writer {
             offset: meta.end_offset,
             empty: meta.is_empty(),
         });
-        Writer { shared, storage, options, preparer, active, next_segment_id, durable_lsn, unsynced_since: None }
+        Writer {
+            shared,
+            storage,
+            options,
+            preparer,
+            active,
+            next_segment_id,
+            durable_lsn,
+            unsynced_since: None,
+            exited: false,
+        }
     }
 
-    /// The thread body: serve the queue until closed, then sync what is
-    /// unsynced.
-    pub fn run(mut self) {
+    /// After a panic in [`Writer::step`]: poisons the log, fails what is
+    /// queued and marks the writer exited, so no caller waits forever.
+    pub fn abandon(&mut self) {
+        let _ = self.poison(IoOp::Write, self.shared.dir.clone(), io::Error::from_raw_os_error(libc::EIO));
+        let requests: Vec<Request> = self.shared.queue().requests.drain(..).collect();
+        for request in requests {
+            reply_error(request, Error::Closed);
+        }
+        self.exited = true;
+        self.shared.mark_exited();
+    }
+
+    /// One run on an engine worker: serves the queue until it is empty.
+    /// Returns when the next periodic sync is due, if one is; after the
+    /// log was closed and drained, syncs what is unsynced and marks the
+    /// writer exited.
+    pub fn step(&mut self) -> Option<Instant> {
+        if self.exited {
+            return None;
+        }
         loop {
             match self.next_work() {
                 Work::Appends(batch) => self.write_batch(batch),
@@ -217,6 +274,7 @@ impl Writer {
                         tracing::error!(dir = %self.shared.dir.display(), %error, "periodic WAL sync failed");
                     }
                 }
+                Work::Wait(due) => return due,
                 Work::Exit => break,
             }
         }
@@ -226,47 +284,45 @@ impl Writer {
         {
             tracing::error!(dir = %self.shared.dir.display(), %error, "final WAL sync failed");
         }
+        self.exited = true;
+        self.shared.mark_exited();
+        None
     }
 
+    /// What to do next, without waiting: a batch of appends (everything
+    /// queued, up to `max_batch_bytes`), a control request, a periodic sync
+    /// that is due, the exit after a close, or nothing yet.
     fn next_work(&mut self) -> Work {
         let mut queue = self.shared.queue();
-        loop {
-            match queue.requests.pop_front() {
-                Some(Request::Append(first)) => {
-                    let mut bytes = first.bytes;
-                    let mut batch = vec![first];
-                    while bytes < self.options.max_batch_bytes {
-                        match queue.requests.pop_front() {
-                            Some(Request::Append(next)) => {
-                                bytes += next.bytes;
-                                batch.push(next);
-                            }
-                            Some(other) => {
-                                queue.requests.push_front(other);
-                                break;
-                            }
-                            None => break,
+        match queue.requests.pop_front() {
+            Some(Request::Append(first)) => {
+                let mut bytes = first.bytes;
+                let mut batch = vec![first];
+                while bytes < self.options.max_batch_bytes {
+                    match queue.requests.pop_front() {
+                        Some(Request::Append(next)) => {
+                            bytes += next.bytes;
+                            batch.push(next);
                         }
+                        Some(other) => {
+                            queue.requests.push_front(other);
+                            break;
+                        }
+                        None => break,
                     }
-                    return Work::Appends(batch);
                 }
-                Some(control) => return Work::Control(control),
-                None => {}
+                return Work::Appends(batch);
             }
-            if queue.closing {
-                return Work::Exit;
-            }
-            match (self.options.durability, self.unsynced_since) {
-                (Durability::Interval(every), Some(since)) => {
-                    let due = since + every;
-                    let now = Instant::now();
-                    if now >= due {
-                        return Work::SyncDue;
-                    }
-                    queue = self.shared.wake.wait_timeout(queue, due - now).unwrap_or_else(PoisonError::into_inner).0;
-                }
-                _ => queue = self.shared.wake.wait(queue).unwrap_or_else(PoisonError::into_inner),
-            }
+            Some(control) => return Work::Control(control),
+            None => {}
+        }
+        if queue.closing {
+            return Work::Exit;
+        }
+        match (self.options.durability, self.unsynced_since) {
+            (Durability::Interval(every), Some(since)) if Instant::now() >= since + every => Work::SyncDue,
+            (Durability::Interval(every), Some(since)) => Work::Wait(Some(since + every)),
+            _ => Work::Wait(None),
         }
     }
 
