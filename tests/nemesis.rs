@@ -55,7 +55,7 @@ fn nemesis_fuse_faults_timeouts_and_restarts() {
     if unavailable(&["fusermount3"]).is_some() {
         return;
     }
-    let budget = Budget::from_env(18);
+    let budget = Budget::from_env(24);
     let d0 = FuseDir::new();
     let d1 = tempfile::tempdir().unwrap();
     let settings = "[health]\nprobe_interval = \"200ms\"\n\n\
@@ -162,16 +162,50 @@ fn install_under_burst(run: &mut Run, into: u64) {
     run.end_burst();
 }
 
+/// Removes `dir/CURRENT` (`remove`) or flips a byte in the first record's
+/// payload of the live log's first segment, when that record is followed
+/// by another; only in a partition whose log is an installed one (`wal-N`).
+/// Says what it did.
+fn damage_at_rest(dir: &std::path::Path, remove: bool) -> Option<String> {
+    let current = std::fs::read_to_string(dir.join("CURRENT")).ok()?;
+    let log = current.lines().find_map(|l| l.strip_prefix("log="))?.trim().to_string();
+    if log == "wal" {
+        return None;
+    }
+    if remove {
+        std::fs::remove_file(dir.join("CURRENT")).ok()?;
+        return Some(format!("removed {}/CURRENT (it named {log})", dir.display()));
+    }
+    let mut segments: Vec<std::path::PathBuf> =
+        std::fs::read_dir(dir.join(&log)).ok()?.flatten().map(|e| e.path()).collect();
+    segments.sort();
+    let segment = segments.into_iter().find(|s| std::fs::metadata(s).is_ok_and(|m| m.len() > 0))?;
+    let mut bytes = std::fs::read(&segment).ok()?;
+    let len = u32::from_le_bytes(bytes.get(72..76)?.try_into().ok()?) as usize;
+    let next = 64 + 48 + len.div_ceil(8) * 8;
+    let followed = bytes.get(next..next + 48).is_some_and(|h| h.iter().any(|&b| b != 0));
+    if len < 32 || !followed {
+        return None;
+    }
+    bytes[64 + 48 + 10] ^= 0x40;
+    let file = std::fs::OpenOptions::new().write(true).open(&segment).ok()?;
+    std::os::unix::fs::FileExt::write_all_at(&file, &bytes[64 + 48 + 10..64 + 48 + 11], 64 + 48 + 10).ok()?;
+    file.sync_all().ok()?;
+    Some(format!("flipped a bit in the first record of {}", segment.display()))
+}
+
 /// One loop-mounted XFS disk with every partition: power cuts (the
 /// filesystem shut down without flushing its log, the node killed, the
 /// disk remounted), under load and at quiescent points; kill -9; SIGTERM;
-/// installs under bursts of 100 KB puts against a 256 KiB write queue.
+/// installs under bursts of 100 KB puts against a 256 KiB write queue;
+/// damage at rest to an installed partition (its CURRENT removed, a bit
+/// flipped mid-log) while the node is down.
 #[test]
 fn nemesis_power_cuts_on_xfs() {
     if unavailable(Fs::Xfs.tools()).is_some() {
         return;
     }
-    let budget = Budget::from_env(10);
+    let budget = Budget::from_env(14);
     let disk = RefCell::new(LoopDisk::new(Fs::Xfs));
     let settings = "[health]\nprobe_interval = \"200ms\"\n\n\
                     [wal]\nsegment_size = \"8MiB\"\nmax_batch_bytes = \"256KiB\"\n\n\
@@ -193,8 +227,25 @@ fn nemesis_power_cuts_on_xfs() {
     let mut run = Run::start(setup, budget, Node::start(&toml, None));
     let mut heal = |_: &Run| {};
     while let Some(_step) = run.next_step() {
-        match run.rng.weighted(&[15, 30, 20, 15, 10, 10]) {
+        match run.rng.weighted(&[15, 30, 20, 15, 10, 10, 8]) {
             0 => run.work(Duration::from_millis(1000)),
+            6 => {
+                // Damage at rest while the node is down, in a partition that
+                // had an install: its CURRENT removed, or a bit flipped in
+                // its log's first record (a valid record follows).
+                let p = *run.rng.pick(&PARTITIONS);
+                let remove = run.rng.chance(50);
+                run.inject(vec![p], "damage at rest while down");
+                let root = disk.borrow().path().join(format!("partitions/{p}"));
+                let history = std::sync::Arc::clone(&run.history);
+                let step = run.step();
+                let mut damage = |_: &mut Node| {
+                    if let Some(what) = damage_at_rest(&root, remove) {
+                        history.note(step, what);
+                    }
+                };
+                run.restart(Stop::Term, true, &mut heal, &mut || {}, &mut damage);
+            }
             5 => {
                 let into = *run.rng.pick(&PARTITIONS);
                 install_under_burst(&mut run, into);
@@ -229,7 +280,7 @@ fn nemesis_disk_full() {
     if unavailable(&["mount"]).is_some() {
         return;
     }
-    let budget = Budget::from_env(10);
+    let budget = Budget::from_env(12);
     let d0 = tempfile::tempdir().unwrap();
     let mut tmpfs_size: u64 = 40 << 20;
     let d1 = SmallTmpfs::new(tmpfs_size);

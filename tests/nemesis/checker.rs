@@ -470,8 +470,20 @@ impl<'a> Checker<'a> {
                     let power_cut = self.rules.faults_may_be_lost_on_power_cut
                         && restarts.iter().any(|(t, _, kind)| kind == "power cut" && t > at && *t < sample.at);
                     if !repaired && !power_cut {
+                        let failed = self
+                            .events
+                            .iter()
+                            .filter(|e| {
+                                e.partition == p
+                                    && matches!(e.kind, Kind::Recover | Kind::Install { .. })
+                                    && e.invoke < sample.at
+                                    && e.status != 200
+                            })
+                            .last()
+                            .map(|e| format!("; the last recover or install before it answered an error (an error must leave no change): {e}"))
+                            .unwrap_or_default();
                         out.push(format!(
-                            "p{p} left faulted({}) for {state} between {:.3}s and {:.3}s without a recover or an install\n{}",
+                            "p{p} left faulted({}) for {state} between {:.3}s and {:.3}s without a recover or an install that succeeded{failed}\n{}",
                             why.join(","),
                             *at as f64 / 1e6,
                             sample.at as f64 / 1e6,
