@@ -154,10 +154,10 @@ fn nemesis_fuse_faults_timeouts_and_restarts() {
 fn install_under_burst(run: &mut Run, into: u64) {
     run.burst(into, 100_000);
     run.work_ms(200, 300);
-    for _ in 0..3 {
+    for _ in 0..5 {
         let from = *run.rng.pick(&PARTITIONS);
         run.export_and_install(from, into);
-        run.work_ms(200, 500);
+        run.work_ms(150, 250);
     }
     run.end_burst();
 }
@@ -216,7 +216,7 @@ fn nemesis_power_cuts_on_xfs() {
         name: "nemesis_power_cuts_on_xfs",
         partitions: PARTITIONS.to_vec(),
         keys: 16,
-        clients: 8,
+        clients: 12,
         mix: [50, 30, 10, 10],
         sizes: vec![(80, 64, 4096), (20, 4096, 32_768)],
         admin: Some([30, 30, 10, 8, 8, 5]),
@@ -227,7 +227,7 @@ fn nemesis_power_cuts_on_xfs() {
     let mut run = Run::start(setup, budget, Node::start(&toml, None));
     let mut heal = |_: &Run| {};
     while let Some(_step) = run.next_step() {
-        match run.rng.weighted(&[15, 30, 20, 15, 10, 10, 8]) {
+        match run.rng.weighted(&[12, 30, 18, 12, 10, 15, 8]) {
             0 => run.work(Duration::from_millis(1000)),
             6 => {
                 // Damage at rest while the node is down, in a partition that

@@ -302,15 +302,17 @@ impl<'a> Checker<'a> {
         };
         // Writes answered 503 that would explain the observation.
         let refused = |fits: &dyn Fn(&Producer) -> bool| {
-            let shown: Vec<String> = list
+            let mut candidates: Vec<&Producer> = list
                 .iter()
                 .filter(|q| {
                     matches!(q.status, Status::Refused | Status::FailedInstall) && fits(q) && q.invoke < obs.complete
                 })
-                .rev()
-                .take(3)
-                .map(|q| format!("\n    {}", self.describe(q.event)))
                 .collect();
+            // Failed installs first, then the latest refused writes.
+            candidates.reverse();
+            candidates.sort_by_key(|q| q.status != Status::FailedInstall);
+            let shown: Vec<String> =
+                candidates.iter().take(3).map(|q| format!("\n    {}", self.describe(q.event))).collect();
             if shown.is_empty() {
                 String::new()
             } else {
@@ -473,13 +475,13 @@ impl<'a> Checker<'a> {
                         let failed = self
                             .events
                             .iter()
-                            .filter(|e| {
+                            .rev()
+                            .find(|e| {
                                 e.partition == p
                                     && matches!(e.kind, Kind::Recover | Kind::Install { .. })
                                     && e.invoke < sample.at
                                     && e.status != 200
                             })
-                            .last()
                             .map(|e| format!("; the last recover or install before it answered an error (an error must leave no change): {e}"))
                             .unwrap_or_default();
                         out.push(format!(
