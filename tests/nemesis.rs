@@ -235,13 +235,12 @@ fn nemesis_power_cuts_on_xfs() {
                 // its log's first record (a valid record follows).
                 let p = *run.rng.pick(&PARTITIONS);
                 let remove = run.rng.chance(50);
-                run.inject(vec![p], "damage at rest while down");
                 let root = disk.borrow().path().join(format!("partitions/{p}"));
                 let history = std::sync::Arc::clone(&run.history);
                 let step = run.step();
                 let mut damage = |_: &mut Node| {
                     if let Some(what) = damage_at_rest(&root, remove) {
-                        history.note(step, what);
+                        history.inject(step, vec![p], &what);
                     }
                 };
                 run.restart(Stop::Term, true, &mut heal, &mut || {}, &mut damage);

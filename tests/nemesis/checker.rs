@@ -56,7 +56,7 @@ struct Observation {
     want: Want,
     invoke: u64,
     complete: u64,
-    what: String,
+    event: u64,
 }
 
 /// What the checker needs to know about the run.
@@ -123,7 +123,7 @@ impl<'a> Checker<'a> {
             let slot = e.key.clone().map(|k| (e.partition, k));
             let observe = |observations: &mut BTreeMap<(u64, String), Vec<Observation>>, key: &String, want: Want| {
                 if let Some(list) = observations.get_mut(&(e.partition, key.clone())) {
-                    list.push(Observation { want, invoke: e.invoke, complete: e.complete, what: e.to_string() });
+                    list.push(Observation { want, invoke: e.invoke, complete: e.complete, event: e.id });
                 }
             };
             match &e.kind {
@@ -279,7 +279,7 @@ impl<'a> Checker<'a> {
         timed.sort_by_key(|(at, _)| *at);
         violations.extend(timed.into_iter().map(|(_, text)| text));
 
-        violations.extend(self.stability());
+        violations.extend(self.stability(history));
         violations.extend(self.states(history));
         violations
     }
@@ -363,7 +363,7 @@ impl<'a> Checker<'a> {
                 refused(&|q: &Producer| q.x.is_some())
             ),
         };
-        format!("p{p} {key}: {}\n  {why}\n{excerpt}", obs.what)
+        format!("p{p} {key}: {}\n  {why}\n{excerpt}", self.event(obs.event))
     }
 
     fn describe(&self, event: u64) -> String {
@@ -393,7 +393,8 @@ impl<'a> Checker<'a> {
     }
 
     /// Reads at a quiescent point before a restart and after it agree.
-    fn stability(&self) -> Vec<String> {
+    fn stability(&self, history: &History) -> Vec<String> {
+        let injections = history.injections.lock().unwrap();
         type Pair<'e> = (Option<&'e Event>, Option<&'e Event>);
         let mut rounds: BTreeMap<(u64, u64, String), Pair> = BTreeMap::new();
         for e in self.events {
@@ -414,9 +415,18 @@ impl<'a> Checker<'a> {
                         && matches!(e.kind, Kind::Put { .. } | Kind::Delete { .. })
                         && write_status(e).is_ok_and(|s| s == Status::Unknown)
                 });
+                let damaged = injections
+                    .iter()
+                    .any(|i| i.partitions.contains(&p) && i.at >= before.complete && i.at <= after.invoke);
+                let hint = if damaged {
+                    " (the partition was damaged at rest during this restart: lost or broken metadata must fault it, not change what it serves)"
+                } else if unknown {
+                    " (the key has writes answered write_outcome_unknown: their outcome is not stable)"
+                } else {
+                    ""
+                };
                 out.push(format!(
-                    "p{p} {key}: what the node serves changed across the restart of settle round {round}{}\n  before: {before}\n  after:  {after}\n{}",
-                    if unknown { " (the key has writes answered write_outcome_unknown: their outcome is not stable)" } else { "" },
+                    "p{p} {key}: what the node serves changed across the restart of settle round {round}{hint}\n  before: {before}\n  after:  {after}\n{}",
                     self.excerpt(p, &key, after.complete)
                 ));
             }

@@ -837,8 +837,31 @@ impl Run {
                 let first: String = v.lines().next().unwrap_or_default().chars().take(220).collect();
                 text.push_str(&format!("  * {first}\n"));
             }
-            text.push_str("\nthe first ones in full:\n");
-            for v in violations.iter().take(6) {
+            // In full: the first of each kind (reads, stability across
+            // restarts, states), then the next ones, six in all.
+            let kind = |v: &str| {
+                if v.contains("changed across the restart") {
+                    1
+                } else if v.contains("went faulted") || v.contains("left faulted") {
+                    2
+                } else {
+                    0
+                }
+            };
+            let mut full: Vec<&String> = Vec::new();
+            for k in 0..3 {
+                full.extend(violations.iter().find(|v| kind(v) == k));
+            }
+            for v in &violations {
+                if full.len() >= 6 {
+                    break;
+                }
+                if !full.contains(&v) {
+                    full.push(v);
+                }
+            }
+            text.push_str("\nin full (the first of each kind, then the next ones):\n");
+            for v in full {
                 text.push_str(&format!("\n--- {v}\n"));
             }
             panic!(
