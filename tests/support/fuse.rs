@@ -228,7 +228,10 @@ impl Inodes {
         let moved: Vec<(PathBuf, u64)> =
             self.inos.iter().filter(|(path, _)| path.starts_with(from)).map(|(p, i)| (p.clone(), *i)).collect();
         for (old, ino) in moved {
-            let new = to.join(old.strip_prefix(from).unwrap());
+            // `join("")` would append a separator: a renamed file would
+            // then be opened as "name/" (ENOTDIR).
+            let rest = old.strip_prefix(from).unwrap();
+            let new = if rest.as_os_str().is_empty() { to.to_path_buf() } else { to.join(rest) };
             self.inos.remove(&old);
             self.inos.insert(new.clone(), ino);
             self.paths.insert(ino, new);

@@ -1,0 +1,125 @@
+//! The node under test: the real binary, on a fixed loopback port across
+//! restarts, optionally under a file-size limit (EFBIG), killed when the
+//! guard drops. Unlike `support::Daemon` it reports an exit it did not
+//! cause.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Node {
+    child: Option<Child>,
+    pub port: u16,
+    config: PathBuf,
+    _dir: tempfile::TempDir,
+    /// `RLIMIT_FSIZE` for the next start, if any.
+    pub fsize_limit: Option<u64>,
+    pub log: PathBuf,
+}
+
+impl Node {
+    /// Writes `toml` to a config file and starts the node on it.
+    pub fn start(toml: &str, fsize_limit: Option<u64>) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("datanode.toml");
+        std::fs::write(&config, toml).unwrap();
+        let port = crate::support::free_port();
+        let log = std::env::temp_dir().join(format!("datanode-nemesis-{port}.stderr"));
+        let mut node = Node { child: None, port, config, _dir: dir, fsize_limit, log };
+        node.spawn().unwrap_or_else(|e| panic!("{e}"));
+        node
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Starts the process and waits for `/readyz`; `Err` when it exits or is
+    /// not ready within two minutes.
+    pub fn spawn(&mut self) -> Result<(), String> {
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_datanode"));
+        command
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--http-addr")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::from(stderr.try_clone().unwrap()))
+            .stderr(Stdio::from(stderr));
+        if let Some(limit) = self.fsize_limit {
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs
+            // between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        self.child = Some(command.spawn().map_err(|e| format!("cannot start datanode: {e}"))?);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(2)).build();
+        loop {
+            if agent.get(&self.url("/readyz")).call().is_ok_and(|r| r.status() == 200) {
+                return Ok(());
+            }
+            if let Some(status) = self.exited() {
+                return Err(format!("datanode exited before it was ready: {status}\n{}", self.log_tail()));
+            }
+            if Instant::now() > deadline {
+                return Err("datanode not ready within 120 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The exit status, if the process has exited on its own.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// SIGTERM and wait (at most `timeout`, then SIGKILL); the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The last lines of the node's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
