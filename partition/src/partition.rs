@@ -783,8 +783,7 @@ impl Partition {
         }
         let _one_at_a_time = self.maintenance.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(_fenced) = self.fence(Fence::Reload) else { return false };
-        self.close_wal();
-        match self.load() {
+        match self.reload_keeping_reads() {
             Ok(()) => {
                 self.health.clear_reason(ReadOnlyReason::DiskFull);
                 true
@@ -813,14 +812,31 @@ impl Partition {
             return;
         }
         let Some(_fenced) = self.fence(Fence::Reload) else { return };
-        self.close_wal();
-        if let Err(fault) = self.load() {
+        if let Err(fault) = self.reload_keeping_reads() {
             if fault.is_disk_full() {
                 self.health.note_error(fault);
             } else {
                 self.fault(fault, FaultSource::Operation);
             }
         }
+    }
+
+    /// Reopens the log from disk while reads go on from the old one: its
+    /// writer is stopped (no two writers in one directory), its files stay
+    /// readable, and it is replaced only if the new one loads. A read-only
+    /// partition keeps serving reads whether the reopen works or not.
+    /// Callers hold the maintenance lock and a fence.
+    fn reload_keeping_reads(&self) -> Result<(), Fault> {
+        let old: Vec<Arc<Wal>> = {
+            let inner = self.read();
+            inner.wal.iter().chain(inner.stores.values()).cloned().collect()
+        };
+        for log in &old {
+            if let Err(error) = log.stop() {
+                tracing::debug!(partition = self.options.id, %error, "stopping a poisoned WAL");
+            }
+        }
+        self.load()
     }
 
     /// Sets or clears a read-only reason that comes from the disk.

@@ -260,3 +260,28 @@ fn partitions_share_their_disks_threads_and_a_hung_fsync_stalls_only_its_own() {
     assert_eq!(&registry.get(1).unwrap().get(b"k", None).unwrap()[..], b"held");
     registry.close();
 }
+
+#[test]
+fn a_full_disk_keeps_serving_reads_while_its_logs_are_reopened() {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let sim = SimStorage::new(12);
+    let registry = registry(&sim);
+    let partition = registry.get(1).unwrap();
+    rt.block_on(partition.put(b"k", b"kept")).unwrap();
+    // A write runs out of space: the log is poisoned, the partition read-only.
+    sim.inject(Fault::new(FaultOp::Write, libc::ENOSPC).on_path("/d0/partitions/1/"));
+    assert!(rt.block_on(partition.put(b"k2", b"no room")).is_err());
+    assert_eq!(partition.health().state(), State::ReadOnly([ReadOnlyReason::DiskFull].into()));
+    // The probe finds the disk full and tries to reopen the log (so deletes
+    // could go through), but the disk will not even open its files now.
+    sim.set_space(1000, 10);
+    sim.inject(Fault::new(FaultOp::Open, libc::ENOSPC).on_path("/d0/partitions/1/").sticky());
+    registry.check_disks();
+    assert_eq!(&partition.get(b"k", None).unwrap()[..], b"kept", "reads are served while full");
+    sim.clear_faults();
+    sim.set_space(1000, 500);
+    registry.check_disks();
+    assert_eq!(partition.health().state(), State::Healthy);
+    rt.block_on(partition.put(b"k2", b"room again")).unwrap();
+    assert_eq!(&partition.get(b"k", None).unwrap()[..], b"kept");
+}

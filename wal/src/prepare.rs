@@ -237,8 +237,10 @@ impl Shared {
         self.changed.notify_all();
     }
 
-    /// Writes `segment_size` zeros to a temporary name, syncs, renames it
-    /// to the segment's name and syncs the directory.
+    /// Writes the first zeroed window of a segment (not the whole segment:
+    /// the writer extends the window as the log grows, see `writer.rs`) to
+    /// a temporary name, syncs, renames it to the segment's name and syncs
+    /// the directory.
     fn prewrite(&self, id: u64) -> Result<Arc<dyn StorageFile>> {
         let temp = self.dir.join(segment::prep_file_name(id));
         let result = (|| {
@@ -246,8 +248,9 @@ impl Shared {
             file.set_len(0).map_err(|e| Error::io(IoOp::Metadata, &temp, e))?;
             let zeros = Bytes::from(vec![0u8; ZERO_CHUNK]);
             let mut offset = 0;
-            while offset < self.segment_size {
-                let len = ZERO_CHUNK.min((self.segment_size - offset) as usize);
+            let window = self.segment_size.min(segment::FIRST_WINDOW);
+            while offset < window {
+                let len = ZERO_CHUNK.min((window - offset) as usize);
                 // Synced chunk by chunk: one sync of a whole segment would
                 // hold the journal long enough to stall the writer's syncs.
                 file.write_all_and_sync(offset, &[zeros.slice(..len)]).map_err(|(op, e)| Error::io(op, &temp, e))?;

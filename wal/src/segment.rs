@@ -39,6 +39,11 @@ pub(crate) enum DirEntry {
     Foreign,
 }
 
+/// Zeroed bytes a new segment starts with (including its header's place):
+/// an empty log costs no more than this on disk. The writer keeps a window
+/// of zeroed space ahead of its tail from there on (`writer.rs`).
+pub(crate) const FIRST_WINDOW: u64 = 512 << 10;
+
 /// Written when a log directory is created: a log whose directory lacks
 /// both it and any segment is a log that was lost, not a new one.
 pub(crate) const LOG_MARKER: &str = "LOG";

@@ -30,6 +30,13 @@ use crate::{Appended, Durability, Lsn, RecordPos, WalOptions};
 
 static PADDING: [u8; format::RECORD_ALIGN] = [0; format::RECORD_ALIGN];
 
+/// When the zeroed space ahead of the tail falls under this, the next batch
+/// extends it.
+const ZEROED_LOW_WATER: u64 = 512 << 10;
+/// How much a batch extends the zeroed window by.
+const ZEROED_CHUNK: usize = 1 << 20;
+static ZEROS: [u8; ZEROED_CHUNK] = [0; ZEROED_CHUNK];
+
 /// What runs on the writer thread once an append is settled; see
 /// [`crate::Wal::append_then`].
 pub(crate) type Settled = Box<dyn FnOnce(&Result<Appended>) + Send>;
@@ -182,6 +189,9 @@ struct Active {
     offset: u64,
     /// Whether no record has been written into it yet.
     empty: bool,
+    /// The file's bytes (written and allocated) end here: beyond, a write
+    /// goes into fresh space.
+    zeroed_end: u64,
 }
 
 pub(crate) struct Writer {
@@ -231,6 +241,7 @@ impl Writer {
             file: Arc::clone(&meta.file),
             offset: meta.end_offset,
             empty: meta.is_empty(),
+            zeroed_end: meta.file.file_len().unwrap_or(meta.end_offset),
         });
         Writer {
             shared,
@@ -413,6 +424,20 @@ impl Writer {
             }
         }
 
+        // Keep zeroed space ahead of the tail (a sync into space already
+        // written needs no extent metadata), a window at a time rather than
+        // a whole segment: the zeros go out in this batch's write and are
+        // synced with it.
+        let mut zeroed_end = active.zeroed_end.max(offset);
+        if self.options.prewrite_segments
+            && zeroed_end < self.options.segment_size
+            && zeroed_end - offset < ZEROED_LOW_WATER
+        {
+            let target = (zeroed_end + ZEROED_CHUNK as u64).min(self.options.segment_size);
+            let zeros = (target - offset) as usize;
+            pieces.push(Bytes::from_static(ZEROS.get(..zeros.min(ZEROED_CHUNK)).unwrap_or_default()));
+            zeroed_end = offset + zeros.min(ZEROED_CHUNK) as u64;
+        }
         let sync_now = self.options.durability == Durability::Sync;
         let started = Instant::now();
         let result = if sync_now {
@@ -439,6 +464,7 @@ impl Writer {
         let Some(active) = self.active.as_mut() else { return Err(BatchFailure::NotAttempted(Error::Closed)) };
         active.offset = offset;
         active.empty = false;
+        active.zeroed_end = zeroed_end;
         let last_lsn = next_lsn - 1;
         {
             let mut table = self.shared.table_mut();
@@ -524,7 +550,9 @@ impl Writer {
         }
         self.observe_sync(started.elapsed(), true);
         self.shared.table_mut().segments.insert(id, SegmentMeta::new(id, path.clone(), Arc::clone(&file), first_lsn));
-        self.active = Some(Active { id, path, file, offset: format::SEGMENT_HEADER_LEN as u64, empty: true });
+        let zeroed_end = file.file_len().unwrap_or(format::SEGMENT_HEADER_LEN as u64);
+        self.active =
+            Some(Active { id, path, file, offset: format::SEGMENT_HEADER_LEN as u64, empty: true, zeroed_end });
         self.next_segment_id = id + 1;
         Ok(())
     }
@@ -650,6 +678,7 @@ impl Writer {
             file: Arc::clone(&target.file),
             offset: cut,
             empty: lsn < target.first_lsn,
+            zeroed_end: target.file.file_len().unwrap_or(cut),
         });
         self.next_segment_id = target.id + 1;
         self.shared.last_lsn.store(lsn, Ordering::Release);

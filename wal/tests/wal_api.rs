@@ -554,3 +554,24 @@ fn a_spare_segment_name_is_made_durable_before_it_takes_records() {
         assert_eq!(read_all(&reopened).len(), 3, "seed {seed}: acknowledged records lost with the spare's name");
     }
 }
+
+#[test]
+fn a_log_keeps_a_bounded_zeroed_window_ahead_not_whole_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn datanode_wal::Storage> = Arc::new(datanode_wal::storage::StdStorage);
+    let options = WalOptions { segment_size: 64 << 20, ..WalOptions::new(31) };
+    let on_disk =
+        |dir: &Path| -> u64 { std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum() };
+    let wal = open(&storage, dir.path(), options.clone());
+    wait_until("the first segment is prepared", || on_disk(dir.path()) > 0);
+    assert!(on_disk(dir.path()) <= 1 << 20, "an empty log costs {} bytes", on_disk(dir.path()));
+    for i in 0..4000 {
+        wal.append_blocking(vec![payload(31, i, 500)]).unwrap();
+    }
+    let tail = wal.stats().log_bytes;
+    let used = on_disk(dir.path());
+    assert!(used <= tail + (3 << 20), "{used} bytes on disk for a {tail}-byte log with 64 MiB segments");
+    wal.close().unwrap();
+    let wal = open(&storage, dir.path(), options);
+    assert_eq!(read_all(&wal).len(), 4000);
+}
