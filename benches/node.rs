@@ -21,9 +21,12 @@
 //! - **RSS**: the resident memory of a node holding `--blobs` (default 10
 //!   million) blobs of 64 bytes, written straight through the partition
 //!   layer, after the real binary has replayed them.
+//! - **P1**: what idle partitions cost: `--partitions` (default 1,000 and
+//!   10,000) empty partitions on one disk: threads, disk and RSS per
+//!   partition, create rate, start to ready.
 //!
 //! ```sh
-//! cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS] [--backend std|uring|auto] [--blobs N]
+//! cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS,P1] [--backend std|uring|auto] [--blobs N]
 //! ```
 //!
 //! `--dir` must be on the disk under test (default `target/bench-node`).
@@ -56,6 +59,8 @@ struct Args {
     blobs: u64,
     /// N2's open-loop rate (PUTs/s over partitions 2-8).
     rate: f64,
+    /// P1's partition counts.
+    partitions: Vec<u64>,
 }
 
 fn parse_args() -> Args {
@@ -68,6 +73,7 @@ fn parse_args() -> Args {
         json: None,
         blobs: 10_000_000,
         rate: 12_000.0,
+        partitions: vec![1_000, 10_000],
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -80,9 +86,17 @@ fn parse_args() -> Args {
             "--json" => args.json = Some(PathBuf::from(it.next().expect("--json FILE"))),
             "--blobs" => args.blobs = it.next().and_then(|v| v.parse().ok()).expect("--blobs N"),
             "--rate" => args.rate = it.next().and_then(|v| v.parse().ok()).expect("--rate PUTS_PER_SEC"),
+            "--partitions" => {
+                args.partitions = it
+                    .next()
+                    .expect("--partitions N,M")
+                    .split(',')
+                    .map(|n| n.parse().expect("--partitions: numbers"))
+                    .collect()
+            }
             "--bench" => {}
             other => panic!(
-                "unknown argument {other}; usage: cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS] [--backend std|uring|auto] [--json FILE] [--blobs N] [--rate N]"
+                "unknown argument {other}; usage: cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS,P1] [--backend std|uring|auto] [--json FILE] [--blobs N] [--rate N] [--partitions N,M]"
             ),
         }
     }
@@ -446,6 +460,73 @@ fn rss(args: &Args, out: &mut Vec<Value>) {
     out.push(json!({"id": "RSS", "blobs": blobs, "ready_seconds": load.as_secs_f64(), "rss_bytes": rss, "peak_rss_bytes": hwm}));
 }
 
+/// A process's thread count and resident memory, from `/proc`.
+fn threads_and_rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("Threads:"), field("VmRSS:") * 1024)
+}
+
+/// Bytes allocated on disk under `dir` (blocks, not lengths).
+fn allocated_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => meta.blocks() * 512 + allocated_bytes(&entry.path()),
+            Ok(meta) => meta.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// P1: what idle partitions cost. A node on one disk with `--partitions`
+/// (default 1,000 and 10,000) empty partitions: threads of the whole
+/// process, disk and RSS per partition (against the same node with none),
+/// the create rate over HTTP, and the time from start to ready.
+fn p1(args: &Args, out: &mut Vec<Value>) {
+    println!("\n### P1: idle partitions on one disk\n");
+    println!("| partitions | threads | disk per partition | RSS per partition | creates/s | start to ready |");
+    println!("|---|---|---|---|---|---|");
+    for &count in &args.partitions {
+        let disk = fresh_dir(&args.dir, &format!("p1-{count}"));
+        let mut node = Daemon::with_config(&node_config(&[("d0", &disk)], &args.backend), &[]);
+        let (_, rss_before) = threads_and_rss(node.pid().unwrap());
+        let disk_before = allocated_bytes(&disk);
+        let started = Instant::now();
+        for id in 1..=count {
+            create(&node, id, "d0");
+        }
+        let creates = count as f64 / started.elapsed().as_secs_f64();
+        // Let pre-writes and idle I/O threads settle.
+        std::thread::sleep(Duration::from_secs(3));
+        let (threads, rss) = threads_and_rss(node.pid().unwrap());
+        let disk_per = (allocated_bytes(&disk) - disk_before) as f64 / count as f64;
+        let rss_per = rss.saturating_sub(rss_before) as f64 / count as f64;
+        let started = Instant::now();
+        node.restart();
+        let ready = started.elapsed().as_secs_f64();
+        let (threads_after_start, _) = threads_and_rss(node.pid().unwrap());
+        println!(
+            "| {count} | {threads} ({threads_after_start} after a restart) | {:.0} KiB | {:.0} KiB | {creates:.0} | {ready:.1} s |",
+            disk_per / 1024.0,
+            rss_per / 1024.0
+        );
+        out.push(
+            json!({"id": "P1", "partitions": count, "threads": threads, "threads_after_restart": threads_after_start,
+            "disk_bytes_per_partition": disk_per, "rss_bytes_per_partition": rss_per, "creates_per_second": creates,
+            "ready_seconds": ready}),
+        );
+    }
+}
+
 /// Throughput against latency of the node: 4 KiB PUTs over 8 partitions
 /// with more and more connections, one node for the whole sweep.
 fn sweep(args: &Args, out: &mut Vec<Value>) {
@@ -573,6 +654,9 @@ fn main() {
     }
     if wanted(&args, "RSS") {
         rss(&args, &mut out);
+    }
+    if args.only.as_ref().is_some_and(|only| only.iter().any(|id| id == "P1")) {
+        p1(&args, &mut out);
     }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&out).unwrap()).unwrap();

@@ -78,18 +78,22 @@ impl Job for PrepareJob {
 
 impl Preparer {
     /// A preparer whose pre-writes (unless `prewrite` is off) run on
-    /// `engine`. `spare` is a zeroed segment left from before, handed out
-    /// first.
+    /// `engine`; with `ahead`, segment `first_wanted` is prepared at once,
+    /// else only when the writer first asks for it. `spare` is a zeroed
+    /// segment left from before, handed out first.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         storage: Arc<dyn Storage>,
         dir: PathBuf,
         segment_size: u64,
         prewrite: bool,
+        ahead: bool,
         spare: Option<Spare>,
         first_wanted: u64,
         engine: Engine,
     ) -> Preparer {
         let wanted = (prewrite && spare.is_none()).then_some(first_wanted);
+        let ahead = ahead && wanted.is_some();
         let shared = Arc::new(Shared {
             storage,
             dir,
@@ -99,7 +103,7 @@ impl Preparer {
         });
         let job = Arc::new(PrepareJob { scheduled: AtomicBool::new(false), shared: Arc::clone(&shared) });
         let preparer = Preparer { shared, job, engine, prewrite };
-        if wanted.is_some() {
+        if ahead {
             preparer.schedule();
         }
         preparer

@@ -151,11 +151,16 @@ impl Wal {
         });
         // A log given no engine gets one of its own, of one thread.
         let engine = options.engine.clone().unwrap_or_else(|| Engine::new("wal", 1));
+        // A log that holds nothing yet gets its first segment when it is
+        // first written: an idle, empty log costs no segment on disk and
+        // nothing to read at open.
+        let prepare_ahead = options.prewrite_segments && last_lsn > 0;
         let preparer = Arc::new(Preparer::start(
             Arc::clone(&storage),
             dir.clone(),
             options.segment_size,
             options.prewrite_segments,
+            prepare_ahead,
             recovered.spare,
             recovered.next_segment_id,
             engine.clone(),
