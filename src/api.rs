@@ -1,4 +1,4 @@
-//! The HTTP API (DESIGN section 6): routes, JSON bodies, and the one
+//! The HTTP API (docs/API.md): routes, JSON bodies, and the one
 //! function that maps every error to a status and the JSON error shape
 //! `{"error": CODE, "message": TEXT, "partition": ID?, "state": STATE?}`.
 
@@ -540,7 +540,7 @@ pub fn rfc3339(time: SystemTime) -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-/// `PartitionStatus` of DESIGN section 6.
+/// `PartitionStatus`, as docs/API.md describes it.
 pub fn partition_status(partition: &Partition) -> Value {
     let health = partition.health().snapshot();
     let reasons: Vec<&str> = match &health.state {

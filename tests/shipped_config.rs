@@ -72,3 +72,39 @@ fn the_example_configuration_is_accepted_as_written() {
     let effective = String::from_utf8(output.stdout).unwrap();
     assert!(effective.contains("path = \"/var/lib/datanode/d0\""), "{effective}");
 }
+
+/// Every file under `dir` (recursively), skipping build output and VCS data.
+fn files_under(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if [".git", "target"].iter().any(|skip| name == *skip) {
+            continue;
+        }
+        if path.is_dir() {
+            files_under(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn the_repository_carries_its_own_contracts_and_cites_no_outside_design_document() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    files_under(root, &mut files);
+    let mut citing = Vec::new();
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(&file) else { continue };
+        for (number, line) in text.lines().enumerate() {
+            // Spelled in two parts so that this file does not match itself.
+            let (section, document) = (["DESIGN", " section"].concat(), ["DESIGN", ".md"].concat());
+            if line.contains(&section) || line.contains(&document) {
+                citing.push(format!("{}:{}: {line}", file.strip_prefix(root).unwrap_or(&file).display(), number + 1));
+            }
+        }
+    }
+    assert!(citing.is_empty(), "cites a design document that is not in the repository:\n{}", citing.join("\n"));
+}
