@@ -37,9 +37,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the node (the default).
-    Serve(ServeArgs),
-    /// Print the effective configuration and exit.
-    CheckConfig(ServeArgs),
+    Serve,
+    /// Check the configuration as `serve` would (also the admin token
+    /// file and the disk paths), print the effective configuration and exit.
+    CheckConfig,
     /// Print a running node's partitions and disks as tables.
     Status {
         /// The node's HTTP address.
@@ -50,30 +51,33 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Flags that choose the configuration, accepted before or after the
+/// subcommand (`datanode --config F serve` = `datanode serve --config F`).
 #[derive(Debug, Args, Clone, Default)]
 struct ServeArgs {
     /// Configuration file (TOML).
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Use one disk `d0` at this directory instead of the configured disks.
-    #[arg(long)]
+    #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// Listen address, e.g. 127.0.0.1:7070.
-    #[arg(long)]
+    #[arg(long, global = true)]
     http_addr: Option<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let args = cli.serve;
     match cli.command {
-        Some(Command::CheckConfig(args)) => match load_config(&args) {
+        Some(Command::CheckConfig) => match load_config(&args) {
             Ok(config) => {
                 print!("{}", config.to_toml());
                 ExitCode::SUCCESS
             }
             Err(code) => code,
         },
-        Some(Command::Serve(args)) => serve(&args),
+        Some(Command::Serve) | None => serve(&args),
         Some(Command::Status { url }) => match status::render(&url) {
             Ok(tables) => {
                 print!("{tables}");
@@ -91,7 +95,6 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_RUNTIME)
             }
         },
-        None => serve(&cli.serve),
     }
 }
 
