@@ -6,6 +6,7 @@ mod alerts;
 mod api;
 mod bench;
 mod config;
+mod exposition;
 mod node;
 mod server;
 mod status;
@@ -166,7 +167,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
 /// Loads, serves until SIGTERM/SIGINT, drains. `Ok(true)` for a clean
 /// shutdown within `shutdown_timeout`.
 async fn run(config: Config, admin_token: Option<String>) -> anyhow::Result<bool> {
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    let metrics = exposition::install()?;
     metrics::gauge!("datanode_build_info", "version" => env!("CARGO_PKG_VERSION"), "revision" => env!("DN_BUILD_REVISION"))
         .set(1.0);
     let storage = datanode_wal::open_backend(config.wal.io_backend.parse().map_err(anyhow::Error::msg)?)?;

@@ -39,6 +39,8 @@ pub struct Node {
     pub disk_permits: HashMap<String, Arc<tokio::sync::Semaphore>>,
     /// Wakes the background threads when the node drains.
     pub drained: (Mutex<()>, Condvar),
+    /// Counters created at 0 for every partition and disk seen.
+    pub zero_counters: crate::exposition::ZeroCounters,
 }
 
 impl Node {
@@ -56,6 +58,7 @@ impl Node {
             draining: AtomicBool::new(false),
             disk_permits,
             drained: (Mutex::new(()), Condvar::new()),
+            zero_counters: Default::default(),
         }
     }
 
@@ -107,9 +110,17 @@ impl Node {
         1 << 30
     }
 
-    /// Gauges that are counts over partitions: `datanode_partitions{state}`.
+    /// Gauges that are counts over partitions (`datanode_partitions{state}`),
+    /// disk sizes, and the counters that exist at 0 for every partition and
+    /// disk (created once each).
     pub fn export_gauges(&self) {
         let partitions = self.registry.partitions();
+        for partition in &partitions {
+            self.zero_counters.partition(partition.id(), partition.disk());
+        }
+        for disk in &self.config.disk {
+            self.zero_counters.disk(&disk.name);
+        }
         for state in datanode_partition::state::STATE_NAMES {
             let count = partitions.iter().filter(|p| p.health().state().name() == state).count();
             metrics::gauge!("datanode_partitions", "state" => state).set(count as f64);
