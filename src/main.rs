@@ -71,7 +71,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = cli.serve;
     match cli.command {
-        Some(Command::CheckConfig) => match load_config(&args) {
+        Some(Command::CheckConfig) => match load_config(&args).and_then(|c| preflight(&c, false).map(|_| c)) {
             Ok(config) => {
                 print!("{}", config.to_toml());
                 ExitCode::SUCCESS
@@ -107,6 +107,22 @@ fn load_config(args: &ServeArgs) -> Result<Config, ExitCode> {
     })
 }
 
+/// [`Config::preflight`], with its warnings on stderr.
+fn preflight(config: &Config, create: bool) -> Result<config::Checked, ExitCode> {
+    match config.preflight(create) {
+        Ok(checked) => {
+            for warning in &checked.warnings {
+                eprintln!("datanode: warning: {warning}");
+            }
+            Ok(checked)
+        }
+        Err(error) => {
+            eprintln!("datanode: bad configuration: {error}");
+            Err(ExitCode::from(EXIT_CONFIG))
+        }
+    }
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -133,14 +149,28 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let admin_token = match config.admin_token() {
-        Ok(token) => token,
+    let checked = match preflight(&config, true) {
+        Ok(checked) => checked,
+        Err(code) => return code,
+    };
+    // The port is taken before anything is created or loaded.
+    let listener = match std::net::TcpListener::bind(config.node.http_addr).and_then(|l| {
+        l.set_nonblocking(true)?;
+        Ok(l)
+    }) {
+        Ok(listener) => listener,
         Err(error) => {
-            eprintln!("datanode: bad configuration: {error}");
-            return ExitCode::from(EXIT_CONFIG);
+            eprintln!("datanode: cannot listen on {}: {error}", config.node.http_addr);
+            // A port in use may be free at the next try; an address this
+            // host does not have, or a port it may not bind, is configuration.
+            let code = if error.kind() == std::io::ErrorKind::AddrInUse { EXIT_RUNTIME } else { EXIT_CONFIG };
+            return ExitCode::from(code);
         }
     };
     init_logging();
+    for warning in &checked.warnings {
+        tracing::warn!(warning = %warning, "configuration");
+    }
     ignore_signals();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -149,7 +179,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    let code = match runtime.block_on(run(config, admin_token)) {
+    let code = match runtime.block_on(run(config, checked.admin_token, listener)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(EXIT_RUNTIME),
         Err(error) => {
@@ -166,7 +196,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
 
 /// Loads, serves until SIGTERM/SIGINT, drains. `Ok(true)` for a clean
 /// shutdown within `shutdown_timeout`.
-async fn run(config: Config, admin_token: Option<String>) -> anyhow::Result<bool> {
+async fn run(config: Config, admin_token: Option<String>, listener: std::net::TcpListener) -> anyhow::Result<bool> {
     let metrics = exposition::install()?;
     metrics::gauge!("datanode_build_info", "version" => env!("CARGO_PKG_VERSION"), "revision" => env!("DN_BUILD_REVISION"))
         .set(1.0);
@@ -179,7 +209,7 @@ async fn run(config: Config, admin_token: Option<String>) -> anyhow::Result<bool
         Ok(registry)
     })
     .await??;
-    let listener = tokio::net::TcpListener::bind(config.node.http_addr).await?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     let shutdown_timeout = config.node.shutdown_timeout;
     let node = Arc::new(Node::new(config, registry, admin_token, metrics));
     node::spawn_background(&node)?;

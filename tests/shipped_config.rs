@@ -64,13 +64,27 @@ fn the_dashboard_and_alert_rules_use_only_contract_metrics() {
 
 #[test]
 fn the_example_configuration_is_accepted_as_written() {
-    let output = Command::new(env!("CARGO_BIN_EXE_datanode"))
+    // check-config checks the disk paths as serve does, so the example's
+    // /var/lib/datanode is moved into a scratch directory; nothing else changes.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("datanode")).unwrap();
+    let example = std::fs::read_to_string("config/datanode.example.toml").unwrap();
+    assert!(example.contains("path = \"/var/lib/datanode/d0\""));
+    let moved = example.replace("/var/lib/datanode", &root.path().join("datanode").display().to_string());
+    let file = root.path().join("datanode.toml");
+    std::fs::write(&file, moved).unwrap();
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_datanode")).arg("check-config").arg("--config").arg(&file).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let effective = String::from_utf8(output.stdout).unwrap();
+    assert!(effective.contains(&format!("path = \"{}/datanode/d0\"", root.path().display())), "{effective}");
+    let unmounted = Command::new(env!("CARGO_BIN_EXE_datanode"))
         .args(["check-config", "--config", "config/datanode.example.toml"])
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let effective = String::from_utf8(output.stdout).unwrap();
-    assert!(effective.contains("path = \"/var/lib/datanode/d0\""), "{effective}");
+    if !std::path::Path::new("/var/lib/datanode").is_dir() {
+        assert_eq!(unmounted.status.code(), Some(78), "a disk path whose parent is missing is refused");
+    }
 }
 
 /// Every file under `dir` (recursively), skipping build output and VCS data.
