@@ -104,23 +104,31 @@ fn payload(alerts: &[(&Alert, Option<SystemTime>)]) -> Value {
     )
 }
 
-/// Starts the pushing thread when `[alerts] alertmanager_url` is set.
+/// Starts the pushing thread. It pushes while `[alerts] alertmanager_url`
+/// is set (SIGHUP may set, change or remove it).
 pub fn spawn(node: &Arc<Node>) {
-    let Some(base) = node.config.alerts.alertmanager_url.clone() else { return };
     let node = Arc::clone(node);
-    let instance = if node.config.node.id.is_empty() {
-        node.config.node.http_addr.to_string()
-    } else {
-        node.config.node.id.clone()
-    };
+    let instance = node.config.node.id.clone();
     let spawned = std::thread::Builder::new().name("alerts".into()).spawn(move || {
-        let url = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
         let mut firing: BTreeMap<String, Alert> = BTreeMap::new();
         let mut unsent: Vec<Value> = Vec::new();
         let mut last_resend = Instant::now();
         let mut backoff = POLL;
+        let mut target = None;
         while !node.draining.load(Ordering::Acquire) {
+            let now_target = node.alert_target();
+            if now_target != target {
+                // A new Alertmanager hears every firing alert anew.
+                target = now_target;
+                firing.clear();
+                unsent.clear();
+            }
+            let Some(base) = &target else {
+                std::thread::sleep(POLL);
+                continue;
+            };
+            let url = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
             let now = current(&node, &instance);
             let mut changes: Vec<(&Alert, Option<SystemTime>)> = Vec::new();
             for (key, alert) in &now {

@@ -144,17 +144,76 @@ pub fn router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
+/// What the listener serves from the start: while the partitions load,
+/// `/healthz` (200), `/metrics`, and 503 `not_ready` ("loading") for
+/// `/readyz` and everything else (nothing attempted, safe to retry); once
+/// `api` is set, every request goes to it.
+pub fn loading_router(
+    api: Arc<std::sync::OnceLock<Router>>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> Router {
+    Router::new().fallback(move |request: Request| {
+        let (api, metrics) = (Arc::clone(&api), metrics.clone());
+        async move {
+            if let Some(router) = api.get() {
+                let mut router = router.clone();
+                return match tower_service::Service::call(&mut router, request).await {
+                    Ok(response) => response,
+                    Err(infallible) => match infallible {},
+                };
+            }
+            match request.uri().path() {
+                "/healthz" => Json(json!({ "status": "ok" })).into_response(),
+                "/metrics" => metrics_response(metrics.render()),
+                _ => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "loading").into_response(),
+            }
+        }
+    })
+}
+
+fn metrics_response(text: String) -> Response {
+    let mut response = Response::new(Body::from(text));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    response
+}
+
 /// Counts and times every request: `datanode_requests_total{op,code}`,
 /// `datanode_request_seconds{op}`.
 async fn observe(request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_default();
     let op = operation(request.method(), &route);
+    let partition = request
+        .uri()
+        .path()
+        .strip_prefix("/v1/partitions/")
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|pid| partition_id(pid).ok());
     let started = Instant::now();
     let response = next.run(request).await;
     metrics::counter!("datanode_requests_total", "op" => op, "code" => response.status().as_u16().to_string())
         .increment(1);
     metrics::histogram!("datanode_request_seconds", "op" => op).record(started.elapsed().as_secs_f64());
+    log_admin(op, partition, response.status(), started.elapsed());
     response
+}
+
+/// Every admin call is logged with its outcome: INFO when it changed
+/// what it was asked to, WARN when it was refused (401 at WARN too, so a
+/// wrong token is seen).
+fn log_admin(op: &'static str, partition: Option<u64>, status: StatusCode, took: std::time::Duration) {
+    const ADMIN: [&str; 6] =
+        ["create_partition", "delete_partition", "recover", "read_only", "export_snapshot", "install_snapshot"];
+    if !ADMIN.contains(&op) {
+        return;
+    }
+    let (code, seconds) = (status.as_u16(), took.as_secs_f64());
+    if status == StatusCode::UNAUTHORIZED {
+        tracing::warn!(op, partition, status = code, "admin call refused: no valid bearer token");
+    } else if status.is_success() {
+        tracing::info!(op, partition, status = code, seconds, "admin action");
+    } else {
+        tracing::warn!(op, partition, status = code, seconds, "admin action failed");
+    }
 }
 
 fn operation(method: &Method, route: &str) -> &'static str {
@@ -624,7 +683,9 @@ async fn create_partition(
         return Err(registry_error(RegistryError::UnknownDisk(request.disk)));
     }
     let permit = disk_permit(&node, Some(request.id), &request.disk)?;
+    let (id, disk) = (request.id, request.disk.clone());
     let created = to_completion(permit, move || registry.create(request.id, &request.disk), registry_error).await?;
+    tracing::info!(partition = id, disk, "partition created by an admin call");
     Ok((StatusCode::CREATED, Json(partition_status(&created))).into_response())
 }
 
@@ -811,9 +872,7 @@ async fn readyz(State(node): State<Arc<Node>>) -> ApiResult<Json<Value>> {
 
 async fn metrics_text(State(node): State<Arc<Node>>) -> Response {
     node.export_gauges();
-    let mut response = Response::new(Body::from(node.metrics.render()));
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
-    response
+    metrics_response(node.metrics.render())
 }
 
 #[cfg(test)]

@@ -48,7 +48,8 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
-    /// Node id; the hostname when empty.
+    /// Node id (logs, the `instance` label of pushed alerts); the host
+    /// name when empty, resolved at load.
     #[serde(default)]
     pub id: String,
     /// HTTP listen address.
@@ -61,6 +62,12 @@ pub struct NodeConfig {
     pub shutdown_timeout: Duration,
     /// Partitions created on first start when none exist.
     pub bootstrap_partitions: u64,
+    /// `auto` (JSON lines when stdout is not a terminal, text when it is),
+    /// `json` or `text`; `--log-format` overrides it.
+    pub log_format: String,
+    /// What is logged, as a `RUST_LOG`-style filter (`info`,
+    /// `warn,datanode=debug`); `RUST_LOG` overrides it. Reloaded on SIGHUP.
+    pub log_filter: String,
 }
 
 /// `[[disk]]`.
@@ -147,6 +154,8 @@ pub const DEFAULT_TOML: &str = r#"
 http_addr = "127.0.0.1:7070"
 shutdown_timeout = "30s"
 bootstrap_partitions = 4
+log_format = "auto"
+log_filter = "info"
 
 [[disk]]
 name = "d0"
@@ -349,6 +358,10 @@ impl Config {
             let path = e.path().to_string();
             ConfigError(format!("{path}: {}", e.into_inner().message()))
         })?;
+        let mut config = config;
+        if config.node.id.is_empty() {
+            config.node.id = hostname();
+        }
         config.validate()?;
         Ok(config)
     }
@@ -379,6 +392,17 @@ impl Config {
                 "node.bootstrap_partitions = {} is more than {MAX_BOOTSTRAP_PARTITIONS}",
                 self.node.bootstrap_partitions
             ));
+        }
+        if !["auto", "json", "text"].contains(&self.node.log_format.as_str()) {
+            return fail(format!("node.log_format = {:?} is not auto, json or text", self.node.log_format));
+        }
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.node.log_filter) {
+            return fail(format!("node.log_filter = {:?} is not a filter: {error}", self.node.log_filter));
+        }
+        let id_ok = (1..=64).contains(&self.node.id.len())
+            && self.node.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !id_ok {
+            return fail(format!("node.id = {:?} must match [A-Za-z0-9._-]{{1,64}}", self.node.id));
         }
         if !["sync", "interval", "none"].contains(&self.wal.durability.as_str()) {
             return fail(format!("wal.durability = {:?} is not sync, interval or none", self.wal.durability));
@@ -511,6 +535,13 @@ impl Config {
     }
 }
 
+/// This host's name (the default node id), `localhost` when it has none.
+fn hostname() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name = name.trim();
+    if name.is_empty() { "localhost".into() } else { name.to_string() }
+}
+
 /// What [`Config::preflight`] found.
 #[derive(Debug)]
 pub struct Checked {
@@ -533,6 +564,26 @@ fn writable(key: &str, dir: &Path) -> Result<(), ConfigError> {
         return Err(ConfigError(format!("{key}: cannot write into {}: {error}", dir.display())));
     }
     Ok(())
+}
+
+/// The keys (`section.key`, `disk`) whose values differ between `old` and `new`.
+pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
+    let tree =
+        |config: &Config| toml::Value::try_from(config).ok().and_then(|v| v.as_table().cloned()).unwrap_or_default();
+    let (old, new) = (tree(old), tree(new));
+    let mut changed = Vec::new();
+    let sections: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    for section in sections {
+        match (old.get(section), new.get(section)) {
+            (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) => {
+                let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                changed.extend(keys.into_iter().filter(|k| a.get(*k) != b.get(*k)).map(|k| format!("{section}.{k}")));
+            }
+            (a, b) if a != b => changed.push(section.clone()),
+            _ => {}
+        }
+    }
+    changed
 }
 
 fn merge(base: &mut toml::Table, overlay: toml::Table) {

@@ -7,15 +7,16 @@ mod api;
 mod bench;
 mod config;
 mod exposition;
+mod logging;
 mod node;
 mod server;
 mod status;
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use datanode_partition::Registry;
@@ -65,6 +66,9 @@ struct ServeArgs {
     /// Listen address, e.g. 127.0.0.1:7070.
     #[arg(long, global = true)]
     http_addr: Option<String>,
+    /// Log format (overrides `node.log_format`).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<logging::LogFormat>,
 }
 
 fn main() -> ExitCode {
@@ -123,17 +127,6 @@ fn preflight(config: &Config, create: bool) -> Result<config::Checked, ExitCode>
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
-    if std::io::stdout().is_terminal() {
-        builder.init();
-    } else {
-        builder.json().flatten_event(true).init();
-    }
-}
-
 fn ignore_signals() {
     // SAFETY: setting the disposition of SIGPIPE and SIGXFSZ to SIG_IGN has
     // no memory-safety preconditions; writes then fail with EPIPE/EFBIG
@@ -167,7 +160,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    init_logging();
+    let format = args.log_format.unwrap_or_else(|| logging::LogFormat::from_config(&config.node.log_format));
+    let disks = config.disk.iter().map(|d| (d.name.clone(), d.path.clone())).collect();
+    let logs = logging::init(format, &config.node.log_filter, &config.node.id, disks);
     for warning in &checked.warnings {
         tracing::warn!(warning = %warning, "configuration");
     }
@@ -179,11 +174,14 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    let code = match runtime.block_on(run(config, checked.admin_token, listener)) {
+    let reload_args = args.clone();
+    let reload = move || load_config_quietly(&reload_args);
+    let code = match runtime.block_on(run(config, checked.admin_token, listener, logs, &reload)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(EXIT_RUNTIME),
         Err(error) => {
             tracing::error!(error = %format!("{error:#}"), "datanode stopped");
+            eprintln!("datanode: {error:#}");
             ExitCode::from(EXIT_RUNTIME)
         }
     };
@@ -194,34 +192,95 @@ fn serve(args: &ServeArgs) -> ExitCode {
     code
 }
 
-/// Loads, serves until SIGTERM/SIGINT, drains. `Ok(true)` for a clean
-/// shutdown within `shutdown_timeout`.
-async fn run(config: Config, admin_token: Option<String>, listener: std::net::TcpListener) -> anyhow::Result<bool> {
+/// The configuration as `serve` loaded it, again (for SIGHUP).
+fn load_config_quietly(args: &ServeArgs) -> Result<Config, config::ConfigError> {
+    let overrides = Overrides { data_dir: args.data_dir.clone(), http_addr: args.http_addr.clone() };
+    Config::load(args.config.as_deref(), std::env::vars(), &overrides)
+}
+
+/// How often systemd hears that a long load is still going, and by how
+/// much each message extends its start timeout.
+const EXTEND_EVERY: Duration = Duration::from_secs(3);
+const EXTEND_BY: Duration = Duration::from_secs(10);
+
+/// Serves `/healthz`, `/metrics` and a `/readyz` that says "loading" while
+/// the partitions load, then the API; serves until SIGTERM/SIGINT (SIGHUP
+/// reloads), drains. `Ok(true)` for a clean shutdown within
+/// `shutdown_timeout`.
+async fn run(
+    config: Config,
+    admin_token: Option<String>,
+    listener: std::net::TcpListener,
+    logs: logging::Logging,
+    reload: &dyn Fn() -> Result<Config, config::ConfigError>,
+) -> anyhow::Result<bool> {
     let metrics = exposition::install()?;
     metrics::gauge!("datanode_build_info", "version" => env!("CARGO_PKG_VERSION"), "revision" => env!("DN_BUILD_REVISION"))
         .set(1.0);
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let addr = listener.local_addr()?;
+    let mut signals = Signals::new();
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let options = server::ServeOptions { header_timeout: config.limits.header_timeout };
+    let api = Arc::new(std::sync::OnceLock::new());
+    let mut served = tokio::spawn(server::serve(
+        listener,
+        api::loading_router(Arc::clone(&api), metrics.clone()),
+        options,
+        drain_rx,
+    ));
+    tracing::info!(%addr, version = VERSION, "datanode listening; loading partitions");
+
     let storage = datanode_wal::open_backend(config.wal.io_backend.parse().map_err(anyhow::Error::msg)?)?;
     let (disks, defaults) = (node::disks(&config), node::partition_defaults(&config));
     let bootstrap = config.node.bootstrap_partitions;
-    let registry = tokio::task::spawn_blocking(move || -> anyhow::Result<Registry> {
+    let loading = tokio::task::spawn_blocking(move || -> anyhow::Result<Registry> {
         let registry = Registry::open(storage, disks, defaults);
         node::bootstrap(&registry, bootstrap)?;
         Ok(registry)
-    })
-    .await??;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
+    });
+    tokio::pin!(loading);
+    let mut extend = tokio::time::interval_at(tokio::time::Instant::now() + EXTEND_EVERY, EXTEND_EVERY);
+    let mut stop = false;
+    let registry = loop {
+        tokio::select! {
+            loaded = &mut loading => break loaded??,
+            _ = extend.tick() => node::sd_notify(&format!("EXTEND_TIMEOUT_USEC={}", EXTEND_BY.as_micros())),
+            signal = signals.next() => match signal {
+                Signal::Stop => {
+                    tracing::info!("stop requested while loading: stopping once the partitions are loaded");
+                    stop = true;
+                }
+                Signal::Reload => tracing::info!("SIGHUP while loading: ignored"),
+            },
+        }
+    };
+    let mut running = config.clone();
     let shutdown_timeout = config.node.shutdown_timeout;
     let node = Arc::new(Node::new(config, registry, admin_token, metrics));
     node::spawn_background(&node)?;
     alerts::spawn(&node);
+    let _ = api.set(api::router(Arc::clone(&node)));
     node.ready.store(true, Ordering::Release);
     node::sd_notify("READY=1");
-    tracing::info!(addr = %listener.local_addr()?, version = VERSION, "datanode ready");
+    tracing::info!(%addr, version = VERSION, "datanode ready");
 
-    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
-    let options = server::ServeOptions { header_timeout: node.config.limits.header_timeout };
-    let mut served = tokio::spawn(server::serve(listener, api::router(Arc::clone(&node)), options, drain_rx));
-    wait_for_signal().await;
+    let mut watchdog = node::watchdog_interval().map(tokio::time::interval);
+    while !stop {
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Signal::Stop => stop = true,
+                Signal::Reload => reload_config(&node, &logs, &mut running, reload),
+            },
+            _ = async { if let Some(w) = watchdog.as_mut() { w.tick().await; } else { std::future::pending::<()>().await } } => {
+                // Pinged from the serving loop: a runtime that no longer
+                // schedules it, or a server task that ended, stops the pings.
+                if !served.is_finished() {
+                    node::sd_notify("WATCHDOG=1");
+                }
+            }
+        }
+    }
     // From here on everything must finish within the shutdown timeout.
     let deadline = tokio::time::Instant::now() + shutdown_timeout;
     tracing::info!("shutting down: draining");
@@ -255,18 +314,86 @@ async fn run(config: Config, admin_token: Option<String>, listener: std::net::Tc
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+/// SIGHUP: reads the configuration again and applies what can change while
+/// running (`node.log_filter`, `alerts.alertmanager_url`); a change to any
+/// other key is logged as waiting for a restart. A configuration that
+/// does not load is refused, and the running one kept.
+fn reload_config(
+    node: &Node,
+    logs: &logging::Logging,
+    running: &mut Config,
+    reload: &dyn Fn() -> Result<Config, config::ConfigError>,
+) {
+    let new = match reload() {
+        Ok(new) => new,
+        Err(error) => {
+            tracing::warn!(error = %error, "SIGHUP: the configuration does not load; keeping the running one");
+            return;
+        }
+    };
+    let mut applied = Vec::new();
+    match logs.set_filter(&new.node.log_filter) {
+        Ok(true) => applied.push("node.log_filter"),
+        Ok(false) => {}
+        Err(error) => tracing::warn!(%error, "SIGHUP: cannot apply node.log_filter"),
+    }
+    if new.alerts.alertmanager_url != running.alerts.alertmanager_url {
+        node.set_alert_target(new.alerts.alertmanager_url.clone());
+        applied.push("alerts.alertmanager_url");
+    }
+    let (mut old_rest, mut new_rest) = (running.clone(), new.clone());
+    for config in [&mut old_rest, &mut new_rest] {
+        config.node.log_filter.clear();
+        config.alerts.alertmanager_url = None;
+    }
+    let pending = config::changed_keys(&old_rest, &new_rest);
+    if !pending.is_empty() {
+        tracing::warn!(keys = ?pending, "SIGHUP: these keys changed and take effect at the next restart");
+    }
+    tracing::info!(applied = ?applied, "SIGHUP: configuration reloaded");
+    running.node.log_filter = new.node.log_filter;
+    running.alerts.alertmanager_url = new.alerts.alertmanager_url;
+}
+
+/// What the process was asked to do by a signal.
+enum Signal {
+    /// SIGTERM or SIGINT: drain and exit.
+    Stop,
+    /// SIGHUP: reload the configuration.
+    Reload,
+}
+
+/// SIGTERM, SIGINT and SIGHUP as a stream; when they cannot be listened
+/// for, the node serves until killed.
+struct Signals {
+    streams: Option<[tokio::signal::unix::Signal; 3]>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        let streams = (|| {
+            Ok::<_, std::io::Error>([
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::hangup())?,
+            ])
+        })();
+        match streams {
+            Ok(streams) => Signals { streams: Some(streams) },
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for signals; serving until killed");
+                Signals { streams: None }
             }
         }
-        _ => {
-            tracing::error!("cannot listen for signals; serving until killed");
-            std::future::pending::<()>().await;
+    }
+
+    async fn next(&mut self) -> Signal {
+        let Some([term, int, hup]) = &mut self.streams else { return std::future::pending().await };
+        tokio::select! {
+            _ = term.recv() => Signal::Stop,
+            _ = int.recv() => Signal::Stop,
+            _ = hup.recv() => Signal::Reload,
         }
     }
 }
