@@ -6,6 +6,12 @@
 //! (`endsAt` = now), and re-sends firing ones every minute so Alertmanager
 //! keeps them. A failed push is retried with exponential backoff. Nothing
 //! here is on the data path: requests never wait for it.
+//!
+//! An alert's labels are those the shipped Prometheus rules give the same
+//! condition (`alertname`, `severity`, `instance`, `job="datanode"`,
+//! `partition`, `disk`, `state`), with `instance` the node id; so when
+//! Prometheus labels its scrape target `instance = <node id>` (docs/API.md)
+//! Alertmanager sees one alert, not two.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -49,7 +55,11 @@ fn current(node: &Node, instance: &str) -> BTreeMap<String, Alert> {
         };
     for partition in node.registry.partitions() {
         let health = partition.health().snapshot();
-        let ids = vec![("partition", partition.id().to_string()), ("disk", partition.disk().to_string())];
+        let ids = vec![
+            ("partition", partition.id().to_string()),
+            ("disk", partition.disk().to_string()),
+            ("state", health.state.name().to_string()),
+        ];
         match &health.state {
             State::Faulted(fault) => add(
                 "DatanodePartitionFaulted",
@@ -76,9 +86,10 @@ fn current(node: &Node, instance: &str) -> BTreeMap<String, Alert> {
     for disk in node.registry.disk_statuses() {
         let since = disk.last_probe.as_ref().map_or_else(SystemTime::now, |p| p.at);
         let summary = format!("Disk {} is {}: {}", disk.name, disk.state.as_str(), disk.reasons.join("; "));
+        let labels = vec![("disk", disk.name), ("state", disk.state.as_str().to_string())];
         match disk.state {
-            DiskState::Faulted => add("DatanodeDiskFaulted", "critical", vec![("disk", disk.name)], summary, since),
-            DiskState::Degraded => add("DatanodeDiskDegraded", "warning", vec![("disk", disk.name)], summary, since),
+            DiskState::Faulted => add("DatanodeDiskFaulted", "critical", labels, summary, since),
+            DiskState::Degraded => add("DatanodeDiskDegraded", "warning", labels, summary, since),
             DiskState::Healthy => {}
         }
     }
