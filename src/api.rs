@@ -390,14 +390,29 @@ async fn to_completion<T: Send + 'static, E: Send + 'static>(
     }
 }
 
-/// A request body, or the JSON error for one that is too large or broken.
-fn body_or_error(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+/// A request body, or the JSON error for one that is too large (stating
+/// `limit`, e.g. "limits.max_blob_size = 16MiB") or broken.
+fn body_or_error(body: Result<Bytes, BytesRejection>, limit: &str) -> ApiResult<Bytes> {
     body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body exceeds the limit")
-        }
+        StatusCode::PAYLOAD_TOO_LARGE => too_large(limit),
         _ => ApiError::bad_request(format!("the request body broke off: {}", rejection.body_text())),
     })
+}
+
+fn too_large(limit: &str) -> ApiError {
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the body is larger than {limit}"))
+}
+
+/// The limit of a blob, as a 413 states it.
+fn blob_limit(node: &Node) -> String {
+    format!("limits.max_blob_size = {}", crate::config::size_text(node.config.limits.max_blob_size))
+}
+
+/// The limit of an admin call's JSON body (that of a blob, at least
+/// 1MiB), as a 413 states it.
+fn admin_limit(node: &Node) -> String {
+    let limit = node.config.limits.max_blob_size.max(1 << 20);
+    format!("the {} a request body may have", crate::config::size_text(limit))
 }
 
 async fn put_blob(
@@ -409,11 +424,9 @@ async fn put_blob(
     let (id, partition) = partition(&node, &pid)?;
     let key = blob_key(&uri)?;
     refuse_if_draining(&node, id)?;
-    let body = body_or_error(body).map_err(|e| e.on(id))?;
+    let body = body_or_error(body, &blob_limit(&node)).map_err(|e| e.on(id))?;
     if body.len() as u64 > node.config.limits.max_blob_size {
-        return Err(
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "blob exceeds max_blob_size").on(id)
-        );
+        return Err(too_large(&blob_limit(&node)).on(id));
     }
     let put = partition.put(&key, &body);
     let ack = match tokio::time::timeout(node.config.limits.request_timeout, put).await {
@@ -677,7 +690,7 @@ async fn create_partition(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     require_admin(&node, &headers)?;
-    let request: CreatePartition = admin_json(&body_or_error(body)?)?;
+    let request: CreatePartition = admin_json(&body_or_error(body, &admin_limit(&node))?)?;
     let registry = Arc::clone(&node.registry);
     if !node.disk_permits.contains_key(&request.disk) {
         return Err(registry_error(RegistryError::UnknownDisk(request.disk)));
@@ -723,7 +736,7 @@ async fn set_read_only(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
     require_admin(&node, &headers)?;
-    let request: ReadOnlyRequest = admin_json(&body_or_error(body)?)?;
+    let request: ReadOnlyRequest = admin_json(&body_or_error(body, &admin_limit(&node))?)?;
     let (_, partition) = partition(&node, &pid)?;
     partition.set_operator_read_only(request.read_only);
     Ok(Json(partition_status(&partition)))
@@ -795,12 +808,8 @@ async fn install_snapshot(
             };
             total += chunk.len();
             if total > limit {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    "snapshot image too large",
-                )
-                .on(id));
+                let limit = format!("the {} a snapshot image may have", crate::config::size_text(limit as u64));
+                return Err(too_large(&limit).on(id));
             }
             if tx.send(chunk).await.is_err() {
                 break;

@@ -424,3 +424,22 @@ fn text_logs_start_with_the_node_id_and_systemd_gets_watchdog_pings() {
     let text = node.text();
     assert!(!text.is_empty() && text.lines().all(|l| l.starts_with("node=dn-text ")), "{text}");
 }
+
+#[test]
+fn limits_are_checked_and_a_413_states_the_limit() {
+    let data = tempfile::tempdir().unwrap();
+    let daemon = support::Daemon::start(data.path(), &[], &[("DATANODE_LIMITS__MAX_BLOB_SIZE", "64KiB")]);
+    let blob = daemon.url("/v1/partitions/1/blobs/big");
+    for size in [(64 << 10) + 1, 2 << 20] {
+        let (status, body) = support::call(ureq::put(&blob), Some(&vec![0u8; size]));
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!((status, body["error"].as_str()), (413, Some("payload_too_large")), "{body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains("limits.max_blob_size") && message.contains("64KiB"), "{size}: {message}");
+    }
+    for limit in ["0", "20000", "-1"] {
+        let (status, body) =
+            support::call(ureq::get(&daemon.url(&format!("/v1/partitions/1/blobs?limit={limit}"))), None);
+        assert_eq!((status, support::error_code(&body).as_str()), (400, "bad_request"), "limit={limit}");
+    }
+}
