@@ -45,9 +45,13 @@ enum Command {
     CheckConfig,
     /// Print a running node's partitions and disks as tables.
     Status {
-        /// The node's HTTP address.
-        #[arg(long, default_value = "http://127.0.0.1:7070")]
-        url: String,
+        /// The node's URL (`http://host:port` or `host:port`). Default: the
+        /// `http_addr` of the configuration (`--config`).
+        #[arg(long)]
+        url: Option<String>,
+        /// Print `{"partitions": [...], "disks": [...]}` for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Put a load on a running node and report throughput and latency.
     Bench(bench::BenchArgs),
@@ -83,24 +87,59 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Some(Command::Serve) | None => serve(&args),
-        Some(Command::Status { url }) => match status::render(&url) {
-            Ok(tables) => {
-                print!("{tables}");
-                ExitCode::SUCCESS
+        Some(Command::Status { url, json }) => {
+            let url = match node_url(url.as_deref(), &args) {
+                Ok(url) => url,
+                Err(code) => return code,
+            };
+            match status::render(&url, json) {
+                Ok(tables) => {
+                    print!("{tables}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("datanode: cannot read the node's status: {error}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
             }
-            Err(error) => {
-                eprintln!("datanode: cannot read the node's status: {error}");
-                ExitCode::from(EXIT_RUNTIME)
+        }
+        Some(Command::Bench(mut bench_args)) => {
+            match node_url(bench_args.url.as_deref(), &args) {
+                Ok(url) => bench_args.url = Some(url),
+                Err(code) => return code,
             }
-        },
-        Some(Command::Bench(args)) => match bench::run(&args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("datanode bench: {error:#}");
-                ExitCode::from(EXIT_RUNTIME)
+            match bench::run(&bench_args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("datanode bench: {error:#}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
             }
-        },
+        }
     }
+}
+
+/// The URL of the node a client command talks to: `--url` (`http://` is
+/// added to a bare `host:port`), else the configuration's `http_addr`
+/// (an unspecified address such as 0.0.0.0 as loopback).
+fn node_url(url: Option<&str>, args: &ServeArgs) -> Result<String, ExitCode> {
+    if let Some(url) = url {
+        if url.contains("://") && !url.starts_with("http://") {
+            eprintln!("datanode: --url {url:?}: only http:// URLs");
+            return Err(ExitCode::from(2));
+        }
+        let url = if url.starts_with("http://") { url.to_string() } else { format!("http://{url}") };
+        return Ok(url.trim_end_matches('/').to_string());
+    }
+    let config = load_config(args)?;
+    let mut addr = config.node.http_addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(format!("http://{addr}"))
 }
 
 fn load_config(args: &ServeArgs) -> Result<Config, ExitCode> {

@@ -1,0 +1,76 @@
+//! The operator's commands against a running node: `datanode status` and
+//! `datanode bench` (URL forms, `--config`, `--json`, exit codes).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use support::Daemon;
+
+fn datanode(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_datanode")).args(args).env("RUST_LOG", "warn").output().unwrap()
+}
+
+fn out(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn err(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn status_finds_the_node_by_url_without_scheme_or_by_config_and_speaks_json() {
+    let data = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(data.path(), &[], &[("DATANODE_HEALTH__PROBE_INTERVAL", "100ms")]);
+    support::wait_for("a probe", std::time::Duration::from_secs(30), || {
+        !daemon.json("/v1/disks")[0]["last_probe"].is_null()
+    });
+    let addr = format!("127.0.0.1:{}", daemon.port);
+    let bare = datanode(&["status", "--url", &addr]);
+    assert!(bare.status.success(), "{}", err(&bare));
+    assert!(out(&bare).starts_with("PARTITION"), "{}", out(&bare));
+    let disk_line = out(&bare).lines().find(|l| l.starts_with("d0")).unwrap().to_string();
+    assert!(!disk_line.contains("0.000s") && (disk_line.contains("ms") || disk_line.contains("µs")), "{disk_line}");
+
+    let config = data.path().join("status.toml");
+    std::fs::write(
+        &config,
+        format!("[node]\nhttp_addr = \"{addr}\"\n[[disk]]\nname = \"d0\"\npath = \"{}\"\n", data.path().display()),
+    )
+    .unwrap();
+    let by_config = datanode(&["status", "--config", config.to_str().unwrap()]);
+    assert!(by_config.status.success(), "{}", err(&by_config));
+    assert_eq!(out(&by_config).lines().count(), out(&bare).lines().count());
+
+    let json = datanode(&["status", "--url", &addr, "--json"]);
+    assert!(json.status.success(), "{}", err(&json));
+    let value: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(value["partitions"].as_array().unwrap().len(), 4, "{value}");
+    assert_eq!(value["disks"][0]["name"], "d0", "{value}");
+}
+
+#[test]
+fn bench_defaults_fit_a_fresh_node_and_failed_requests_fail_the_run() {
+    let data = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(data.path(), &[], &[]);
+    let addr = format!("127.0.0.1:{}", daemon.port);
+    let quick = ["--duration", "1s", "--warmup", "0s", "--connections", "4", "--keys", "20"];
+    let mut args = vec!["bench", "--url", &addr];
+    args.extend_from_slice(&quick);
+    // The defaults (partitions 1-4) against a fresh node: no errors; the
+    // progress is plain lines when stderr is not a terminal.
+    let run = datanode(&args);
+    assert!(run.status.success(), "{}{}", out(&run), err(&run));
+    assert!(!err(&run).contains('\r'), "no carriage returns off a terminal: {:?}", err(&run));
+    // Half the partitions do not exist: the run fails, naming the errors.
+    args.extend_from_slice(&["--partitions", "1-8", "--put-ratio", "1"]);
+    let failing = datanode(&args);
+    assert_eq!(failing.status.code(), Some(1), "{}{}", out(&failing), err(&failing));
+    assert!(out(&failing).contains("404 partition_not_found"), "{}", out(&failing));
+    assert!(err(&failing).contains("--max-error-ratio"), "{}", err(&failing));
+    args.extend_from_slice(&["--max-error-ratio", "1"]);
+    assert!(datanode(&args).status.success(), "a threshold of 1 tolerates every error");
+}
