@@ -881,7 +881,9 @@ async fn readyz(State(node): State<Arc<Node>>) -> ApiResult<Json<Value>> {
 
 async fn metrics_text(State(node): State<Arc<Node>>) -> Response {
     node.export_gauges();
-    metrics_response(node.metrics.render())
+    let mut text = node.metrics.render();
+    text.push_str(&crate::exposition::process_metrics());
+    metrics_response(text)
 }
 
 #[cfg(test)]

@@ -110,3 +110,42 @@ impl ZeroCounters {
         }
     }
 }
+
+/// The process metrics Prometheus client libraries export (the
+/// "process collector"), read from `/proc/self`: CPU seconds, resident and
+/// virtual memory, open and maximum file descriptors, threads, start time.
+/// Appended to the exposition at every scrape; what cannot be read is left out.
+pub fn process_metrics() -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, value: Option<f64>| {
+        if let Some(value) = value {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+        }
+    };
+    // SAFETY: sysconf has no preconditions; it only returns a value.
+    let (ticks, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<f64>().ok());
+    let ticks = (ticks > 0).then_some(ticks as f64);
+    let cpu = field(14).zip(field(15)).zip(ticks).map(|((user, system), ticks)| (user + system) / ticks);
+    family("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.", cpu);
+    let rss = field(24).map(|pages| pages * page.max(0) as f64);
+    family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss);
+    family("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", field(23));
+    family("process_threads", "gauge", "Number of OS threads in the process.", field(20));
+    let boot = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("btime ").and_then(|b| b.trim().parse::<f64>().ok())));
+    let start = field(22).zip(ticks).zip(boot).map(|((start, ticks), boot)| boot + start / ticks);
+    family("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", start);
+    let fds = std::fs::read_dir("/proc/self/fd").ok().map(|entries| entries.count() as f64);
+    family("process_open_fds", "gauge", "Number of open file descriptors.", fds);
+    let max_fds = std::fs::read_to_string("/proc/self/limits").ok().and_then(|limits| {
+        limits.lines().find(|l| l.starts_with("Max open files")).and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+    });
+    family("process_max_fds", "gauge", "Maximum number of open file descriptors.", max_fds);
+    out
+}

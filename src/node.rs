@@ -134,6 +134,11 @@ impl Node {
         for disk in &self.config.disk {
             self.zero_counters.disk(&disk.name);
         }
+        for disk in self.registry.disk_statuses() {
+            if let Some(total) = disk.total_bytes {
+                metrics::gauge!("datanode_disk_total_bytes", "disk" => disk.name.clone()).set(total as f64);
+            }
+        }
         for state in datanode_partition::state::STATE_NAMES {
             let count = partitions.iter().filter(|p| p.health().state().name() == state).count();
             metrics::gauge!("datanode_partitions", "state" => state).set(count as f64);

@@ -61,6 +61,11 @@ fn metrics_are_histograms_with_help_and_the_counters_exist_at_zero() {
             assert_eq!(daemon.metric("datanode_io_errors_total", &labels), Some(0.0), "{labels:?}\n{text}");
         }
     }
+    assert!(daemon.metric("datanode_disk_total_bytes", &["disk=\"d0\""]).is_some_and(|b| b > 0.0), "{text}");
+    for family in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "process_max_fds"]
+    {
+        assert!(text.lines().any(|l| l.starts_with(&format!("{family} "))), "{family} missing:\n{text}");
+    }
     // A partition created later has its counters at 0 too.
     let create = ureq::post(&daemon.url("/v1/partitions"));
     assert_eq!(call(create, Some(br#"{"id":9,"disk":"d0"}"#)).0, 201);

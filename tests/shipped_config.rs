@@ -12,6 +12,7 @@ const CONTRACT_METRICS: &[&str] = &[
     "datanode_io_errors_total",
     "datanode_disk_state",
     "datanode_disk_free_bytes",
+    "datanode_disk_total_bytes",
     "datanode_disk_probe_sync_seconds",
     "datanode_wal_appends_total",
     "datanode_wal_append_bytes_total",
