@@ -1,7 +1,9 @@
 //! The `datanode` binary: CLI, logging, signals, and the serve loop.
 //! Exit codes: 0 clean shutdown, 1 fatal runtime error, 2 usage, 78 bad
-//! configuration.
+//! configuration; the admin commands also 1 (the node answered an
+//! error) and 69 (the node could not be reached).
 
+mod admin;
 mod alerts;
 mod api;
 mod bench;
@@ -55,6 +57,12 @@ enum Command {
     },
     /// Put a load on a running node and report throughput and latency.
     Bench(bench::BenchArgs),
+    /// Administer a running node's partitions.
+    #[command(subcommand)]
+    Partition(admin::PartitionCommand),
+    /// A running node's disks.
+    #[command(subcommand)]
+    Disk(admin::DiskCommand),
 }
 
 /// Flags that choose the configuration, accepted before or after the
@@ -103,6 +111,14 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Partition(command)) => {
+            let client = admin::command_client(&command).clone();
+            admin_run(&args, &client, |node| admin::partition(node, &command))
+        }
+        Some(Command::Disk(command)) => {
+            let admin::DiskCommand::List { client } = &command;
+            admin_run(&args, client, |node| admin::disk(node, &command))
+        }
         Some(Command::Bench(mut bench_args)) => {
             match node_url(bench_args.url.as_deref(), &args) {
                 Ok(url) => bench_args.url = Some(url),
@@ -115,6 +131,42 @@ fn main() -> ExitCode {
                     ExitCode::from(EXIT_RUNTIME)
                 }
             }
+        }
+    }
+}
+
+/// Runs an admin command against the node `client` names, with the admin
+/// token of `--token-file` or of the configuration.
+fn admin_run(
+    args: &ServeArgs,
+    client: &admin::Client,
+    work: impl FnOnce(&admin::Node) -> Result<String, admin::Failure>,
+) -> ExitCode {
+    let url = match node_url(client.url.as_deref(), args) {
+        Ok(url) => url,
+        Err(code) => return code,
+    };
+    let token_file = match (&client.token_file, &args.config) {
+        (Some(file), _) => Some(file.clone()),
+        (None, Some(_)) => load_config(args).ok().and_then(|c| c.node.admin_token_file),
+        (None, None) => None,
+    };
+    let token = match token_file.map(|file| std::fs::read_to_string(&file).map_err(|e| (file, e))) {
+        None => None,
+        Some(Ok(token)) => Some(token.trim().to_string()),
+        Some(Err((file, error))) => {
+            eprintln!("datanode: cannot read the admin token {}: {error}", file.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match work(&admin::Node::new(url, token)) {
+        Ok(text) => {
+            admin::print(&text);
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            eprintln!("datanode: {}", failure.message);
+            ExitCode::from(failure.code)
         }
     }
 }

@@ -61,6 +61,14 @@ pub fn render(base: &str, json: bool) -> Result<String, String> {
         let both = serde_json::json!({ "partitions": partitions, "disks": disks });
         return serde_json::to_string_pretty(&both).map(|t| t + "\n").map_err(|e| e.to_string());
     }
+    let mut out = partitions_table(&partitions);
+    out.push('\n');
+    out.push_str(&disks_table(&disks));
+    Ok(out)
+}
+
+/// A `[PartitionStatus]` as a table.
+pub fn partitions_table(partitions: &Value) -> String {
     let mut rows = vec![
         ["PARTITION", "DISK", "STATE", "REASONS", "BLOBS", "LAST LSN", "DURABLE", "LAST ERROR"]
             .map(String::from)
@@ -78,7 +86,11 @@ pub fn render(base: &str, json: bool) -> Result<String, String> {
             text(&p["last_error"]["message"]),
         ]);
     }
-    let mut out = table(&rows);
+    table(&rows)
+}
+
+/// A `[DiskStatus]` as a table.
+pub fn disks_table(disks: &Value) -> String {
     let mut rows =
         vec![["DISK", "STATE", "FREE", "TOTAL", "PARTITIONS", "LAST PROBE", "REASONS"].map(String::from).to_vec()];
     for d in disks.as_array().into_iter().flatten() {
@@ -97,9 +109,45 @@ pub fn render(base: &str, json: bool) -> Result<String, String> {
             joined(&d["reasons"], "; "),
         ]);
     }
-    out.push('\n');
-    out.push_str(&table(&rows));
-    Ok(out)
+    table(&rows)
+}
+
+/// One `PartitionStatus` as `key: value` lines.
+pub fn partition_details(p: &Value) -> String {
+    let mut out = String::new();
+    let probe = |key: &str, value: String| format!("{key:<12} {value}\n");
+    out.push_str(&probe("partition", text(&p["id"])));
+    out.push_str(&probe("disk", text(&p["disk"])));
+    out.push_str(&probe("state", text(&p["state"])));
+    out.push_str(&probe("reasons", joined(&p["reasons"], ", ")));
+    out.push_str(&probe("since", text(&p["since"])));
+    let error = &p["last_error"];
+    let last_error = if error.is_null() {
+        "-".to_string()
+    } else {
+        format!(
+            "{} (op {}, errno {}) at {}",
+            text(&error["message"]),
+            text(&error["op"]),
+            text(&error["errno"]),
+            text(&error["at"])
+        )
+    };
+    out.push_str(&probe("last error", last_error));
+    let wal = &p["wal"];
+    out.push_str(&probe(
+        "wal",
+        format!(
+            "lsn {}..{} (durable {}), {} segments, {}",
+            text(&wal["first_lsn"]),
+            text(&wal["last_lsn"]),
+            text(&wal["durable_lsn"]),
+            text(&wal["segments"]),
+            human_bytes(&wal["bytes"])
+        ),
+    ));
+    out.push_str(&probe("blobs", format!("{} ({} live)", text(&p["blobs"]), human_bytes(&p["live_bytes"]))));
+    out
 }
 
 fn table(rows: &[Vec<String>]) -> String {

@@ -74,3 +74,76 @@ fn bench_defaults_fit_a_fresh_node_and_failed_requests_fail_the_run() {
     args.extend_from_slice(&["--max-error-ratio", "1"]);
     assert!(datanode(&args).status.success(), "a threshold of 1 tolerates every error");
 }
+
+#[test]
+fn the_admin_cli_lists_shows_changes_exports_and_imports_with_clear_exit_codes() {
+    let data = tempfile::tempdir().unwrap();
+    let token = data.path().join("admin.token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let disk = data.path().join("d0");
+    let toml = format!(
+        "[node]\nadmin_token_file = \"{}\"\n{}",
+        token.display(),
+        support::config_with_disks(&[("d0", &disk)], "")
+    );
+    let daemon = Daemon::with_config(&toml, &[]);
+    let addr = format!("127.0.0.1:{}", daemon.port);
+    // A configuration naming the node and its token: --config is enough.
+    let config = data.path().join("client.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nhttp_addr = \"{addr}\"\nadmin_token_file = \"{}\"\n{}",
+            token.display(),
+            support::config_with_disks(&[("d0", &disk)], "")
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let admin = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend_from_slice(&["--config", config]);
+        datanode(&all)
+    };
+    let list = admin(&["partition", "list"]);
+    assert!(list.status.success(), "{}", err(&list));
+    assert!(out(&list).starts_with("PARTITION") && out(&list).lines().count() == 5, "{}", out(&list));
+    let json: Value = serde_json::from_slice(&admin(&["partition", "list", "--json"]).stdout).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 4);
+    assert!(out(&admin(&["partition", "show", "2"])).contains("state        healthy"));
+    assert_eq!(support::call(ureq::put(&daemon.url("/v1/partitions/2/blobs/k")), Some(b"v")).0, 201);
+
+    let read_only: Value = serde_json::from_slice(&admin(&["partition", "read-only", "2", "--json"]).stdout).unwrap();
+    assert_eq!(read_only["state"], "read_only");
+    let cleared = admin(&["partition", "read-only", "2", "--clear"]);
+    assert!(out(&cleared).contains("healthy"), "{}", out(&cleared));
+    assert!(admin(&["partition", "recover", "2"]).status.success());
+
+    let image = data.path().join("p2.snapshot");
+    let export = admin(&["partition", "export", "2", "--output", image.to_str().unwrap()]);
+    assert!(export.status.success() && image.metadata().unwrap().len() > 0, "{}", err(&export));
+    assert!(admin(&["partition", "create", "9", "--disk", "d0"]).status.success());
+    let refused = admin(&["partition", "import", "9", "--input", image.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(1), "another partition's image is refused");
+    assert!(err(&refused).contains("400 bad_snapshot"), "{}", err(&refused));
+    assert_eq!(support::call(ureq::delete(&daemon.url("/v1/partitions/2/blobs/k")), None).0, 204);
+    let import = admin(&["partition", "import", "2", "--input", image.to_str().unwrap()]);
+    assert!(import.status.success(), "{}", err(&import));
+    assert_eq!(support::call(ureq::get(&daemon.url("/v1/partitions/2/blobs/k")), None), (200, b"v".to_vec()));
+
+    assert_eq!(admin(&["partition", "delete", "9"]).status.code(), Some(2), "delete needs --yes");
+    assert!(admin(&["partition", "delete", "9", "--yes"]).status.success());
+    let missing = admin(&["partition", "show", "9"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(err(&missing).contains("404 partition_not_found"), "{}", err(&missing));
+    let disks = admin(&["disk", "list"]);
+    assert!(out(&disks).starts_with("DISK") && out(&disks).contains("d0"), "{}", out(&disks));
+
+    let no_token = datanode(&["partition", "recover", "1", "--url", &addr]);
+    assert_eq!(no_token.status.code(), Some(1));
+    assert!(err(&no_token).contains("401 unauthorized"), "{}", err(&no_token));
+    let with_token = datanode(&["partition", "recover", "1", "--url", &addr, "--token-file", token.to_str().unwrap()]);
+    assert!(with_token.status.success(), "{}", err(&with_token));
+    let unreachable = datanode(&["partition", "list", "--url", "127.0.0.1:1"]);
+    assert_eq!(unreachable.status.code(), Some(69), "{}", err(&unreachable));
+}
