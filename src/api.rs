@@ -922,6 +922,58 @@ mod tests {
         }
     }
 
+    /// Every operation `docs/openapi.yaml` lists: (method, path, operationId).
+    fn spec_operations() -> Vec<(String, String, String)> {
+        let spec = include_str!("../docs/openapi.yaml");
+        let paths = spec.split_once("\npaths:\n").map(|(_, rest)| rest).unwrap_or_default();
+        let (mut path, mut method, mut found) = (String::new(), String::new(), Vec::new());
+        for line in paths.lines() {
+            if let Some(p) = line.strip_prefix("  /").and_then(|p| p.strip_suffix(':')) {
+                path = format!("/{p}");
+            } else if let Some(m) = line.strip_prefix("    ").and_then(|m| m.strip_suffix(':'))
+                && ["get", "put", "post", "delete", "head"].contains(&m)
+            {
+                method = m.to_ascii_uppercase();
+            } else if let Some(id) = line.strip_prefix("      operationId: ") {
+                found.push((method.clone(), path.clone(), id.trim().to_string()));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn the_openapi_spec_lists_every_route_of_the_router_with_its_operation() {
+        let operations = spec_operations();
+        let all: std::collections::BTreeSet<&str> = [
+            "put_blob",
+            "get_blob",
+            "head_blob",
+            "delete_blob",
+            "list_blobs",
+            "list_partitions",
+            "create_partition",
+            "get_partition",
+            "delete_partition",
+            "recover",
+            "read_only",
+            "export_snapshot",
+            "install_snapshot",
+            "list_disks",
+            "healthz",
+            "readyz",
+            "metrics",
+        ]
+        .into();
+        for (method, path, id) in &operations {
+            let route = path.replace("{key}", "{*key}");
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            assert_eq!(operation(&method, &route), id, "{method} {path}: the spec's operationId is the router's op");
+        }
+        let listed: std::collections::BTreeSet<&str> = operations.iter().map(|(_, _, id)| id.as_str()).collect();
+        assert_eq!(listed, all, "the spec lists every operation of the router, once");
+        assert_eq!(operations.len(), all.len());
+    }
+
     #[test]
     fn timestamps_are_rfc3339_utc() {
         let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_763_700_000);
