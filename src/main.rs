@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use datanode_partition::Registry;
 
 use crate::config::{Config, Overrides};
@@ -63,6 +63,13 @@ enum Command {
     /// A running node's disks.
     #[command(subcommand)]
     Disk(admin::DiskCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `datanode man > /usr/local/share/man/man1/datanode.1`.
+    Man,
 }
 
 /// Flags that choose the configuration, accepted before or after the
@@ -119,6 +126,17 @@ fn main() -> ExitCode {
             let admin::DiskCommand::List { client } = &command;
             admin_run(&args, client, |node| admin::disk(node, &command))
         }
+        Some(Command::Completions { shell }) => {
+            clap_complete::generate(shell, &mut Cli::command(), "datanode", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Some(Command::Man) => match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("datanode: cannot write the manual page: {error}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
         Some(Command::Bench(mut bench_args)) => {
             match node_url(bench_args.url.as_deref(), &args) {
                 Ok(url) => bench_args.url = Some(url),

@@ -147,3 +147,21 @@ fn the_admin_cli_lists_shows_changes_exports_and_imports_with_clear_exit_codes()
     let unreachable = datanode(&["partition", "list", "--url", "127.0.0.1:1"]);
     assert_eq!(unreachable.status.code(), Some(69), "{}", err(&unreachable));
 }
+
+#[test]
+fn completions_and_the_manual_page_come_from_the_command_definition() {
+    for shell in ["bash", "zsh", "fish"] {
+        let script = datanode(&["completions", shell]);
+        assert!(script.status.success(), "{shell}: {}", err(&script));
+        for word in ["datanode", "check-config", "partition", "--config"] {
+            assert!(out(&script).contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let man = datanode(&["man"]);
+    assert!(man.status.success(), "{}", err(&man));
+    let page = out(&man);
+    assert!(page.starts_with(".ie") || page.contains(".TH datanode"), "{}", &page[..page.len().min(300)]);
+    for word in ["check\\-config", "partition", "\\-\\-config"] {
+        assert!(page.contains(word), "the manual page lacks {word}");
+    }
+}
