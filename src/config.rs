@@ -482,10 +482,12 @@ impl Config {
 
     /// What `serve` checks beyond the values, and `check-config` alike:
     /// the admin token file (readable, not empty; a warning when other
-    /// users may read it) and every disk path (a writable directory, or
-    /// one that can be created inside an existing directory: a disk is
-    /// never created with its parents, so an unmounted mount point is not
-    /// filled instead). With `create`, missing disk directories are made.
+    /// users may read it) and every disk path (a directory this process may
+    /// write, or one that can be created inside an existing directory: a
+    /// disk is never created with its parents, so an unmounted mount point
+    /// is not filled instead). A disk that exists but fails (EIO, read-only
+    /// after errors) is a warning, not an error: the node starts and faults
+    /// its partitions. With `create`, missing disk directories are made.
     pub fn preflight(&self, create: bool) -> Result<Checked, ConfigError> {
         let mut warnings = Vec::new();
         let admin_token = self.admin_token()?;
@@ -503,7 +505,11 @@ impl Config {
         for (i, disk) in self.disk.iter().enumerate() {
             let key = format!("disk[{i}].path = {:?}", disk.path.display().to_string());
             match std::fs::metadata(&disk.path) {
-                Ok(meta) if meta.is_dir() => writable(&key, &disk.path)?,
+                Ok(meta) if meta.is_dir() => {
+                    if let Some(warning) = writable(&key, &disk.path)? {
+                        warnings.push(warning);
+                    }
+                }
                 Ok(_) => return Err(ConfigError(format!("{key} is not a directory"))),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     let parent = match disk.path.parent() {
@@ -517,13 +523,17 @@ impl Config {
                             parent.display()
                         )));
                     }
-                    writable(&key, parent)?;
+                    if let Some(warning) = writable(&key, parent)? {
+                        return Err(ConfigError(warning));
+                    }
                     if create {
                         std::fs::create_dir(&disk.path)
                             .map_err(|e| ConfigError(format!("{key} cannot be created: {e}")))?;
                     }
                 }
-                Err(e) => return Err(ConfigError(format!("{key} cannot be read: {e}"))),
+                // A disk that fails (EIO, a dead mount) is no configuration
+                // error: the node starts and faults only that disk's partitions.
+                Err(e) => warnings.push(format!("{key} cannot be read ({e}); its partitions will be faulted")),
             }
         }
         Ok(Checked { admin_token, warnings })
@@ -551,8 +561,11 @@ pub struct Checked {
     pub warnings: Vec<String>,
 }
 
-/// Refuses a directory this process cannot write into.
-fn writable(key: &str, dir: &Path) -> Result<(), ConfigError> {
+/// Refuses a directory this process may not write into (EACCES, EPERM:
+/// configuration); for one that fails otherwise (EROFS after errors, EIO)
+/// returns a warning, since a dying disk must cost only its own partitions,
+/// never the start of the node.
+fn writable(key: &str, dir: &Path) -> Result<Option<String>, ConfigError> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| ConfigError(format!("{key} contains a NUL byte")))?;
@@ -561,9 +574,13 @@ fn writable(key: &str, dir: &Path) -> Result<(), ConfigError> {
     let result = unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) };
     if result != 0 {
         let error = std::io::Error::last_os_error();
-        return Err(ConfigError(format!("{key}: cannot write into {}: {error}", dir.display())));
+        let message = format!("{key}: cannot write into {}: {error}", dir.display());
+        return match error.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM) => Err(ConfigError(message)),
+            _ => Ok(Some(format!("{message}; its partitions will be faulted"))),
+        };
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The keys (`section.key`, `disk`) whose values differ between `old` and `new`.
