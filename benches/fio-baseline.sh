@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The disk's own limit for the WAL workloads, measured with fio alone:
 # sync writes (write + fdatasync per block) into fresh and into already
-# written space, at the block sizes of W1, W3 and W4 (DESIGN section 9).
+# written space, at the block sizes of W1, W3 and W4 (see BENCHMARKS.md).
 # (terse v3: field 48 is write KiB/s, 49 write IOPS.) `cargo bench --bench wal` runs the same jobs side by side with the WAL;
 # this script is for checking a disk on its own.
 #

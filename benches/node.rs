@@ -1,4 +1,4 @@
-//! Node-level benchmarks (DESIGN.md section 9):
+//! Node-level benchmarks (the workloads are described in BENCHMARKS.md):
 //!
 //! - **N1**: PUT and GET of 4 KiB values, 64 connections over 8
 //!   partitions, against the real binary (`datanode bench`), and the same

@@ -1,4 +1,4 @@
-//! WAL benchmarks W1-W5 (DESIGN section 9), side by side with raft-engine,
+//! WAL benchmarks W1-W5 (described in BENCHMARKS.md), side by side with raft-engine,
 //! okaywal and fio on the same disk, in one run, alternating systems within
 //! each round; prints medians over the rounds as Markdown tables.
 //!

@@ -6,6 +6,12 @@
 //! (`endsAt` = now), and re-sends firing ones every minute so Alertmanager
 //! keeps them. A failed push is retried with exponential backoff. Nothing
 //! here is on the data path: requests never wait for it.
+//!
+//! An alert's labels are those the shipped Prometheus rules give the same
+//! condition (`alertname`, `severity`, `instance`, `job="datanode"`,
+//! `partition`, `disk`, `state`), with `instance` the node id; so when
+//! Prometheus labels its scrape target `instance = <node id>` (docs/API.md)
+//! Alertmanager sees one alert, not two.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -49,7 +55,11 @@ fn current(node: &Node, instance: &str) -> BTreeMap<String, Alert> {
         };
     for partition in node.registry.partitions() {
         let health = partition.health().snapshot();
-        let ids = vec![("partition", partition.id().to_string()), ("disk", partition.disk().to_string())];
+        let ids = vec![
+            ("partition", partition.id().to_string()),
+            ("disk", partition.disk().to_string()),
+            ("state", health.state.name().to_string()),
+        ];
         match &health.state {
             State::Faulted(fault) => add(
                 "DatanodePartitionFaulted",
@@ -76,9 +86,10 @@ fn current(node: &Node, instance: &str) -> BTreeMap<String, Alert> {
     for disk in node.registry.disk_statuses() {
         let since = disk.last_probe.as_ref().map_or_else(SystemTime::now, |p| p.at);
         let summary = format!("Disk {} is {}: {}", disk.name, disk.state.as_str(), disk.reasons.join("; "));
+        let labels = vec![("disk", disk.name), ("state", disk.state.as_str().to_string())];
         match disk.state {
-            DiskState::Faulted => add("DatanodeDiskFaulted", "critical", vec![("disk", disk.name)], summary, since),
-            DiskState::Degraded => add("DatanodeDiskDegraded", "warning", vec![("disk", disk.name)], summary, since),
+            DiskState::Faulted => add("DatanodeDiskFaulted", "critical", labels, summary, since),
+            DiskState::Degraded => add("DatanodeDiskDegraded", "warning", labels, summary, since),
             DiskState::Healthy => {}
         }
     }
@@ -104,23 +115,31 @@ fn payload(alerts: &[(&Alert, Option<SystemTime>)]) -> Value {
     )
 }
 
-/// Starts the pushing thread when `[alerts] alertmanager_url` is set.
+/// Starts the pushing thread. It pushes while `[alerts] alertmanager_url`
+/// is set (SIGHUP may set, change or remove it).
 pub fn spawn(node: &Arc<Node>) {
-    let Some(base) = node.config.alerts.alertmanager_url.clone() else { return };
     let node = Arc::clone(node);
-    let instance = if node.config.node.id.is_empty() {
-        node.config.node.http_addr.to_string()
-    } else {
-        node.config.node.id.clone()
-    };
+    let instance = node.config.node.id.clone();
     let spawned = std::thread::Builder::new().name("alerts".into()).spawn(move || {
-        let url = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
         let mut firing: BTreeMap<String, Alert> = BTreeMap::new();
         let mut unsent: Vec<Value> = Vec::new();
         let mut last_resend = Instant::now();
         let mut backoff = POLL;
+        let mut target = None;
         while !node.draining.load(Ordering::Acquire) {
+            let now_target = node.alert_target();
+            if now_target != target {
+                // A new Alertmanager hears every firing alert anew.
+                target = now_target;
+                firing.clear();
+                unsent.clear();
+            }
+            let Some(base) = &target else {
+                std::thread::sleep(POLL);
+                continue;
+            };
+            let url = format!("{}/api/v2/alerts", base.trim_end_matches('/'));
             let now = current(&node, &instance);
             let mut changes: Vec<(&Alert, Option<SystemTime>)> = Vec::new();
             for (key, alert) in &now {

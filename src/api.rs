@@ -1,4 +1,4 @@
-//! The HTTP API (DESIGN section 6): routes, JSON bodies, and the one
+//! The HTTP API (docs/API.md): routes, JSON bodies, and the one
 //! function that maps every error to a status and the JSON error shape
 //! `{"error": CODE, "message": TEXT, "partition": ID?, "state": STATE?}`.
 
@@ -145,17 +145,76 @@ pub fn router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
+/// What the listener serves from the start: while the partitions load,
+/// `/healthz` (200), `/metrics`, and 503 `not_ready` ("loading") for
+/// `/readyz` and everything else (nothing attempted, safe to retry); once
+/// `api` is set, every request goes to it.
+pub fn loading_router(
+    api: Arc<std::sync::OnceLock<Router>>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> Router {
+    Router::new().fallback(move |request: Request| {
+        let (api, metrics) = (Arc::clone(&api), metrics.clone());
+        async move {
+            if let Some(router) = api.get() {
+                let mut router = router.clone();
+                return match tower_service::Service::call(&mut router, request).await {
+                    Ok(response) => response,
+                    Err(infallible) => match infallible {},
+                };
+            }
+            match request.uri().path() {
+                "/healthz" => Json(json!({ "status": "ok" })).into_response(),
+                "/metrics" => metrics_response(metrics.render()),
+                _ => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "loading").into_response(),
+            }
+        }
+    })
+}
+
+fn metrics_response(text: String) -> Response {
+    let mut response = Response::new(Body::from(text));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    response
+}
+
 /// Counts and times every request: `datanode_requests_total{op,code}`,
 /// `datanode_request_seconds{op}`.
 async fn observe(request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_default();
     let op = operation(request.method(), &route);
+    let partition = request
+        .uri()
+        .path()
+        .strip_prefix("/v1/partitions/")
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|pid| partition_id(pid).ok());
     let started = Instant::now();
     let response = next.run(request).await;
     metrics::counter!("datanode_requests_total", "op" => op, "code" => response.status().as_u16().to_string())
         .increment(1);
     metrics::histogram!("datanode_request_seconds", "op" => op).record(started.elapsed().as_secs_f64());
+    log_admin(op, partition, response.status(), started.elapsed());
     response
+}
+
+/// Every admin call is logged with its outcome: INFO when it changed
+/// what it was asked to, WARN when it was refused (401 at WARN too, so a
+/// wrong token is seen).
+fn log_admin(op: &'static str, partition: Option<u64>, status: StatusCode, took: std::time::Duration) {
+    const ADMIN: [&str; 6] =
+        ["create_partition", "delete_partition", "recover", "read_only", "export_snapshot", "install_snapshot"];
+    if !ADMIN.contains(&op) {
+        return;
+    }
+    let (code, seconds) = (status.as_u16(), took.as_secs_f64());
+    if status == StatusCode::UNAUTHORIZED {
+        tracing::warn!(op, partition, status = code, "admin call refused: no valid bearer token");
+    } else if status.is_success() {
+        tracing::info!(op, partition, status = code, seconds, "admin action");
+    } else {
+        tracing::warn!(op, partition, status = code, seconds, "admin action failed");
+    }
 }
 
 fn operation(method: &Method, route: &str) -> &'static str {
@@ -333,14 +392,29 @@ async fn to_completion<T: Send + 'static, E: Send + 'static>(
     }
 }
 
-/// A request body, or the JSON error for one that is too large or broken.
-fn body_or_error(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+/// A request body, or the JSON error for one that is too large (stating
+/// `limit`, e.g. "limits.max_blob_size = 16MiB") or broken.
+fn body_or_error(body: Result<Bytes, BytesRejection>, limit: &str) -> ApiResult<Bytes> {
     body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body exceeds the limit")
-        }
+        StatusCode::PAYLOAD_TOO_LARGE => too_large(limit),
         _ => ApiError::bad_request(format!("the request body broke off: {}", rejection.body_text())),
     })
+}
+
+fn too_large(limit: &str) -> ApiError {
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the body is larger than {limit}"))
+}
+
+/// The limit of a blob, as a 413 states it.
+fn blob_limit(node: &Node) -> String {
+    format!("limits.max_blob_size = {}", crate::config::size_text(node.config.limits.max_blob_size))
+}
+
+/// The limit of an admin call's JSON body (that of a blob, at least
+/// 1MiB), as a 413 states it.
+fn admin_limit(node: &Node) -> String {
+    let limit = node.config.limits.max_blob_size.max(1 << 20);
+    format!("the {} a request body may have", crate::config::size_text(limit))
 }
 
 async fn put_blob(
@@ -352,11 +426,9 @@ async fn put_blob(
     let (id, partition) = partition(&node, &pid)?;
     let key = blob_key(&uri)?;
     refuse_if_draining(&node, id)?;
-    let body = body_or_error(body).map_err(|e| e.on(id))?;
+    let body = body_or_error(body, &blob_limit(&node)).map_err(|e| e.on(id))?;
     if body.len() as u64 > node.config.limits.max_blob_size {
-        return Err(
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "blob exceeds max_blob_size").on(id)
-        );
+        return Err(too_large(&blob_limit(&node)).on(id));
     }
     let put = partition.put(&key, &body);
     let ack = match tokio::time::timeout(node.config.limits.request_timeout, put).await {
@@ -542,7 +614,7 @@ pub fn rfc3339(time: SystemTime) -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-/// `PartitionStatus` of DESIGN section 6.
+/// `PartitionStatus`, as docs/API.md describes it.
 pub fn partition_status(partition: &Partition) -> Value {
     let health = partition.health().snapshot();
     let reasons: Vec<&str> = match &health.state {
@@ -620,13 +692,15 @@ async fn create_partition(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     require_admin(&node, &headers)?;
-    let request: CreatePartition = admin_json(&body_or_error(body)?)?;
+    let request: CreatePartition = admin_json(&body_or_error(body, &admin_limit(&node))?)?;
     let registry = Arc::clone(&node.registry);
     if !node.disk_permits.contains_key(&request.disk) {
         return Err(registry_error(RegistryError::UnknownDisk(request.disk)));
     }
     let permit = disk_permit(&node, Some(request.id), &request.disk)?;
+    let (id, disk) = (request.id, request.disk.clone());
     let created = to_completion(permit, move || registry.create(request.id, &request.disk), registry_error).await?;
+    tracing::info!(partition = id, disk, "partition created by an admin call");
     Ok((StatusCode::CREATED, Json(partition_status(&created))).into_response())
 }
 
@@ -675,7 +749,7 @@ async fn set_read_only(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
     require_admin(&node, &headers)?;
-    let request: ReadOnlyRequest = admin_json(&body_or_error(body)?)?;
+    let request: ReadOnlyRequest = admin_json(&body_or_error(body, &admin_limit(&node))?)?;
     let (_, partition) = partition(&node, &pid)?;
     partition.set_operator_read_only(request.read_only);
     Ok(Json(partition_status(&partition)))
@@ -747,12 +821,8 @@ async fn install_snapshot(
             };
             total += chunk.len();
             if total > limit {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    "snapshot image too large",
-                )
-                .on(id));
+                let limit = format!("the {} a snapshot image may have", crate::config::size_text(limit as u64));
+                return Err(too_large(&limit).on(id));
             }
             if tx.send(chunk).await.is_err() {
                 break;
@@ -824,9 +894,9 @@ async fn readyz(State(node): State<Arc<Node>>) -> ApiResult<Json<Value>> {
 
 async fn metrics_text(State(node): State<Arc<Node>>) -> Response {
     node.export_gauges();
-    let mut response = Response::new(Body::from(node.metrics.render()));
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
-    response
+    let mut text = node.metrics.render();
+    text.push_str(&crate::exposition::process_metrics());
+    metrics_response(text)
 }
 
 #[cfg(test)]
@@ -863,6 +933,58 @@ mod tests {
         for bad in ["007", "00", "+7", "-7", "", "7a", " 7", "18446744073709551616"] {
             assert!(partition_id(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// Every operation `docs/openapi.yaml` lists: (method, path, operationId).
+    fn spec_operations() -> Vec<(String, String, String)> {
+        let spec = include_str!("../docs/openapi.yaml");
+        let paths = spec.split_once("\npaths:\n").map(|(_, rest)| rest).unwrap_or_default();
+        let (mut path, mut method, mut found) = (String::new(), String::new(), Vec::new());
+        for line in paths.lines() {
+            if let Some(p) = line.strip_prefix("  /").and_then(|p| p.strip_suffix(':')) {
+                path = format!("/{p}");
+            } else if let Some(m) = line.strip_prefix("    ").and_then(|m| m.strip_suffix(':'))
+                && ["get", "put", "post", "delete", "head"].contains(&m)
+            {
+                method = m.to_ascii_uppercase();
+            } else if let Some(id) = line.strip_prefix("      operationId: ") {
+                found.push((method.clone(), path.clone(), id.trim().to_string()));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn the_openapi_spec_lists_every_route_of_the_router_with_its_operation() {
+        let operations = spec_operations();
+        let all: std::collections::BTreeSet<&str> = [
+            "put_blob",
+            "get_blob",
+            "head_blob",
+            "delete_blob",
+            "list_blobs",
+            "list_partitions",
+            "create_partition",
+            "get_partition",
+            "delete_partition",
+            "recover",
+            "read_only",
+            "export_snapshot",
+            "install_snapshot",
+            "list_disks",
+            "healthz",
+            "readyz",
+            "metrics",
+        ]
+        .into();
+        for (method, path, id) in &operations {
+            let route = path.replace("{key}", "{*key}");
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            assert_eq!(operation(&method, &route), id, "{method} {path}: the spec's operationId is the router's op");
+        }
+        let listed: std::collections::BTreeSet<&str> = operations.iter().map(|(_, _, id)| id.as_str()).collect();
+        assert_eq!(listed, all, "the spec lists every operation of the router, once");
+        assert_eq!(operations.len(), all.len());
     }
 
     #[test]

@@ -25,14 +25,15 @@ use tokio::net::TcpStream;
 /// What to run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// The node's base URL (http only).
-    #[arg(long, default_value = "http://127.0.0.1:7070")]
-    pub url: String,
+    /// The node's base URL (http only; `host:port` is taken as http).
+    /// Default: the `http_addr` of the configuration (`--config`).
+    #[arg(long)]
+    pub url: Option<String>,
     /// Concurrent connections, one request in flight each.
     #[arg(long, default_value_t = 64)]
     pub connections: usize,
-    /// Partitions to spread the load over: `1-8` or `1,3,5`.
-    #[arg(long, default_value = "1-8", value_parser = parse_ids)]
+    /// Partitions to spread the load over: `1-4` (those of a fresh node) or `1,3,5`.
+    #[arg(long, default_value = "1-4", value_parser = parse_ids)]
     pub partitions: Partitions,
     /// Share of requests that are PUTs (the rest are GETs), 0.0..=1.0.
     #[arg(long, default_value_t = 0.5)]
@@ -56,6 +57,10 @@ pub struct BenchArgs {
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
+    /// The run fails (exit 1) when more than this share of the measured
+    /// requests failed (non-2xx answers and transport errors), 0.0..=1.0.
+    #[arg(long, default_value_t = 0.01)]
+    pub max_error_ratio: f64,
     /// Open loop: issue this many requests per second in all (spread over
     /// the connections) whatever the answers' latency, and measure latency
     /// from when each request was due, so a stall shows in full instead
@@ -92,17 +97,27 @@ struct OpStats {
     latency: Histogram<u64>,
     /// Non-2xx answers by status, and transport failures as 0.
     errors: std::collections::BTreeMap<u16, u64>,
+    /// The same by status and error code (`404 partition_not_found`,
+    /// `connection failed`), for people.
+    codes: std::collections::BTreeMap<String, u64>,
 }
 
 impl OpStats {
     fn new() -> anyhow::Result<OpStats> {
-        Ok(OpStats { latency: Histogram::new_with_bounds(1, 60_000_000, 3)?, errors: Default::default() })
+        Ok(OpStats {
+            latency: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+            errors: Default::default(),
+            codes: Default::default(),
+        })
     }
 
     fn merge(&mut self, other: &OpStats) -> anyhow::Result<()> {
         self.latency.add(&other.latency)?;
         for (status, n) in &other.errors {
             *self.errors.entry(*status).or_default() += n;
+        }
+        for (code, n) in &other.codes {
+            *self.codes.entry(code.clone()).or_default() += n;
         }
         Ok(())
     }
@@ -117,6 +132,7 @@ impl OpStats {
             "mib_per_sec": (count * value_size) as f64 / seconds / (1 << 20) as f64,
             "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": h.max() as f64 / 1000.0,
             "errors": self.errors.iter().map(|(s, n)| (s.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+            "error_codes": self.codes.iter().map(|(c, n)| (c.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
         })
     }
 }
@@ -205,14 +221,43 @@ impl XorShift {
     }
 }
 
+impl BenchArgs {
+    /// The node's URL (set by the caller from `--url` or the configuration).
+    pub fn url(&self) -> &str {
+        self.url.as_deref().unwrap_or("http://127.0.0.1:7070")
+    }
+}
+
 /// Runs the benchmark and prints the result. Blocking (its own runtime).
+/// Fails when more than `--max-error-ratio` of the requests failed.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&args.max_error_ratio) {
+        bail!("--max-error-ratio must be within 0..=1");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = runtime.block_on(measure(args))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else {
         print!("{}", table(&result));
+    }
+    let count = |key: &str| -> u64 {
+        ["put", "get"]
+            .iter()
+            .map(|op| match &result[op][key] {
+                Value::Object(map) => map.values().filter_map(Value::as_u64).sum::<u64>(),
+                other => other.as_u64().unwrap_or(0),
+            })
+            .sum()
+    };
+    let failed = count("errors");
+    let total = failed + count("ops");
+    if total > 0 && failed as f64 / total as f64 > args.max_error_ratio {
+        bail!(
+            "{failed} of {total} requests failed ({:.1}%), more than --max-error-ratio {}",
+            100.0 * failed as f64 / total as f64,
+            args.max_error_ratio
+        );
     }
     Ok(())
 }
@@ -221,7 +266,7 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Value> {
     if !(0.0..=1.0).contains(&args.put_ratio) {
         bail!("--put-ratio must be within 0..=1");
     }
-    let addr = host_of(&args.url)?;
+    let addr = host_of(args.url())?;
     let value = Arc::new(vec![b'v'; args.value_size as usize]);
     if args.put_ratio < 1.0 {
         prefill(&addr, args, &value).await?;
@@ -280,9 +325,17 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Value> {
                         stats.latency.record(micros.max(1))?;
                         done.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(status) => *stats.errors.entry(status).or_default() += 1,
+                    Ok(status) => {
+                        *stats.errors.entry(status).or_default() += 1;
+                        let code = serde_json::from_slice::<Value>(&sink)
+                            .ok()
+                            .and_then(|body| body["error"].as_str().map(String::from))
+                            .unwrap_or_default();
+                        *stats.codes.entry(format!("{status} {code}").trim_end().to_string()).or_default() += 1;
+                    }
                     Err(_) => {
                         *stats.errors.entry(0).or_default() += 1;
+                        *stats.codes.entry("connection failed".into()).or_default() += 1;
                         conn = Connection::open(&addr).await?;
                     }
                 }
@@ -293,19 +346,29 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Value> {
     tokio::time::sleep(args.warmup).await;
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
-    let mut last = 0;
+    let mut last = (0, Instant::now());
+    // On a terminal one line rewritten every second; elsewhere (a log, a
+    // pipe) a plain line every 5 seconds.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let every = if terminal { Duration::from_secs(1) } else { Duration::from_secs(5) };
     while started.elapsed() < args.duration {
         let left = args.duration.saturating_sub(started.elapsed());
-        tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+        tokio::time::sleep(left.min(every)).await;
         if !args.quiet {
             let now = done.load(Ordering::Relaxed);
-            eprint!("\r  {:>4.0}s  {:>9} ops/s  {:>10} ops total   ", started.elapsed().as_secs_f64(), now - last, now);
-            last = now;
+            let rate = (now - last.0) as f64 / last.1.elapsed().as_secs_f64().max(1e-3);
+            let line = format!("{:>4.0}s  {rate:>9.0} ops/s  {now:>10} ops total", started.elapsed().as_secs_f64());
+            if terminal {
+                eprint!("\r  {line}   ");
+            } else {
+                eprintln!("  {line}");
+            }
+            last = (now, Instant::now());
         }
     }
     stop.store(true, Ordering::Relaxed);
     let seconds = started.elapsed().as_secs_f64();
-    if !args.quiet {
+    if !args.quiet && terminal {
         eprintln!();
     }
     let (mut puts, mut gets) = (OpStats::new()?, OpStats::new()?);
@@ -316,7 +379,7 @@ async fn measure(args: &BenchArgs) -> anyhow::Result<Value> {
     }
     let total = puts.latency.len() + gets.latency.len();
     Ok(json!({
-        "url": args.url,
+        "url": args.url(),
         "connections": args.connections,
         "partitions": args.partitions.0,
         "put_ratio": args.put_ratio,
@@ -383,10 +446,21 @@ fn table(result: &Value) -> String {
             f("p99_ms"),
             f("p999_ms"),
             f("max_ms"),
-            r["errors"]
+            error_text(&r["error_codes"])
         );
     }
     out
+}
+
+/// `404 partition_not_found x12, connection failed x1`, or `-`.
+fn error_text(codes: &Value) -> String {
+    let parts: Vec<String> = codes
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(code, n)| format!("{code} x{}", n.as_u64().unwrap_or(0)))
+        .collect();
+    if parts.is_empty() { "-".into() } else { parts.join(", ") }
 }
 
 #[cfg(test)]

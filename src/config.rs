@@ -2,15 +2,20 @@
 //! embedded defaults < file < `DATANODE_*` environment (`__` nests, e.g.
 //! `DATANODE_LIMITS__MAX_BLOB_SIZE=64KiB`) < command-line flags.
 //!
-//! Only variables naming a section (`DATANODE_NODE__…`, `DATANODE_WAL__…`,
-//! `DATANODE_LIMITS__…`, `DATANODE_HEALTH__…`, `DATANODE_ALERTS__…`) are
-//! configuration; other `DATANODE_*` variables are left alone.
+//! Every `DATANODE_*` variable is configuration and must name a key
+//! (`DATANODE_<SECTION>__<KEY>`); one that names none is refused, naming
+//! the variable (and the key it probably meant). The only exceptions are
+//! the test harness's variables: `DATANODE_REQUIRE_KERNEL_TESTS` and
+//! `DATANODE_TEST_*`.
 //!
-//! Sizes are written the human way (`"64MiB"`, `"4KiB"`, or plain bytes),
-//! durations too (`"30s"`, `"10ms"`, `"5m"`). Unknown keys are errors.
+//! Sizes are written the human way (`"64MiB"`, `"4KiB"`, `"1MB"` or plain
+//! bytes: KB, MB, GB, TB are powers of 1000, KiB, MiB, GiB, TiB powers of
+//! 1024), durations too (`"30s"`, `"10ms"`, `"5m"`). Unknown keys are
+//! errors naming the file, the line and the key.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -45,7 +50,8 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
-    /// Node id; the hostname when empty.
+    /// Node id (logs, the `instance` label of pushed alerts); the host
+    /// name when empty, resolved at load.
     #[serde(default)]
     pub id: String,
     /// HTTP listen address.
@@ -58,6 +64,12 @@ pub struct NodeConfig {
     pub shutdown_timeout: Duration,
     /// Partitions created on first start when none exist.
     pub bootstrap_partitions: u64,
+    /// `auto` (JSON lines when stdout is not a terminal, text when it is),
+    /// `json` or `text`; `--log-format` overrides it.
+    pub log_format: String,
+    /// What is logged, as a `RUST_LOG`-style filter (`info`,
+    /// `warn,datanode=debug`); `RUST_LOG` overrides it. Reloaded on SIGHUP.
+    pub log_filter: String,
 }
 
 /// `[[disk]]`.
@@ -165,6 +177,8 @@ pub const DEFAULT_TOML: &str = r#"
 http_addr = "127.0.0.1:7070"
 shutdown_timeout = "30s"
 bootstrap_partitions = 4
+log_format = "auto"
+log_filter = "info"
 
 [[disk]]
 name = "d0"
@@ -218,8 +232,108 @@ fn check_size(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigErr
     Err(ConfigError(format!("{key} = \"{}\" is outside {}..={}", size_text(value), size_text(min), size_text(max))))
 }
 
-/// The sections an environment variable may name.
-const SECTIONS: [&str; 6] = ["node", "wal", "limits", "health", "compaction", "alerts"];
+/// Keys without a default (absent unless set), besides those of [`DEFAULT_TOML`].
+const OPTIONAL_KEYS: [&str; 3] = ["node.id", "node.admin_token_file", "alerts.alertmanager_url"];
+
+/// `DATANODE_*` variables that are not configuration: the test harness's.
+fn not_configuration(name: &str) -> bool {
+    name == "DATANODE_REQUIRE_KERNEL_TESTS" || name.starts_with("DATANODE_TEST_")
+}
+
+/// Every key a file or the environment may set, as `section.key`
+/// (`disk.name` and `disk.path` for the entries of `[[disk]]`).
+fn known_keys() -> BTreeSet<String> {
+    let mut keys: BTreeSet<String> = OPTIONAL_KEYS.iter().map(|k| k.to_string()).collect();
+    keys.extend(["disk.name".to_string(), "disk.path".to_string()]);
+    if let Ok(tree) = DEFAULT_TOML.parse::<toml::Table>() {
+        for (section, value) in tree {
+            if let toml::Value::Table(table) = value {
+                keys.extend(table.keys().map(|key| format!("{section}.{key}")));
+            }
+        }
+    }
+    keys
+}
+
+/// The first line of `text` that sets `key` (`key = ...`), 1-based.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|line| line.trim_start().strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('=')))
+        .map(|i| i + 1)
+}
+
+/// Refuses a key of `file` that configures nothing, naming file, line and key.
+fn check_file_keys(path: &Path, text: &str, table: &toml::Table) -> Result<(), ConfigError> {
+    let known = known_keys();
+    let unknown = |key: String, leaf: &str| {
+        let at = line_of(text, leaf).map_or_else(|| path.display().to_string(), |n| format!("{}:{n}", path.display()));
+        ConfigError(format!("{at}: unknown key {key}"))
+    };
+    for (section, value) in table {
+        let entries: Vec<&toml::Table> = match value {
+            toml::Value::Table(inner) => vec![inner],
+            toml::Value::Array(items) if section == "disk" => items.iter().filter_map(toml::Value::as_table).collect(),
+            _ => return Err(unknown(section.clone(), section)),
+        };
+        if !known.iter().any(|k| k.split('.').next() == Some(section.as_str())) {
+            return Err(unknown(format!("[{section}]"), section));
+        }
+        for entry in entries {
+            for key in entry.keys() {
+                let full = format!("{section}.{key}");
+                if !known.contains(&full) {
+                    return Err(unknown(full, key));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The key a `DATANODE_*` variable sets, or why it sets none (naming it,
+/// and the variable it probably meant).
+fn env_key(name: &str) -> Result<Vec<String>, ConfigError> {
+    let rest = name.strip_prefix("DATANODE_").unwrap_or(name).to_ascii_lowercase();
+    let path: Vec<String> = rest.split("__").map(String::from).collect();
+    let known = known_keys();
+    if path.len() == 2 && path[0] != "disk" && known.contains(&path.join(".")) {
+        return Ok(path);
+    }
+    let flat = rest.replace("__", "_");
+    let meant = known
+        .iter()
+        .filter(|key| !key.starts_with("disk."))
+        .find(|key| key.replace('.', "_") == flat)
+        .map(|key| format!(" (did you mean DATANODE_{}?)", key.replacen('.', "__", 1).to_ascii_uppercase()))
+        .unwrap_or_default();
+    let disk = if path[0] == "disk" || flat.starts_with("disk_") {
+        "; disks are set in the file or with --data-dir"
+    } else {
+        ""
+    };
+    Err(ConfigError(format!(
+        "environment variable {name} names no configuration key{meant}{disk}: configuration variables are \
+         DATANODE_<SECTION>__<KEY>, e.g. DATANODE_WAL__SEGMENT_SIZE"
+    )))
+}
+
+/// `node.http_addr` as an address: `IP:PORT` as written, or `HOST:PORT`
+/// resolved (an IPv4 address first), else an error naming key and value.
+fn resolve_addr(text: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let resolved: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| ConfigError(format!("node.http_addr = {text:?} is not IP:PORT or HOST:PORT that resolves: {e}")))?
+        .collect();
+    resolved
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(resolved.first())
+        .copied()
+        .ok_or_else(|| ConfigError(format!("node.http_addr = {text:?} resolves to no address")))
+}
 
 /// Flags that override everything else.
 #[derive(Debug, Default, Clone)]
@@ -243,16 +357,14 @@ impl Config {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
             let from_file: toml::Table = text.parse().map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+            check_file_keys(path, &text, &from_file)?;
             merge(&mut tree, from_file);
         }
+        let mut env: Vec<(String, String)> =
+            env.into_iter().filter(|(name, _)| name.starts_with("DATANODE_") && !not_configuration(name)).collect();
+        env.sort();
         for (name, value) in env {
-            let Some(key) = name.strip_prefix("DATANODE_") else { continue };
-            let path: Vec<String> = key.split("__").map(str::to_ascii_lowercase).collect();
-            // Only `DATANODE_<SECTION>__<KEY>` configures; other DATANODE_*
-            // variables belong to someone else (tests, scripts).
-            if path.len() < 2 || !SECTIONS.contains(&path[0].as_str()) {
-                continue;
-            }
+            let path = env_key(&name)?;
             set_path(&mut tree, &path, parse_env_value(&value)).map_err(|e| ConfigError(format!("{name}: {e}")))?;
         }
         if let Some(dir) = &overrides.data_dir {
@@ -265,11 +377,21 @@ impl Config {
             set_path(&mut tree, &["node".into(), "http_addr".into()], addr.clone().into())
                 .map_err(|e| ConfigError(format!("--http-addr: {e}")))?;
         }
+        if let Some(toml::Value::Table(node)) = tree.get_mut("node")
+            && let Some(toml::Value::String(addr)) = node.get("http_addr")
+        {
+            let resolved = resolve_addr(addr)?;
+            node.insert("http_addr".into(), resolved.to_string().into());
+        }
         // serde_path_to_error names the key whose value did not parse.
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
             let path = e.path().to_string();
             ConfigError(format!("{path}: {}", e.into_inner().message()))
         })?;
+        let mut config = config;
+        if config.node.id.is_empty() {
+            config.node.id = hostname();
+        }
         config.validate()?;
         Ok(config)
     }
@@ -300,6 +422,17 @@ impl Config {
                 "node.bootstrap_partitions = {} is more than {MAX_BOOTSTRAP_PARTITIONS}",
                 self.node.bootstrap_partitions
             ));
+        }
+        if !["auto", "json", "text"].contains(&self.node.log_format.as_str()) {
+            return fail(format!("node.log_format = {:?} is not auto, json or text", self.node.log_format));
+        }
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.node.log_filter) {
+            return fail(format!("node.log_filter = {:?} is not a filter: {error}", self.node.log_filter));
+        }
+        let id_ok = (1..=64).contains(&self.node.id.len())
+            && self.node.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !id_ok {
+            return fail(format!("node.id = {:?} must match [A-Za-z0-9._-]{{1,64}}", self.node.id));
         }
         if !["sync", "interval", "none"].contains(&self.wal.durability.as_str()) {
             return fail(format!("wal.durability = {:?} is not sync, interval or none", self.wal.durability));
@@ -386,10 +519,127 @@ impl Config {
         Ok(Some(token))
     }
 
+    /// What `serve` checks beyond the values, and `check-config` alike:
+    /// the admin token file (readable, not empty; a warning when other
+    /// users may read it) and every disk path (a directory this process may
+    /// write, or one that can be created inside an existing directory: a
+    /// disk is never created with its parents, so an unmounted mount point
+    /// is not filled instead). A disk that exists but fails (EIO, read-only
+    /// after errors) is a warning, not an error: the node starts and faults
+    /// its partitions. With `create`, missing disk directories are made.
+    pub fn preflight(&self, create: bool) -> Result<Checked, ConfigError> {
+        let mut warnings = Vec::new();
+        let admin_token = self.admin_token()?;
+        if let Some(path) = &self.node.admin_token_file {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path).map(|m| m.permissions().mode()).unwrap_or(0);
+            if mode & 0o077 != 0 {
+                warnings.push(format!(
+                    "admin token file {} is readable by other users (mode {:o}); chmod 600 it",
+                    path.display(),
+                    mode & 0o777
+                ));
+            }
+        }
+        for (i, disk) in self.disk.iter().enumerate() {
+            let key = format!("disk[{i}].path = {:?}", disk.path.display().to_string());
+            match std::fs::metadata(&disk.path) {
+                Ok(meta) if meta.is_dir() => {
+                    if let Some(warning) = writable(&key, &disk.path)? {
+                        warnings.push(warning);
+                    }
+                }
+                Ok(_) => return Err(ConfigError(format!("{key} is not a directory"))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let parent = match disk.path.parent() {
+                        Some(parent) if !parent.as_os_str().is_empty() => parent,
+                        _ => Path::new("."),
+                    };
+                    if !std::fs::metadata(parent).is_ok_and(|m| m.is_dir()) {
+                        return Err(ConfigError(format!(
+                            "{key} does not exist, nor does {}: a disk directory is created only inside an \
+                             existing directory (is the disk mounted?)",
+                            parent.display()
+                        )));
+                    }
+                    if let Some(warning) = writable(&key, parent)? {
+                        return Err(ConfigError(warning));
+                    }
+                    if create {
+                        std::fs::create_dir(&disk.path)
+                            .map_err(|e| ConfigError(format!("{key} cannot be created: {e}")))?;
+                    }
+                }
+                // A disk that fails (EIO, a dead mount) is no configuration
+                // error: the node starts and faults only that disk's partitions.
+                Err(e) => warnings.push(format!("{key} cannot be read ({e}); its partitions will be faulted")),
+            }
+        }
+        Ok(Checked { admin_token, warnings })
+    }
+
     /// The effective configuration as TOML.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+/// This host's name (the default node id), `localhost` when it has none.
+fn hostname() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name = name.trim();
+    if name.is_empty() { "localhost".into() } else { name.to_string() }
+}
+
+/// What [`Config::preflight`] found.
+#[derive(Debug)]
+pub struct Checked {
+    /// The admin token, if one is configured.
+    pub admin_token: Option<String>,
+    /// Things that work but should not be so.
+    pub warnings: Vec<String>,
+}
+
+/// Refuses a directory this process may not write into (EACCES, EPERM:
+/// configuration); for one that fails otherwise (EROFS after errors, EIO)
+/// returns a warning, since a dying disk must cost only its own partitions,
+/// never the start of the node.
+fn writable(key: &str, dir: &Path) -> Result<Option<String>, ConfigError> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| ConfigError(format!("{key} contains a NUL byte")))?;
+    // SAFETY: `path` is a valid NUL-terminated string that outlives the
+    // call; access(2) only reads it.
+    let result = unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) };
+    if result != 0 {
+        let error = std::io::Error::last_os_error();
+        let message = format!("{key}: cannot write into {}: {error}", dir.display());
+        return match error.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM) => Err(ConfigError(message)),
+            _ => Ok(Some(format!("{message}; its partitions will be faulted"))),
+        };
+    }
+    Ok(None)
+}
+
+/// The keys (`section.key`, `disk`) whose values differ between `old` and `new`.
+pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
+    let tree =
+        |config: &Config| toml::Value::try_from(config).ok().and_then(|v| v.as_table().cloned()).unwrap_or_default();
+    let (old, new) = (tree(old), tree(new));
+    let mut changed = Vec::new();
+    let sections: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    for section in sections {
+        match (old.get(section), new.get(section)) {
+            (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) => {
+                let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                changed.extend(keys.into_iter().filter(|k| a.get(*k) != b.get(*k)).map(|k| format!("{section}.{k}")));
+            }
+            (a, b) if a != b => changed.push(section.clone()),
+            _ => {}
+        }
+    }
+    changed
 }
 
 fn merge(base: &mut toml::Table, overlay: toml::Table) {
@@ -433,7 +683,9 @@ fn parse_env_value(text: &str) -> toml::Value {
     }
 }
 
-/// Parses `"64MiB"`, `"4 KiB"`, `"1GB"`, `"512"` into bytes.
+/// Parses `"64MiB"`, `"4 KiB"`, `"1GB"`, `"512"` into bytes: KB, MB, GB,
+/// TB are powers of 1000 (SI), KiB, MiB, GiB, TiB powers of 1024 (IEC),
+/// case-insensitive; a bare `k`, `m`, `g` is refused as ambiguous.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
@@ -441,11 +693,20 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let number: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size"))?;
     let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        other => return Err(format!("unknown size unit {other:?} in {text:?}")),
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?} (B; KB, MB, GB, TB = powers of 1000; \
+                 KiB, MiB, GiB, TiB = powers of 1024)"
+            ));
+        }
     };
     number.checked_mul(factor).ok_or_else(|| format!("{text:?} is too large"))
 }
@@ -570,9 +831,15 @@ mod tests {
             ("DATANODE_HEALTH__DISK_RESUME_RATIO", "0.99"),
             ("DATANODE_NODE__SHUTDOWN_TIMEOUT", "soon"),
             ("DATANODE_NODE__NO_SUCH_KEY", "1"),
+            ("DATANODE_REVISION", "abc"),
+            ("DATANODE_WAL_SEGMENT_SIZE", "8MiB"),
+            ("DATANODE_DISK__PATH", "/x"),
         ];
-        let unrelated = env(&[("DATANODE_REQUIRE_KERNEL_TESTS", "1"), ("DATANODE_REVISION", "abc")]);
-        assert!(Config::load(None, unrelated, &Overrides::default()).is_ok(), "other DATANODE_* variables are ignored");
+        let unrelated = env(&[("DATANODE_REQUIRE_KERNEL_TESTS", "1"), ("DATANODE_TEST_SEED", "7"), ("OTHER", "x")]);
+        assert!(
+            Config::load(None, unrelated, &Overrides::default()).is_ok(),
+            "the test harness's variables are ignored"
+        );
         for (key, value) in cases {
             let error = Config::load(None, env(&[(key, value)]), &Overrides::default()).unwrap_err();
             assert!(!error.0.is_empty(), "{key}={value}");
@@ -607,7 +874,9 @@ mod tests {
         assert_eq!(parse_size("64MiB"), Ok(64 << 20));
         assert_eq!(parse_size("4 KiB"), Ok(4096));
         assert_eq!(parse_size("512"), Ok(512));
-        assert!(parse_size("-1").is_err() && parse_size("1XB").is_err());
+        assert_eq!(parse_size("1MB"), Ok(1_000_000));
+        assert_eq!(parse_size("2 gb"), Ok(2_000_000_000));
+        assert!(parse_size("-1").is_err() && parse_size("1XB").is_err() && parse_size("16m").is_err());
         assert_eq!(parse_duration("10ms"), Ok(Duration::from_millis(10)));
         assert!(parse_duration("10").is_err());
         let config = Config::load(None, Vec::new(), &Overrides::default()).unwrap();

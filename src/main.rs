@@ -1,22 +1,26 @@
 //! The `datanode` binary: CLI, logging, signals, and the serve loop.
 //! Exit codes: 0 clean shutdown, 1 fatal runtime error, 2 usage, 78 bad
-//! configuration.
+//! configuration; the admin commands also 1 (the node answered an
+//! error) and 69 (the node could not be reached).
 
+mod admin;
 mod alerts;
 mod api;
 mod bench;
 mod config;
+mod exposition;
+mod logging;
 mod node;
 mod server;
 mod status;
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use datanode_partition::Registry;
 
 use crate::config::{Config, Overrides};
@@ -37,62 +41,175 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the node (the default).
-    Serve(ServeArgs),
-    /// Print the effective configuration and exit.
-    CheckConfig(ServeArgs),
+    Serve,
+    /// Check the configuration as `serve` would (also the admin token
+    /// file and the disk paths), print the effective configuration and exit.
+    CheckConfig,
     /// Print a running node's partitions and disks as tables.
     Status {
-        /// The node's HTTP address.
-        #[arg(long, default_value = "http://127.0.0.1:7070")]
-        url: String,
+        /// The node's URL (`http://host:port` or `host:port`). Default: the
+        /// `http_addr` of the configuration (`--config`).
+        #[arg(long)]
+        url: Option<String>,
+        /// Print `{"partitions": [...], "disks": [...]}` for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Put a load on a running node and report throughput and latency.
     Bench(bench::BenchArgs),
+    /// Administer a running node's partitions.
+    #[command(subcommand)]
+    Partition(admin::PartitionCommand),
+    /// A running node's disks.
+    #[command(subcommand)]
+    Disk(admin::DiskCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `datanode man > /usr/local/share/man/man1/datanode.1`.
+    Man,
 }
 
+/// Flags that choose the configuration, accepted before or after the
+/// subcommand (`datanode --config F serve` = `datanode serve --config F`).
 #[derive(Debug, Args, Clone, Default)]
 struct ServeArgs {
     /// Configuration file (TOML).
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// Use one disk `d0` at this directory instead of the configured disks.
-    #[arg(long)]
+    #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// Listen address, e.g. 127.0.0.1:7070.
-    #[arg(long)]
+    #[arg(long, global = true)]
     http_addr: Option<String>,
+    /// Log format (overrides `node.log_format`).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<logging::LogFormat>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let args = cli.serve;
     match cli.command {
-        Some(Command::CheckConfig(args)) => match load_config(&args) {
+        Some(Command::CheckConfig) => match load_config(&args).and_then(|c| preflight(&c, false).map(|_| c)) {
             Ok(config) => {
                 print!("{}", config.to_toml());
                 ExitCode::SUCCESS
             }
             Err(code) => code,
         },
-        Some(Command::Serve(args)) => serve(&args),
-        Some(Command::Status { url }) => match status::render(&url) {
-            Ok(tables) => {
-                print!("{tables}");
-                ExitCode::SUCCESS
+        Some(Command::Serve) | None => serve(&args),
+        Some(Command::Status { url, json }) => {
+            let url = match node_url(url.as_deref(), &args) {
+                Ok(url) => url,
+                Err(code) => return code,
+            };
+            match status::render(&url, json) {
+                Ok(tables) => {
+                    print!("{tables}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("datanode: cannot read the node's status: {error}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
             }
-            Err(error) => {
-                eprintln!("datanode: cannot read the node's status: {error}");
-                ExitCode::from(EXIT_RUNTIME)
-            }
-        },
-        Some(Command::Bench(args)) => match bench::run(&args) {
+        }
+        Some(Command::Partition(command)) => {
+            let client = admin::command_client(&command).clone();
+            admin_run(&args, &client, |node| admin::partition(node, &command))
+        }
+        Some(Command::Disk(command)) => {
+            let admin::DiskCommand::List { client } = &command;
+            admin_run(&args, client, |node| admin::disk(node, &command))
+        }
+        Some(Command::Completions { shell }) => {
+            clap_complete::generate(shell, &mut Cli::command(), "datanode", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Some(Command::Man) => match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("datanode bench: {error:#}");
+                eprintln!("datanode: cannot write the manual page: {error}");
                 ExitCode::from(EXIT_RUNTIME)
             }
         },
-        None => serve(&cli.serve),
+        Some(Command::Bench(mut bench_args)) => {
+            match node_url(bench_args.url.as_deref(), &args) {
+                Ok(url) => bench_args.url = Some(url),
+                Err(code) => return code,
+            }
+            match bench::run(&bench_args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("datanode bench: {error:#}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
     }
+}
+
+/// Runs an admin command against the node `client` names, with the admin
+/// token of `--token-file` or of the configuration.
+fn admin_run(
+    args: &ServeArgs,
+    client: &admin::Client,
+    work: impl FnOnce(&admin::Node) -> Result<String, admin::Failure>,
+) -> ExitCode {
+    let url = match node_url(client.url.as_deref(), args) {
+        Ok(url) => url,
+        Err(code) => return code,
+    };
+    let token_file = match (&client.token_file, &args.config) {
+        (Some(file), _) => Some(file.clone()),
+        (None, Some(_)) => load_config(args).ok().and_then(|c| c.node.admin_token_file),
+        (None, None) => None,
+    };
+    let token = match token_file.map(|file| std::fs::read_to_string(&file).map_err(|e| (file, e))) {
+        None => None,
+        Some(Ok(token)) => Some(token.trim().to_string()),
+        Some(Err((file, error))) => {
+            eprintln!("datanode: cannot read the admin token {}: {error}", file.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match work(&admin::Node::new(url, token)) {
+        Ok(text) => {
+            admin::print(&text);
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            eprintln!("datanode: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+/// The URL of the node a client command talks to: `--url` (`http://` is
+/// added to a bare `host:port`), else the configuration's `http_addr`
+/// (an unspecified address such as 0.0.0.0 as loopback).
+fn node_url(url: Option<&str>, args: &ServeArgs) -> Result<String, ExitCode> {
+    if let Some(url) = url {
+        if url.contains("://") && !url.starts_with("http://") {
+            eprintln!("datanode: --url {url:?}: only http:// URLs");
+            return Err(ExitCode::from(2));
+        }
+        let url = if url.starts_with("http://") { url.to_string() } else { format!("http://{url}") };
+        return Ok(url.trim_end_matches('/').to_string());
+    }
+    let config = load_config(args)?;
+    let mut addr = config.node.http_addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(format!("http://{addr}"))
 }
 
 fn load_config(args: &ServeArgs) -> Result<Config, ExitCode> {
@@ -103,14 +220,19 @@ fn load_config(args: &ServeArgs) -> Result<Config, ExitCode> {
     })
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
-    if std::io::stdout().is_terminal() {
-        builder.init();
-    } else {
-        builder.json().flatten_event(true).init();
+/// [`Config::preflight`], with its warnings on stderr.
+fn preflight(config: &Config, create: bool) -> Result<config::Checked, ExitCode> {
+    match config.preflight(create) {
+        Ok(checked) => {
+            for warning in &checked.warnings {
+                eprintln!("datanode: warning: {warning}");
+            }
+            Ok(checked)
+        }
+        Err(error) => {
+            eprintln!("datanode: bad configuration: {error}");
+            Err(ExitCode::from(EXIT_CONFIG))
+        }
     }
 }
 
@@ -129,14 +251,30 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let admin_token = match config.admin_token() {
-        Ok(token) => token,
+    let checked = match preflight(&config, true) {
+        Ok(checked) => checked,
+        Err(code) => return code,
+    };
+    // The port is taken before anything is created or loaded.
+    let listener = match std::net::TcpListener::bind(config.node.http_addr).and_then(|l| {
+        l.set_nonblocking(true)?;
+        Ok(l)
+    }) {
+        Ok(listener) => listener,
         Err(error) => {
-            eprintln!("datanode: bad configuration: {error}");
-            return ExitCode::from(EXIT_CONFIG);
+            eprintln!("datanode: cannot listen on {}: {error}", config.node.http_addr);
+            // A port in use may be free at the next try; an address this
+            // host does not have, or a port it may not bind, is configuration.
+            let code = if error.kind() == std::io::ErrorKind::AddrInUse { EXIT_RUNTIME } else { EXIT_CONFIG };
+            return ExitCode::from(code);
         }
     };
-    init_logging();
+    let format = args.log_format.unwrap_or_else(|| logging::LogFormat::from_config(&config.node.log_format));
+    let disks = config.disk.iter().map(|d| (d.name.clone(), d.path.clone())).collect();
+    let logs = logging::init(format, &config.node.log_filter, &config.node.id, disks);
+    for warning in &checked.warnings {
+        tracing::warn!(warning = %warning, "configuration");
+    }
     ignore_signals();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -145,11 +283,14 @@ fn serve(args: &ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    let code = match runtime.block_on(run(config, admin_token)) {
+    let reload_args = args.clone();
+    let reload = move || load_config_quietly(&reload_args);
+    let code = match runtime.block_on(run(config, checked.admin_token, listener, logs, &reload)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(EXIT_RUNTIME),
         Err(error) => {
             tracing::error!(error = %format!("{error:#}"), "datanode stopped");
+            eprintln!("datanode: {error:#}");
             ExitCode::from(EXIT_RUNTIME)
         }
     };
@@ -160,34 +301,95 @@ fn serve(args: &ServeArgs) -> ExitCode {
     code
 }
 
-/// Loads, serves until SIGTERM/SIGINT, drains. `Ok(true)` for a clean
-/// shutdown within `shutdown_timeout`.
-async fn run(config: Config, admin_token: Option<String>) -> anyhow::Result<bool> {
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+/// The configuration as `serve` loaded it, again (for SIGHUP).
+fn load_config_quietly(args: &ServeArgs) -> Result<Config, config::ConfigError> {
+    let overrides = Overrides { data_dir: args.data_dir.clone(), http_addr: args.http_addr.clone() };
+    Config::load(args.config.as_deref(), std::env::vars(), &overrides)
+}
+
+/// How often systemd hears that a long load is still going, and by how
+/// much each message extends its start timeout.
+const EXTEND_EVERY: Duration = Duration::from_secs(3);
+const EXTEND_BY: Duration = Duration::from_secs(10);
+
+/// Serves `/healthz`, `/metrics` and a `/readyz` that says "loading" while
+/// the partitions load, then the API; serves until SIGTERM/SIGINT (SIGHUP
+/// reloads), drains. `Ok(true)` for a clean shutdown within
+/// `shutdown_timeout`.
+async fn run(
+    config: Config,
+    admin_token: Option<String>,
+    listener: std::net::TcpListener,
+    logs: logging::Logging,
+    reload: &dyn Fn() -> Result<Config, config::ConfigError>,
+) -> anyhow::Result<bool> {
+    let metrics = exposition::install()?;
     metrics::gauge!("datanode_build_info", "version" => env!("CARGO_PKG_VERSION"), "revision" => env!("DN_BUILD_REVISION"))
         .set(1.0);
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let addr = listener.local_addr()?;
+    let mut signals = Signals::new();
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let options = server::ServeOptions { header_timeout: config.limits.header_timeout };
+    let api = Arc::new(std::sync::OnceLock::new());
+    let mut served = tokio::spawn(server::serve(
+        listener,
+        api::loading_router(Arc::clone(&api), metrics.clone()),
+        options,
+        drain_rx,
+    ));
+    tracing::info!(%addr, version = VERSION, "datanode listening; loading partitions");
+
     let storage = datanode_wal::open_backend(config.wal.io_backend.parse().map_err(anyhow::Error::msg)?)?;
     let (disks, defaults) = (node::disks(&config), node::partition_defaults(&config));
     let bootstrap = config.node.bootstrap_partitions;
-    let registry = tokio::task::spawn_blocking(move || -> anyhow::Result<Registry> {
+    let loading = tokio::task::spawn_blocking(move || -> anyhow::Result<Registry> {
         let registry = Registry::open(storage, disks, defaults);
         node::bootstrap(&registry, bootstrap)?;
         Ok(registry)
-    })
-    .await??;
-    let listener = tokio::net::TcpListener::bind(config.node.http_addr).await?;
+    });
+    tokio::pin!(loading);
+    let mut extend = tokio::time::interval_at(tokio::time::Instant::now() + EXTEND_EVERY, EXTEND_EVERY);
+    let mut stop = false;
+    let registry = loop {
+        tokio::select! {
+            loaded = &mut loading => break loaded??,
+            _ = extend.tick() => node::sd_notify(&format!("EXTEND_TIMEOUT_USEC={}", EXTEND_BY.as_micros())),
+            signal = signals.next() => match signal {
+                Signal::Stop => {
+                    tracing::info!("stop requested while loading: stopping once the partitions are loaded");
+                    stop = true;
+                }
+                Signal::Reload => tracing::info!("SIGHUP while loading: ignored"),
+            },
+        }
+    };
+    let mut running = config.clone();
     let shutdown_timeout = config.node.shutdown_timeout;
     let node = Arc::new(Node::new(config, registry, admin_token, metrics));
     node::spawn_background(&node)?;
     alerts::spawn(&node);
+    let _ = api.set(api::router(Arc::clone(&node)));
     node.ready.store(true, Ordering::Release);
     node::sd_notify("READY=1");
-    tracing::info!(addr = %listener.local_addr()?, version = VERSION, "datanode ready");
+    tracing::info!(%addr, version = VERSION, "datanode ready");
 
-    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
-    let options = server::ServeOptions { header_timeout: node.config.limits.header_timeout };
-    let mut served = tokio::spawn(server::serve(listener, api::router(Arc::clone(&node)), options, drain_rx));
-    wait_for_signal().await;
+    let mut watchdog = node::watchdog_interval().map(tokio::time::interval);
+    while !stop {
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Signal::Stop => stop = true,
+                Signal::Reload => reload_config(&node, &logs, &mut running, reload),
+            },
+            _ = async { if let Some(w) = watchdog.as_mut() { w.tick().await; } else { std::future::pending::<()>().await } } => {
+                // Pinged from the serving loop: a runtime that no longer
+                // schedules it, or a server task that ended, stops the pings.
+                if !served.is_finished() {
+                    node::sd_notify("WATCHDOG=1");
+                }
+            }
+        }
+    }
     // From here on everything must finish within the shutdown timeout.
     let deadline = tokio::time::Instant::now() + shutdown_timeout;
     tracing::info!("shutting down: draining");
@@ -221,18 +423,86 @@ async fn run(config: Config, admin_token: Option<String>) -> anyhow::Result<bool
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+/// SIGHUP: reads the configuration again and applies what can change while
+/// running (`node.log_filter`, `alerts.alertmanager_url`); a change to any
+/// other key is logged as waiting for a restart. A configuration that
+/// does not load is refused, and the running one kept.
+fn reload_config(
+    node: &Node,
+    logs: &logging::Logging,
+    running: &mut Config,
+    reload: &dyn Fn() -> Result<Config, config::ConfigError>,
+) {
+    let new = match reload() {
+        Ok(new) => new,
+        Err(error) => {
+            tracing::warn!(error = %error, "SIGHUP: the configuration does not load; keeping the running one");
+            return;
+        }
+    };
+    let mut applied = Vec::new();
+    match logs.set_filter(&new.node.log_filter) {
+        Ok(true) => applied.push("node.log_filter"),
+        Ok(false) => {}
+        Err(error) => tracing::warn!(%error, "SIGHUP: cannot apply node.log_filter"),
+    }
+    if new.alerts.alertmanager_url != running.alerts.alertmanager_url {
+        node.set_alert_target(new.alerts.alertmanager_url.clone());
+        applied.push("alerts.alertmanager_url");
+    }
+    let (mut old_rest, mut new_rest) = (running.clone(), new.clone());
+    for config in [&mut old_rest, &mut new_rest] {
+        config.node.log_filter.clear();
+        config.alerts.alertmanager_url = None;
+    }
+    let pending = config::changed_keys(&old_rest, &new_rest);
+    if !pending.is_empty() {
+        tracing::warn!(keys = ?pending, "SIGHUP: these keys changed and take effect at the next restart");
+    }
+    tracing::info!(applied = ?applied, "SIGHUP: configuration reloaded");
+    running.node.log_filter = new.node.log_filter;
+    running.alerts.alertmanager_url = new.alerts.alertmanager_url;
+}
+
+/// What the process was asked to do by a signal.
+enum Signal {
+    /// SIGTERM or SIGINT: drain and exit.
+    Stop,
+    /// SIGHUP: reload the configuration.
+    Reload,
+}
+
+/// SIGTERM, SIGINT and SIGHUP as a stream; when they cannot be listened
+/// for, the node serves until killed.
+struct Signals {
+    streams: Option<[tokio::signal::unix::Signal; 3]>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        let streams = (|| {
+            Ok::<_, std::io::Error>([
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::hangup())?,
+            ])
+        })();
+        match streams {
+            Ok(streams) => Signals { streams: Some(streams) },
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for signals; serving until killed");
+                Signals { streams: None }
             }
         }
-        _ => {
-            tracing::error!("cannot listen for signals; serving until killed");
-            std::future::pending::<()>().await;
+    }
+
+    async fn next(&mut self) -> Signal {
+        let Some([term, int, hup]) = &mut self.streams else { return std::future::pending().await };
+        tokio::select! {
+            _ = term.recv() => Signal::Stop,
+            _ = int.recv() => Signal::Stop,
+            _ = hup.recv() => Signal::Reload,
         }
     }
 }

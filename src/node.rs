@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use datanode_partition::{DiskDir, DiskOptions, DiskState, PartitionDefaults, Registry};
@@ -39,6 +39,10 @@ pub struct Node {
     pub disk_permits: HashMap<String, Arc<tokio::sync::Semaphore>>,
     /// Wakes the background threads when the node drains.
     pub drained: (Mutex<()>, Condvar),
+    /// Counters created at 0 for every partition and disk seen.
+    pub zero_counters: crate::exposition::ZeroCounters,
+    /// Where alerts are pushed (`alerts.alertmanager_url`, reloaded on SIGHUP).
+    alert_target: RwLock<Option<String>>,
 }
 
 impl Node {
@@ -48,7 +52,6 @@ impl Node {
         let disk_permits =
             config.disk.iter().map(|d| (d.name.clone(), Arc::new(tokio::sync::Semaphore::new(permits)))).collect();
         Node {
-            config,
             registry: Arc::new(registry),
             admin_token,
             metrics,
@@ -56,6 +59,9 @@ impl Node {
             draining: AtomicBool::new(false),
             disk_permits,
             drained: (Mutex::new(()), Condvar::new()),
+            zero_counters: Default::default(),
+            alert_target: RwLock::new(config.alerts.alertmanager_url.clone()),
+            config,
         }
     }
 
@@ -63,6 +69,16 @@ impl Node {
     /// left: a hung disk holds at most `max_blocking_per_disk` threads.
     pub fn disk_permit(&self, disk: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
         self.disk_permits.get(disk).and_then(|permits| Arc::clone(permits).try_acquire_owned().ok())
+    }
+
+    /// The Alertmanager alerts go to now, if any.
+    pub fn alert_target(&self) -> Option<String> {
+        self.alert_target.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Sends alerts to `target` from now on (none: stop pushing).
+    pub fn set_alert_target(&self, target: Option<String>) {
+        *self.alert_target.write().unwrap_or_else(PoisonError::into_inner) = target;
     }
 
     /// Starts the drain: new writes are refused, background loops stop.
@@ -107,13 +123,24 @@ impl Node {
         1 << 30
     }
 
-    /// Gauges that are counts over partitions: `datanode_partitions{state}`,
-    /// and each partition's `datanode_partition_garbage_bytes`.
+    /// Gauges that are counts over partitions (`datanode_partitions{state}`),
+    /// each partition's `datanode_partition_garbage_bytes`, disk sizes, and
+    /// the counters that exist at 0 for every partition and disk (created
+    /// once each).
     pub fn export_gauges(&self) {
         let partitions = self.registry.partitions();
         for partition in &partitions {
+            self.zero_counters.partition(partition.id(), partition.disk());
             metrics::gauge!("datanode_partition_garbage_bytes", "partition" => partition.id().to_string())
                 .set(partition.garbage_bytes() as f64);
+        }
+        for disk in &self.config.disk {
+            self.zero_counters.disk(&disk.name);
+        }
+        for disk in self.registry.disk_statuses() {
+            if let Some(total) = disk.total_bytes {
+                metrics::gauge!("datanode_disk_total_bytes", "disk" => disk.name.clone()).set(total as f64);
+            }
         }
         for state in datanode_partition::state::STATE_NAMES {
             let count = partitions.iter().filter(|p| p.health().state().name() == state).count();
@@ -155,19 +182,66 @@ pub fn disks(config: &Config) -> Vec<DiskDir> {
     config.disk.iter().map(|d| DiskDir { name: d.name.clone(), path: PathBuf::from(&d.path) }).collect()
 }
 
+/// The marker of a bootstrap under way, on the first disk: it holds `n`.
+pub const BOOTSTRAP_MARKER: &str = ".datanode-bootstrap";
+
 /// Creates partitions `1..=n` round-robin over the disks, on a node that
-/// has none.
+/// has none. A bootstrap cut short (a disk that failed half way) leaves
+/// its marker on the first disk, so the next start creates the ids it
+/// did not get to; once every one exists the marker goes. A node that has
+/// partitions and no marker is never bootstrapped again (a partition an
+/// operator deleted stays deleted).
 pub fn bootstrap(registry: &Registry, n: u64) -> anyhow::Result<()> {
-    if n == 0 || !registry.partitions().is_empty() {
-        return Ok(());
-    }
     let names: Vec<String> = registry.disks().iter().map(|d| d.name.clone()).collect();
+    let Some(first) = registry.disks().first().map(|d| d.path.join(BOOTSTRAP_MARKER)) else { return Ok(()) };
+    let pending = std::fs::read_to_string(&first).ok().and_then(|text| text.trim().parse::<u64>().ok());
+    let n = match pending {
+        Some(pending) => pending,
+        None if n == 0 || !registry.partitions().is_empty() => return Ok(()),
+        None => {
+            write_durably(&first, n.to_string().as_bytes())
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", first.display()))?;
+            n
+        }
+    };
+    let mut created = 0;
     for id in 1..=n {
+        if registry.get(id).is_some() {
+            continue;
+        }
         let disk = &names[(id as usize - 1) % names.len()];
-        registry.create(id, disk)?;
+        registry
+            .create(id, disk)
+            .map_err(|e| anyhow::anyhow!("bootstrap: cannot create partition {id} on disk {disk}: {e}"))?;
+        created += 1;
     }
-    tracing::info!(partitions = n, "bootstrapped partitions");
+    std::fs::remove_file(&first).map_err(|e| anyhow::anyhow!("cannot remove {}: {e}", first.display()))?;
+    tracing::info!(partitions = n, created, resumed = pending.is_some(), "bootstrapped partitions");
     Ok(())
+}
+
+/// Writes `bytes` to `path` and syncs the file and its directory.
+fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The watchdog period systemd asks for (`WATCHDOG_USEC`, for this process
+/// when `WATCHDOG_PID` is set), halved: pings go out twice per period.
+pub fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
 /// Probes the disks every `probe_interval` and runs the verifier every

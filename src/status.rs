@@ -33,13 +33,42 @@ fn human_bytes(value: &Value) -> String {
     format!("{size:.1} {}", units[unit])
 }
 
-/// Prints both tables; returns the lines (for tests) or why the node
-/// could not be asked.
-pub fn render(base: &str) -> Result<String, String> {
+/// A probe's sync time with its precision: `412µs`, `3.27ms`, `1.20s`.
+fn seconds_text(seconds: f64) -> String {
+    match seconds {
+        s if s < 0.001 => format!("{:.0}µs", s * 1e6),
+        s if s < 1.0 => format!("{:.2}ms", s * 1e3),
+        s => format!("{s:.2}s"),
+    }
+}
+
+/// A disk's state as people read it: a healthy disk that is full is
+/// `healthy, full` (its partitions are read-only; the disk is fine).
+fn disk_state_text(disk: &Value) -> String {
+    let state = text(&disk["state"]);
+    let full = disk["reasons"].as_array().into_iter().flatten().any(|r| r == "disk_full");
+    if state == "healthy" && full { "healthy, full".into() } else { state }
+}
+
+/// Prints both tables (or, with `json`, `{"partitions", "disks"}`);
+/// returns the text or why the node could not be asked.
+pub fn render(base: &str, json: bool) -> Result<String, String> {
     let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(10)).build();
     let base = base.trim_end_matches('/');
     let partitions = fetch(&agent, &format!("{base}/v1/partitions"))?;
     let disks = fetch(&agent, &format!("{base}/v1/disks"))?;
+    if json {
+        let both = serde_json::json!({ "partitions": partitions, "disks": disks });
+        return serde_json::to_string_pretty(&both).map(|t| t + "\n").map_err(|e| e.to_string());
+    }
+    let mut out = partitions_table(&partitions);
+    out.push('\n');
+    out.push_str(&disks_table(&disks));
+    Ok(out)
+}
+
+/// A `[PartitionStatus]` as a table.
+pub fn partitions_table(partitions: &Value) -> String {
     let mut rows = vec![
         ["PARTITION", "DISK", "STATE", "REASONS", "BLOBS", "LAST LSN", "DURABLE", "LAST ERROR"]
             .map(String::from)
@@ -57,18 +86,22 @@ pub fn render(base: &str) -> Result<String, String> {
             text(&p["last_error"]["message"]),
         ]);
     }
-    let mut out = table(&rows);
+    table(&rows)
+}
+
+/// A `[DiskStatus]` as a table.
+pub fn disks_table(disks: &Value) -> String {
     let mut rows =
         vec![["DISK", "STATE", "FREE", "TOTAL", "PARTITIONS", "LAST PROBE", "REASONS"].map(String::from).to_vec()];
     for d in disks.as_array().into_iter().flatten() {
         let probe = match (&d["last_probe"]["ok"], &d["last_probe"]["sync_seconds"]) {
-            (Value::Bool(true), seconds) => format!("ok {:.3}s", seconds.as_f64().unwrap_or(0.0)),
+            (Value::Bool(true), seconds) => format!("ok {}", seconds_text(seconds.as_f64().unwrap_or(0.0))),
             (Value::Bool(false), _) => "failed".into(),
             _ => "-".into(),
         };
         rows.push(vec![
             text(&d["name"]),
-            text(&d["state"]),
+            disk_state_text(d),
             human_bytes(&d["free_bytes"]),
             human_bytes(&d["total_bytes"]),
             joined(&d["partitions"], ","),
@@ -76,9 +109,45 @@ pub fn render(base: &str) -> Result<String, String> {
             joined(&d["reasons"], "; "),
         ]);
     }
-    out.push('\n');
-    out.push_str(&table(&rows));
-    Ok(out)
+    table(&rows)
+}
+
+/// One `PartitionStatus` as `key: value` lines.
+pub fn partition_details(p: &Value) -> String {
+    let mut out = String::new();
+    let probe = |key: &str, value: String| format!("{key:<12} {value}\n");
+    out.push_str(&probe("partition", text(&p["id"])));
+    out.push_str(&probe("disk", text(&p["disk"])));
+    out.push_str(&probe("state", text(&p["state"])));
+    out.push_str(&probe("reasons", joined(&p["reasons"], ", ")));
+    out.push_str(&probe("since", text(&p["since"])));
+    let error = &p["last_error"];
+    let last_error = if error.is_null() {
+        "-".to_string()
+    } else {
+        format!(
+            "{} (op {}, errno {}) at {}",
+            text(&error["message"]),
+            text(&error["op"]),
+            text(&error["errno"]),
+            text(&error["at"])
+        )
+    };
+    out.push_str(&probe("last error", last_error));
+    let wal = &p["wal"];
+    out.push_str(&probe(
+        "wal",
+        format!(
+            "lsn {}..{} (durable {}), {} segments, {}",
+            text(&wal["first_lsn"]),
+            text(&wal["last_lsn"]),
+            text(&wal["durable_lsn"]),
+            text(&wal["segments"]),
+            human_bytes(&wal["bytes"])
+        ),
+    ));
+    out.push_str(&probe("blobs", format!("{} ({} live)", text(&p["blobs"]), human_bytes(&p["live_bytes"]))));
+    out
 }
 
 fn table(rows: &[Vec<String>]) -> String {
@@ -93,4 +162,20 @@ fn table(rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_times_keep_their_precision_and_a_full_disk_says_so() {
+        assert_eq!(seconds_text(0.000_412), "412µs");
+        assert_eq!(seconds_text(0.003_27), "3.27ms");
+        assert_eq!(seconds_text(1.2), "1.20s");
+        let full = serde_json::json!({"state": "healthy", "reasons": ["disk_full"]});
+        assert_eq!(disk_state_text(&full), "healthy, full");
+        let slow = serde_json::json!({"state": "degraded", "reasons": ["slow sync: 0.6s"]});
+        assert_eq!(disk_state_text(&slow), "degraded");
+    }
 }

@@ -147,3 +147,78 @@ fn a_partition_fault_alerts_through_prometheus_and_the_node_and_recover_resolves
     });
     eprintln!("recover to resolved in Alertmanager: {took:?}");
 }
+
+/// Like [`prometheus`], but the scrape target carries the documented
+/// `instance` label: the node id (docs/API.md, Alerts).
+fn prometheus_with_instance(node_port: u16, alertmanager_port: u16, instance: &str) -> Server {
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/prometheus/alerts.yml");
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n  external_labels:\n    via: prometheus\n\
+         rule_files:\n  - {}\n\
+         alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['127.0.0.1:{alertmanager_port}']\n\
+         scrape_configs:\n  - job_name: datanode\n    static_configs:\n      - targets: ['127.0.0.1:{node_port}']\n\
+         \x20       labels:\n          instance: {instance}\n",
+        rules.display()
+    );
+    Server::start("prometheus", "--storage.tsdb.path", &[], &config)
+}
+
+/// The labels of the active alerts named `alertname`, by route (through
+/// Prometheus, pushed by the node), each without the `via` label that
+/// only this test adds to tell the routes apart.
+fn labels_by_route(alertmanager: &Server, alertname: &str) -> (Vec<Value>, Vec<Value>) {
+    let (_, body) = support::call(ureq::get(&alertmanager.url("/api/v2/alerts?active=true")), None);
+    let alerts: Vec<Value> = serde_json::from_slice(&body).unwrap_or_default();
+    let (mut via_prometheus, mut from_node): (Vec<Value>, Vec<Value>) = alerts
+        .into_iter()
+        .filter(|a| a["labels"]["alertname"] == alertname)
+        .partition(|a| a["labels"]["via"] == "prometheus");
+    for alert in via_prometheus.iter_mut().chain(from_node.iter_mut()) {
+        let mut labels = alert["labels"].clone();
+        labels.as_object_mut().unwrap().remove("via");
+        *alert = labels;
+    }
+    let key = |v: &Value| v.to_string();
+    via_prometheus.sort_by_key(key);
+    from_node.sort_by_key(key);
+    (via_prometheus, from_node)
+}
+
+/// One condition gives one label set, whichever route it takes, so that
+/// Alertmanager dedupes it: a faulted disk (its probe cannot write) and
+/// its faulted partitions, by Prometheus's rules and by the node's push.
+#[test]
+fn both_alert_routes_give_the_same_label_set_for_the_same_condition() {
+    let missing = ["prometheus", "prometheus-alertmanager"].into_iter().find(|t| support::disks::which(t).is_none());
+    if let Some(tool) = missing {
+        assert!(std::env::var("DATANODE_REQUIRE_KERNEL_TESTS").as_deref() != Ok("1"), "{tool} is required");
+        eprintln!("SKIPPED: {tool} is not installed");
+        return;
+    }
+    let alertmanager = alertmanager();
+    let d0 = tempfile::tempdir().unwrap();
+    let settings = format!(
+        "[node]\nid = \"dn-parity\"\n\n[health]\nprobe_interval = \"200ms\"\n\n[alerts]\nalertmanager_url = \"{}\"\n",
+        alertmanager.url("")
+    );
+    let node = Daemon::with_config(&config_with_disks(&[("d0", d0.path())], &settings), &[]);
+    let prometheus = prometheus_with_instance(node.port, alertmanager.port, "dn-parity");
+    wait_for("Prometheus scraping the node", Duration::from_secs(60), || {
+        let query = prometheus.url("/api/v1/query?query=up%7Bjob%3D%22datanode%22%7D");
+        let (_, body) = support::call(ureq::get(&query), None);
+        let value: Value = serde_json::from_slice(&body).unwrap_or_default();
+        value["data"]["result"][0]["value"][1] == "1"
+    });
+    let probe = d0.path().join(".datanode-probe");
+    let _ = std::fs::remove_file(&probe);
+    std::fs::create_dir(&probe).unwrap();
+    for (alertname, count) in [("DatanodeDiskFaulted", 1), ("DatanodePartitionFaulted", 4)] {
+        wait_for(&format!("{alertname} by both routes"), Duration::from_secs(90), || {
+            let (via_prometheus, from_node) = labels_by_route(&alertmanager, alertname);
+            via_prometheus.len() == count && from_node.len() == count
+        });
+        let (via_prometheus, from_node) = labels_by_route(&alertmanager, alertname);
+        assert_eq!(via_prometheus, from_node, "{alertname}: the same label sets by both routes");
+        assert!(from_node.iter().all(|l| l["instance"] == "dn-parity" && l["state"] == "faulted"), "{from_node:?}");
+    }
+}

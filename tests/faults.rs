@@ -1,4 +1,4 @@
-//! The fault matrix (DESIGN.md section 7) on the real binary, with real
+//! The fault matrix (docs/FAULTS.md) on the real binary, with real
 //! kernel faults: loop-mounted XFS and ext4 shut down under load, full
 //! tmpfs, FUSE-served images that fail or stall writes, syncs and reads of
 //! chosen byte ranges, `kill -9` and power cuts. Each test is named after

@@ -12,6 +12,7 @@ const CONTRACT_METRICS: &[&str] = &[
     "datanode_io_errors_total",
     "datanode_disk_state",
     "datanode_disk_free_bytes",
+    "datanode_disk_total_bytes",
     "datanode_disk_probe_sync_seconds",
     "datanode_wal_appends_total",
     "datanode_wal_append_bytes_total",
@@ -64,11 +65,61 @@ fn the_dashboard_and_alert_rules_use_only_contract_metrics() {
 
 #[test]
 fn the_example_configuration_is_accepted_as_written() {
-    let output = Command::new(env!("CARGO_BIN_EXE_datanode"))
+    // check-config checks the disk paths as serve does, so the example's
+    // /var/lib/datanode is moved into a scratch directory; nothing else changes.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("datanode")).unwrap();
+    let example = std::fs::read_to_string("config/datanode.example.toml").unwrap();
+    assert!(example.contains("path = \"/var/lib/datanode/d0\""));
+    let moved = example.replace("/var/lib/datanode", &root.path().join("datanode").display().to_string());
+    let file = root.path().join("datanode.toml");
+    std::fs::write(&file, moved).unwrap();
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_datanode")).arg("check-config").arg("--config").arg(&file).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let effective = String::from_utf8(output.stdout).unwrap();
+    assert!(effective.contains(&format!("path = \"{}/datanode/d0\"", root.path().display())), "{effective}");
+    let unmounted = Command::new(env!("CARGO_BIN_EXE_datanode"))
         .args(["check-config", "--config", "config/datanode.example.toml"])
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let effective = String::from_utf8(output.stdout).unwrap();
-    assert!(effective.contains("path = \"/var/lib/datanode/d0\""), "{effective}");
+    if !std::path::Path::new("/var/lib/datanode").is_dir() {
+        assert_eq!(unmounted.status.code(), Some(78), "a disk path whose parent is missing is refused");
+    }
+}
+
+/// Every file under `dir` (recursively), skipping build output and VCS data.
+fn files_under(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        if [".git", "target"].iter().any(|skip| name == *skip) {
+            continue;
+        }
+        if path.is_dir() {
+            files_under(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn the_repository_carries_its_own_contracts_and_cites_no_outside_design_document() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    files_under(root, &mut files);
+    let mut citing = Vec::new();
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(&file) else { continue };
+        for (number, line) in text.lines().enumerate() {
+            // Spelled in two parts so that this file does not match itself.
+            let (section, document) = (["DESIGN", " section"].concat(), ["DESIGN", ".md"].concat());
+            if line.contains(&section) || line.contains(&document) {
+                citing.push(format!("{}:{}: {line}", file.strip_prefix(root).unwrap_or(&file).display(), number + 1));
+            }
+        }
+    }
+    assert!(citing.is_empty(), "cites a design document that is not in the repository:\n{}", citing.join("\n"));
 }

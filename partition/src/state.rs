@@ -384,9 +384,23 @@ impl Health {
                 cause = fault.cause.as_str(),
                 op = fault.op.as_str(),
                 errno = fault.errno,
-                message = fault.message.as_str(),
+                error = fault.message.as_str(),
                 "partition faulted"
             ),
+            // Read-only because someone asked for it (an operator, an
+            // install) is no failure: WARN; for a disk's sake, ERROR.
+            State::ReadOnly(reasons)
+                if reasons.iter().all(|r| matches!(r, ReadOnlyReason::Operator | ReadOnlyReason::SnapshotInstall)) =>
+            {
+                tracing::warn!(
+                    partition,
+                    disk,
+                    event,
+                    from = before.name(),
+                    reasons = ?reasons.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+                    "partition read-only"
+                )
+            }
             State::ReadOnly(reasons) => tracing::error!(
                 partition,
                 disk,

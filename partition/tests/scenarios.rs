@@ -1,5 +1,5 @@
 //! Scenario tests named after the bugs this product is built to be immune
-//! to (DESIGN section 1).
+//! to: each test's comment names the bug (S0, S4) and the system it hit.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
