@@ -50,6 +50,12 @@ pub enum PartitionCommand {
         #[command(flatten)]
         client: Client,
     },
+    /// Compact a partition now (within its disk's copy budget); prints what came back.
+    Compact {
+        id: u64,
+        #[command(flatten)]
+        client: Client,
+    },
     /// Make a partition read-only (the `operator` reason), or writable again with `--clear`.
     ReadOnly {
         id: u64,
@@ -203,6 +209,18 @@ pub fn partition(node: &Node, command: &PartitionCommand) -> Result<String, Fail
         PartitionCommand::Recover { id, .. } => {
             Ok(status_of(node.json(node.request("POST", &format!("/v1/partitions/{id}/recover")).send_string(""))?))
         }
+        PartitionCommand::Compact { id, .. } => {
+            let report = node.json(node.request("POST", &format!("/v1/partitions/{id}/compact")).send_string(""))?;
+            Ok(if json {
+                pretty(&report)
+            } else {
+                format!(
+                    "reclaimed {} bytes, copied {} bytes\n",
+                    report["reclaimed_bytes"].as_u64().unwrap_or(0),
+                    report["copied_bytes"].as_u64().unwrap_or(0)
+                )
+            })
+        }
         PartitionCommand::ReadOnly { id, clear, .. } => {
             let body = serde_json::json!({ "read_only": !clear }).to_string();
             Ok(status_of(
@@ -276,6 +294,7 @@ pub fn command_client(command: &PartitionCommand) -> &Client {
         | PartitionCommand::Show { client, .. }
         | PartitionCommand::Create { client, .. }
         | PartitionCommand::Recover { client, .. }
+        | PartitionCommand::Compact { client, .. }
         | PartitionCommand::ReadOnly { client, .. }
         | PartitionCommand::Delete { client, .. }
         | PartitionCommand::Export { client, .. }

@@ -969,6 +969,7 @@ mod tests {
             "delete_partition",
             "recover",
             "read_only",
+            "compact",
             "export_snapshot",
             "install_snapshot",
             "list_disks",

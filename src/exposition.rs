@@ -66,6 +66,13 @@ fn describe() {
         "datanode_unadopted_partitions",
         "Directories holding a valid partition that the node does not serve"
     );
+    describe_gauge!(
+        "datanode_partition_garbage_bytes",
+        Unit::Bytes,
+        "Bytes of a partition's logs that no live blob needs (overwritten, deleted, tombstones)"
+    );
+    describe_counter!("datanode_compactions_total", "Compactions of a partition by result (ok, failed, skipped)");
+    describe_counter!("datanode_compaction_bytes_total", Unit::Bytes, "Live bytes copied by compaction, by disk");
 }
 
 /// Creates the counters that must exist at 0 before their first event.

@@ -122,6 +122,18 @@ fn the_admin_cli_lists_shows_changes_exports_and_imports_with_clear_exit_codes()
     assert_eq!(json.as_array().unwrap().len(), 4);
     assert!(out(&admin(&["partition", "show", "2"])).contains("state        healthy"));
     assert_eq!(support::call(ureq::put(&daemon.url("/v1/partitions/2/blobs/k")), Some(b"v")).0, 201);
+    for round in 0..50u8 {
+        let url = daemon.url("/v1/partitions/3/blobs/overwritten");
+        assert_eq!(support::call(ureq::put(&url), Some(&[round; 4096])).0, 201);
+    }
+    let compacted = admin(&["partition", "compact", "3", "--json"]);
+    assert!(compacted.status.success(), "{}", err(&compacted));
+    let report: Value = serde_json::from_slice(&compacted.stdout).unwrap();
+    assert!(report["copied_bytes"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(
+        support::call(ureq::get(&daemon.url("/v1/partitions/3/blobs/overwritten")), None),
+        (200, vec![49; 4096])
+    );
 
     let read_only: Value = serde_json::from_slice(&admin(&["partition", "read-only", "2", "--json"]).stdout).unwrap();
     assert_eq!(read_only["state"], "read_only");
