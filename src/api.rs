@@ -166,6 +166,22 @@ pub fn loading_router(
             match request.uri().path() {
                 "/healthz" => Json(json!({ "status": "ok" })).into_response(),
                 "/metrics" => metrics_response(metrics.render()),
+                // A request for a partition gets the code every client
+                // already retries on: nothing was attempted, the partition
+                // is loading.
+                path if path.starts_with("/v1/partitions") => {
+                    let mut error = ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "partition_unavailable",
+                        "the node is loading its partitions; nothing was attempted",
+                    );
+                    error.state = Some("loading");
+                    let id = path.strip_prefix("/v1/partitions/").and_then(|rest| rest.split('/').next());
+                    match id.and_then(|id| id.parse().ok()) {
+                        Some(id) => error.on(id).into_response(),
+                        None => error.into_response(),
+                    }
+                }
                 _ => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "loading").into_response(),
             }
         }
@@ -636,6 +652,7 @@ pub fn partition_status(partition: &Partition) -> Value {
             "first_lsn": stats.first_lsn,
             "last_lsn": stats.last_lsn,
             "durable_lsn": stats.durable_lsn,
+            "queued_bytes": stats.queued_bytes,
             "segments": stats.wal.segments,
             "bytes": stats.wal.log_bytes,
         },

@@ -214,7 +214,11 @@ fn the_listener_opens_before_the_partitions_load_and_systemd_hears_of_a_long_loa
             let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
             assert_eq!((body["error"].as_str(), body["message"].as_str()), (Some("not_ready"), Some("loading")));
             if !saw_loading {
-                let (status, body) = support::call(ureq::get(&url("/v1/partitions")), None);
+                // A write while loading is refused with the code clients
+                // retry on: nothing was attempted.
+                let (status, body) = support::call(ureq::put(&url("/v1/partitions/1/blobs/k")), Some(b"v"));
+                assert_eq!((status, support::error_code(&body).as_str()), (503, "partition_unavailable"));
+                let (status, body) = support::call(ureq::get(&url("/v1/disks")), None);
                 assert_eq!((status, support::error_code(&body).as_str()), (503, "not_ready"));
                 assert_eq!(support::call(ureq::get(&url("/healthz")), None).0, 200);
             }

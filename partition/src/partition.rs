@@ -151,6 +151,9 @@ pub struct PartitionStats {
     pub durable_lsn: Lsn,
     /// The WAL's counters and sizes.
     pub wal: WalStats,
+    /// Payload bytes of writes accepted and not settled yet (queued, or
+    /// being written and synced): 0 once every write is settled.
+    pub queued_bytes: u64,
 }
 
 /// One data partition.
@@ -856,9 +859,9 @@ impl Partition {
     /// Sizes and log positions.
     pub fn stats(&self) -> PartitionStats {
         let inner = self.read();
-        let (first_lsn, last_lsn, durable_lsn, wal) = match &inner.wal {
-            Some(wal) => (wal.first_lsn(), wal.last_lsn(), wal.durable_lsn(), wal.stats()),
-            None => (0, 0, 0, WalStats::default()),
+        let (first_lsn, last_lsn, durable_lsn, wal, queued_bytes) = match &inner.wal {
+            Some(wal) => (wal.first_lsn(), wal.last_lsn(), wal.durable_lsn(), wal.stats(), wal.queued_bytes() as u64),
+            None => (0, 0, 0, WalStats::default(), 0),
         };
         PartitionStats {
             blobs: inner.index.blobs,
@@ -867,6 +870,7 @@ impl Partition {
             last_lsn,
             durable_lsn,
             wal,
+            queued_bytes,
         }
     }
 

@@ -599,8 +599,10 @@ impl Run {
     }
 
     /// After `quiesce` (and the faults healed): waits until outcomes have
-    /// settled: no request in flight and every partition's log unchanged
-    /// for longer than `request_timeout` plus a second.
+    /// settled: no request in flight, no write queued or being written
+    /// inside the node (`wal.queued_bytes` 0 on every partition: a request
+    /// that timed out may still be in a slow write), and every partition's
+    /// log unchanged for longer than `request_timeout` plus a second.
     pub fn settle(&self) {
         let quiet = self.shared.setup.request_timeout + Duration::from_secs(1);
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -618,7 +620,8 @@ impl Run {
             } else {
                 vec![format!("status {status}")]
             };
-            if last.as_ref() != Some(&wal) {
+            let pending = wal.iter().any(|p| !p.contains("\"queued_bytes\":0"));
+            if last.as_ref() != Some(&wal) || pending {
                 last = Some(wal);
                 since = Instant::now();
             } else if since.elapsed() >= quiet {
