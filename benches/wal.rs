@@ -104,8 +104,16 @@ struct Opened {
 
 #[derive(Clone, Copy, PartialEq)]
 enum System {
-    Datanode { backend: IoBackend, prewrite: bool },
-    RaftEngine { recycle: bool },
+    Datanode {
+        backend: IoBackend,
+        prewrite: bool,
+    },
+    /// The logs share one engine of 16 I/O threads, as a node's partitions
+    /// on one disk do.
+    DatanodeShared,
+    RaftEngine {
+        recycle: bool,
+    },
     OkayWal,
 }
 
@@ -115,6 +123,7 @@ impl System {
             System::Datanode { backend: IoBackend::Uring, .. } => "datanode-wal (io_uring)",
             System::Datanode { prewrite: false, .. } => "datanode-wal (std, fresh space)",
             System::Datanode { .. } => "datanode-wal (std)",
+            System::DatanodeShared => "datanode-wal (std, one engine of 16 threads)",
             System::RaftEngine { recycle: true } => "raft-engine 0.4 (recycle+prefill)",
             System::RaftEngine { recycle: false } => "raft-engine 0.4",
             System::OkayWal => "okaywal 0.3",
@@ -125,9 +134,17 @@ impl System {
     /// appenders.
     fn open(self, dir: &Path, segment_size: u64) -> Opened {
         match self {
-            System::Datanode { backend, prewrite } => {
+            System::Datanode { .. } | System::DatanodeShared => {
+                let (backend, prewrite) = match self {
+                    System::Datanode { backend, prewrite } => (backend, prewrite),
+                    _ => (IoBackend::Std, true),
+                };
+                let engine = matches!(self, System::DatanodeShared).then(|| {
+                    static SHARED: std::sync::OnceLock<datanode_wal::Engine> = std::sync::OnceLock::new();
+                    SHARED.get_or_init(|| datanode_wal::Engine::new("bench", 16)).clone()
+                });
                 let storage = open_backend(backend).expect("backend");
-                let options = WalOptions { segment_size, prewrite_segments: prewrite, ..WalOptions::new(1) };
+                let options = WalOptions { segment_size, prewrite_segments: prewrite, engine, ..WalOptions::new(1) };
                 let wal = Arc::new(Wal::open(storage, dir, options).expect("open wal"));
                 // Take the first segment outside the measured time.
                 wal.append_blocking(vec![Bytes::from_static(b"warm-up")]).expect("warm-up");
@@ -418,8 +435,11 @@ fn w3(args: &Args, fio: bool) {
 fn w4(args: &Args, fio: bool) {
     let root = args.dir.join("w4");
     for logs in [4, 16, 64] {
-        let mut runners: Vec<Runner> =
-            wal_systems(false).into_iter().map(|s| wal_runner(s, &root, logs, logs, 4096, args.seconds)).collect();
+        let mut runners: Vec<Runner> = wal_systems(false)
+            .into_iter()
+            .chain([System::DatanodeShared])
+            .map(|s| wal_runner(s, &root, logs, logs, 4096, args.seconds))
+            .collect();
         if fio {
             runners.push(fio_runner("fio, one job per file", &root, logs, 4096, true, 16 << 20, args.seconds));
         }
