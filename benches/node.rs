@@ -436,15 +436,8 @@ fn rss(args: &Args, out: &mut Vec<Value>) {
     let started = Instant::now();
     let node = Daemon::start(&disk, &[], &[]);
     let load = started.elapsed();
-    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid().unwrap())).unwrap();
-    let kib = |name: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0)
-    };
-    let (rss, hwm) = (kib("VmRSS:") * 1024, kib("VmHWM:") * 1024);
+    let pid = node.pid().unwrap();
+    let (rss, hwm) = (proc_status(pid, "VmRSS:") * 1024, proc_status(pid, "VmHWM:") * 1024);
     let blobs =
         node.json("/v1/partitions").as_array().unwrap().iter().map(|p| p["blobs"].as_u64().unwrap()).sum::<u64>();
     assert_eq!(blobs, args.blobs, "every blob is in the index");
@@ -460,17 +453,15 @@ fn rss(args: &Args, out: &mut Vec<Value>) {
     out.push(json!({"id": "RSS", "blobs": blobs, "ready_seconds": load.as_secs_f64(), "rss_bytes": rss, "peak_rss_bytes": hwm}));
 }
 
-/// A process's thread count and resident memory, from `/proc`.
-fn threads_and_rss(pid: u32) -> (u64, u64) {
+/// A number of `/proc/PID/status` (`Threads:`, `VmRSS:` in KiB, ...).
+fn proc_status(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("Threads:"), field("VmRSS:") * 1024)
+    status.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+}
+
+/// A process's thread count and resident memory.
+fn threads_and_rss(pid: u32) -> (u64, u64) {
+    (proc_status(pid, "Threads:"), proc_status(pid, "VmRSS:") * 1024)
 }
 
 /// Bytes allocated on disk under `dir` (blocks, not lengths).
