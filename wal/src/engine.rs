@@ -167,10 +167,17 @@ impl Inner {
         Inner::wake_or_grow(this, &mut state);
     }
 
+    /// Wakes the idle workers and starts more while the queue (and a
+    /// pending timer) outnumbers them: a worker counts as idle until it has
+    /// taken a job, so two jobs scheduled onto one idle worker get a second
+    /// one, and a job never waits behind one stuck in a hung sync while the
+    /// bound allows another thread.
     fn wake_or_grow(this: &Arc<Inner>, state: &mut State) {
         if state.idle > 0 {
-            this.work.notify_one();
-        } else if state.workers < this.max_workers {
+            this.work.notify_all();
+        }
+        let wanted = state.ready.len() + usize::from(!state.timers.is_empty());
+        if wanted > state.idle && state.workers < this.max_workers {
             // Every worker is busy (or stuck in a hung sync): another one
             // carries the rest.
             state.workers += 1;
@@ -185,7 +192,7 @@ impl Inner {
 
     fn work(self: Arc<Inner>) {
         loop {
-            let Some(job) = self.next_job() else { return };
+            let Some(job) = Inner::next_job(&self) else { return };
             job.scheduled().store(false, Ordering::Release);
             match job.run() {
                 Next::Idle => {}
@@ -198,8 +205,8 @@ impl Inner {
     /// The next job to run, waiting for one; `None` when this worker should
     /// exit: idle for long and not the last, or nothing queued and no
     /// handle left.
-    fn next_job(&self) -> Option<Arc<dyn Job>> {
-        let mut state = self.lock();
+    fn next_job(this: &Arc<Inner>) -> Option<Arc<dyn Job>> {
+        let mut state = this.lock();
         loop {
             let now = Instant::now();
             while let Some(Reverse(timer)) = state.timers.peek() {
@@ -214,15 +221,20 @@ impl Inner {
                 }
             }
             if let Some(job) = state.ready.pop_front() {
+                // More waiting than workers free to take it: this one may be
+                // about to block for a long time.
+                if !state.ready.is_empty() {
+                    Inner::wake_or_grow(this, &mut state);
+                }
                 return Some(job);
             }
-            if self.handles.load(Ordering::Acquire) == 0 {
+            if this.handles.load(Ordering::Acquire) == 0 {
                 state.workers -= 1;
                 return None;
             }
             let wait = state.timers.peek().map_or(IDLE_EXIT, |Reverse(t)| t.at.saturating_duration_since(now));
             state.idle += 1;
-            let (next, timeout) = self.work.wait_timeout(state, wait).unwrap_or_else(PoisonError::into_inner);
+            let (next, timeout) = this.work.wait_timeout(state, wait).unwrap_or_else(PoisonError::into_inner);
             state = next;
             state.idle -= 1;
             if timeout.timed_out() && state.ready.is_empty() && state.timers.is_empty() && state.workers > 1 {
@@ -285,6 +297,25 @@ mod tests {
         assert_eq!(stuck.runs.load(Ordering::SeqCst), 0);
         drop(held);
         wait_until(|| stuck.runs.load(Ordering::SeqCst) == 1);
+    }
+
+    #[test]
+    fn two_jobs_scheduled_onto_one_idle_worker_do_not_wait_behind_a_stuck_one() {
+        for _ in 0..20 {
+            let engine = Engine::new("test", 16);
+            let warm = job();
+            engine.schedule(warm.clone());
+            wait_until(|| warm.runs.load(Ordering::SeqCst) == 1);
+            // One worker, idle: two jobs arrive before it wakes, and the
+            // first one it takes hangs.
+            let (stuck, other) = (job(), job());
+            let held = stuck.hold.lock().unwrap_or_else(PoisonError::into_inner);
+            engine.schedule(stuck.clone());
+            engine.schedule(other.clone());
+            wait_until(|| other.runs.load(Ordering::SeqCst) == 1);
+            drop(held);
+            wait_until(|| stuck.runs.load(Ordering::SeqCst) == 1);
+        }
     }
 
     #[test]
