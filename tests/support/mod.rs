@@ -108,6 +108,17 @@ impl Daemon {
             .find_map(|line| line.rsplit(' ').next()?.parse().ok())
     }
 
+    /// The sum of every sample whose line starts with `name{` and contains
+    /// every one of `labels` (series that exist at 0 from the start count
+    /// too, so the sum is what the labels add up to).
+    pub fn metric_sum(&self, name: &str, labels: &[&str]) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|line| line.starts_with(&format!("{name}{{")) && labels.iter().all(|l| line.contains(l)))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// A partition's state name.
     pub fn state_of(&self, partition: u64) -> String {
         self.json(&format!("/v1/partitions/{partition}"))["state"].as_str().unwrap_or("?").to_string()
