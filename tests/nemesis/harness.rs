@@ -282,6 +282,12 @@ impl Shared {
         }
     }
 
+    /// Clears the operator's read-only of partition `p`.
+    fn clear_read_only(&self, agent: &ureq::Agent, client: usize, p: u64) {
+        let path = format!("/v1/partitions/{p}/read-only");
+        self.op(agent, client, Kind::ReadOnly(false), p, None, "POST", &path, Some(br#"{"read_only":false}"#), None);
+    }
+
     fn admin(&self, weights: [u64; 6], mut rng: Rng) {
         let agent = agent();
         let client = self.setup.clients;
@@ -364,18 +370,7 @@ impl Shared {
                 }
                 4 => {
                     if let Some(p) = read_only.pop() {
-                        let path = format!("/v1/partitions/{p}/read-only");
-                        self.op(
-                            &agent,
-                            client,
-                            Kind::ReadOnly(false),
-                            p,
-                            None,
-                            "POST",
-                            &path,
-                            Some(br#"{"read_only":false}"#),
-                            None,
-                        );
+                        self.clear_read_only(&agent, client, p);
                     }
                 }
                 _ => {
@@ -402,18 +397,7 @@ impl Shared {
             if read_only.len() > 1 || (rng.chance(30) && !read_only.is_empty()) {
                 let p = read_only.remove(0);
                 if self.may_run() {
-                    let path = format!("/v1/partitions/{p}/read-only");
-                    self.op(
-                        &agent,
-                        client,
-                        Kind::ReadOnly(false),
-                        p,
-                        None,
-                        "POST",
-                        &path,
-                        Some(br#"{"read_only":false}"#),
-                        None,
-                    );
+                    self.clear_read_only(&agent, client, p);
                     self.done();
                 }
             }
