@@ -22,8 +22,11 @@ use support::{Daemon, config_with_disks, wait_for};
 /// so the 300 MiB test disks hold several partitions' logs.
 const FAST_PROBES: &str = "[health]\nprobe_interval = \"200ms\"\n\n[wal]\nsegment_size = \"8MiB\"\n";
 
-/// Two disks, writers on both, one disk's filesystem shut down (CubeFS's
-/// S2: one partition's EIO took the whole process down).
+/// Two small (320 MiB) XFS disks with four partitions each, on the
+/// default 64 MiB segments, writers on every partition, one disk's
+/// filesystem shut down (CubeFS's S2: one partition's EIO took the whole
+/// process down). The healthy disk must not fill up meanwhile: an empty
+/// partition holds a bounded zeroed window, not a whole segment.
 #[test]
 fn s2_disk_death_is_contained() {
     if unavailable(Fs::Xfs.tools()).is_some() {
@@ -31,12 +34,18 @@ fn s2_disk_death_is_contained() {
     }
     let mut d0 = LoopDisk::new(Fs::Xfs);
     let d1 = LoopDisk::new(Fs::Xfs);
-    let toml = config_with_disks(&[("d0", d0.path()), ("d1", d1.path())], FAST_PROBES);
+    let settings = "[node]\nbootstrap_partitions = 8\n\n[health]\nprobe_interval = \"200ms\"\n";
+    let toml = config_with_disks(&[("d0", d0.path()), ("d1", d1.path())], settings);
     let mut node = Daemon::with_config(&toml, &[]);
-    // The default bootstrap puts partitions 1 and 3 on d0, 2 and 4 on d1.
-    let (dead, alive) = ([1, 3], [2, 4]);
-    let load = Load::start(&node.url(""), &[1, 2, 3, 4], 2, 4096, "s2");
-    wait_for("writes on every partition", Duration::from_secs(30), || load.acked() >= 200);
+    // The bootstrap alternates disks: odd partitions on d0, even on d1.
+    let (dead, alive) = ([1, 3, 5, 7], [2, 4, 6, 8]);
+    for p in dead {
+        assert_eq!(node.json(&format!("/v1/partitions/{p}"))["disk"], "d0");
+    }
+    let load = Load::start(&node.url(""), &[1, 2, 3, 4, 5, 6, 7, 8], 2, 4096, "s2");
+    wait_for("writes on every partition", Duration::from_secs(30), || load.acked() >= 400);
+    // A few seconds of 4 KiB writes on every partition before the death.
+    std::thread::sleep(Duration::from_secs(3));
 
     d0.shutdown(true);
     let took = wait_for("d0's partitions and d0 faulted", Duration::from_secs(30), || {
@@ -96,7 +105,7 @@ fn s2_disk_death_is_contained() {
     assert_all_readable(&node, &outcome.acked, "after recover");
     // And a recover is as sticky as the fault was.
     node.restart();
-    for p in [1, 2, 3, 4] {
+    for p in 1..=8 {
         assert_eq!(node.state_of(p), "healthy", "partition {p} after recover and restart");
     }
 }

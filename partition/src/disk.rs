@@ -9,7 +9,7 @@
 //! |---|---|---|---|
 //! | [`DiskState::Healthy`] | probe ok and fast, few partition faults | none | a probe is slow -> `Degraded`; fails -> `Faulted` |
 //! | [`DiskState::Degraded`] | the probe's sync took longer than `slow_sync` | `read_only(disk_degraded)` | a fast probe -> `Healthy`; a failure -> `Faulted` |
-//! | [`DiskState::Faulted`] | the probe failed or timed out, or `faulted_partitions` of its partitions are faulted | every partition `faulted(disk_faulted)` | probes succeed again and few partitions are faulted; partitions stay faulted until recovered |
+//! | [`DiskState::Faulted`] | the probe failed or timed out, or `faulted_partitions` of its partitions are faulted | every partition `faulted(disk_faulted)`: on every failed probe; when faulted by the count alone, once on entering (partitions recovered one by one then stay healthy) | probes succeed again and few partitions are faulted; partitions stay faulted until recovered |
 //!
 //! Free space, separately: at `full_ratio` used, partitions go
 //! `read_only(disk_full)`; the reason is lifted only when usage is at or
@@ -237,15 +237,22 @@ impl Disk {
         if let Some(space) = space {
             metrics::gauge!("datanode_disk_free_bytes", "disk" => self.dir.name.clone()).set(space.free as f64);
         }
-        self.apply(state, full, probe.ok, partitions);
+        self.apply(state, before, full, probe.ok, partitions);
         self.status(partitions.iter().map(|p| p.id()).collect())
     }
 
-    fn apply(&self, state: DiskState, full: bool, probe_ok: bool, partitions: &[Arc<Partition>]) {
+    /// A failing probe faults every partition of the disk, each round: a
+    /// partition recovered meanwhile is faulted again, since its disk still
+    /// fails. A disk faulted only by the count of its faulted partitions
+    /// (its probe works) faults the others once, when it enters the state:
+    /// an operator may then recover partitions one by one, and each stays
+    /// healthy.
+    fn apply(&self, state: DiskState, before: DiskState, full: bool, probe_ok: bool, partitions: &[Arc<Partition>]) {
         for partition in partitions {
             match state {
                 DiskState::Faulted => {
-                    if !matches!(partition.health().state(), State::Faulted(_)) {
+                    let entering = before != DiskState::Faulted;
+                    if (entering || !probe_ok) && !matches!(partition.health().state(), State::Faulted(_)) {
                         partition.fault(Fault::disk_faulted(&self.dir.name), FaultSource::Disk);
                     }
                 }

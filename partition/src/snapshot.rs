@@ -80,8 +80,13 @@ impl Partition {
 
     fn install_image(&self, image: impl Read) -> Result<()> {
         let dir = &self.options.dir;
-        let current = Manifest::read(self.storage.as_ref(), dir).map_err(Error::InstallFailed)?.unwrap_or_default();
-        let next_name = format!("wal-{}", log_generation(&current.log).unwrap_or(0) + 1);
+        // Named above every log directory present, so that it collides with
+        // none, also when `CURRENT` is lost or unreadable: installing is the
+        // repair of lost metadata. What it supersedes is removed only once
+        // the new `CURRENT` is durable.
+        let names = self.storage.list_dir(dir).map_err(|e| Error::InstallFailed(Fault::io("install", &e)))?;
+        let newest = names.iter().filter_map(|name| log_generation(name)).max().unwrap_or(0);
+        let next_name = format!("wal-{}", newest + 1);
         let staging = dir.join(&next_name);
         let _ = self.storage.remove_dir_all(&staging);
         let written = self.write_image(&staging, image);

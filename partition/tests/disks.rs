@@ -116,6 +116,36 @@ fn enough_faulted_partitions_fault_their_disk() {
     assert_eq!(state_of(&registry, 4), State::Healthy);
 }
 
+/// A disk faulted only because enough of its partitions faulted (its probe
+/// works) lets an operator recover them one by one: a recovered partition
+/// stays healthy, though the disk stays faulted until few are left.
+#[test]
+fn partitions_recovered_one_by_one_on_a_disk_faulted_by_their_count_stay_healthy() {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let sim = SimStorage::new(6);
+    let registry = registry(&sim);
+    sim.inject(Fault::new(FaultOp::Write, libc::EIO).on_path("/d0/partitions/").sticky());
+    for id in [1, 2, 3] {
+        assert!(rt.block_on(registry.get(id).unwrap().put(b"k", b"v")).is_err());
+    }
+    registry.check_disks();
+    assert_eq!(disk_state(&registry, "d0"), DiskState::Faulted);
+    sim.clear_faults();
+    registry.get(1).unwrap().recover().unwrap();
+    registry.check_disks();
+    assert_eq!(disk_state(&registry, "d0"), DiskState::Faulted, "two partitions are still faulted");
+    assert_eq!(state_of(&registry, 1), State::Healthy, "a recovered partition is not faulted again by the count");
+    registry.get(2).unwrap().recover().unwrap();
+    registry.check_disks();
+    assert_eq!(disk_state(&registry, "d0"), DiskState::Healthy);
+    registry.get(3).unwrap().recover().unwrap();
+    registry.check_disks();
+    for id in [1, 2, 3] {
+        assert_eq!(state_of(&registry, id), State::Healthy, "partition {id}");
+        rt.block_on(registry.get(id).unwrap().put(b"k", b"v")).unwrap();
+    }
+}
+
 #[test]
 fn a_full_disk_is_read_only_with_hysteresis() {
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();

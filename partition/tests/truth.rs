@@ -117,6 +117,31 @@ fn a_lost_current_faults_the_partition_and_removes_nothing() {
     assert!(sim.contents(&segment).is_ok());
 }
 
+/// The operator's repair of lost metadata: installing an image replaces the
+/// contents, in a log directory that collides with none left behind, and
+/// the partition stays repaired across a restart.
+#[test]
+fn an_install_repairs_a_partition_whose_current_is_lost() {
+    let sim = SimStorage::new(4);
+    let p = open(&sim, 3);
+    p.install(&image_of(3, 20, "old")[..]).unwrap();
+    p.install(&image_of(3, 5, "older")[..]).unwrap();
+    p.close();
+    sim.remove_file(Path::new("/d0/partitions/3/CURRENT")).unwrap();
+    let p = open(&sim, 3);
+    assert_eq!(p.health().state().name(), "faulted");
+    p.install(&image_of(3, 7, "new")[..]).expect("an install repairs lost metadata");
+    assert_eq!(p.health().state(), State::Healthy);
+    assert_eq!(p.stats().blobs, 7);
+    p.close();
+    let p = open(&sim, 3);
+    assert_eq!(p.health().state(), State::Healthy, "repaired for good");
+    assert_eq!(p.stats().blobs, 7);
+    for k in 0..7 {
+        assert_eq!(p.get(format!("k{k:03}").as_bytes(), None).unwrap().to_vec(), value(k, "new"));
+    }
+}
+
 #[test]
 fn a_write_whose_caller_gave_up_is_indexed_once_durable() {
     let rt = runtime();

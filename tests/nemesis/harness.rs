@@ -161,11 +161,15 @@ impl Shared {
             (Kind::Export { .. }, 200) => match parse_image(&bytes) {
                 Ok(contents) => {
                     let mut images = h.images.lock().unwrap();
-                    images.push((0, contents.clone(), bytes.clone()));
+                    images.push((partition, contents.clone(), bytes.clone()));
                     let n = images.len();
-                    // Keep the bytes of the last few images only.
-                    if n > 6 {
-                        images[n - 7].2 = Vec::new();
+                    // Keep the bytes of the last few images, and of each
+                    // partition's latest (the repair of a damaged one).
+                    for i in 0..n.saturating_sub(6) {
+                        let from = images[i].0;
+                        if images[i + 1..].iter().any(|(later, _, _)| *later == from) {
+                            images[i].2 = Vec::new();
+                        }
                     }
                     kind = Kind::Export { image: Some(n - 1) };
                     Observed::Image(contents)
@@ -747,6 +751,58 @@ impl Run {
                 let path = format!("/v1/partitions/{id}/recover");
                 self.shared.op(&self.agent, usize::MAX, Kind::Recover, id, None, "POST", &path, Some(b""), None);
             }
+        }
+    }
+
+    /// What an operator does about faulted partitions: recover each; one
+    /// that stays faulted (its data is damaged) gets its own latest image
+    /// installed. Rounds until none is faulted (a disk faulted by its
+    /// partitions recovers once they are repaired) or ten rounds passed.
+    pub fn repair_faulted(&self) {
+        for _ in 0..10 {
+            let list = self.json("/v1/partitions");
+            let faulted: Vec<u64> = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["state"] == "faulted")
+                .filter_map(|p| p["id"].as_u64())
+                .collect();
+            if faulted.is_empty() {
+                return;
+            }
+            for p in faulted {
+                let path = format!("/v1/partitions/{p}/recover");
+                let (status, _) =
+                    self.shared.op(&self.agent, usize::MAX, Kind::Recover, p, None, "POST", &path, Some(b""), None);
+                if status == 200 {
+                    continue;
+                }
+                let latest = {
+                    let images = self.history.images.lock().unwrap();
+                    images
+                        .iter()
+                        .enumerate()
+                        .rev()
+                        .find(|(_, (from, _, _))| *from == p)
+                        .map(|(i, (_, _, b))| (i, b.clone()))
+                };
+                if let Some((index, bytes)) = latest.filter(|(_, b)| !b.is_empty()) {
+                    let path = format!("/v1/partitions/{p}/snapshot");
+                    self.shared.op(
+                        &self.agent,
+                        usize::MAX,
+                        Kind::Install { image: index },
+                        p,
+                        None,
+                        "PUT",
+                        &path,
+                        Some(&bytes),
+                        None,
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
         }
     }
 

@@ -35,8 +35,10 @@ impl Node {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
-    /// Starts the process and waits for `/readyz`; `Err` when it exits or is
-    /// not ready within two minutes.
+    /// Starts the process and waits until it has loaded: `/readyz` 200, or
+    /// 503 for any reason but loading (every disk faulted: damage at rest
+    /// can do that, and the nemesis then repairs what it can); `Err` when
+    /// it exits or has not loaded within two minutes.
     pub fn spawn(&mut self) -> Result<(), String> {
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_datanode"));
@@ -65,8 +67,15 @@ impl Node {
         let deadline = Instant::now() + Duration::from_secs(120);
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(2)).build();
         loop {
-            if agent.get(&self.url("/readyz")).call().is_ok_and(|r| r.status() == 200) {
-                return Ok(());
+            match agent.get(&self.url("/readyz")).call() {
+                Ok(_) => return Ok(()),
+                Err(ureq::Error::Status(503, answer)) => {
+                    let body = answer.into_string().unwrap_or_default();
+                    if !body.contains("loading") {
+                        return Ok(());
+                    }
+                }
+                Err(_) => {}
             }
             if let Some(status) = self.exited() {
                 return Err(format!("datanode exited before it was ready: {status}\n{}", self.log_tail()));

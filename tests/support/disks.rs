@@ -89,9 +89,9 @@ pub struct LoopDisk {
     _scratch: tempfile::TempDir,
 }
 
-/// XFS's smallest filesystem is 300 MiB; the image is sparse, so it costs
-/// only what is written.
-const IMAGE_BYTES: u64 = 300 << 20;
+/// A small disk (XFS's smallest filesystem is 300 MiB); the image is
+/// sparse, so it costs only what is written.
+const IMAGE_BYTES: u64 = 320 << 20;
 
 impl LoopDisk {
     /// Makes and mounts a fresh filesystem on a sparse image in a scratch
