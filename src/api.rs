@@ -21,6 +21,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::auth::constant_time_eq;
 use crate::node::Node;
 
 /// An API error: status, code, message and the optional context fields.
@@ -121,10 +122,15 @@ type ApiResult<T> = Result<T, ApiError>;
 /// All routes, with request metrics around them.
 pub fn router(node: Arc<Node>) -> Router {
     let limit = node.config.limits.max_blob_size as usize;
-    Router::new()
+    let blobs = Router::new()
         .route("/v1/partitions/{pid}/blobs/{*key}", get(get_blob).put(put_blob).delete(delete_blob).head(head_blob))
         // An empty key: answered 400 by the key check, like any bad key.
         .route("/v1/partitions/{pid}/blobs/", get(get_blob).put(put_blob).delete(delete_blob).head(head_blob))
+        // Before the body is read: a client without a credential cannot
+        // make the node take in a large upload.
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&node), require_writer));
+    Router::new()
+        .merge(blobs)
         .route("/v1/partitions/{pid}/blobs", get(list_blobs))
         .route("/v1/partitions", get(list_partitions).post(create_partition))
         .route("/v1/partitions/{pid}", get(get_partition).delete(delete_partition))
@@ -322,17 +328,50 @@ fn partition(node: &Node, raw: &str) -> ApiResult<(u64, Arc<Partition>)> {
 }
 
 fn require_admin(node: &Node, headers: &HeaderMap) -> ApiResult<()> {
-    let Some(token) = &node.admin_token else { return Ok(()) };
+    if node.admin_token.is_none() || is_admin(node, headers) {
+        return Ok(());
+    }
+    metrics::counter!("datanode_auth_rejected_total", "reason" => "admin").increment(1);
+    Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "admin endpoint: bearer token required"))
+}
+
+/// Whether the request carries the admin token (there is one).
+fn is_admin(node: &Node, headers: &HeaderMap) -> bool {
     let offered =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    match offered {
-        Some(offered) if constant_time_eq(offered.as_bytes(), token.as_bytes()) => Ok(()),
-        _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "admin endpoint: bearer token required")),
+    match (offered, &node.admin_token) {
+        (Some(offered), Some(token)) => constant_time_eq(offered.trim().as_bytes(), token.as_bytes()),
+        _ => false,
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// PUT and DELETE of a blob need a data token (or the admin token) when
+/// `auth.data_tokens = "required"`: 401 `unauthorized` otherwise, with
+/// nothing attempted. A partition id that is not canonical goes on to the
+/// handler's 400.
+async fn require_writer(State(node): State<Arc<Node>>, request: Request, next: Next) -> Response {
+    if !matches!(*request.method(), Method::PUT | Method::DELETE) || !node.data_auth.required() {
+        return next.run(request).await;
+    }
+    let raw = request.uri().path().strip_prefix("/v1/partitions/").and_then(|rest| rest.split('/').next());
+    let Some(id) = raw.and_then(|raw| partition_id(raw).ok()) else { return next.run(request).await };
+    if is_admin(&node, request.headers()) {
+        return next.run(request).await;
+    }
+    let authorization = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match node.data_auth.check(id, authorization) {
+        Ok(()) => next.run(request).await,
+        Err(denied) => {
+            metrics::counter!("datanode_auth_rejected_total", "reason" => denied.as_str()).increment(1);
+            let mut response =
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", denied.message()).on(id).into_response();
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            // The body was not read: the connection cannot carry another
+            // request, and the client is told so.
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+    }
 }
 
 fn refuse_if_draining(node: &Node, id: u64) -> ApiResult<()> {

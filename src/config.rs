@@ -44,6 +44,44 @@ pub struct Config {
     /// Alert delivery.
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// TLS on the HTTP listener; plain HTTP when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// Who may write.
+    pub auth: AuthConfig,
+}
+
+/// `[tls]`: the listener serves HTTPS only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The node's certificate chain (PEM, leaf first).
+    pub cert_file: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// When set, clients must present a certificate signed by one of
+    /// these CAs (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `off` or `required`: PUT/DELETE of blobs need a bearer token.
+    pub data_tokens: String,
+    /// Static data tokens, one per line (several valid at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Key of signed data tokens (scoped to a partition and an expiry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_key_file: Option<PathBuf>,
+    /// Serve off loopback although writes need no credential (no data
+    /// tokens, no client certificates).
+    pub allow_unauthenticated: bool,
+    /// A secret file (tokens, keys) other users may read: `warn` or `refuse`.
+    pub readable_secret_files: String,
 }
 
 /// `[node]`.
@@ -211,6 +249,11 @@ garbage_ratio = 0.5
 min_garbage = "64MiB"
 check_interval = "30s"
 max_bytes_per_sec = "64MiB"
+
+[auth]
+data_tokens = "off"
+allow_unauthenticated = false
+readable_secret_files = "warn"
 "#;
 
 /// Most partitions `node.bootstrap_partitions` may ask for.
@@ -233,7 +276,16 @@ fn check_size(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigErr
 }
 
 /// Keys without a default (absent unless set), besides those of [`DEFAULT_TOML`].
-const OPTIONAL_KEYS: [&str; 3] = ["node.id", "node.admin_token_file", "alerts.alertmanager_url"];
+const OPTIONAL_KEYS: [&str; 8] = [
+    "node.id",
+    "node.admin_token_file",
+    "alerts.alertmanager_url",
+    "tls.cert_file",
+    "tls.key_file",
+    "tls.client_ca_file",
+    "auth.token_file",
+    "auth.signing_key_file",
+];
 
 /// `DATANODE_*` variables that are not configuration: the test harness's.
 fn not_configuration(name: &str) -> bool {
@@ -497,13 +549,63 @@ impl Config {
                 return fail(format!("alerts.alertmanager_url = {url:?} is not an http:// URL with a host"));
             }
         }
-        if !self.node.http_addr.ip().is_loopback() && self.node.admin_token_file.is_none() {
+        if !["off", "required"].contains(&self.auth.data_tokens.as_str()) {
+            return fail(format!("auth.data_tokens = {:?} is not off or required", self.auth.data_tokens));
+        }
+        if self.auth.data_tokens == "required" && self.auth.token_file.is_none() && self.auth.signing_key_file.is_none()
+        {
+            return fail(
+                "auth.data_tokens = \"required\" needs auth.token_file or auth.signing_key_file (or both)".into(),
+            );
+        }
+        if !["warn", "refuse"].contains(&self.auth.readable_secret_files.as_str()) {
             return fail(format!(
-                "node.http_addr = {} is not loopback: node.admin_token_file is required",
-                self.node.http_addr
+                "auth.readable_secret_files = {:?} is not warn or refuse",
+                self.auth.readable_secret_files
             ));
         }
+        if !self.node.http_addr.ip().is_loopback() {
+            if self.node.admin_token_file.is_none() {
+                return fail(format!(
+                    "node.http_addr = {} is not loopback: node.admin_token_file is required",
+                    self.node.http_addr
+                ));
+            }
+            let client_certificates = self.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
+            if self.auth.data_tokens != "required" && !client_certificates && !self.auth.allow_unauthenticated {
+                return fail(format!(
+                    "node.http_addr = {} is not loopback and anyone who reaches it could write: set \
+                     auth.data_tokens = \"required\" or tls.client_ca_file, or auth.allow_unauthenticated = true",
+                    self.node.http_addr
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The security posture in one line each, for `check-config` and the
+    /// start-up log: TLS, client certificates, admin and data credentials.
+    pub fn security_posture(&self) -> Vec<String> {
+        let tls = match &self.tls {
+            None => "tls: off (plain HTTP)".to_string(),
+            Some(tls) => format!(
+                "tls: on ({}), client certificates: {}",
+                tls.cert_file.display(),
+                if tls.client_ca_file.is_some() { "required" } else { "off" }
+            ),
+        };
+        let admin = match &self.node.admin_token_file {
+            Some(_) => "admin calls: bearer token required",
+            None => "admin calls: open (no node.admin_token_file)",
+        };
+        let data = match (self.auth.data_tokens.as_str(), &self.auth.token_file, &self.auth.signing_key_file) {
+            ("required", Some(_), Some(_)) => "writes: data token required (static or signed)",
+            ("required", Some(_), None) => "writes: data token required (static)",
+            ("required", None, _) => "writes: data token required (signed)",
+            _ => "writes: open (auth.data_tokens = \"off\")",
+        };
+        let exposure = if self.node.http_addr.ip().is_loopback() { "loopback only" } else { "reachable off this host" };
+        vec![format!("listener: {} ({exposure})", self.node.http_addr), tls, admin.to_string(), data.to_string()]
     }
 
     /// The admin token, if one is configured. A configured but unreadable
@@ -530,16 +632,36 @@ impl Config {
     pub fn preflight(&self, create: bool) -> Result<Checked, ConfigError> {
         let mut warnings = Vec::new();
         let admin_token = self.admin_token()?;
-        if let Some(path) = &self.node.admin_token_file {
+        let secrets = [
+            ("node.admin_token_file", self.node.admin_token_file.as_ref()),
+            ("auth.token_file", self.auth.token_file.as_ref().filter(|_| self.auth.data_tokens == "required")),
+            (
+                "auth.signing_key_file",
+                self.auth.signing_key_file.as_ref().filter(|_| self.auth.data_tokens == "required"),
+            ),
+            ("tls.key_file", self.tls.as_ref().map(|t| &t.key_file)),
+        ];
+        for (key, path) in secrets.into_iter().filter_map(|(key, path)| Some((key, path?))) {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(path).map(|m| m.permissions().mode()).unwrap_or(0);
             if mode & 0o077 != 0 {
-                warnings.push(format!(
-                    "admin token file {} is readable by other users (mode {:o}); chmod 600 it",
+                let problem = format!(
+                    "{key} = {} is readable by other users (mode {:o}); chmod 600 it",
                     path.display(),
                     mode & 0o777
-                ));
+                );
+                if self.auth.readable_secret_files == "refuse" {
+                    return Err(ConfigError(format!("{problem} (auth.readable_secret_files = \"refuse\")")));
+                }
+                warnings.push(problem);
             }
+        }
+        if self.tls.is_none() && !self.node.http_addr.ip().is_loopback() {
+            warnings.push(format!(
+                "node.http_addr = {} is not loopback and [tls] is not set: tokens and data cross the network in \
+                 plain text",
+                self.node.http_addr
+            ));
         }
         for (i, disk) in self.disk.iter().enumerate() {
             let key = format!("disk[{i}].path = {:?}", disk.path.display().to_string());

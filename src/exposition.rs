@@ -73,6 +73,37 @@ fn describe() {
     );
     describe_counter!("datanode_compactions_total", "Compactions of a partition by result (ok, failed, skipped)");
     describe_counter!("datanode_compaction_bytes_total", Unit::Bytes, "Live bytes copied by compaction, by disk");
+    describe_counter!(
+        "datanode_auth_rejected_total",
+        "Requests refused for want of a valid credential, by reason (admin: a missing or wrong admin token)"
+    );
+    describe_counter!(
+        "datanode_tls_handshake_failures_total",
+        "TLS handshakes that failed (no or a bad client certificate, not TLS) or timed out, by reason"
+    );
+    describe_counter!(
+        "datanode_credential_reloads_total",
+        "Loads of changed credential files (tls, data_tokens), by result (ok, refused)"
+    );
+}
+
+/// `datanode_auth_rejected_total{reason}` for every reason, and the TLS
+/// counters when the listener serves TLS.
+pub fn zero_security_counters(tls: bool) {
+    for reason in crate::auth::Denied::ALL.iter().map(|d| d.as_str()).chain(["admin"]) {
+        metrics::counter!("datanode_auth_rejected_total", "reason" => reason).increment(0);
+    }
+    if tls {
+        for reason in ["failed", "timeout"] {
+            metrics::counter!("datanode_tls_handshake_failures_total", "reason" => reason).increment(0);
+        }
+    }
+    for credential in ["tls", "data_tokens"].into_iter().filter(|c| tls || *c == "data_tokens") {
+        for result in ["ok", "refused"] {
+            metrics::counter!("datanode_credential_reloads_total", "credential" => credential, "result" => result)
+                .increment(0);
+        }
+    }
 }
 
 /// Creates the counters that must exist at 0 before their first event.

@@ -6,6 +6,7 @@
 mod admin;
 mod alerts;
 mod api;
+mod auth;
 mod bench;
 mod config;
 mod exposition;
@@ -13,6 +14,7 @@ mod logging;
 mod node;
 mod server;
 mod status;
+mod tls;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +25,7 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use datanode_partition::Registry;
 
+use crate::auth::DataAuth;
 use crate::config::{Config, Overrides};
 use crate::node::{Node, VERSION};
 
@@ -70,6 +73,19 @@ enum Command {
     },
     /// Print the manual page (roff), e.g. `datanode man > /usr/local/share/man/man1/datanode.1`.
     Man,
+    /// Mint a signed data token for one partition (`auth.signing_key_file`):
+    /// what a control plane hands to a writer.
+    Token {
+        /// The signing key (default: `auth.signing_key_file` of the configuration).
+        #[arg(long)]
+        signing_key_file: Option<PathBuf>,
+        /// The partition it may write.
+        #[arg(long)]
+        partition: u64,
+        /// How long it is valid, e.g. `10m`, `1h`.
+        #[arg(long, default_value = "1h", value_parser = config::parse_duration)]
+        ttl: Duration,
+    },
 }
 
 /// Flags that choose the configuration, accepted before or after the
@@ -96,11 +112,42 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig) => match load_config(&args).and_then(|c| preflight(&c, false).map(|_| c)) {
             Ok(config) => {
+                for line in config.security_posture() {
+                    eprintln!("datanode: security: {line}");
+                }
                 print!("{}", config.to_toml());
                 ExitCode::SUCCESS
             }
             Err(code) => code,
         },
+        Some(Command::Token { signing_key_file, partition, ttl }) => {
+            let key_file = match signing_key_file {
+                Some(file) => file,
+                None => match load_config(&args) {
+                    Ok(config) => match config.auth.signing_key_file {
+                        Some(file) => file,
+                        None => {
+                            eprintln!(
+                                "datanode: no --signing-key-file and no auth.signing_key_file in the configuration"
+                            );
+                            return ExitCode::from(EXIT_CONFIG);
+                        }
+                    },
+                    Err(code) => return code,
+                },
+            };
+            match auth::read_signing_key(&key_file) {
+                Ok(key) => {
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                    println!("{}", auth::sign(&key, partition, (now + ttl).as_secs()));
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("datanode: {error}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
         Some(Command::Serve) | None => serve(&args),
         Some(Command::Status { url, json }) => {
             let url = match node_url(url.as_deref(), &args) {
@@ -220,20 +267,46 @@ fn load_config(args: &ServeArgs) -> Result<Config, ExitCode> {
     })
 }
 
-/// [`Config::preflight`], with its warnings on stderr.
-fn preflight(config: &Config, create: bool) -> Result<config::Checked, ExitCode> {
-    match config.preflight(create) {
-        Ok(checked) => {
-            for warning in &checked.warnings {
-                eprintln!("datanode: warning: {warning}");
-            }
-            Ok(checked)
-        }
-        Err(error) => {
-            eprintln!("datanode: bad configuration: {error}");
-            Err(ExitCode::from(EXIT_CONFIG))
-        }
+/// What `serve` starts with, checked before anything is created.
+struct Checked {
+    admin_token: Option<String>,
+    tls: Option<Arc<tls::Tls>>,
+    data_auth: Arc<DataAuth>,
+    warnings: Vec<String>,
+}
+
+/// [`Config::preflight`], the TLS files and the data tokens, with the
+/// warnings on stderr.
+fn preflight(config: &Config, create: bool) -> Result<Checked, ExitCode> {
+    let refuse = |error: String| {
+        eprintln!("datanode: bad configuration: {error}");
+        ExitCode::from(EXIT_CONFIG)
+    };
+    let checked = config.preflight(create).map_err(|e| refuse(e.to_string()))?;
+    let tls = config.tls.as_ref().map(tls::Tls::load).transpose().map_err(refuse)?.map(Arc::new);
+    let data_auth = Arc::new(DataAuth::load(&config.auth).map_err(refuse)?);
+    for warning in &checked.warnings {
+        eprintln!("datanode: warning: {warning}");
     }
+    Ok(Checked { admin_token: checked.admin_token, tls, data_auth, warnings: checked.warnings })
+}
+
+/// Reads the data token files again whenever they change (every
+/// [`tls::WATCH_INTERVAL`]): a rotation needs no restart.
+fn spawn_token_watch(data_auth: &Arc<DataAuth>) {
+    if !data_auth.required() {
+        return;
+    }
+    let data_auth = Arc::clone(data_auth);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(tls::WATCH_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let data_auth = Arc::clone(&data_auth);
+            let _ = tokio::task::spawn_blocking(move || data_auth.reload(false)).await;
+        }
+    });
 }
 
 fn ignore_signals() {
@@ -285,7 +358,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
     };
     let reload_args = args.clone();
     let reload = move || load_config_quietly(&reload_args);
-    let code = match runtime.block_on(run(config, checked.admin_token, listener, logs, &reload)) {
+    let code = match runtime.block_on(run(config, checked, listener, logs, &reload)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(EXIT_RUNTIME),
         Err(error) => {
@@ -318,7 +391,7 @@ const EXTEND_BY: Duration = Duration::from_secs(10);
 /// `shutdown_timeout`.
 async fn run(
     config: Config,
-    admin_token: Option<String>,
+    checked: Checked,
     listener: std::net::TcpListener,
     logs: logging::Logging,
     reload: &dyn Fn() -> Result<Config, config::ConfigError>,
@@ -330,7 +403,16 @@ async fn run(
     let addr = listener.local_addr()?;
     let mut signals = Signals::new();
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
-    let options = server::ServeOptions { header_timeout: config.limits.header_timeout };
+    let Checked { admin_token, tls, data_auth, .. } = checked;
+    exposition::zero_security_counters(tls.is_some());
+    if let Some(tls) = &tls {
+        tls::spawn_watch(tls);
+    }
+    spawn_token_watch(&data_auth);
+    for line in config.security_posture() {
+        tracing::info!(posture = %line, "security");
+    }
+    let options = server::ServeOptions { header_timeout: config.limits.header_timeout, tls: tls.clone() };
     let api = Arc::new(std::sync::OnceLock::new());
     let mut served = tokio::spawn(server::serve(
         listener,
@@ -366,7 +448,7 @@ async fn run(
     };
     let mut running = config.clone();
     let shutdown_timeout = config.node.shutdown_timeout;
-    let node = Arc::new(Node::new(config, registry, admin_token, metrics));
+    let node = Arc::new(Node::new(config, registry, admin_token, Arc::clone(&data_auth), metrics));
     node::spawn_background(&node)?;
     alerts::spawn(&node);
     let _ = api.set(api::router(Arc::clone(&node)));
@@ -379,7 +461,16 @@ async fn run(
         tokio::select! {
             signal = signals.next() => match signal {
                 Signal::Stop => stop = true,
-                Signal::Reload => reload_config(&node, &logs, &mut running, reload),
+                Signal::Reload => {
+                    reload_config(&node, &logs, &mut running, reload);
+                    let (tls, data_auth) = (tls.clone(), Arc::clone(&data_auth));
+                    tokio::task::spawn_blocking(move || {
+                        if let Some(tls) = tls {
+                            tls.reload(true);
+                        }
+                        data_auth.reload(true);
+                    });
+                }
             },
             _ = async { if let Some(w) = watchdog.as_mut() { w.tick().await; } else { std::future::pending::<()>().await } } => {
                 // Pinged from the serving loop: a runtime that no longer

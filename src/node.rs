@@ -11,6 +11,7 @@ use datanode_partition::{DiskDir, DiskOptions, DiskState, PartitionDefaults, Reg
 use datanode_wal::{Durability, WalOptions};
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::auth::DataAuth;
 use crate::config::Config;
 
 /// Version with the git revision, as `--version` and the build-info metric
@@ -29,6 +30,8 @@ pub struct Node {
     pub registry: Arc<Registry>,
     /// Bearer token for admin endpoints, if configured.
     pub admin_token: Option<String>,
+    /// Who may write blobs.
+    pub data_auth: Arc<DataAuth>,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
     /// Loaded and serving.
@@ -47,13 +50,20 @@ pub struct Node {
 
 impl Node {
     /// A node serving `registry` under `config`.
-    pub fn new(config: Config, registry: Registry, admin_token: Option<String>, metrics: PrometheusHandle) -> Node {
+    pub fn new(
+        config: Config,
+        registry: Registry,
+        admin_token: Option<String>,
+        data_auth: Arc<DataAuth>,
+        metrics: PrometheusHandle,
+    ) -> Node {
         let permits = config.limits.max_blocking_per_disk as usize;
         let disk_permits =
             config.disk.iter().map(|d| (d.name.clone(), Arc::new(tokio::sync::Semaphore::new(permits)))).collect();
         Node {
             registry: Arc::new(registry),
             admin_token,
+            data_auth,
             metrics,
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),

@@ -29,10 +29,12 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tower_service::Service as _;
+
+use crate::tls::Tls;
 
 /// While draining, the longest a request body may pause before it breaks off.
 pub const DRAIN_BODY_STALL: Duration = Duration::from_secs(1);
@@ -44,10 +46,13 @@ const DRAIN_FLUSH_GRACE: Duration = Duration::from_secs(1);
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How connections are served.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// Longest wait for a request head, and longest pause inside a body.
+    /// Longest wait for a request head (and for a TLS handshake), and
+    /// longest pause inside a body.
     pub header_timeout: Duration,
+    /// Serve TLS with this configuration; plain HTTP when `None`.
+    pub tls: Option<Arc<Tls>>,
 }
 
 /// Serves `router` on `listener` until `drain` turns true, then lets the
@@ -65,7 +70,7 @@ pub async fn serve(listener: TcpListener, router: Router, options: ServeOptions,
                     if let Err(error) = stream.set_nodelay(true) {
                         tracing::debug!(%error, "cannot set TCP_NODELAY");
                     }
-                    connections.spawn(connection(stream, router.clone(), options, drain.clone()));
+                    connections.spawn(connection(stream, router.clone(), options.clone(), drain.clone()));
                 }
                 Err(error) => {
                     // EMFILE and the like: back off instead of spinning.
@@ -124,19 +129,43 @@ impl Drop for InFlightGuard {
     }
 }
 
-async fn connection(
-    stream: tokio::net::TcpStream,
-    router: Router,
-    options: ServeOptions,
-    mut drain: watch::Receiver<bool>,
-) {
+/// Serves one accepted connection: over TLS after a handshake that must
+/// finish within `header_timeout` (and is dropped when the node drains),
+/// or plain.
+async fn connection(stream: TcpStream, router: Router, options: ServeOptions, drain: watch::Receiver<bool>) {
+    let Some(tls) = &options.tls else {
+        return serve_http(stream, router, options.header_timeout, drain).await;
+    };
+    let handshake = tokio::time::timeout(options.header_timeout, tls.acceptor().accept(stream));
+    let mut stop = drain.clone();
+    let failed = |reason: &'static str| {
+        metrics::counter!("datanode_tls_handshake_failures_total", "reason" => reason).increment(1);
+    };
+    let stream = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                failed("failed");
+                tracing::debug!(%error, "TLS handshake failed");
+                return;
+            }
+            Err(_) => return failed("timeout"),
+        },
+        () = draining(&mut stop) => return,
+    };
+    serve_http(stream, router, options.header_timeout, drain).await
+}
+
+async fn serve_http<S>(stream: S, router: Router, header_timeout: Duration, mut drain: watch::Receiver<bool>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let in_flight = Arc::new(InFlight::default());
     let service = {
         let (in_flight, drain) = (Arc::clone(&in_flight), drain.clone());
         hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             let guard = InFlightGuard::new(&in_flight);
-            let stall =
-                if *drain.borrow() { DRAIN_BODY_STALL.min(options.header_timeout) } else { options.header_timeout };
+            let stall = if *drain.borrow() { DRAIN_BODY_STALL.min(header_timeout) } else { header_timeout };
             let request = request.map(|body| Body::new(StallingBody::new(body, stall, drain.clone())));
             let mut router = router.clone();
             async move {
@@ -146,7 +175,7 @@ async fn connection(
         })
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(options.header_timeout);
+    builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
     let io = JsonProtocolErrors { inner: TokioIo::new(stream), in_flight: Arc::clone(&in_flight), replacing: None };
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);

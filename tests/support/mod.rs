@@ -5,6 +5,7 @@
 //! (`load`).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod certs;
 pub mod disks;
 pub mod fuse;
 pub mod load;
@@ -21,6 +22,10 @@ pub struct Daemon {
     args: Vec<String>,
     env: Vec<(String, String)>,
     _config: Option<tempfile::TempDir>,
+    /// How the test reaches it: plain HTTP on 127.0.0.1, or HTTPS on
+    /// `localhost` with the agent's TLS configuration.
+    pub agent: ureq::Agent,
+    https: bool,
 }
 
 pub fn free_port() -> u16 {
@@ -46,17 +51,43 @@ impl Daemon {
         Daemon::launch(launch, Some(dir), &[], env)
     }
 
+    /// Like [`Daemon::with_config`] for a node that serves HTTPS: reached
+    /// at `https://localhost:PORT` through `agent` (its TLS configuration
+    /// trusts the node's CA, and holds a client certificate if needed).
+    pub fn with_tls_config(toml: &str, env: &[(&str, &str)], agent: ureq::Agent) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("datanode.toml");
+        std::fs::write(&path, toml).unwrap();
+        let launch = vec!["--config".to_string(), path.to_str().unwrap().to_string()];
+        let mut daemon = Daemon::unstarted(launch, Some(dir), &[], env);
+        daemon.agent = agent;
+        daemon.https = true;
+        daemon.spawn();
+        daemon
+    }
+
     fn launch(launch: Vec<String>, config: Option<tempfile::TempDir>, args: &[&str], env: &[(&str, &str)]) -> Daemon {
-        let mut daemon = Daemon {
+        let mut daemon = Daemon::unstarted(launch, config, args, env);
+        daemon.spawn();
+        daemon
+    }
+
+    fn unstarted(
+        launch: Vec<String>,
+        config: Option<tempfile::TempDir>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        Daemon {
             child: None,
             port: free_port(),
             launch,
             args: args.iter().map(|a| a.to_string()).collect(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             _config: config,
-        };
-        daemon.spawn();
-        daemon
+            agent: ureq::agent(),
+            https: false,
+        }
     }
 
     fn spawn(&mut self) {
@@ -90,13 +121,13 @@ impl Daemon {
 
     /// The JSON at `path`, whatever the status.
     pub fn json(&self, path: &str) -> serde_json::Value {
-        let (_, body) = call(ureq::get(&self.url(path)), None);
+        let (_, body) = call(self.agent.get(&self.url(path)), None);
         serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null)
     }
 
     /// `/metrics` as text.
     pub fn metrics(&self) -> String {
-        String::from_utf8(call(ureq::get(&self.url("/metrics")), None).1).unwrap()
+        String::from_utf8(call(self.agent.get(&self.url("/metrics")), None).1).unwrap()
     }
 
     /// The value of the sample whose line starts with `name{` and contains
@@ -143,7 +174,10 @@ impl Daemon {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        match self.https {
+            true => format!("https://localhost:{}{path}", self.port),
+            false => format!("http://127.0.0.1:{}{path}", self.port),
+        }
     }
 
     fn wait_ready(&mut self) {
@@ -151,7 +185,7 @@ impl Daemon {
         // takes a while; a node that never gets ready still fails.
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
-            if ureq::get(&self.url("/readyz")).call().is_ok_and(|r| r.status() == 200) {
+            if self.agent.get(&self.url("/readyz")).call().is_ok_and(|r| r.status() == 200) {
                 return;
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {

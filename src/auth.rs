@@ -1,0 +1,358 @@
+//! Who may write: the data tokens of `[auth]`.
+//!
+//! With `auth.data_tokens = "required"`, a PUT or DELETE of a blob needs
+//! `Authorization: Bearer TOKEN`, where TOKEN is one of:
+//!
+//! - a **static token**: a line of `auth.token_file` (blank lines and
+//!   lines starting with `#` are ignored). Several lines are valid at once,
+//!   so a token is rotated by adding the new one, moving the clients over,
+//!   and removing the old one; the file is read again within
+//!   [`crate::tls::WATCH_INTERVAL`] of a change (and on SIGHUP), without a
+//!   restart. Tokens are kept as SHA-256 digests and compared in constant
+//!   time.
+//! - a **signed token** scoped to one partition and an expiry, minted by a
+//!   control plane that holds the key of `auth.signing_key_file` (or by
+//!   `datanode token`): `dn1.<partition>.<expires>.<signature>`, where
+//!   `expires` is a Unix time in seconds and `signature` the unpadded
+//!   base64url HMAC-SHA256, under the key, of `dn1.<partition>.<expires>`.
+//!
+//! The admin token is accepted too. A refused write is 401 `unauthorized`
+//! with the reason (never the token) and counted in
+//! `datanode_auth_rejected_total{reason}`; nothing of it was attempted.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ring::{digest, hmac};
+
+use crate::config::AuthConfig;
+
+/// The prefix of a signed token (its format version).
+const SIGNED_PREFIX: &str = "dn1";
+/// Shortest static token and signing key accepted, in bytes.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// Why a write was refused; `as_str` is the metric's `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// No `Authorization: Bearer` header.
+    Missing,
+    /// Neither a static token nor a well-formed signed one.
+    Unknown,
+    /// A signed token whose signature does not match.
+    BadSignature,
+    /// A signed token past its expiry.
+    Expired,
+    /// A signed token for another partition.
+    WrongPartition,
+}
+
+impl Denied {
+    /// Stable name: the `reason` label of `datanode_auth_rejected_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Denied::Missing => "missing",
+            Denied::Unknown => "unknown_token",
+            Denied::BadSignature => "bad_signature",
+            Denied::Expired => "expired",
+            Denied::WrongPartition => "wrong_partition",
+        }
+    }
+
+    /// What the client is told.
+    pub fn message(self) -> &'static str {
+        match self {
+            Denied::Missing => "writes need a data token: Authorization: Bearer TOKEN",
+            Denied::Unknown => "the data token is not valid",
+            Denied::BadSignature => "the signed data token's signature does not match",
+            Denied::Expired => "the signed data token has expired",
+            Denied::WrongPartition => "the signed data token is for another partition",
+        }
+    }
+
+    /// Every reason, for counters that exist at 0 from the start.
+    pub const ALL: [Denied; 5] =
+        [Denied::Missing, Denied::Unknown, Denied::BadSignature, Denied::Expired, Denied::WrongPartition];
+}
+
+/// What the files hold.
+struct Keys {
+    /// SHA-256 of every static token.
+    tokens: Vec<digest::Digest>,
+    signing: Option<hmac::Key>,
+}
+
+/// The data-token check of a running node.
+pub struct DataAuth {
+    required: bool,
+    token_file: Option<PathBuf>,
+    signing_key_file: Option<PathBuf>,
+    keys: RwLock<Keys>,
+    /// The file contents `keys` were made of (or last refused).
+    seen: Mutex<Vec<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for DataAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataAuth")
+            .field("required", &self.required)
+            .field("token_file", &self.token_file)
+            .field("signing_key_file", &self.signing_key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DataAuth {
+    /// Reads the files of `[auth]`; the error names the file and what is
+    /// wrong. With `data_tokens = "off"` nothing is read.
+    pub fn load(config: &AuthConfig) -> Result<DataAuth, String> {
+        let required = config.data_tokens == "required";
+        let (token_file, signing_key_file) = (config.token_file.clone(), config.signing_key_file.clone());
+        let auth = DataAuth {
+            required,
+            token_file,
+            signing_key_file,
+            keys: RwLock::new(Keys { tokens: Vec::new(), signing: None }),
+            seen: Mutex::new(Vec::new()),
+        };
+        if required {
+            let contents = auth.read()?;
+            let keys = auth.parse(&contents)?;
+            if keys.tokens.is_empty() && keys.signing.is_none() {
+                return Err(format!(
+                    "auth.data_tokens = \"required\" but {} holds no token and no auth.signing_key_file is set: \
+                     nobody could write",
+                    auth.token_file.as_deref().map_or_else(|| "no auth.token_file".into(), |p| p.display().to_string())
+                ));
+            }
+            *auth.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
+            *auth.seen.lock().unwrap_or_else(PoisonError::into_inner) = contents;
+        }
+        Ok(auth)
+    }
+
+    /// Whether writes need a token.
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
+    /// Checks the `Authorization` header of a write to `partition`.
+    pub fn check(&self, partition: u64, authorization: Option<&str>) -> Result<(), Denied> {
+        if !self.required {
+            return Ok(());
+        }
+        let token = authorization.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim).ok_or(Denied::Missing)?;
+        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+        let offered = digest::digest(&digest::SHA256, token.as_bytes());
+        // Every digest is compared, so the time does not tell which matched.
+        let known = keys.tokens.iter().fold(false, |found, t| found | constant_time_eq(t.as_ref(), offered.as_ref()));
+        if known {
+            return Ok(());
+        }
+        match &keys.signing {
+            Some(key) if token.starts_with(SIGNED_PREFIX) => verify_signed(key, token, partition, unix_now()),
+            _ => Err(Denied::Unknown),
+        }
+    }
+
+    /// Reads the files again and switches to them when they changed and
+    /// hold valid tokens; a bad file is reported once and the running
+    /// tokens kept. Blocking (reads files).
+    pub fn reload(&self, forced: bool) {
+        if !self.required {
+            return;
+        }
+        let contents = match self.read() {
+            Ok(contents) => contents,
+            Err(error) => {
+                tracing::warn!(%error, "data tokens: cannot read the token files; keeping the running tokens");
+                return;
+            }
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if *seen == contents && !forced {
+            return;
+        }
+        *seen = contents.clone();
+        drop(seen);
+        match self.parse(&contents) {
+            Ok(keys) => {
+                let count = keys.tokens.len();
+                *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
+                metrics::counter!("datanode_credential_reloads_total", "credential" => "data_tokens", "result" => "ok")
+                    .increment(1);
+                tracing::info!(static_tokens = count, "data tokens loaded");
+            }
+            Err(error) => {
+                metrics::counter!(
+                    "datanode_credential_reloads_total", "credential" => "data_tokens", "result" => "refused"
+                )
+                .increment(1);
+                tracing::warn!(%error, "data tokens: the new files are refused; keeping the running tokens");
+            }
+        }
+    }
+
+    fn read(&self) -> Result<Vec<Vec<u8>>, String> {
+        [&self.token_file, &self.signing_key_file]
+            .into_iter()
+            .map(|file| match file {
+                Some(path) => std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display())),
+                None => Ok(Vec::new()),
+            })
+            .collect()
+    }
+
+    fn parse(&self, contents: &[Vec<u8>]) -> Result<Keys, String> {
+        let (tokens, key) = match contents {
+            [tokens, key] => (tokens, key),
+            _ => return Err("internal: unexpected number of token files".into()),
+        };
+        let mut digests = Vec::new();
+        if let Some(path) = &self.token_file {
+            let text =
+                std::str::from_utf8(tokens).map_err(|_| format!("auth.token_file = {}: not UTF-8", path.display()))?;
+            for (n, line) in text.lines().enumerate() {
+                let token = line.trim();
+                if token.is_empty() || token.starts_with('#') {
+                    continue;
+                }
+                if token.len() < MIN_SECRET_BYTES || token.contains(char::is_whitespace) {
+                    return Err(format!(
+                        "auth.token_file = {}:{}: a token is at least {MIN_SECRET_BYTES} characters without spaces",
+                        path.display(),
+                        n + 1
+                    ));
+                }
+                digests.push(digest::digest(&digest::SHA256, token.as_bytes()));
+            }
+        }
+        let signing = match &self.signing_key_file {
+            Some(path) => Some(signing_key(path, key)?),
+            None => None,
+        };
+        Ok(Keys { tokens: digests, signing })
+    }
+}
+
+/// The HMAC key of a signing key file's contents (surrounding whitespace
+/// is not part of it).
+fn signing_key(path: &Path, contents: &[u8]) -> Result<hmac::Key, String> {
+    let key = contents.trim_ascii();
+    if key.len() < MIN_SECRET_BYTES {
+        return Err(format!(
+            "auth.signing_key_file = {}: the key is shorter than {MIN_SECRET_BYTES} bytes",
+            path.display()
+        ));
+    }
+    Ok(hmac::Key::new(hmac::HMAC_SHA256, key))
+}
+
+/// Reads a signing key file, for `datanode token`.
+pub fn read_signing_key(path: &Path) -> Result<hmac::Key, String> {
+    let contents = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    signing_key(path, &contents)
+}
+
+/// A signed token for `partition`, valid until `expires` (Unix seconds).
+pub fn sign(key: &hmac::Key, partition: u64, expires: u64) -> String {
+    let claims = format!("{SIGNED_PREFIX}.{partition}.{expires}");
+    let tag = hmac::sign(key, claims.as_bytes());
+    format!("{claims}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+}
+
+/// Checks a signed token: its signature first (a tampered token is a bad
+/// signature, whatever its claims say), then expiry and partition.
+fn verify_signed(key: &hmac::Key, token: &str, partition: u64, now: u64) -> Result<(), Denied> {
+    let (claims, signature) = token.rsplit_once('.').ok_or(Denied::Unknown)?;
+    let mut parts = claims.split('.');
+    let (Some(SIGNED_PREFIX), Some(for_partition), Some(expires), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(Denied::Unknown);
+    };
+    let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| Denied::BadSignature)?;
+    hmac::verify(key, claims.as_bytes(), &signature).map_err(|_| Denied::BadSignature)?;
+    let (Ok(for_partition), Ok(expires)) = (for_partition.parse::<u64>(), expires.parse::<u64>()) else {
+        return Err(Denied::Unknown);
+    };
+    if expires <= now {
+        return Err(Denied::Expired);
+    }
+    if for_partition != partition {
+        return Err(Denied::WrongPartition);
+    }
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Compares in time that depends only on the lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> hmac::Key {
+        hmac::Key::new(hmac::HMAC_SHA256, b"0123456789abcdef0123456789abcdef")
+    }
+
+    #[test]
+    fn a_signed_token_holds_for_its_partition_until_it_expires() {
+        let token = sign(&key(), 7, 1_000);
+        assert_eq!(verify_signed(&key(), &token, 7, 999), Ok(()));
+        assert_eq!(verify_signed(&key(), &token, 7, 1_000), Err(Denied::Expired));
+        assert_eq!(verify_signed(&key(), &token, 8, 999), Err(Denied::WrongPartition));
+    }
+
+    #[test]
+    fn a_tampered_signed_token_is_a_bad_signature() {
+        let token = sign(&key(), 7, 1_000);
+        // Other claims under the same signature: another partition, a later expiry.
+        let signature = token.rsplit_once('.').unwrap().1;
+        for forged in [format!("dn1.8.1000.{signature}"), format!("dn1.7.9999.{signature}")] {
+            assert_eq!(verify_signed(&key(), &forged, 8, 999), Err(Denied::BadSignature), "{forged}");
+        }
+        let other = hmac::Key::new(hmac::HMAC_SHA256, b"another key of sixteen or more bytes");
+        assert_eq!(verify_signed(&other, &token, 7, 999), Err(Denied::BadSignature));
+        let mut flipped = token.clone().into_bytes();
+        let last = flipped.len() - 1;
+        flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
+        assert_eq!(verify_signed(&key(), std::str::from_utf8(&flipped).unwrap(), 7, 999), Err(Denied::BadSignature));
+    }
+
+    #[test]
+    fn malformed_tokens_are_refused_without_a_panic() {
+        let cases =
+            ["", ".", "dn1", "dn1.", "dn1..", "dn1...", "dn1.7.1000", "dn1.x.y.z", "dn2.7.1000.AAAA", "dn1.7.1000.!!"];
+        for token in cases {
+            assert!(verify_signed(&key(), token, 7, 0).is_err(), "{token:?}");
+        }
+        // Any bytes at all: refused, never a panic.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 80) as usize;
+            let text: String =
+                (0..len).map(|i| b"dn1.0123456789-_AZaz="[((seed >> (i % 56)) % 21) as usize] as char).collect();
+            let _ = verify_signed(&key(), &text, 1, 0);
+        }
+    }
+
+    #[test]
+    fn equal_is_equal_and_nothing_else() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

@@ -1,0 +1,162 @@
+//! TLS on the HTTP listener (rustls, with the `ring` provider): the
+//! certificate chain and key of `[tls]`, and client certificates required
+//! and verified against `tls.client_ca_file` when it is set.
+//!
+//! The files are read again on SIGHUP and whenever their bytes change
+//! (looked at every [`WATCH_INTERVAL`]): a new certificate serves every
+//! connection accepted after it, connections already open keep theirs, so
+//! a rotation drops no request. Files that do not make a valid
+//! configuration (a key that does not match the certificate, a file
+//! written halfway) are refused with one warning, and the running
+//! certificate stays until they do.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ServerConfig, WebPkiClientVerifier};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::TlsConfig;
+
+/// How often the certificate files are looked at for a change.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The bytes a configuration was built from, to tell when they change.
+type Contents = Vec<Vec<u8>>;
+
+/// The listener's TLS configuration, replaced when its files change.
+pub struct Tls {
+    files: TlsConfig,
+    current: RwLock<Arc<ServerConfig>>,
+    /// The contents last seen: those of `current`, or of files that were
+    /// refused (so that they are reported once, not at every look).
+    seen: Mutex<Contents>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("files", &self.files).finish_non_exhaustive()
+    }
+}
+
+impl Tls {
+    /// Reads and checks the files of `[tls]`; the error names the file and
+    /// what is wrong with it.
+    pub fn load(files: &TlsConfig) -> Result<Tls, String> {
+        let contents = read_all(files)?;
+        let config = build(files, &contents)?;
+        Ok(Tls { files: files.clone(), current: RwLock::new(Arc::new(config)), seen: Mutex::new(contents) })
+    }
+
+    /// An acceptor with the current certificate, for one connection.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner)))
+    }
+
+    /// Reads the files again and switches to them if they changed and make
+    /// a valid configuration; `forced` (SIGHUP) reports an unchanged or
+    /// refused set too. Blocking (reads files).
+    pub fn reload(&self, forced: bool) {
+        let contents = match read_all(&self.files) {
+            Ok(contents) => contents,
+            Err(error) => {
+                tracing::warn!(%error, "TLS: cannot read the certificate files; keeping the running certificate");
+                return;
+            }
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if *seen == contents && !forced {
+            return;
+        }
+        let changed = *seen != contents;
+        *seen = contents.clone();
+        drop(seen);
+        match build(&self.files, &contents) {
+            Ok(config) => {
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
+                metrics::counter!("datanode_credential_reloads_total", "credential" => "tls", "result" => "ok")
+                    .increment(1);
+                tracing::info!(changed, "TLS: certificate files loaded; new connections use them");
+            }
+            Err(error) => {
+                metrics::counter!("datanode_credential_reloads_total", "credential" => "tls", "result" => "refused")
+                    .increment(1);
+                tracing::warn!(%error, "TLS: the new certificate files are refused; keeping the running certificate");
+            }
+        }
+    }
+}
+
+fn read_all(files: &TlsConfig) -> Result<Contents, String> {
+    let mut paths: Vec<&PathBuf> = vec![&files.cert_file, &files.key_file];
+    paths.extend(files.client_ca_file.as_ref());
+    paths.into_iter().map(|path| read(path)).collect()
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+fn build(files: &TlsConfig, contents: &Contents) -> Result<ServerConfig, String> {
+    let (cert, key, ca) = match contents.as_slice() {
+        [cert, key] => (cert, key, None),
+        [cert, key, ca] => (cert, key, Some(ca)),
+        _ => return Err("internal: unexpected number of TLS files".into()),
+    };
+    let named = |path: &Path, what: &str| format!("{} ({what})", path.display());
+    let chain = certificates(cert).map_err(|e| format!("tls.cert_file = {}: {e}", named(&files.cert_file, "PEM")))?;
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| {
+        format!("tls.key_file = {}: no private key: {e}", named(&files.key_file, "PEM: PKCS#8, PKCS#1 or SEC1"))
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let builder = match (ca, &files.client_ca_file) {
+        (Some(ca), Some(path)) => {
+            let mut roots = RootCertStore::empty();
+            for certificate in certificates(ca).map_err(|e| format!("tls.client_ca_file = {}: {e}", path.display()))? {
+                roots.add(certificate).map_err(|e| format!("tls.client_ca_file = {}: {e}", path.display()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("tls.client_ca_file = {}: {e}", path.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
+        format!("tls.cert_file = {} and tls.key_file = {}: {e}", files.cert_file.display(), files.key_file.display())
+    })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Every certificate of a PEM file; at least one.
+fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(pem).collect::<Result<_, _>>().map_err(|e| format!("not PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err("no certificate in it".into());
+    }
+    Ok(chain)
+}
+
+/// Looks at the files every [`WATCH_INTERVAL`] and reloads them when their
+/// bytes changed, on a blocking thread, until the process ends.
+pub fn spawn_watch(tls: &Arc<Tls>) {
+    let tls = Arc::clone(tls);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(WATCH_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let tls = Arc::clone(&tls);
+            let _ = tokio::task::spawn_blocking(move || tls.reload(false)).await;
+        }
+    });
+}
