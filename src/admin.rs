@@ -11,6 +11,8 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::tls::ClientTls;
+
 use serde_json::Value;
 
 use crate::status;
@@ -140,11 +142,14 @@ pub struct Node {
 }
 
 impl Node {
-    /// `base` is the node's URL; `token` the admin token, if any.
-    pub fn new(base: String, token: Option<String>) -> Node {
+    /// `base` is the node's URL; `token` the admin token, if any; `tls`
+    /// what an https:// URL needs.
+    pub fn new(base: String, token: Option<String>, tls: &ClientTls) -> Result<Node, Failure> {
         // Recover and install run to completion, however long they take.
-        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)).build();
-        Node { base, token, agent }
+        let agent = tls
+            .agent(ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)))
+            .map_err(|message| Failure { code: crate::EXIT_CONFIG, message })?;
+        Ok(Node { base, token, agent })
     }
 
     fn request(&self, method: &str, path: &str) -> ureq::Request {

@@ -39,6 +39,8 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     serve: ServeArgs,
+    #[command(flatten)]
+    client_tls: tls::ClientTls,
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,7 +156,7 @@ fn main() -> ExitCode {
                 Ok(url) => url,
                 Err(code) => return code,
             };
-            match status::render(&url, json) {
+            match status::render(&url, json, &cli.client_tls) {
                 Ok(tables) => {
                     print!("{tables}");
                     ExitCode::SUCCESS
@@ -167,11 +169,11 @@ fn main() -> ExitCode {
         }
         Some(Command::Partition(command)) => {
             let client = admin::command_client(&command).clone();
-            admin_run(&args, &client, |node| admin::partition(node, &command))
+            admin_run(&args, &client, &cli.client_tls, |node| admin::partition(node, &command))
         }
         Some(Command::Disk(command)) => {
             let admin::DiskCommand::List { client } = &command;
-            admin_run(&args, client, |node| admin::disk(node, &command))
+            admin_run(&args, client, &cli.client_tls, |node| admin::disk(node, &command))
         }
         Some(Command::Completions { shell }) => {
             clap_complete::generate(shell, &mut Cli::command(), "datanode", &mut std::io::stdout());
@@ -205,6 +207,7 @@ fn main() -> ExitCode {
 fn admin_run(
     args: &ServeArgs,
     client: &admin::Client,
+    tls: &tls::ClientTls,
     work: impl FnOnce(&admin::Node) -> Result<String, admin::Failure>,
 ) -> ExitCode {
     let url = match node_url(client.url.as_deref(), args) {
@@ -224,7 +227,7 @@ fn admin_run(
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match work(&admin::Node::new(url, token)) {
+    match admin::Node::new(url, token, tls).and_then(|node| work(&node)) {
         Ok(text) => {
             admin::print(&text);
             ExitCode::SUCCESS
@@ -241,11 +244,11 @@ fn admin_run(
 /// (an unspecified address such as 0.0.0.0 as loopback).
 fn node_url(url: Option<&str>, args: &ServeArgs) -> Result<String, ExitCode> {
     if let Some(url) = url {
-        if url.contains("://") && !url.starts_with("http://") {
-            eprintln!("datanode: --url {url:?}: only http:// URLs");
+        if url.contains("://") && !url.starts_with("http://") && !url.starts_with("https://") {
+            eprintln!("datanode: --url {url:?}: only http:// and https:// URLs");
             return Err(ExitCode::from(2));
         }
-        let url = if url.starts_with("http://") { url.to_string() } else { format!("http://{url}") };
+        let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
         return Ok(url.trim_end_matches('/').to_string());
     }
     let config = load_config(args)?;
@@ -256,7 +259,8 @@ fn node_url(url: Option<&str>, args: &ServeArgs) -> Result<String, ExitCode> {
             std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
-    Ok(format!("http://{addr}"))
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    Ok(format!("{scheme}://{addr}"))
 }
 
 fn load_config(args: &ServeArgs) -> Result<Config, ExitCode> {

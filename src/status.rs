@@ -52,8 +52,8 @@ fn disk_state_text(disk: &Value) -> String {
 
 /// Prints both tables (or, with `json`, `{"partitions", "disks"}`);
 /// returns the text or why the node could not be asked.
-pub fn render(base: &str, json: bool) -> Result<String, String> {
-    let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(10)).build();
+pub fn render(base: &str, json: bool, tls: &crate::tls::ClientTls) -> Result<String, String> {
+    let agent = tls.agent(ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(10)))?;
     let base = base.trim_end_matches('/');
     let partitions = fetch(&agent, &format!("{base}/v1/partitions"))?;
     let disks = fetch(&agent, &format!("{base}/v1/disks"))?;

@@ -160,3 +160,48 @@ pub fn spawn_watch(tls: &Arc<Tls>) {
         }
     });
 }
+
+/// What a client command (`status`, `partition`, `disk`) needs to reach a
+/// node that serves TLS: the CA to trust, and a client certificate when
+/// the node requires one.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClientTls {
+    /// For https:// URLs: trust the CAs of this PEM file (default: the
+    /// public web roots).
+    #[arg(long, global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// Present this client certificate (PEM), for a node with
+    /// `tls.client_ca_file`; needs `--client-key` and `--ca-file`.
+    #[arg(long, global = true, requires_all = ["client_key", "ca_file"])]
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+}
+
+impl ClientTls {
+    /// An agent from `builder` that trusts `--ca-file` and presents the
+    /// client certificate; `builder` as it is without them.
+    pub fn agent(&self, builder: ureq::AgentBuilder) -> Result<ureq::Agent, String> {
+        let Some(ca_file) = &self.ca_file else { return Ok(builder.build()) };
+        let mut roots = RootCertStore::empty();
+        for certificate in certificates(&read(ca_file)?).map_err(|e| format!("--ca-file {}: {e}", ca_file.display()))? {
+            roots.add(certificate).map_err(|e| format!("--ca-file {}: {e}", ca_file.display()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots);
+        let config = match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => {
+                let chain = certificates(&read(cert)?).map_err(|e| format!("--client-cert {}: {e}", cert.display()))?;
+                let key = PrivateKeyDer::from_pem_slice(&read(key)?)
+                    .map_err(|e| format!("--client-key {}: no private key: {e}", key.display()))?;
+                config.with_client_auth_cert(chain, key).map_err(|e| format!("--client-cert: {e}"))?
+            }
+            _ => config.with_no_client_auth(),
+        };
+        Ok(builder.tls_config(Arc::new(config)).build())
+    }
+}

@@ -85,6 +85,20 @@ fn tls_serves_https_only() {
     assert!(error.to_lowercase().contains("certificate"), "{error}");
     assert_eq!(call(node.agent.get(&node.url("/healthz")), None).0, 200);
     assert!(node.metric_sum("datanode_tls_handshake_failures_total", &["reason=\"failed\""]) >= 2.0);
+
+    // The client commands reach it with --ca-file, and refuse it without.
+    let ca_file = dir.path().join("ca.pem");
+    write_secret(&ca_file, &ca.pem());
+    let status = cli(&["status", "--url", &node.url(""), "--ca-file", ca_file.to_str().unwrap()]);
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(String::from_utf8_lossy(&status.stdout).contains("healthy"));
+    let untrusted = cli(&["status", "--url", &node.url("")]);
+    assert!(!untrusted.status.success());
+    assert!(String::from_utf8_lossy(&untrusted.stderr).to_lowercase().contains("certificate"));
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_datanode")).args(args).output().unwrap()
 }
 
 #[test]
@@ -112,6 +126,23 @@ fn client_certificates_are_required_when_a_client_ca_is_set() {
         }
     }
     assert_eq!(call(node.agent.get(&node.url("/v1/partitions/1/blobs/rogue")), None).0, 404, "no rogue write landed");
+
+    // The admin commands present a client certificate when given one.
+    let (cert, key) = good.write(dir.path(), "writer");
+    let ca_file = dir.path().join("ca.pem");
+    write_secret(&ca_file, &ca.pem());
+    let url = node.url("");
+    let tls = ["--ca-file", ca_file.to_str().unwrap(), "--client-cert", cert.to_str().unwrap()];
+    let list =
+        cli(&[&["partition", "list", "--url", &url][..], &tls, &["--client-key", key.to_str().unwrap()]].concat());
+    assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
+    let without = cli(&["partition", "list", "--url", &url, "--ca-file", ca_file.to_str().unwrap()]);
+    assert_eq!(
+        without.status.code(),
+        Some(69),
+        "refused in the handshake: {}",
+        String::from_utf8_lossy(&without.stderr)
+    );
     assert!(node.metric_sum("datanode_tls_handshake_failures_total", &["reason=\"failed\""]) >= cases.len() as f64);
 }
 
