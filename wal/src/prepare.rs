@@ -202,6 +202,8 @@ impl Preparer {
         while state.busy {
             state = self.shared.wait(state);
         }
+        // Its file stays on disk (recovery finds it); its handle goes.
+        state.ready = None;
     }
 }
 

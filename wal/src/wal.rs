@@ -389,10 +389,14 @@ impl Wal {
     }
 
     /// Closes the log: refuses new calls, lets the writer finish everything
-    /// queued, syncs, joins the writer and the preparer, then drops the
-    /// files. Blocking. Returns the poisoning error if the log was poisoned.
+    /// queued, syncs, joins the writer and the preparer, then closes the
+    /// files: when it returns none of them is open (the disk may be
+    /// unmounted). Blocking. Returns the poisoning error if the log was
+    /// poisoned.
     pub fn close(self) -> Result<()> {
-        self.stop()
+        let result = self.stop();
+        self.shared.drop_files();
+        result
     }
 
     /// [`Wal::close`] through a shared reference: refuses new calls, drains,

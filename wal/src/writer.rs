@@ -140,6 +140,12 @@ impl Shared {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Drops every segment's handle (after the writer exited, for a close
+    /// that consumes the log: nothing reads it any more).
+    pub fn drop_files(&self) {
+        self.table_mut().segments.clear();
+    }
+
     pub fn table(&self) -> RwLockReadGuard<'_, SegmentTable> {
         self.table.read().unwrap_or_else(PoisonError::into_inner)
     }
@@ -264,6 +270,14 @@ impl Writer {
         for request in requests {
             reply_error(request, Error::Closed);
         }
+        self.exit();
+    }
+
+    /// Marks the writer exited, its active segment's handle dropped first:
+    /// the engine may drop this job later, but no file of the log stays
+    /// open because of it.
+    fn exit(&mut self) {
+        self.active = None;
         self.exited = true;
         self.shared.mark_exited();
     }
@@ -295,8 +309,7 @@ impl Writer {
         {
             tracing::error!(dir = %self.shared.dir.display(), %error, "final WAL sync failed");
         }
-        self.exited = true;
-        self.shared.mark_exited();
+        self.exit();
         None
     }
 

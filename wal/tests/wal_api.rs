@@ -45,6 +45,37 @@ fn appended_records_read_back_after_reopen_on_every_backend() {
     }
 }
 
+/// Files of `dir` this process holds open.
+fn open_files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter(|target| target.starts_with(dir))
+        .collect()
+}
+
+/// Once `close` returns, none of the log's files is open: the disk can be
+/// unmounted at once (a disk is replaced, a partition's directory
+/// removed). The writer's engine job may still be dropped later; it must
+/// hold no file by then.
+#[test]
+fn close_leaves_no_file_of_the_log_open() {
+    for (name, storage) in disk_backends() {
+        for round in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let dir = dir.path().canonicalize().unwrap();
+            let wal = open(&storage, &dir, small_options(5));
+            for seq in 0..20 {
+                wal.append_blocking(vec![payload(0, seq, 300)]).unwrap();
+            }
+            wal.close().unwrap();
+            let open = open_files_under(&dir);
+            assert!(open.is_empty(), "{name} round {round}: still open after close: {open:?}");
+        }
+    }
+}
+
 #[test]
 fn a_batch_gets_consecutive_lsns_and_read_from_respects_max_bytes() {
     let (_, storage) = sim(1);
