@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::auth::constant_time_eq;
+use crate::auth::{bearer, constant_time_eq};
 use crate::node::Node;
 
 /// An API error: status, code, message and the optional context fields.
@@ -337,10 +337,9 @@ fn require_admin(node: &Node, headers: &HeaderMap) -> ApiResult<()> {
 
 /// Whether the request carries the admin token (there is one).
 fn is_admin(node: &Node, headers: &HeaderMap) -> bool {
-    let offered =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let offered = bearer(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()));
     match (offered, &node.admin_token) {
-        (Some(offered), Some(token)) => constant_time_eq(offered.trim().as_bytes(), token.as_bytes()),
+        (Some(offered), Some(token)) => constant_time_eq(offered.as_bytes(), token.as_bytes()),
         _ => false,
     }
 }

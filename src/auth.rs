@@ -32,6 +32,55 @@ use crate::config::AuthConfig;
 
 /// The prefix of a signed token (its format version).
 const SIGNED_PREFIX: &str = "dn1";
+/// Largest credential file read (a token list, a key, a certificate).
+pub const MAX_CREDENTIAL_FILE: u64 = 1 << 20;
+
+/// The token of an `Authorization: Bearer TOKEN` value (the scheme is
+/// case-insensitive), trimmed.
+pub fn bearer(authorization: Option<&str>) -> Option<&str> {
+    let value = authorization?.trim_start();
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+/// Reads a credential file: a regular file of at most
+/// [`MAX_CREDENTIAL_FILE`] bytes (a FIFO or a device would block or never
+/// end). Opened without blocking, checked on the open handle.
+pub fn read_credential_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let meta = file.metadata().map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    if meta.len() > MAX_CREDENTIAL_FILE {
+        return Err(format!("{} is larger than {MAX_CREDENTIAL_FILE} bytes", path.display()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CREDENTIAL_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_CREDENTIAL_FILE {
+        return Err(format!("{} is larger than {MAX_CREDENTIAL_FILE} bytes", path.display()));
+    }
+    Ok(bytes)
+}
+
+/// A digest of what files held: what `seen` keeps, so that no secret
+/// stays in memory in the clear beyond what checking needs.
+pub fn fingerprint(contents: &[Vec<u8>]) -> Vec<u8> {
+    let mut context = digest::Context::new(&digest::SHA256);
+    for part in contents {
+        context.update(&(part.len() as u64).to_le_bytes());
+        context.update(part);
+    }
+    context.finish().as_ref().to_vec()
+}
 /// Shortest static token and signing key accepted, in bytes.
 pub const MIN_SECRET_BYTES: usize = 16;
 
@@ -48,6 +97,8 @@ pub enum Denied {
     Expired,
     /// A signed token for another partition.
     WrongPartition,
+    /// A signed token valid further ahead than `auth.max_token_ttl`.
+    TtlTooLong,
 }
 
 impl Denied {
@@ -59,6 +110,7 @@ impl Denied {
             Denied::BadSignature => "bad_signature",
             Denied::Expired => "expired",
             Denied::WrongPartition => "wrong_partition",
+            Denied::TtlTooLong => "ttl_too_long",
         }
     }
 
@@ -70,12 +122,19 @@ impl Denied {
             Denied::BadSignature => "the signed data token's signature does not match",
             Denied::Expired => "the signed data token has expired",
             Denied::WrongPartition => "the signed data token is for another partition",
+            Denied::TtlTooLong => "the signed data token is valid for longer than auth.max_token_ttl",
         }
     }
 
     /// Every reason, for counters that exist at 0 from the start.
-    pub const ALL: [Denied; 5] =
-        [Denied::Missing, Denied::Unknown, Denied::BadSignature, Denied::Expired, Denied::WrongPartition];
+    pub const ALL: [Denied; 6] = [
+        Denied::Missing,
+        Denied::Unknown,
+        Denied::BadSignature,
+        Denied::Expired,
+        Denied::WrongPartition,
+        Denied::TtlTooLong,
+    ];
 }
 
 /// What the files hold.
@@ -90,9 +149,12 @@ pub struct DataAuth {
     required: bool,
     token_file: Option<PathBuf>,
     signing_key_file: Option<PathBuf>,
+    max_ttl: u64,
     keys: RwLock<Keys>,
-    /// The file contents `keys` were made of (or last refused).
-    seen: Mutex<Vec<Vec<u8>>>,
+    /// What the last look found: the fingerprint of the files `keys` were
+    /// made of (or that were last refused), or the error reading them.
+    /// Held across a whole reload, so two reloads never interleave.
+    seen: Mutex<Result<Vec<u8>, String>>,
 }
 
 impl std::fmt::Debug for DataAuth {
@@ -115,21 +177,15 @@ impl DataAuth {
             required,
             token_file,
             signing_key_file,
+            max_ttl: config.max_token_ttl.as_secs(),
             keys: RwLock::new(Keys { tokens: Vec::new(), signing: None }),
-            seen: Mutex::new(Vec::new()),
+            seen: Mutex::new(Ok(Vec::new())),
         };
         if required {
             let contents = auth.read()?;
             let keys = auth.parse(&contents)?;
-            if keys.tokens.is_empty() && keys.signing.is_none() {
-                return Err(format!(
-                    "auth.data_tokens = \"required\" but {} holds no token and no auth.signing_key_file is set: \
-                     nobody could write",
-                    auth.token_file.as_deref().map_or_else(|| "no auth.token_file".into(), |p| p.display().to_string())
-                ));
-            }
             *auth.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
-            *auth.seen.lock().unwrap_or_else(PoisonError::into_inner) = contents;
+            *auth.seen.lock().unwrap_or_else(PoisonError::into_inner) = Ok(fingerprint(&contents));
         }
         Ok(auth)
     }
@@ -144,7 +200,7 @@ impl DataAuth {
         if !self.required {
             return Ok(());
         }
-        let token = authorization.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim).ok_or(Denied::Missing)?;
+        let token = bearer(authorization).ok_or(Denied::Missing)?;
         let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
         let offered = digest::digest(&digest::SHA256, token.as_bytes());
         // Every digest is compared, so the time does not tell which matched.
@@ -153,7 +209,9 @@ impl DataAuth {
             return Ok(());
         }
         match &keys.signing {
-            Some(key) if token.starts_with(SIGNED_PREFIX) => verify_signed(key, token, partition, unix_now()),
+            Some(key) if token.starts_with(SIGNED_PREFIX) => {
+                verify_signed(key, token, partition, unix_now(), self.max_ttl)
+            }
             _ => Err(Denied::Unknown),
         }
     }
@@ -165,32 +223,35 @@ impl DataAuth {
         if !self.required {
             return;
         }
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         let contents = match self.read() {
             Ok(contents) => contents,
             Err(error) => {
-                tracing::warn!(%error, "data tokens: cannot read the token files; keeping the running tokens");
+                if forced || seen.as_ref().err() != Some(&error) {
+                    tracing::warn!(%error, "data tokens: cannot read the token files; keeping the running tokens");
+                }
+                *seen = Err(error);
                 return;
             }
         };
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        if *seen == contents && !forced {
+        let print = fingerprint(&contents);
+        if seen.as_ref().ok() == Some(&print) && !forced {
             return;
         }
-        *seen = contents.clone();
-        drop(seen);
+        *seen = Ok(print);
+        let outcome = |result: &'static str| {
+            metrics::counter!("datanode_credential_reloads_total", "credential" => "data_tokens", "result" => result)
+                .increment(1);
+        };
         match self.parse(&contents) {
             Ok(keys) => {
                 let count = keys.tokens.len();
                 *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
-                metrics::counter!("datanode_credential_reloads_total", "credential" => "data_tokens", "result" => "ok")
-                    .increment(1);
+                outcome("ok");
                 tracing::info!(static_tokens = count, "data tokens loaded");
             }
             Err(error) => {
-                metrics::counter!(
-                    "datanode_credential_reloads_total", "credential" => "data_tokens", "result" => "refused"
-                )
-                .increment(1);
+                outcome("refused");
                 tracing::warn!(%error, "data tokens: the new files are refused; keeping the running tokens");
             }
         }
@@ -200,7 +261,7 @@ impl DataAuth {
         [&self.token_file, &self.signing_key_file]
             .into_iter()
             .map(|file| match file {
-                Some(path) => std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display())),
+                Some(path) => read_credential_file(path),
                 None => Ok(Vec::new()),
             })
             .collect()
@@ -234,6 +295,13 @@ impl DataAuth {
             Some(path) => Some(signing_key(path, key)?),
             None => None,
         };
+        if digests.is_empty() && signing.is_none() {
+            return Err(format!(
+                "auth.data_tokens = \"required\" but {} holds no token and no auth.signing_key_file is set: \
+                 nobody could write",
+                self.token_file.as_deref().map_or_else(|| "no auth.token_file".into(), |p| p.display().to_string())
+            ));
+        }
         Ok(Keys { tokens: digests, signing })
     }
 }
@@ -253,8 +321,7 @@ fn signing_key(path: &Path, contents: &[u8]) -> Result<hmac::Key, String> {
 
 /// Reads a signing key file, for `datanode token`.
 pub fn read_signing_key(path: &Path) -> Result<hmac::Key, String> {
-    let contents = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    signing_key(path, &contents)
+    signing_key(path, &read_credential_file(path)?)
 }
 
 /// A signed token for `partition`, valid until `expires` (Unix seconds).
@@ -264,9 +331,17 @@ pub fn sign(key: &hmac::Key, partition: u64, expires: u64) -> String {
     format!("{claims}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
 }
 
+/// A canonical decimal number: digits only, no leading zero (but `0`).
+fn canonical(text: &str) -> Option<u64> {
+    let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    (digits && (text == "0" || !text.starts_with('0'))).then(|| text.parse().ok()).flatten()
+}
+
 /// Checks a signed token: its signature first (a tampered token is a bad
-/// signature, whatever its claims say), then expiry and partition.
-fn verify_signed(key: &hmac::Key, token: &str, partition: u64, now: u64) -> Result<(), Denied> {
+/// signature, whatever its claims say), then its claims: canonical
+/// numbers, not expired, not valid further ahead than `max_ttl` seconds,
+/// for this partition.
+fn verify_signed(key: &hmac::Key, token: &str, partition: u64, now: u64, max_ttl: u64) -> Result<(), Denied> {
     let (claims, signature) = token.rsplit_once('.').ok_or(Denied::Unknown)?;
     let mut parts = claims.split('.');
     let (Some(SIGNED_PREFIX), Some(for_partition), Some(expires), None) =
@@ -276,11 +351,14 @@ fn verify_signed(key: &hmac::Key, token: &str, partition: u64, now: u64) -> Resu
     };
     let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| Denied::BadSignature)?;
     hmac::verify(key, claims.as_bytes(), &signature).map_err(|_| Denied::BadSignature)?;
-    let (Ok(for_partition), Ok(expires)) = (for_partition.parse::<u64>(), expires.parse::<u64>()) else {
+    let (Some(for_partition), Some(expires)) = (canonical(for_partition), canonical(expires)) else {
         return Err(Denied::Unknown);
     };
     if expires <= now {
         return Err(Denied::Expired);
+    }
+    if expires - now > max_ttl {
+        return Err(Denied::TtlTooLong);
     }
     if for_partition != partition {
         return Err(Denied::WrongPartition);
@@ -308,9 +386,9 @@ mod tests {
     #[test]
     fn a_signed_token_holds_for_its_partition_until_it_expires() {
         let token = sign(&key(), 7, 1_000);
-        assert_eq!(verify_signed(&key(), &token, 7, 999), Ok(()));
-        assert_eq!(verify_signed(&key(), &token, 7, 1_000), Err(Denied::Expired));
-        assert_eq!(verify_signed(&key(), &token, 8, 999), Err(Denied::WrongPartition));
+        assert_eq!(verify_signed(&key(), &token, 7, 999, 3600), Ok(()));
+        assert_eq!(verify_signed(&key(), &token, 7, 1_000, 3600), Err(Denied::Expired));
+        assert_eq!(verify_signed(&key(), &token, 8, 999, 3600), Err(Denied::WrongPartition));
     }
 
     #[test]
@@ -319,14 +397,17 @@ mod tests {
         // Other claims under the same signature: another partition, a later expiry.
         let signature = token.rsplit_once('.').unwrap().1;
         for forged in [format!("dn1.8.1000.{signature}"), format!("dn1.7.9999.{signature}")] {
-            assert_eq!(verify_signed(&key(), &forged, 8, 999), Err(Denied::BadSignature), "{forged}");
+            assert_eq!(verify_signed(&key(), &forged, 8, 999, 3600), Err(Denied::BadSignature), "{forged}");
         }
         let other = hmac::Key::new(hmac::HMAC_SHA256, b"another key of sixteen or more bytes");
-        assert_eq!(verify_signed(&other, &token, 7, 999), Err(Denied::BadSignature));
+        assert_eq!(verify_signed(&other, &token, 7, 999, 3600), Err(Denied::BadSignature));
         let mut flipped = token.clone().into_bytes();
         let last = flipped.len() - 1;
         flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
-        assert_eq!(verify_signed(&key(), std::str::from_utf8(&flipped).unwrap(), 7, 999), Err(Denied::BadSignature));
+        assert_eq!(
+            verify_signed(&key(), std::str::from_utf8(&flipped).unwrap(), 7, 999, 3600),
+            Err(Denied::BadSignature)
+        );
     }
 
     #[test]
@@ -334,7 +415,7 @@ mod tests {
         let cases =
             ["", ".", "dn1", "dn1.", "dn1..", "dn1...", "dn1.7.1000", "dn1.x.y.z", "dn2.7.1000.AAAA", "dn1.7.1000.!!"];
         for token in cases {
-            assert!(verify_signed(&key(), token, 7, 0).is_err(), "{token:?}");
+            assert!(verify_signed(&key(), token, 7, 0, u64::MAX).is_err(), "{token:?}");
         }
         // Any bytes at all: refused, never a panic.
         let mut seed = 0x2545_f491_4f6c_dd1du64;
@@ -345,8 +426,33 @@ mod tests {
             let len = (seed % 80) as usize;
             let text: String =
                 (0..len).map(|i| b"dn1.0123456789-_AZaz="[((seed >> (i % 56)) % 21) as usize] as char).collect();
-            let _ = verify_signed(&key(), &text, 1, 0);
+            let _ = verify_signed(&key(), &text, 1, 0, u64::MAX);
         }
+    }
+
+    #[test]
+    fn claims_are_canonical_and_no_further_ahead_than_the_limit() {
+        let forever = sign(&key(), 7, u64::MAX);
+        assert_eq!(verify_signed(&key(), &forever, 7, 1_000, 3600), Err(Denied::TtlTooLong));
+        assert_eq!(verify_signed(&key(), &sign(&key(), 7, 4_600), 7, 1_000, 3600), Ok(()));
+        // Signed, but not canonical: refused, as a path's partition id would be.
+        let claims_of =
+            |claims: &str| format!("{claims}.{}", URL_SAFE_NO_PAD.encode(hmac::sign(&key(), claims.as_bytes())));
+        for claims in ["dn1.07.2000", "dn1.+7.2000", "dn1.7.02000", "dn1.7.+2000", "dn1.7. 2000"] {
+            assert_eq!(verify_signed(&key(), &claims_of(claims), 7, 1_000, 3600), Err(Denied::Unknown), "{claims}");
+        }
+        assert_eq!(verify_signed(&key(), &claims_of("dn1.0.2000"), 0, 1_000, 3600), Ok(()));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer(Some("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(Some("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer(Some("BEARER abc")), Some("abc"));
+        assert_eq!(bearer(Some("Basic abc")), None);
+        assert_eq!(bearer(Some("Bearer ")), None);
+        assert_eq!(bearer(Some("Bearerabc")), None);
+        assert_eq!(bearer(None), None);
     }
 
     #[test]

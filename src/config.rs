@@ -77,6 +77,9 @@ pub struct AuthConfig {
     /// Key of signed data tokens (scoped to a partition and an expiry).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_key_file: Option<PathBuf>,
+    /// Signed tokens valid further ahead than this are refused.
+    #[serde(with = "human_duration")]
+    pub max_token_ttl: Duration,
     /// Serve off loopback although writes need no credential (no data
     /// tokens, no client certificates).
     pub allow_unauthenticated: bool,
@@ -252,6 +255,7 @@ max_bytes_per_sec = "64MiB"
 
 [auth]
 data_tokens = "off"
+max_token_ttl = "24h"
 allow_unauthenticated = false
 readable_secret_files = "warn"
 "#;
@@ -558,6 +562,19 @@ impl Config {
                 "auth.data_tokens = \"required\" needs auth.token_file or auth.signing_key_file (or both)".into(),
             );
         }
+        if self.auth.data_tokens == "required" && self.node.admin_token_file.is_none() {
+            return fail(
+                "auth.data_tokens = \"required\" needs node.admin_token_file: else admin calls (delete a \
+                 partition, install a snapshot) would be open to anyone who may not even write"
+                    .into(),
+            );
+        }
+        if self.auth.max_token_ttl < Duration::from_secs(1) {
+            return fail(format!(
+                "auth.max_token_ttl = \"{}\" is shorter than 1s",
+                duration_text(self.auth.max_token_ttl)
+            ));
+        }
         if !["warn", "refuse"].contains(&self.auth.readable_secret_files.as_str()) {
             return fail(format!(
                 "auth.readable_secret_files = {:?} is not warn or refuse",
@@ -602,6 +619,9 @@ impl Config {
             ("required", Some(_), Some(_)) => "writes: data token required (static or signed)",
             ("required", Some(_), None) => "writes: data token required (static)",
             ("required", None, _) => "writes: data token required (signed)",
+            _ if self.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()) => {
+                "writes: client certificate required (auth.data_tokens = \"off\")"
+            }
             _ => "writes: open (auth.data_tokens = \"off\")",
         };
         let exposure = if self.node.http_addr.ip().is_loopback() { "loopback only" } else { "reachable off this host" };

@@ -81,6 +81,11 @@ fn describe() {
         "datanode_tls_handshake_failures_total",
         "TLS handshakes that failed (no or a bad client certificate, not TLS) or timed out, by reason"
     );
+    describe_gauge!(
+        "datanode_tls_certificate_expiry_timestamp_seconds",
+        Unit::Seconds,
+        "When the certificate the listener serves expires (Unix time)"
+    );
     describe_counter!(
         "datanode_credential_reloads_total",
         "Loads of changed credential files (tls, data_tokens), by result (ok, refused)"

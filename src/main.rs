@@ -138,10 +138,14 @@ fn main() -> ExitCode {
                     Err(code) => return code,
                 },
             };
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let Some(expires) = now.checked_add(ttl).filter(|_| !ttl.is_zero()) else {
+                eprintln!("datanode: --ttl {}: not a usable validity", config::duration_text(ttl));
+                return ExitCode::from(2);
+            };
             match auth::read_signing_key(&key_file) {
                 Ok(key) => {
-                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-                    println!("{}", auth::sign(&key, partition, (now + ttl).as_secs()));
+                    println!("{}", auth::sign(&key, partition, expires.as_secs()));
                     ExitCode::SUCCESS
                 }
                 Err(error) => {
@@ -410,6 +414,7 @@ async fn run(
     let Checked { admin_token, tls, data_auth, .. } = checked;
     exposition::zero_security_counters(tls.is_some());
     if let Some(tls) = &tls {
+        tls.export_expiry();
         tls::spawn_watch(tls);
     }
     spawn_token_watch(&data_auth);

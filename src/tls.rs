@@ -11,6 +11,7 @@
 //! certificate stays until they do.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -20,21 +21,26 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
 use tokio_rustls::TlsAcceptor;
 
+use crate::auth::{fingerprint, read_credential_file};
 use crate::config::TlsConfig;
 
 /// How often the certificate files are looked at for a change.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
-/// The bytes a configuration was built from, to tell when they change.
+/// The bytes a configuration is built from.
 type Contents = Vec<Vec<u8>>;
 
 /// The listener's TLS configuration, replaced when its files change.
 pub struct Tls {
     files: TlsConfig,
     current: RwLock<Arc<ServerConfig>>,
-    /// The contents last seen: those of `current`, or of files that were
-    /// refused (so that they are reported once, not at every look).
-    seen: Mutex<Contents>,
+    /// What the last look found: the fingerprint of the files of `current`
+    /// or of files that were refused (so that they are reported once, not
+    /// at every look), or the error reading them. Held across a whole
+    /// reload, so two reloads never interleave.
+    seen: Mutex<Result<Vec<u8>, String>>,
+    /// When the served certificate expires (Unix seconds).
+    expires: AtomicI64,
 }
 
 impl std::fmt::Debug for Tls {
@@ -48,8 +54,17 @@ impl Tls {
     /// what is wrong with it.
     pub fn load(files: &TlsConfig) -> Result<Tls, String> {
         let contents = read_all(files)?;
-        let config = build(files, &contents)?;
-        Ok(Tls { files: files.clone(), current: RwLock::new(Arc::new(config)), seen: Mutex::new(contents) })
+        let (config, expires) = build(files, &contents)?;
+        let seen = Mutex::new(Ok(fingerprint(&contents)));
+        let expires = AtomicI64::new(expires);
+        Ok(Tls { files: files.clone(), current: RwLock::new(Arc::new(config)), seen, expires })
+    }
+
+    /// `datanode_tls_certificate_expiry_timestamp_seconds`: when the served
+    /// certificate expires (an alert rule warns ahead of it).
+    pub fn export_expiry(&self) {
+        let expires = self.expires.load(Ordering::Relaxed);
+        metrics::gauge!("datanode_tls_certificate_expiry_timestamp_seconds").set(expires as f64);
     }
 
     /// An acceptor with the current certificate, for one connection.
@@ -61,30 +76,37 @@ impl Tls {
     /// a valid configuration; `forced` (SIGHUP) reports an unchanged or
     /// refused set too. Blocking (reads files).
     pub fn reload(&self, forced: bool) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         let contents = match read_all(&self.files) {
             Ok(contents) => contents,
             Err(error) => {
-                tracing::warn!(%error, "TLS: cannot read the certificate files; keeping the running certificate");
+                if forced || seen.as_ref().err() != Some(&error) {
+                    tracing::warn!(%error, "TLS: cannot read the certificate files; keeping the running certificate");
+                }
+                *seen = Err(error);
                 return;
             }
         };
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        if *seen == contents && !forced {
+        let print = fingerprint(&contents);
+        if seen.as_ref().ok() == Some(&print) && !forced {
             return;
         }
-        let changed = *seen != contents;
-        *seen = contents.clone();
-        drop(seen);
+        let changed = seen.as_ref().ok() != Some(&print);
+        *seen = Ok(print);
+        let outcome = |result: &'static str| {
+            metrics::counter!("datanode_credential_reloads_total", "credential" => "tls", "result" => result)
+                .increment(1);
+        };
         match build(&self.files, &contents) {
-            Ok(config) => {
+            Ok((config, expires)) => {
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
-                metrics::counter!("datanode_credential_reloads_total", "credential" => "tls", "result" => "ok")
-                    .increment(1);
+                self.expires.store(expires, Ordering::Relaxed);
+                self.export_expiry();
+                outcome("ok");
                 tracing::info!(changed, "TLS: certificate files loaded; new connections use them");
             }
             Err(error) => {
-                metrics::counter!("datanode_credential_reloads_total", "credential" => "tls", "result" => "refused")
-                    .increment(1);
+                outcome("refused");
                 tracing::warn!(%error, "TLS: the new certificate files are refused; keeping the running certificate");
             }
         }
@@ -98,10 +120,29 @@ fn read_all(files: &TlsConfig) -> Result<Contents, String> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    read_credential_file(path)
 }
 
-fn build(files: &TlsConfig, contents: &Contents) -> Result<ServerConfig, String> {
+/// The validity of a certificate (Unix seconds), refused when it is not
+/// valid now: a rotation to an expired certificate would fail every
+/// client.
+fn validity(path: &Path, certificate: &CertificateDer<'_>) -> Result<i64, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref())
+        .map_err(|e| format!("tls.cert_file = {}: not an X.509 certificate: {e}", path.display()))?;
+    let (from, until) = (parsed.validity().not_before.timestamp(), parsed.validity().not_after.timestamp());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    if now < from {
+        return Err(format!("tls.cert_file = {}: not valid before {}", path.display(), parsed.validity().not_before));
+    }
+    if now >= until {
+        return Err(format!("tls.cert_file = {}: expired at {}", path.display(), parsed.validity().not_after));
+    }
+    Ok(until)
+}
+
+/// A server configuration from the files' contents, and when its
+/// certificate expires.
+fn build(files: &TlsConfig, contents: &Contents) -> Result<(ServerConfig, i64), String> {
     let (cert, key, ca) = match contents.as_slice() {
         [cert, key] => (cert, key, None),
         [cert, key, ca] => (cert, key, Some(ca)),
@@ -109,6 +150,10 @@ fn build(files: &TlsConfig, contents: &Contents) -> Result<ServerConfig, String>
     };
     let named = |path: &Path, what: &str| format!("{} ({what})", path.display());
     let chain = certificates(cert).map_err(|e| format!("tls.cert_file = {}: {e}", named(&files.cert_file, "PEM")))?;
+    let expires = match chain.first() {
+        Some(leaf) => validity(&files.cert_file, leaf)?,
+        None => return Err(format!("tls.cert_file = {}: no certificate in it", files.cert_file.display())),
+    };
     let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| {
         format!("tls.key_file = {}: no private key: {e}", named(&files.key_file, "PEM: PKCS#8, PKCS#1 or SEC1"))
     })?;
@@ -133,7 +178,7 @@ fn build(files: &TlsConfig, contents: &Contents) -> Result<ServerConfig, String>
         format!("tls.cert_file = {} and tls.key_file = {}: {e}", files.cert_file.display(), files.key_file.display())
     })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    Ok((config, expires))
 }
 
 /// Every certificate of a PEM file; at least one.

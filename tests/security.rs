@@ -215,6 +215,28 @@ fn a_certificate_rotation_under_load_fails_no_request() {
         "the mismatched pair was refused"
     );
     assert!(node.metric_sum("datanode_credential_reloads_total", &["credential=\"tls\"", "result=\"ok\""]) >= 1.0);
+    let expiry = node.metric_sum("datanode_tls_certificate_expiry_timestamp_seconds", &[]);
+    assert!(expiry > 1.9e9, "the served certificate's expiry is exported: {expiry}");
+
+    // A rotation to an expired certificate would fail every client: refused,
+    // and the running one kept.
+    let expired = new_ca.expired_server("node");
+    write_secret(&dir.path().join("node.key"), &expired.key_pem);
+    write_secret(&dir.path().join("node.pem"), &expired.cert_pem);
+    let refused = &["credential=\"tls\"", "result=\"refused\""];
+    let before = node.metric_sum("datanode_credential_reloads_total", refused);
+    wait_for("the expired certificate refused", Duration::from_secs(10), || {
+        node.metric_sum("datanode_credential_reloads_total", refused) > before
+    });
+    assert_eq!(call(new_only.get(&node.url("/healthz")), None).0, 200, "still served with the valid certificate");
+}
+
+/// `admin_token_file = ...` for `[node]`, the token written into `dir`
+/// (data tokens need an admin token: else admin calls would be open).
+fn admin_line(dir: &Path) -> String {
+    let admin = dir.join("admin.token");
+    write_secret(&admin, "admin-token-0123456789");
+    format!("admin_token_file = \"{}\"\n", admin.display())
 }
 
 fn tokens_section(dir: &Path, tokens: &[&str], signing_key: Option<&str>) -> String {
@@ -240,10 +262,7 @@ fn unauthorized(answer: (u16, Vec<u8>), what: &str) -> String {
 fn static_data_tokens_guard_writes_and_rotate_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b, c) = ("token-a-0123456789abcdef", "token-b-0123456789abcdef", "token-c-0123456789abcdef");
-    let admin = dir.path().join("admin.token");
-    write_secret(&admin, "admin-token-0123456789");
-    let node_lines = format!("admin_token_file = \"{}\"\n", admin.display());
-    let toml = config_with_node(dir.path(), &node_lines, &tokens_section(dir.path(), &[a, b], None));
+    let toml = config_with_node(dir.path(), &admin_line(dir.path()), &tokens_section(dir.path(), &[a, b], None));
     let node = Daemon::with_config(&toml, &[]);
     let url = node.url("/v1/partitions/1/blobs/k");
     let agent = ureq::agent();
@@ -256,6 +275,8 @@ fn static_data_tokens_guard_writes_and_rotate_without_a_restart() {
     assert_eq!(call(agent.get(&url), None).0, 404);
     assert_eq!(put(&agent, &url, Some(a)).0, 201);
     assert_eq!(put(&agent, &url, Some(b)).0, 201, "several tokens are valid at once");
+    let lower = agent.put(&url).set("Authorization", &format!("bearer {a}"));
+    assert_eq!(call(lower, Some(b"value")).0, 201, "the scheme is case-insensitive");
     assert_eq!(put(&agent, &url, Some("admin-token-0123456789")).0, 201, "the admin token may write");
     assert_eq!(call(agent.get(&url), None), (200, b"value".to_vec()), "reads need no token");
     let response = agent.put(&url).send_bytes(b"x").unwrap_err();
@@ -276,6 +297,13 @@ fn static_data_tokens_guard_writes_and_rotate_without_a_restart() {
     assert_eq!(put(&agent, &url, Some(c)).0, 201, "the running tokens stay when the new file is refused");
     let refused = &["credential=\"data_tokens\"", "result=\"refused\""];
     assert_eq!(node.metric_sum("datanode_credential_reloads_total", refused), 1.0, "refused once, not at every look");
+    // An emptied file (a rewrite caught half way, or a mistake) would lock
+    // every writer out: refused too.
+    write_secret(&dir.path().join("data.tokens"), "");
+    wait_for("the empty file refused", Duration::from_secs(10), || {
+        node.metric_sum("datanode_credential_reloads_total", refused) == 2.0
+    });
+    assert_eq!(put(&agent, &url, Some(c)).0, 201, "the running tokens stay when the file is emptied");
     assert!(node.metric_sum("datanode_auth_rejected_total", &["reason=\"missing\""]) >= 2.0);
     assert!(node.metric_sum("datanode_auth_rejected_total", &["reason=\"unknown_token\""]) >= 2.0);
 }
@@ -294,7 +322,8 @@ fn mint(key_file: &Path, partition: u64, ttl: &str) -> String {
 #[test]
 fn signed_data_tokens_hold_for_their_partition_until_they_expire() {
     let dir = tempfile::tempdir().unwrap();
-    let toml = config(dir.path(), &tokens_section(dir.path(), &[], Some("a signing key of more than 16 bytes\n")));
+    let section = tokens_section(dir.path(), &[], Some("a signing key of more than 16 bytes\n"));
+    let toml = config_with_node(dir.path(), &admin_line(dir.path()), &section);
     let node = Daemon::with_config(&toml, &[]);
     let key_file = dir.path().join("token.key");
     let agent = ureq::agent();
@@ -305,8 +334,22 @@ fn signed_data_tokens_hold_for_their_partition_until_they_expire() {
     assert_eq!(put(&agent, &p1, Some(&token)).0, 201);
     let message = unauthorized(put(&agent, &p2, Some(&token)), "another partition");
     assert!(message.contains("another partition"), "{message}");
-    let expired = mint(&key_file, 1, "0s");
+    let expired = mint(&key_file, 1, "1s");
+    std::thread::sleep(Duration::from_millis(2100));
     assert!(unauthorized(put(&agent, &p1, Some(&expired)), "expired").contains("expired"));
+    // Longer than auth.max_token_ttl (24h by default): refused.
+    let long = mint(&key_file, 1, "48h");
+    assert!(unauthorized(put(&agent, &p1, Some(&long)), "too long").contains("max_token_ttl"));
+    // A validity the clock cannot hold, or none, is refused by the minter.
+    for ttl in ["0s", "18446744073709551615s"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_datanode"))
+            .args(["token", "--signing-key-file"])
+            .arg(&key_file)
+            .args(["--partition", "1", "--ttl", ttl])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "--ttl {ttl}: {}", String::from_utf8_lossy(&out.stderr));
+    }
     // Tampered: the claims of partition 2 under partition 1's signature,
     // and a changed signature.
     let (claims, signature) = token.rsplit_once('.').unwrap();
@@ -322,6 +365,7 @@ fn signed_data_tokens_hold_for_their_partition_until_they_expire() {
     assert!(node.metric_sum("datanode_auth_rejected_total", &["reason=\"bad_signature\""]) >= 3.0);
     assert_eq!(node.metric_sum("datanode_auth_rejected_total", &["reason=\"expired\""]), 1.0);
     assert_eq!(node.metric_sum("datanode_auth_rejected_total", &["reason=\"wrong_partition\""]), 1.0);
+    assert_eq!(node.metric_sum("datanode_auth_rejected_total", &["reason=\"ttl_too_long\""]), 1.0);
 }
 
 fn check_config(toml: &str, args: &[&str]) -> std::process::Output {
@@ -378,6 +422,17 @@ fn a_node_anyone_could_write_to_is_refused_off_loopback_and_secrets_are_never_pr
     // Required tokens with nothing to check them against.
     let empty = check_config(&format!("{base}[auth]\ndata_tokens = \"required\"\n"), &["check-config"]);
     assert_eq!(empty.status.code(), Some(78));
+    // Data tokens, but admin calls open (no admin token): refused.
+    let open_admin = check_config(&format!("{base}\n{tokens}"), &["check-config"]);
+    assert_eq!(open_admin.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&open_admin.stderr).contains("node.admin_token_file"));
+    // A key file that is a FIFO would block a read forever: refused.
+    let fifo = dir.path().join("fifo.key");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let with_fifo = tokens.replace(dir.path().join("token.key").to_str().unwrap(), fifo.to_str().unwrap());
+    let blocked = check_config(&format!("{base}{off_loopback}\n{with_fifo}"), &["check-config"]);
+    assert_eq!(blocked.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&blocked.stderr).contains("not a regular file"));
 }
 
 #[test]
@@ -410,12 +465,10 @@ fn broken_certificate_files_are_refused_at_start_naming_the_key() {
 fn garbage_on_the_tls_port_and_in_tokens_is_harmless() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("node CA");
-    let extra = format!(
-        "{}\n{}",
-        tls_section(dir.path(), &ca, None),
-        tokens_section(dir.path(), &["token-0123456789abcdef"], Some("signing-key-0123456789abcdef"))
-    );
-    let node = Daemon::with_tls_config(&config(dir.path(), &extra), &[], agent(&[&ca], None));
+    let tokens = tokens_section(dir.path(), &["token-0123456789abcdef"], Some("signing-key-0123456789abcdef"));
+    let extra = format!("{}\n{tokens}", tls_section(dir.path(), &ca, None));
+    let toml = config_with_node(dir.path(), &admin_line(dir.path()), &extra);
+    let node = Daemon::with_tls_config(&toml, &[], agent(&[&ca], None));
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = || {
         seed ^= seed << 13;

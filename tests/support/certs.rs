@@ -49,6 +49,11 @@ impl Ca {
         self.issue(name, ExtendedKeyUsagePurpose::ClientAuth, expired)
     }
 
+    /// A server certificate that expired in 2021.
+    pub fn expired_server(&self, name: &str) -> Issued {
+        self.issue(name, ExtendedKeyUsagePurpose::ServerAuth, true)
+    }
+
     fn issue(&self, name: &str, usage: ExtendedKeyUsagePurpose, expired: bool) -> Issued {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();

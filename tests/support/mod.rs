@@ -135,7 +135,7 @@ impl Daemon {
     pub fn metric(&self, name: &str, labels: &[&str]) -> Option<f64> {
         self.metrics()
             .lines()
-            .filter(|line| line.starts_with(&format!("{name}{{")) && labels.iter().all(|l| line.contains(l)))
+            .filter(|line| is_sample_of(line, name) && labels.iter().all(|l| line.contains(l)))
             .find_map(|line| line.rsplit(' ').next()?.parse().ok())
     }
 
@@ -145,7 +145,7 @@ impl Daemon {
     pub fn metric_sum(&self, name: &str, labels: &[&str]) -> f64 {
         self.metrics()
             .lines()
-            .filter(|line| line.starts_with(&format!("{name}{{")) && labels.iter().all(|l| line.contains(l)))
+            .filter(|line| is_sample_of(line, name) && labels.iter().all(|l| line.contains(l)))
             .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
@@ -224,6 +224,11 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Whether an exposition line is a sample of `name` (with labels or not).
+fn is_sample_of(line: &str, name: &str) -> bool {
+    line.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
 }
 
 /// Status and body of a request, whatever the status.
