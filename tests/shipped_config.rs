@@ -22,6 +22,7 @@ const CONTRACT_METRICS: &[&str] = &[
     "datanode_requests_total",
     "datanode_request_seconds",
     "datanode_build_info",
+    "datanode_tls_certificate_expiry_timestamp_seconds",
 ];
 
 /// Every `datanode_*` name in `text`, with histogram suffixes removed.
@@ -58,6 +59,7 @@ fn the_dashboard_and_alert_rules_use_only_contract_metrics() {
         "DatanodeDiskFaulted",
         "DatanodeDiskDegraded",
         "DatanodeNotReady",
+        "DatanodeTlsCertificateExpiresSoon",
     ] {
         assert!(rules.contains(&format!("alert: {alert}")), "missing {alert}");
     }
