@@ -275,7 +275,10 @@ fn write_back_eio_on_xfs_faults_only_the_partition_it_hits() {
     write_back_eio_faults_only_the_partition_it_hits(Fs::Xfs);
 }
 
-/// Puts `n` blobs on each partition and returns what was acknowledged.
+/// Puts `n` blobs on each partition and returns what was acknowledged. A
+/// 503 (nothing written: on a loaded machine a probe of the FUSE disk may
+/// be slower than `slow_sync`, making it degraded for a moment) is retried
+/// for a while.
 fn fill(node: &Daemon, partitions: &[u64], n: usize, tag: &str) -> Vec<support::load::Acked> {
     let mut acked = Vec::new();
     for &partition in partitions {
@@ -283,7 +286,16 @@ fn fill(node: &Daemon, partitions: &[u64], n: usize, tag: &str) -> Vec<support::
             let key = format!("{tag}-{partition}-{i}");
             let value: Vec<u8> = key.bytes().cycle().take(4096 + i).collect();
             let url = node.url(&format!("/v1/partitions/{partition}/blobs/{key}"));
-            assert_eq!(support::call(ureq::put(&url), Some(&value)).0, 201);
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let (status, body) = support::call(ureq::put(&url), Some(&value));
+                if status == 503 && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+                break;
+            }
             acked.push(support::load::Acked { partition, key, value });
         }
     }
