@@ -287,3 +287,35 @@ fn holes_and_a_lost_raft_file_are_refused() {
     assert!(LogStore::open(Arc::new(sim.clone()), dir, wal_options()).is_err());
     assert!(sim.list_dir(dir).unwrap().iter().any(|name| name.starts_with("log.")), "nothing was removed");
 }
+
+/// The measurement behind the openraft version pinned (ARCHITECTURE.md):
+/// 1024 client writes through the log store on real files, appended one
+/// entry per flush (how openraft 0.9 drives a log: each append waits for
+/// the previous flush, client writes one entry at a time) and 64 entries
+/// per append (0.10 batches the writes queued meanwhile into one append).
+/// Run: `cargo test -p datanode-partition --test raft_log -- --ignored
+/// --nocapture measure` (`MEASURE_DIR` picks the disk).
+#[test]
+#[ignore]
+fn measure_one_entry_per_flush_against_batched_appends() {
+    let rt = runtime();
+    const WRITES: u64 = 1024;
+    for batch in [1u64, 8, 64] {
+        let dir = tempfile::tempdir_in(std::env::var("MEASURE_DIR").unwrap_or_else(|_| ".".into())).unwrap();
+        let options = WalOptions { segment_size: 64 << 20, ..WalOptions::new(7) };
+        let mut store = LogStore::open(Arc::new(StdStorage), dir.path().join("replica"), options).unwrap();
+        let started = Instant::now();
+        for first in (0..WRITES).step_by(batch as usize) {
+            rt.block_on(append(&mut store, (first..first + batch).map(|i| put(1, i)).collect())).unwrap();
+        }
+        let elapsed = started.elapsed();
+        assert_eq!(rt.block_on(entries(&mut store)).len() as u64, WRITES);
+        let syncs = store.wal().stats().syncs;
+        println!(
+            "batch {batch:>3}: {WRITES} writes in {:>8.1} ms, {:>8.0} writes/s, {syncs} fdatasyncs",
+            elapsed.as_secs_f64() * 1e3,
+            WRITES as f64 / elapsed.as_secs_f64()
+        );
+        store.close().unwrap();
+    }
+}
