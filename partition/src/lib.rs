@@ -11,7 +11,8 @@
 //! Built so far: the blob store, the state machine, errno classification,
 //! sticky fault records and recover, the disk-full path, the registry with
 //! its verifier and quarantine, snapshot export and atomic install, disks
-//! with their probes, compaction.
+//! with their probes, compaction, and the first step of replication: the
+//! Raft log store and durable vote over the WAL ([`raft`]).
 //!
 //! # Threads
 //!
@@ -35,6 +36,7 @@ mod index;
 pub mod layout;
 mod manifest;
 mod partition;
+pub mod raft;
 pub mod registry;
 mod snapshot;
 pub mod state;

@@ -104,6 +104,13 @@ pub struct WalOptions {
     /// log (neither its `LOG` marker nor a segment) is
     /// [`Corruption::MissingLog`], never silently replaced by an empty log.
     pub create_if_missing: bool,
+    /// The LSN the first record of a log that holds no record yet gets (1
+    /// unless set): a log that continues another one at a known point,
+    /// such as a replicated log restarted after a snapshot. Ignored once
+    /// the log holds records (their own LSNs decide); the caller records
+    /// it durably itself, because a log with no record keeps no trace of
+    /// it. 0 is taken as 1.
+    pub first_lsn: Lsn,
     /// The pool of threads that carries this log's I/O, shared with the
     /// other logs on its disk. `None`: a pool of one thread of its own.
     pub engine: Option<Engine>,
@@ -121,6 +128,7 @@ impl std::fmt::Debug for WalOptions {
             .field("observer", &self.observer.is_some())
             .field("known_durable_lsn", &self.known_durable_lsn)
             .field("create_if_missing", &self.create_if_missing)
+            .field("first_lsn", &self.first_lsn)
             .field("engine", &self.engine)
             .finish()
     }
@@ -140,6 +148,7 @@ impl WalOptions {
             observer: None,
             known_durable_lsn: 0,
             create_if_missing: true,
+            first_lsn: 1,
             engine: None,
         }
     }

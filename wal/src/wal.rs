@@ -127,7 +127,9 @@ impl Wal {
         if recovered.torn_bytes > 0 {
             tracing::warn!(dir = %dir.display(), bytes = recovered.torn_bytes, "zeroed torn tail at open");
         }
-        let last_lsn = recovered.segments.last().map_or(0, |s| s.last_lsn);
+        let holds_records = !recovered.segments.is_empty();
+        // A log with no segment continues at the caller's `first_lsn`.
+        let last_lsn = recovered.segments.last().map_or(options.first_lsn.max(1) - 1, |s| s.last_lsn);
         let mut table = SegmentTable::default();
         for meta in recovered.segments {
             table.segments.insert(meta.id, meta);
@@ -154,7 +156,7 @@ impl Wal {
         // A log that holds nothing yet gets its first segment when it is
         // first written: an idle, empty log costs no segment on disk and
         // nothing to read at open.
-        let prepare_ahead = options.prewrite_segments && last_lsn > 0;
+        let prepare_ahead = options.prewrite_segments && holds_records && last_lsn > 0;
         let preparer = Arc::new(Preparer::start(
             Arc::clone(&storage),
             dir.clone(),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use common::*;
 use datanode_wal::storage::{Fault, FaultOp};
-use datanode_wal::{Corruption, Durability, Error, IoOp, Wal, WalOptions};
+use datanode_wal::{Corruption, Durability, Error, IoOp, Storage, Wal, WalOptions};
 
 #[test]
 fn appended_records_read_back_after_reopen_on_every_backend() {
@@ -91,6 +91,35 @@ fn a_batch_gets_consecutive_lsns_and_read_from_respects_max_bytes() {
     assert_eq!(one.len(), 1, "at least one record is returned");
     assert!(matches!(wal.read_from(11, 10), Err(Error::LsnOutOfRange { lsn: 11, .. })));
     assert!(matches!(wal.append_blocking(vec![]), Err(Error::Invalid(_))));
+}
+
+/// A log given a `first_lsn` numbers its first record from it, keeps that
+/// numbering across a reopen and a power cut, and ignores the option once
+/// it holds records.
+#[test]
+fn a_new_log_starts_at_its_first_lsn_and_keeps_it() {
+    let (sim, storage) = sim(4);
+    let options = |first_lsn| WalOptions { first_lsn, ..small_options(4) };
+    let wal = open(&storage, Path::new("/log"), options(42));
+    assert_eq!((wal.first_lsn(), wal.last_lsn(), wal.durable_lsn()), (42, 41, 41));
+    for batch in 0..6 {
+        let appended = wal.append_blocking((batch * 5..batch * 5 + 5).map(|i| payload(4, i, 200)).collect()).unwrap();
+        assert_eq!((appended.first_lsn, appended.last_lsn), (42 + batch * 5, 46 + batch * 5));
+    }
+    assert!(wal.stats().segments > 1, "the records span segments");
+    drop(wal);
+
+    let storage: Arc<dyn Storage> = Arc::new(sim.crash_image());
+    let wal = open(&storage, Path::new("/log"), options(7));
+    assert_eq!((wal.first_lsn(), wal.last_lsn()), (42, 71), "the records decide, not the option");
+    assert_eq!(wal.read_from(42, 0).unwrap()[0].data, payload(4, 0, 200));
+    wal.truncate_after_blocking(41).unwrap();
+    assert_eq!((wal.first_lsn(), wal.last_lsn()), (42, 41), "truncated to empty");
+    assert_eq!(wal.append_blocking(vec![payload(4, 99, 10)]).unwrap().first_lsn, 42);
+    wal.close().unwrap();
+
+    let empty = open(&storage, Path::new("/other"), options(0));
+    assert_eq!(empty.append_blocking(vec![payload(4, 0, 10)]).unwrap().first_lsn, 1, "0 is taken as 1");
 }
 
 #[test]

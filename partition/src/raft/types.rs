@@ -1,0 +1,57 @@
+//! The Raft type configuration of a replica, and the one mapping between
+//! Raft log indexes and WAL LSNs.
+
+use std::fmt;
+
+use bytes::Bytes;
+use datanode_wal::Lsn;
+
+openraft::declare_raft_types!(
+    /// The types of a replicated partition's Raft group: node ids are
+    /// `u64`, a node carries its address ([`openraft::BasicNode`]), an
+    /// entry's application data is a [`Command`].
+    pub TypeConfig:
+        D = Command,
+        R = (),
+        NodeId = u64,
+        Node = openraft::BasicNode,
+);
+
+/// A log id of this configuration (term, leader node, index).
+pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
+/// A vote of this configuration.
+pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
+/// A log entry of this configuration.
+pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
+/// A membership of this configuration.
+pub type Membership = openraft::Membership<u64, openraft::BasicNode>;
+
+/// The application data of one Raft entry: the bytes of one blob record
+/// (`blob::encode_put` / `blob::encode_delete`), opaque to Raft.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Command(pub Bytes);
+
+impl fmt::Debug for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Command({} bytes)", self.0.len())
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "command of {} bytes", self.0.len())
+    }
+}
+
+/// The WAL LSN of the entry at Raft `index`. openraft numbers its first
+/// entry 0 and a WAL's LSN 0 means "nothing", so the two are one apart,
+/// everywhere and always: the entry at index `i` is the record at LSN
+/// `i + 1`. `None` only for `u64::MAX`, an index no log reaches.
+pub fn lsn_of(index: u64) -> Option<Lsn> {
+    index.checked_add(1)
+}
+
+/// The Raft index of the record at `lsn` (LSNs start at 1).
+pub fn index_of(lsn: Lsn) -> u64 {
+    lsn.saturating_sub(1)
+}
