@@ -24,9 +24,21 @@
 //! - **P1**: what idle partitions cost: `--partitions` (default 1,000 and
 //!   10,000) empty partitions on one disk: threads, disk and RSS per
 //!   partition, create rate, start to ready.
+//! - **C1**: compaction under overwrites. `--keys` (default 10,000) keys
+//!   of 4 KiB in one partition, written once, then overwritten by
+//!   `--connections` (default 16) closed-loop connections for `--seconds`,
+//!   twice per round: with compaction by policy (the default
+//!   `[compaction]`, or `--compaction` settings) and with it off (a
+//!   `min_garbage` no partition reaches). Sampled every second: disk used
+//!   by the data directory (allocated blocks), live bytes, garbage,
+//!   compactions, bytes copied. Reported: disk used / live bytes (max and
+//!   final), PUT throughput and p50/p99/p99.9 with and without compaction.
+//!   The run without compaction is shortened so that it writes at most a
+//!   quarter of the disk's free space.
 //!
 //! ```sh
-//! cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS,P1] [--backend std|uring|auto] [--blobs N]
+//! cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS,P1,C1] [--backend std|uring|auto] [--blobs N]
+//! cargo bench --bench node -- --only C1 --rounds 1 --seconds 600 [--keys N] [--connections N] [--compaction 'check_interval="1s",min_garbage="8MiB"'] [--segment-size 8MiB]
 //! ```
 //!
 //! `--dir` must be on the disk under test (default `target/bench-node`).
@@ -61,6 +73,12 @@ struct Args {
     rate: f64,
     /// P1's partition counts.
     partitions: Vec<u64>,
+    /// C1's keys, connections, `[compaction]` settings (`key=value`, comma
+    /// separated) and WAL segment size (the node's default when `None`).
+    keys: u64,
+    connections: usize,
+    compaction: Vec<String>,
+    segment_size: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -74,6 +92,10 @@ fn parse_args() -> Args {
         blobs: 10_000_000,
         rate: 12_000.0,
         partitions: vec![1_000, 10_000],
+        keys: 10_000,
+        connections: 16,
+        compaction: Vec::new(),
+        segment_size: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -94,9 +116,15 @@ fn parse_args() -> Args {
                     .map(|n| n.parse().expect("--partitions: numbers"))
                     .collect()
             }
+            "--keys" => args.keys = it.next().and_then(|v| v.parse().ok()).expect("--keys N"),
+            "--connections" => args.connections = it.next().and_then(|v| v.parse().ok()).expect("--connections N"),
+            "--compaction" => {
+                args.compaction = it.next().expect("--compaction KEY=VALUE,...").split(',').map(String::from).collect()
+            }
+            "--segment-size" => args.segment_size = Some(it.next().expect("--segment-size SIZE")),
             "--bench" => {}
             other => panic!(
-                "unknown argument {other}; usage: cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS,P1] [--backend std|uring|auto] [--json FILE] [--blobs N] [--rate N] [--partitions N,M]"
+                "unknown argument {other}; usage: cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS,P1,C1] [--backend std|uring|auto] [--json FILE] [--blobs N] [--rate N] [--partitions N,M] [--keys N] [--connections N] [--compaction K=V,...] [--segment-size SIZE]"
             ),
         }
     }
@@ -627,6 +655,253 @@ fn fill(disk: &Path, bytes: u64, size: usize) -> u64 {
     blobs
 }
 
+/// The sum of the samples in Prometheus `text` whose line starts with
+/// `name{` and contains every one of `labels`.
+fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) && labels.iter().all(|l| line.contains(l)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// One C1 sample of the node under load.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    seconds: f64,
+    /// Blocks allocated under the data directory.
+    disk: u64,
+    /// `live_bytes` of the partition.
+    live: u64,
+    /// `wal.bytes` of the partition.
+    wal: u64,
+    /// `datanode_partition_garbage_bytes`.
+    garbage: u64,
+    /// `datanode_compactions_total{result="ok"}`.
+    compactions: u64,
+    /// `datanode_compaction_bytes_total`.
+    copied: u64,
+    /// `datanode_wal_appends_total` of the partition.
+    appends: u64,
+}
+
+impl Sample {
+    fn ratio(&self) -> f64 {
+        self.disk as f64 / self.live.max(1) as f64
+    }
+
+    fn to_json(self) -> Value {
+        json!({"t": self.seconds, "disk_bytes": self.disk, "live_bytes": self.live, "wal_bytes": self.wal,
+            "garbage_bytes": self.garbage, "compactions_ok": self.compactions, "compaction_bytes": self.copied,
+            "appends": self.appends})
+    }
+}
+
+/// What one C1 run measured.
+struct C1Run {
+    run: Run,
+    seconds: f64,
+    samples: Vec<Sample>,
+}
+
+impl C1Run {
+    fn max_ratio(&self) -> f64 {
+        self.samples.iter().map(Sample::ratio).fold(0.0, f64::max)
+    }
+
+    fn final_ratio(&self) -> f64 {
+        self.samples.last().map_or(0.0, Sample::ratio)
+    }
+
+    fn last(&self) -> Sample {
+        self.samples.last().copied().unwrap_or_default()
+    }
+}
+
+const C1_PARTITION: u64 = 1;
+
+/// C1's node: one disk, partition 1, compaction by policy on (default or
+/// `--compaction` settings) or off.
+fn c1_node(args: &Args, disk: &Path, compaction: bool) -> Daemon {
+    let mut config = node_config(&[("d0", disk)], &args.backend);
+    if let Some(size) = &args.segment_size {
+        config = config.replacen("[wal]\n", &format!("[wal]\nsegment_size = \"{size}\"\n"), 1);
+    }
+    if compaction {
+        if !args.compaction.is_empty() {
+            config.push_str(&format!("\n[compaction]\n{}\n", args.compaction.join("\n")));
+        }
+    } else {
+        // There is no switch: a partition never holds 1 PiB of garbage.
+        config.push_str("\n[compaction]\nmin_garbage = \"1024TiB\"\ncheck_interval = \"24h\"\n");
+    }
+    let node = Daemon::with_config(&config, &[]);
+    create(&node, C1_PARTITION, "d0");
+    node
+}
+
+fn c1_bench(node: &Daemon, args: &Args, put_ratio: f64, seconds: f64, warmup: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_datanode"));
+    command
+        .args(["bench", "--url", &node.url(""), "--partitions", &C1_PARTITION.to_string(), "--json", "--quiet"])
+        .args(["--connections", &args.connections.to_string(), "--put-ratio", &put_ratio.to_string()])
+        .args(["--value-size", &VALUE.to_string(), "--keys", &args.keys.to_string()])
+        .args(["--duration", &format!("{}ms", (seconds * 1000.0) as u64), "--warmup", warmup])
+        .stdout(std::process::Stdio::piped());
+    command
+}
+
+fn c1_sample(node: &Daemon, disk: &Path, started: Instant) -> Sample {
+    let status = node.json(&format!("/v1/partitions/{C1_PARTITION}"));
+    let metrics = node.metrics();
+    let partition = format!("partition=\"{C1_PARTITION}\"");
+    Sample {
+        seconds: started.elapsed().as_secs_f64(),
+        disk: allocated_bytes(disk),
+        live: status["live_bytes"].as_u64().unwrap_or(0),
+        wal: status["wal"]["bytes"].as_u64().unwrap_or(0),
+        garbage: metric_sum(&metrics, "datanode_partition_garbage_bytes", &[&partition]) as u64,
+        compactions: metric_sum(&metrics, "datanode_compactions_total", &[&partition, "result=\"ok\""]) as u64,
+        copied: metric_sum(&metrics, "datanode_compaction_bytes_total", &[]) as u64,
+        appends: metric_sum(&metrics, "datanode_wal_appends_total", &[&partition]) as u64,
+    }
+}
+
+/// Free bytes of the file system holding `dir` (`df`).
+fn free_bytes(dir: &Path) -> u64 {
+    let output = Command::new("df").args(["--output=avail", "-B1"]).arg(dir).output().expect("df");
+    String::from_utf8_lossy(&output.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap_or(0)
+}
+
+/// One C1 run: a fresh node, the keys written once, then overwritten for
+/// `seconds` while the node is sampled every second.
+fn c1_run(args: &Args, compaction: bool, seconds: f64) -> C1Run {
+    let name = if compaction { "c1-on" } else { "c1-off" };
+    let disk = fresh_dir(&args.dir, name);
+    let node = c1_node(args, &disk, compaction);
+    // GETs make `datanode bench` write every key once first.
+    result_of(spawn(c1_bench(&node, args, 0.0, 0.1, "0s")));
+    let live = node.json(&format!("/v1/partitions/{C1_PARTITION}"))["live_bytes"].as_u64().unwrap();
+    assert_eq!(live, args.keys * VALUE as u64, "every key written once");
+    let floor = free_bytes(&disk) / 2;
+    let started = Instant::now();
+    let mut child = spawn(c1_bench(&node, args, 1.0, seconds, "1s"));
+    let mut samples = Vec::new();
+    let mut next = started;
+    while child.try_wait().unwrap().is_none() {
+        let sample = c1_sample(&node, &disk, started);
+        if samples.len() % 10 == 0 {
+            eprintln!(
+                "  C1 {name} t={:.0}s disk {:.0} MiB live {:.0} MiB ({:.2}x) wal {:.0} MiB garbage {:.0} MiB compactions {} copied {:.0} MiB",
+                sample.seconds,
+                sample.disk as f64 / MIB,
+                sample.live as f64 / MIB,
+                sample.ratio(),
+                sample.wal as f64 / MIB,
+                sample.garbage as f64 / MIB,
+                sample.compactions,
+                sample.copied as f64 / MIB
+            );
+        }
+        samples.push(sample);
+        if free_bytes(&disk) < floor {
+            let _ = child.kill();
+            panic!("C1 {name}: stopped, the disk's free space fell by half");
+        }
+        next += Duration::from_secs(1);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    let result = result_of(child);
+    drop(node);
+    let _ = std::fs::remove_dir_all(&disk);
+    C1Run { run: Run::from_bench(&result, "put"), seconds, samples }
+}
+
+const MIB: f64 = (1 << 20) as f64;
+
+/// C1: overwrite the same keys with and without compaction by policy.
+fn c1(args: &Args, out: &mut Vec<Value>) {
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        eprintln!("C1 compaction on, round {}/{}", round + 1, args.rounds);
+        let run = c1_run(args, true, args.seconds);
+        // Without compaction every PUT stays on disk: write at most a
+        // quarter of the free space (measured on the run with compaction).
+        let free = free_bytes(&args.dir);
+        let rate = run.run.ops * VALUE as f64 * 1.1;
+        let seconds = args.seconds.min(free as f64 / 4.0 / rate.max(1.0)).max(5.0);
+        on.push(run);
+        eprintln!("C1 compaction off, round {}/{} ({seconds:.0} s)", round + 1, args.rounds);
+        off.push(c1_run(args, false, seconds));
+    }
+    let mine = |runs: &[C1Run]| medians(&runs.iter().map(|r| r.run).collect::<Vec<_>>());
+    let (on_run, off_run) = (mine(&on), mine(&off));
+    let med = |runs: &[C1Run], f: &dyn Fn(&C1Run) -> f64| median(runs.iter().map(f).collect());
+    let settings =
+        if args.compaction.is_empty() { "default [compaction]".to_string() } else { args.compaction.join(", ") };
+    println!(
+        "\n### C1: {} keys of 4 KiB in one partition overwritten by {} connections, {settings}{}, backend {}\n",
+        args.keys,
+        args.connections,
+        args.segment_size.as_ref().map_or(String::new(), |s| format!(", segment_size {s}")),
+        args.backend
+    );
+    println!(
+        "| compaction | seconds | PUT ops/s | MiB/s | p50 ms | p99 ms | p99.9 ms | errors | disk/live max | disk/live final | compactions | copied MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (name, runs, run) in [("by policy", &on, &on_run), ("off", &off, &off_run)] {
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {} | {:.2}x | {:.2}x | {:.0} | {:.0} |",
+            med(runs, &|r| r.seconds),
+            run.ops,
+            run.ops * VALUE as f64 / MIB,
+            run.p50,
+            run.p99,
+            run.p999,
+            run.errors,
+            med(runs, &C1Run::max_ratio),
+            med(runs, &C1Run::final_ratio),
+            med(runs, &|r| r.last().compactions as f64),
+            med(runs, &|r| r.last().copied as f64 / MIB),
+        );
+    }
+    println!(
+        "\np99 with compaction / without: {:.2}x; throughput with / without: {:.2}x",
+        on_run.p99 / off_run.p99.max(1e-9),
+        on_run.ops / off_run.ops.max(1e-9)
+    );
+    if let Some(first) = on.first() {
+        println!("\nRound 1 with compaction, every 10th sample (PUTs/s from the WAL's append counter):\n");
+        println!(
+            "| t s | disk MiB | live MiB | disk/live | wal MiB | garbage MiB | compactions | copied MiB | PUTs/s |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
+        for pair in first.samples.windows(2).step_by(10) {
+            let (a, b) = (pair[0], pair[1]);
+            let rate = (b.appends - a.appends) as f64 / (b.seconds - a.seconds).max(1e-3);
+            println!(
+                "| {:.0} | {:.0} | {:.1} | {:.2}x | {:.0} | {:.0} | {} | {:.0} | {rate:.0} |",
+                b.seconds,
+                b.disk as f64 / MIB,
+                b.live as f64 / MIB,
+                b.ratio(),
+                b.wal as f64 / MIB,
+                b.garbage as f64 / MIB,
+                b.compactions,
+                b.copied as f64 / MIB
+            );
+        }
+    }
+    for (compaction, runs) in [(true, &on), (false, &off)] {
+        for run in runs.iter() {
+            out.push(json!({"id": "C1", "compaction": compaction, "settings": settings, "seconds": run.seconds,
+                "keys": args.keys, "connections": args.connections, "run": to_json(&run.run),
+                "max_ratio": run.max_ratio(), "final_ratio": run.final_ratio(),
+                "samples": run.samples.iter().map(|s| s.to_json()).collect::<Vec<_>>()}));
+        }
+    }
+}
+
 fn main() {
     let args = parse_args();
     std::fs::create_dir_all(&args.dir).unwrap();
@@ -648,6 +923,9 @@ fn main() {
     }
     if args.only.as_ref().is_some_and(|only| only.iter().any(|id| id == "P1")) {
         p1(&args, &mut out);
+    }
+    if args.only.as_ref().is_some_and(|only| only.iter().any(|id| id == "C1")) {
+        c1(&args, &mut out);
     }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&out).unwrap()).unwrap();

@@ -12,6 +12,14 @@
 //! of `scripts/charts.py`.
 //!
 //! `--dir` must be on the disk under test (default `target/bench-data`).
+//! `--io-threads N` sets the thread count of the shared engine (W4's
+//! `one engine` row, default 16, as `wal.io_threads_per_disk`); `--systems
+//! a,b` runs only the systems whose names contain one of the words (for
+//! profiling one of them). Each row also shows what the disk under `--dir`
+//! did (`/proc/diskstats`, from the system's open to its close): bytes
+//! written and write and flush requests per record appended, and the
+//! average number of requests in flight; other processes using the same
+//! disk count too.
 //! fio rows need `fio` on the PATH; W5 drops the page cache when run as root.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -30,10 +38,21 @@ struct Args {
     seconds: f64,
     only: Option<Vec<String>>,
     json: Option<PathBuf>,
+    systems: Option<Vec<String>>,
 }
 
+/// Threads of the shared engine (`--io-threads`).
+static IO_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(16);
+
 fn parse_args() -> Args {
-    let mut args = Args { dir: PathBuf::from("target/bench-data"), rounds: 3, seconds: 3.0, only: None, json: None };
+    let mut args = Args {
+        dir: PathBuf::from("target/bench-data"),
+        rounds: 3,
+        seconds: 3.0,
+        only: None,
+        json: None,
+        systems: None,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -42,10 +61,16 @@ fn parse_args() -> Args {
             "--seconds" => args.seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds S"),
             "--only" => args.only = Some(it.next().expect("--only W1,W2").split(',').map(String::from).collect()),
             "--json" => args.json = Some(PathBuf::from(it.next().expect("--json FILE"))),
+            "--io-threads" => {
+                IO_THREADS.store(it.next().and_then(|v| v.parse().ok()).expect("--io-threads N"), Ordering::Relaxed)
+            }
+            "--systems" => {
+                args.systems = Some(it.next().expect("--systems a,b").split(',').map(String::from).collect())
+            }
             "--bench" => {}
             "--help" | "-h" => {
                 println!(
-                    "usage: cargo bench --bench wal -- [--dir DIR] [--rounds N] [--seconds S] [--only W1,W2,W3,W4,W5]"
+                    "usage: cargo bench --bench wal -- [--dir DIR] [--rounds N] [--seconds S] [--only W1,W2,W3,W4,W5] [--io-threads N] [--systems a,b]"
                 );
                 std::process::exit(0);
             }
@@ -54,6 +79,10 @@ fn parse_args() -> Args {
     }
     args
 }
+
+/// Bytes written, write requests, flush requests, average requests in
+/// flight, over one run.
+type DeviceDelta = (u64, u64, u64, f64);
 
 /// One measured run.
 #[derive(Clone, Default)]
@@ -64,6 +93,9 @@ struct Sample {
     /// Ack latency of every operation, in microseconds, sorted.
     latencies_us: Vec<u32>,
     records_per_sync: Option<f64>,
+    /// What the disk did meanwhile (from open to close): bytes written,
+    /// write requests, flush requests, average requests in flight.
+    device: Option<DeviceDelta>,
 }
 
 impl Sample {
@@ -123,7 +155,7 @@ impl System {
             System::Datanode { backend: IoBackend::Uring, .. } => "datanode-wal (io_uring)",
             System::Datanode { prewrite: false, .. } => "datanode-wal (std, fresh space)",
             System::Datanode { .. } => "datanode-wal (std)",
-            System::DatanodeShared => "datanode-wal (std, one engine of 16 threads)",
+            System::DatanodeShared => "datanode-wal (std, one shared engine)",
             System::RaftEngine { recycle: true } => "raft-engine 0.4 (recycle+prefill)",
             System::RaftEngine { recycle: false } => "raft-engine 0.4",
             System::OkayWal => "okaywal 0.3",
@@ -141,7 +173,9 @@ impl System {
                 };
                 let engine = matches!(self, System::DatanodeShared).then(|| {
                     static SHARED: std::sync::OnceLock<datanode_wal::Engine> = std::sync::OnceLock::new();
-                    SHARED.get_or_init(|| datanode_wal::Engine::new("bench", 16)).clone()
+                    SHARED
+                        .get_or_init(|| datanode_wal::Engine::new("bench", IO_THREADS.load(Ordering::Relaxed)))
+                        .clone()
                 });
                 let storage = open_backend(backend).expect("backend");
                 let options = WalOptions { segment_size, prewrite_segments: prewrite, engine, ..WalOptions::new(1) };
@@ -231,7 +265,7 @@ fn drive(targets: &[AppendFn], threads: usize, size: usize, seconds: f64) -> Sam
     let elapsed = started.elapsed();
     latencies.sort_unstable();
     let ops = latencies.len() as u64;
-    Sample { ops, bytes: ops * size as u64, elapsed, latencies_us: latencies, records_per_sync: None }
+    Sample { ops, bytes: ops * size as u64, elapsed, latencies_us: latencies, records_per_sync: None, device: None }
 }
 
 fn fresh_dir(root: &Path, name: &str) -> PathBuf {
@@ -301,7 +335,7 @@ fn run_fio(root: &Path, jobs: usize, bs: usize, overwrite: bool, file_size: u64,
     let sync = &job["sync"]["lat_ns"]["percentile"];
     let at = |key: &str| (sync[key].as_f64().unwrap_or(f64::NAN) / 1000.0 + write_mean_us) as u32;
     let latencies_us = vec![at("50.000000"), at("99.000000"), at("99.900000")];
-    Sample { ops, bytes, elapsed: runtime, latencies_us, records_per_sync: None }
+    Sample { ops, bytes, elapsed: runtime, latencies_us, records_per_sync: None, device: None }
 }
 
 /// A row of a result table: medians over rounds.
@@ -327,8 +361,15 @@ impl Row {
         let rps = median(self.samples.iter().filter_map(|s| s.records_per_sync).collect());
         let ratio = baseline.map_or(String::new(), |(_, base)| format!("{:.2}x", self.ops() / base));
         let rps = if rps.is_finite() { format!("{rps:.1}") } else { "-".into() };
+        let per = |f: &dyn Fn(&Sample, DeviceDelta) -> f64| {
+            median(self.samples.iter().filter_map(|s| s.device.map(|d| f(s, d))).collect())
+        };
+        let amplification = per(&|s, d| d.0 as f64 / s.bytes.max(1) as f64);
+        let writes = per(&|s, d| d.1 as f64 / s.ops.max(1) as f64);
+        let flushes = per(&|s, d| d.2 as f64 / s.ops.max(1) as f64);
+        let queue = per(&|_, d| d.3);
         println!(
-            "| {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {} |",
+            "| {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {} | {amplification:.2} | {writes:.2} | {flushes:.2} | {queue:.1} |",
             self.name,
             self.ops(),
             mib,
@@ -343,8 +384,10 @@ impl Row {
 
 fn print_table(title: &str, rows: &[Row], baseline_name: &str) {
     println!("\n### {title}\n");
-    println!("| system | ops/s | MiB/s | p50 µs | p99 µs | p99.9 µs | records/sync | vs {baseline_name} |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| system | ops/s | MiB/s | p50 µs | p99 µs | p99.9 µs | records/sync | vs {baseline_name} | disk bytes / record bytes | disk writes / record | disk flushes / record | disk queue |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let baseline = rows.iter().find(|r| r.name == baseline_name).map(|r| (baseline_name, r.ops()));
     for row in rows {
         row.print(baseline);
@@ -355,14 +398,81 @@ fn print_table(title: &str, rows: &[Row], baseline_name: &str) {
 fn rounds(args: &Args, systems: &[Runner]) -> Vec<Row> {
     let mut rows: Vec<Row> =
         systems.iter().map(|(name, _, fio)| Row { name: name.clone(), samples: Vec::new(), fio: *fio }).collect();
+    let device = device_of(&args.dir);
     for round in 0..args.rounds {
         for (i, (name, run, _)) in systems.iter().enumerate() {
-            let sample = run();
-            eprintln!("  round {round} {name}: {:.0} ops/s", sample.ops_per_sec());
+            if args.systems.as_ref().is_some_and(|words| !words.iter().any(|w| name.contains(w.as_str()))) {
+                continue;
+            }
+            let before = device.as_deref().and_then(disk_stats);
+            let mut sample = run();
+            if let (Some(before), Some(after)) = (before, device.as_deref().and_then(disk_stats)) {
+                sample.device = Some(after.since(before));
+            }
+            eprintln!("  round {round} {name}: {:.0} ops/s, disk: {:?}", sample.ops_per_sec(), sample.device);
             rows[i].samples.push(sample);
         }
     }
+    rows.retain(|row| !row.samples.is_empty());
     rows
+}
+
+/// The `/proc/diskstats` name of the whole disk holding `dir` (`vda`),
+/// found through `/sys/dev/block/MAJOR:MINOR`.
+fn device_of(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let link = std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")).ok()?;
+    // A partition's parent directory is its disk.
+    let disk = if link.join("partition").exists() { link.parent()?.to_path_buf() } else { link };
+    Some(disk.file_name()?.to_string_lossy().into_owned())
+}
+
+/// What a disk has done so far (`/proc/diskstats`).
+#[derive(Clone, Copy, Debug)]
+struct DiskStats {
+    /// Bytes written.
+    bytes: u64,
+    /// Write requests completed.
+    writes: u64,
+    /// Flush requests completed (what an `fdatasync` becomes, with a
+    /// volatile write cache).
+    flushes: u64,
+    /// Milliseconds of requests in flight, summed over requests.
+    weighted_ms: u64,
+    /// When read.
+    at: Instant,
+}
+
+impl DiskStats {
+    /// Bytes, writes and flushes since `before`, and the average number of
+    /// requests in flight meanwhile.
+    fn since(self, before: DiskStats) -> DeviceDelta {
+        let wall_ms = self.at.duration_since(before.at).as_secs_f64() * 1000.0;
+        (
+            self.bytes.saturating_sub(before.bytes),
+            self.writes.saturating_sub(before.writes),
+            self.flushes.saturating_sub(before.flushes),
+            self.weighted_ms.saturating_sub(before.weighted_ms) as f64 / wall_ms.max(1e-9),
+        )
+    }
+}
+
+/// What `device` has done so far.
+fn disk_stats(device: &str) -> Option<DiskStats> {
+    let stats = std::fs::read_to_string("/proc/diskstats").ok()?;
+    let line = stats.lines().find(|line| line.split_whitespace().nth(2) == Some(device))?;
+    let fields: Vec<u64> = line.split_whitespace().skip(3).map(|f| f.parse().unwrap_or(0)).collect();
+    // After the name: reads, merged, sectors, ms; writes, merged, sectors,
+    // ms; in flight, ms busy, weighted ms; discards (4 fields); flushes, ms.
+    Some(DiskStats {
+        bytes: fields.get(6)? * 512,
+        writes: *fields.get(4)?,
+        flushes: fields.get(15).copied().unwrap_or(0),
+        weighted_ms: *fields.get(10)?,
+        at: Instant::now(),
+    })
 }
 
 fn wal_systems(include_fresh: bool) -> Vec<System> {
