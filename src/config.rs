@@ -250,7 +250,7 @@ verify_interval = "60s"
 [compaction]
 garbage_ratio = 0.5
 min_garbage = "64MiB"
-check_interval = "30s"
+check_interval = "1s"
 max_bytes_per_sec = "64MiB"
 
 [auth]
