@@ -11,6 +11,9 @@
 //! Faults are injected per operation kind and path, by errno, optionally as
 //! short writes, sticky (a dead disk) or at random from the seed. Operations
 //! can be paused (a hung fsync) and resumed, or delayed.
+//! [`SimStorage::crash_before_op`] cuts the power at a chosen operation
+//! (inside a roll, a rename, a batch), keeping the image for the test while
+//! the run goes on.
 
 // A test double: its indexing is over its own in-memory state, and a
 // panic here fails a test, never a node.
@@ -134,6 +137,12 @@ struct State {
     delays: Vec<(FaultOp, Option<String>, Duration)>,
     injected: u64,
     space: Space,
+    /// Operations entered so far.
+    ops: u64,
+    /// Take a crash image as the operation with this number starts.
+    crash_at: Option<u64>,
+    /// The image taken there.
+    crashed: Option<SimStorage>,
 }
 
 impl State {
@@ -152,6 +161,9 @@ impl State {
             delays: Vec::new(),
             injected: 0,
             space: Space { total: 1 << 40, free: 1 << 40 },
+            ops: 0,
+            crash_at: None,
+            crashed: None,
         }
     }
 }
@@ -265,32 +277,24 @@ impl SimStorage {
     /// faults. Synced data and synced names survive; everything else survives
     /// in part, not at all, or as garbage, chosen by the seed.
     pub fn crash_image(&self) -> SimStorage {
+        image_of(&mut self.lock())
+    }
+
+    /// Arranges for a power cut in the middle of what runs next: just
+    /// before the `n`-th following operation (1 for the very next) starts,
+    /// a [`SimStorage::crash_image`] is taken and kept for
+    /// [`SimStorage::take_crashed`]. Operations go on as if nothing
+    /// happened. Counting every operation of every thread, it lands at a
+    /// reproducible point of a single-threaded run.
+    pub fn crash_before_op(&self, n: u64) {
         let mut state = self.lock();
-        let seed = state.rng.next_u64();
-        let mut rng = SimRng::new(seed);
-        let kept_ops = rng.below(state.journal.len() as u64 + 1) as usize;
-        let mut names = state.durable_names.clone();
-        for op in &state.journal[..kept_ops] {
-            apply(&mut names, op);
-        }
-        let mut files = HashMap::new();
-        for id in names.values() {
-            if files.contains_key(id) {
-                continue;
-            }
-            let file = state.files.get(id).cloned().unwrap_or_default();
-            let image = crashed_contents(&file, &mut rng);
-            files.insert(*id, FileData { data: image.clone(), durable: image, dirty: None });
-        }
-        let next_id = state.next_id;
-        drop(state);
-        SimStorage::from_state(State {
-            files,
-            durable_names: names.clone(),
-            names,
-            next_id,
-            ..State::empty(seed ^ 0x9e37_79b9_7f4a_7c15)
-        })
+        state.crash_at = Some(state.ops + n.max(1));
+        state.crashed = None;
+    }
+
+    /// The image [`SimStorage::crash_before_op`] took, once it was taken.
+    pub fn take_crashed(&self) -> Option<SimStorage> {
+        self.lock().crashed.take()
     }
 
     /// Waits out pauses and delays, then decides whether `op` on `path`
@@ -303,6 +307,11 @@ impl SimStorage {
             })
         };
         let mut state = self.lock();
+        state.ops += 1;
+        if state.crash_at == Some(state.ops) {
+            let image = image_of(&mut state);
+            state.crashed = Some(image);
+        }
         if is_paused(&state) {
             state.held += 1;
             while is_paused(&state) {
@@ -353,6 +362,33 @@ impl SimStorage {
     fn file_of(state: &mut State, id: FileId) -> &mut FileData {
         state.files.entry(id).or_default()
     }
+}
+
+/// What a power cut now would leave of `state`; see [`SimStorage::crash_image`].
+fn image_of(state: &mut State) -> SimStorage {
+    let seed = state.rng.next_u64();
+    let mut rng = SimRng::new(seed);
+    let kept_ops = rng.below(state.journal.len() as u64 + 1) as usize;
+    let mut names = state.durable_names.clone();
+    for op in &state.journal[..kept_ops] {
+        apply(&mut names, op);
+    }
+    let mut files = HashMap::new();
+    for id in names.values() {
+        if files.contains_key(id) {
+            continue;
+        }
+        let file = state.files.get(id).cloned().unwrap_or_default();
+        let image = crashed_contents(&file, &mut rng);
+        files.insert(*id, FileData { data: image.clone(), durable: image, dirty: None });
+    }
+    SimStorage::from_state(State {
+        files,
+        durable_names: names.clone(),
+        names,
+        next_id: state.next_id,
+        ..State::empty(seed ^ 0x9e37_79b9_7f4a_7c15)
+    })
 }
 
 fn not_found() -> io::Error {
@@ -776,6 +812,29 @@ mod tests {
         let after_failure = sim.crash_image().contents(path).unwrap();
         file.sync_data().unwrap();
         assert_eq!(sim.crash_image().contents(path).unwrap(), after_failure);
+    }
+
+    #[test]
+    fn a_power_cut_lands_before_the_chosen_operation() {
+        let mut lost = false;
+        for seed in 0..50 {
+            let sim = SimStorage::new(seed);
+            let path = Path::new("/d/f");
+            let file = write(&sim, path, 0, &[1u8; 1024]);
+            file.sync_data().unwrap();
+            sim.sync_dir(Path::new("/d")).unwrap();
+            // The write is operation 1, its sync operation 2: the cut comes
+            // between them.
+            sim.crash_before_op(2);
+            file.write_all_at(1024, &[Bytes::from(vec![2u8; 1024])]).unwrap();
+            assert!(sim.take_crashed().is_none(), "seed {seed}: taken too early");
+            file.sync_data().unwrap();
+            let image = sim.take_crashed().unwrap().contents(path).unwrap();
+            assert_eq!(&image[..1024], &[1u8; 1024][..], "seed {seed}");
+            lost |= image.len() < 2048 || image[1024..] != [2u8; 1024][..];
+            assert!(sim.take_crashed().is_none(), "one cut per arming");
+        }
+        assert!(lost, "bytes unsynced at the cut must sometimes be lost");
     }
 
     #[test]
