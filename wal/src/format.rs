@@ -20,6 +20,9 @@ pub const RECORD_HEADER_LEN: usize = 48;
 pub const RECORD_ALIGN: usize = 8;
 /// Largest payload a single record may carry.
 pub const MAX_RECORD_LEN: usize = u32::MAX as usize - RECORD_HEADER_LEN - RECORD_ALIGN;
+/// Segment header flag: the file is a recycled segment, so the bytes after
+/// its last record may be stale records of the earlier segments it held.
+pub const SEGMENT_FLAG_RECYCLED: u32 = 1;
 
 /// The header at offset 0 of a segment file.
 ///
@@ -33,6 +36,10 @@ pub struct SegmentHeader {
     pub segment_id: u64,
     /// LSN of the first record in the segment.
     pub first_lsn: Lsn,
+    /// The file held earlier segments of this log (it was recycled): past
+    /// the records, its bytes are stale records of those segments, whose
+    /// segment ids are all lower than this one's, not zeros.
+    pub recycled: bool,
 }
 
 /// Why bytes did not decode as a segment header or a record.
@@ -53,6 +60,8 @@ pub enum FrameError {
     BadLength,
     /// The alignment padding after the payload is not zero.
     BadPadding,
+    /// A segment header sets flags this version does not know.
+    BadFlags(u32),
 }
 
 impl std::fmt::Display for FrameError {
@@ -65,6 +74,7 @@ impl std::fmt::Display for FrameError {
             FrameError::Misplaced => f.write_str("record of another log, segment or LSN"),
             FrameError::BadLength => f.write_str("impossible record length"),
             FrameError::BadPadding => f.write_str("non-zero padding"),
+            FrameError::BadFlags(flags) => write!(f, "unknown segment flags {flags:#x}"),
         }
     }
 }
@@ -79,6 +89,8 @@ impl SegmentHeader {
         out[16..24].copy_from_slice(&self.log_id.to_le_bytes());
         out[24..32].copy_from_slice(&self.segment_id.to_le_bytes());
         out[32..40].copy_from_slice(&self.first_lsn.to_le_bytes());
+        let flags = if self.recycled { SEGMENT_FLAG_RECYCLED } else { 0 };
+        out[40..44].copy_from_slice(&flags.to_le_bytes());
         let crc = crc32fast::hash(&out[0..60]);
         out[60..64].copy_from_slice(&crc.to_le_bytes());
         out
@@ -104,10 +116,15 @@ impl SegmentHeader {
         if le_u32(bytes, 12) as usize != SEGMENT_HEADER_LEN {
             return Err(FrameError::BadLength);
         }
+        let flags = le_u32(bytes, 40);
+        if flags & !SEGMENT_FLAG_RECYCLED != 0 {
+            return Err(FrameError::BadFlags(flags));
+        }
         Ok(Some(SegmentHeader {
             log_id: le_u64(bytes, 16),
             segment_id: le_u64(bytes, 24),
             first_lsn: le_u64(bytes, 32),
+            recycled: flags & SEGMENT_FLAG_RECYCLED != 0,
         }))
     }
 }
@@ -236,6 +253,14 @@ pub(crate) fn record_len(head: &[u8]) -> usize {
     le_u32(head, 8) as usize
 }
 
+/// The log id and segment id a record header names, unchecked (`None` for
+/// fewer bytes than a header): lets a scan skip another segment's records
+/// before computing their checksum.
+pub(crate) fn record_owner(head: &[u8]) -> Option<(u64, u64)> {
+    let head = head.get(..RECORD_HEADER_LEN)?;
+    Some((le_u64(head, 16), le_u64(head, 24)))
+}
+
 /// The little-endian `u32` at `at`; callers pass a header whose length was
 /// checked, and a short slice reads as zeros (which fails every check).
 fn le_u32(bytes: &[u8], at: usize) -> u32 {
@@ -278,13 +303,15 @@ mod tests {
 
     #[test]
     fn segment_header_rejects_every_single_bit_flip() {
-        let header = SegmentHeader { log_id: 7, segment_id: 3, first_lsn: 1000 };
-        let bytes = header.encode();
-        assert_eq!(SegmentHeader::decode(&bytes), Ok(Some(header)));
-        for bit in 0..bytes.len() * 8 {
-            let mut flipped = bytes;
-            flipped[bit / 8] ^= 1 << (bit % 8);
-            assert!(SegmentHeader::decode(&flipped).is_err(), "bit {bit} flip accepted");
+        for recycled in [false, true] {
+            let header = SegmentHeader { log_id: 7, segment_id: 3, first_lsn: 1000, recycled };
+            let bytes = header.encode();
+            assert_eq!(SegmentHeader::decode(&bytes), Ok(Some(header)));
+            for bit in 0..bytes.len() * 8 {
+                let mut flipped = bytes;
+                flipped[bit / 8] ^= 1 << (bit % 8);
+                assert!(SegmentHeader::decode(&flipped).is_err(), "bit {bit} flip accepted");
+            }
         }
     }
 

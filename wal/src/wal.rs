@@ -96,6 +96,11 @@ pub struct WalStats {
     pub segments: u64,
     /// Bytes used by records in the live segments (headers included).
     pub log_bytes: u64,
+    /// Segments started in a recycled file (a purged segment's) rather
+    /// than in a pre-written or fresh one.
+    pub recycled_segments: u64,
+    /// Recycled spares kept for the next rolls.
+    pub recycled_spares: u64,
 }
 
 impl Wal {
@@ -123,7 +128,13 @@ impl Wal {
             // New, or made before the marker existed.
             write_marker(storage.as_ref(), &dir, options.log_id)?;
         }
-        let recovered = recovery::recover(storage.as_ref(), &dir, options.log_id, options.known_durable_lsn)?;
+        let recovered = recovery::recover(
+            storage.as_ref(),
+            &dir,
+            options.log_id,
+            options.known_durable_lsn,
+            options.recycled_segments,
+        )?;
         if recovered.torn_bytes > 0 {
             tracing::warn!(dir = %dir.display(), bytes = recovered.torn_bytes, "zeroed torn tail at open");
         }
@@ -162,6 +173,7 @@ impl Wal {
             options.prewrite_segments,
             prepare_ahead,
             recovered.spare,
+            recovered.recycled,
             recovered.next_segment_id,
             engine.clone(),
         ));
@@ -385,6 +397,8 @@ impl Wal {
             sync_nanos: c.sync_nanos.load(Ordering::Relaxed),
             segments: table.segments.len() as u64,
             log_bytes: table.segments.values().map(|s| s.end_offset).sum(),
+            recycled_segments: c.recycled.load(Ordering::Relaxed),
+            recycled_spares: self.preparer.recycled_count() as u64,
         }
     }
 
