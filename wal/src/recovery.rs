@@ -48,7 +48,7 @@ use bytes::Bytes;
 
 use crate::Lsn;
 use crate::error::{Corruption, Error, IoOp, Result};
-use crate::format::{self, Expected, FrameError, RECORD_ALIGN, RECORD_MAGIC, SEGMENT_HEADER_LEN, SegmentHeader};
+use crate::format::{self, Expected, FrameError, RECORD_ALIGN, SEGMENT_HEADER_LEN, SegmentHeader};
 use crate::segment::{self, DirEntry, SegmentMeta};
 use crate::storage::{Storage, StorageFile};
 
@@ -374,12 +374,11 @@ struct OwnRecords {
 /// The valid records of this log and segment (any LSN) that start at or
 /// after `from`; `None` when there is no such record.
 fn own_records_after(bytes: &[u8], from: usize, log_id: u64, id: u64) -> Option<OwnRecords> {
-    let magic = RECORD_MAGIC.to_le_bytes();
     let expected = Expected { log_id, segment_id: id, lsn: None };
     let last_start = bytes.len().checked_sub(format::RECORD_HEADER_LEN)?;
     (from.next_multiple_of(RECORD_ALIGN)..=last_start)
         .step_by(RECORD_ALIGN)
-        .filter(|at| bytes.get(*at..*at + 4) == Some(&magic[..]))
+        .filter(|at| bytes.get(*at..).is_some_and(format::has_record_magic))
         // Stale records of a recycled file are skipped on their ids, before
         // their checksum is computed.
         .filter(|at| bytes.get(*at..).is_some_and(|head| format::record_owner(head) == Some((log_id, id))))

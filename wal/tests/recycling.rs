@@ -486,15 +486,16 @@ fn reads_past_the_tail_never_return_stale_records() {
     let (tail, bytes) = tail_of(&sim, &wal, active);
     // Every stale record past the tail, asked for by its place.
     let mut stale = 0;
-    for at in (tail as usize..bytes.len().saturating_sub(48)).step_by(8) {
-        let head = &bytes[at..at + 48];
-        if head[..4] != *b"DNWR" {
+    for at in (tail as usize..bytes.len().saturating_sub(format::RECORD_HEADER_LEN)).step_by(format::RECORD_ALIGN) {
+        let head = &bytes[at..at + format::RECORD_HEADER_LEN];
+        if head[format::RECORD_MAGIC_OFFSET..][..4] != format::RECORD_MAGIC.to_le_bytes() {
             continue;
         }
         stale += 1;
-        let len = u32::from_le_bytes(head[8..12].try_into().unwrap());
-        let lsn = u64::from_le_bytes(head[32..40].try_into().unwrap());
-        let old_segment = u64::from_le_bytes(head[24..32].try_into().unwrap());
+        let u64_at = |offset: usize| u64::from_le_bytes(head[offset..offset + 8].try_into().unwrap());
+        let len = u32::from_le_bytes(head[format::RECORD_LEN_OFFSET..][..4].try_into().unwrap());
+        let lsn = u64_at(format::RECORD_LSN_OFFSET);
+        let old_segment = u64_at(format::RECORD_SEGMENT_ID_OFFSET);
         for pos in [
             RecordPos { segment_id: active, offset: at as u64, lsn: last, len },
             RecordPos { segment_id: active, offset: at as u64, lsn, len },
