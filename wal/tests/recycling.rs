@@ -31,8 +31,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use common::*;
 use datanode_wal::format::{self, RecordHeader};
-use datanode_wal::storage::{Fault, FaultOp, SimRng, SimStorage};
-use datanode_wal::{Corruption, Durability, Error, RecordPos, Storage, Wal, WalOptions};
+use datanode_wal::storage::{Fault, SimRng, SimStorage};
+use datanode_wal::{Corruption, Durability, Error, IoOp, RecordPos, Storage, Wal, WalOptions};
 
 const DIR: &str = "/wal";
 
@@ -169,7 +169,7 @@ fn round(seed: u64, tally: &mut Tally) {
         // power cut there (see below): no truncation while faults are armed.
         let faulty = rng.below(6) == 0;
         if faulty {
-            let op = [FaultOp::Write, FaultOp::Sync, FaultOp::SyncDir, FaultOp::Metadata][rng.below(4) as usize];
+            let op = [IoOp::Write, IoOp::Sync, IoOp::SyncDir, IoOp::Metadata][rng.below(4) as usize];
             let mut fault = Fault::new(op, libc::EIO).after(rng.below(40));
             if rng.below(2) == 0 {
                 fault = fault.short_write();
