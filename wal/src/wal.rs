@@ -307,9 +307,12 @@ impl Wal {
     }
 
     /// Reads the record at `pos` (as returned by an append), verifying its
-    /// checksum, LSN and owner. Blocking: one `pread`.
+    /// checksum, LSN and owner. Blocking: one `pread`. A record the log no
+    /// longer holds is [`Error::LsnOutOfRange`], also when it was purged or
+    /// truncated while being read (its file may be recycled and written
+    /// over meanwhile): only bytes the log still holds are corruption.
     pub fn read(&self, pos: RecordPos) -> Result<Bytes> {
-        self.segment_of(pos)?.read_record(self.shared.log_id, pos)
+        self.segment_of(pos)?.read_record(self.shared.log_id, pos).map_err(|e| self.unless_gone(pos, e))
     }
 
     /// [`Wal::read`] when the record's bytes are all in the page cache:
@@ -317,7 +320,21 @@ impl Wal {
     /// `Ok(None)`: not cached (or the backend cannot tell); call `read`
     /// from a blocking thread. The bytes are verified exactly as by `read`.
     pub fn read_cached(&self, pos: RecordPos) -> Result<Option<Bytes>> {
-        self.segment_of(pos)?.read_record_cached(self.shared.log_id, pos)
+        self.segment_of(pos)?.read_record_cached(self.shared.log_id, pos).map_err(|e| self.unless_gone(pos, e))
+    }
+
+    /// A record that fails its check because the log let go of it while it
+    /// was being read is out of range, not corrupt: its segment was purged
+    /// and the file recycled and written over by a later segment, or it was
+    /// truncated away. Only what the log still holds can be corrupt.
+    fn unless_gone(&self, pos: RecordPos, error: Error) -> Error {
+        match error {
+            Error::Corruption { .. } => match self.segment_of(pos) {
+                Err(gone) => gone,
+                Ok(_) => error,
+            },
+            other => other,
+        }
     }
 
     fn segment_of(&self, pos: RecordPos) -> Result<SegmentMeta> {
@@ -348,7 +365,12 @@ impl Wal {
                 break;
             }
             let from = lsn.max(segment.first_lsn);
-            segment.read_from(self.shared.log_id, from, max_bytes.saturating_sub(taken), &mut records)?;
+            let read = segment.read_from(self.shared.log_id, from, max_bytes.saturating_sub(taken), &mut records);
+            if let Err(error) = read {
+                let failed = records.last().map_or(from, |r| r.lsn + 1).max(from);
+                let pos = RecordPos { segment_id: segment.id, offset: 0, lsn: failed, len: 0 };
+                return Err(self.unless_gone(pos, error));
+            }
         }
         Ok(records)
     }

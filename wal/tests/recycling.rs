@@ -595,3 +595,40 @@ fn spares_are_bounded_and_kept_only_by_a_log_that_purged() {
     assert!(recycled_names(storage.as_ref()).is_empty(), "recycling off: purged segments are removed");
     assert_eq!(wal.stats().recycled_segments, 0);
 }
+
+#[test]
+fn a_read_that_races_the_recycling_of_its_segment_is_out_of_range_not_corrupt() {
+    // A reader finds its record's segment, then stalls before its pread;
+    // meanwhile the segment is purged, its file recycled and written over
+    // by a later segment. The bytes it then reads fail their check: the
+    // record is gone from the log, which is not corruption.
+    let (sim, storage) = sim(49);
+    let wal = Arc::new(open(&storage, Path::new(DIR), WalOptions { prewrite_segments: false, ..options(49) }));
+    let mut positions = Vec::new();
+    let mut seq = 0;
+    while wal.stats().segments < 3 {
+        seq += 1;
+        positions.push(wal.append_blocking(vec![payload(49, seq, 300)]).unwrap().positions[0]);
+    }
+    // The newest purged segment is the one kept as the spare.
+    let first = *positions.iter().find(|pos| pos.segment_id == 2).unwrap();
+    sim.pause_on(IoOp::Read, segment_path(first.segment_id).to_string_lossy().into_owned());
+    let reader = {
+        let wal = Arc::clone(&wal);
+        std::thread::spawn(move || wal.read(first))
+    };
+    wait_until("the read is held", || sim.held() == 1);
+    wal.purge_before_blocking(wal.last_lsn()).unwrap();
+    while wal.stats().recycled_segments == 0 {
+        seq += 1;
+        wal.append_blocking(vec![payload(49, seq, 330)]).unwrap();
+    }
+    // Write the recycled file over the record's place.
+    for _ in 0..12 {
+        seq += 1;
+        wal.append_blocking(vec![payload(49, seq, 330)]).unwrap();
+    }
+    sim.resume(IoOp::Read);
+    let result = reader.join().unwrap();
+    assert!(matches!(result, Err(Error::LsnOutOfRange { .. })), "{result:?}");
+}
