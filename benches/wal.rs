@@ -143,6 +143,9 @@ enum System {
     /// The logs share one engine of 16 I/O threads, as a node's partitions
     /// on one disk do.
     DatanodeShared,
+    /// The log writes into a recycled segment (a purged segment's file),
+    /// as a log that purges does once its segments roll.
+    DatanodeRecycled,
     RaftEngine {
         recycle: bool,
     },
@@ -156,6 +159,7 @@ impl System {
             System::Datanode { prewrite: false, .. } => "datanode-wal (std, fresh space)",
             System::Datanode { .. } => "datanode-wal (std)",
             System::DatanodeShared => "datanode-wal (std, one shared engine)",
+            System::DatanodeRecycled => "datanode-wal (std, recycled space)",
             System::RaftEngine { recycle: true } => "raft-engine 0.4 (recycle+prefill)",
             System::RaftEngine { recycle: false } => "raft-engine 0.4",
             System::OkayWal => "okaywal 0.3",
@@ -166,7 +170,7 @@ impl System {
     /// appenders.
     fn open(self, dir: &Path, segment_size: u64) -> Opened {
         match self {
-            System::Datanode { .. } | System::DatanodeShared => {
+            System::Datanode { .. } | System::DatanodeShared | System::DatanodeRecycled => {
                 let (backend, prewrite) = match self {
                     System::Datanode { backend, prewrite } => (backend, prewrite),
                     _ => (IoBackend::Std, true),
@@ -180,6 +184,9 @@ impl System {
                 let storage = open_backend(backend).expect("backend");
                 let options = WalOptions { segment_size, prewrite_segments: prewrite, engine, ..WalOptions::new(1) };
                 let wal = Arc::new(Wal::open(storage, dir, options).expect("open wal"));
+                if matches!(self, System::DatanodeRecycled) {
+                    into_recycled_segment(&wal);
+                }
                 // Take the first segment outside the measured time.
                 wal.append_blocking(vec![Bytes::from_static(b"warm-up")]).expect("warm-up");
                 let start = wal.stats();
@@ -235,6 +242,17 @@ impl System {
                 }
             }
         }
+    }
+}
+
+/// Fills and purges segments (outside the measured time) until the log
+/// writes into a recycled file, with a purged segment kept as the next
+/// spare.
+fn into_recycled_segment(wal: &Wal) {
+    let record = Bytes::from(vec![7u8; 1 << 20]);
+    while wal.stats().recycled_segments == 0 {
+        wal.append_blocking(vec![record.clone()]).expect("fill");
+        wal.purge_before_blocking(wal.last_lsn()).expect("purge");
     }
 }
 
@@ -504,8 +522,12 @@ fn fio_runner(name: &str, root: &Path, jobs: usize, bs: usize, overwrite: bool, 
 
 fn w1(args: &Args, fio: bool) {
     let root = args.dir.join("w1");
-    let mut runners: Vec<Runner> =
-        wal_systems(true).into_iter().chain(peers()).map(|s| wal_runner(s, &root, 1, 1, 4096, args.seconds)).collect();
+    let mut runners: Vec<Runner> = wal_systems(true)
+        .into_iter()
+        .chain([System::DatanodeRecycled])
+        .chain(peers())
+        .map(|s| wal_runner(s, &root, 1, 1, 4096, args.seconds))
+        .collect();
     if fio {
         runners.push(fio_runner("fio sync-write (overwrite)", &root, 1, 4096, true, 256 << 20, args.seconds));
         runners.push(fio_runner("fio sync-write (fresh)", &root, 1, 4096, false, 256 << 20, args.seconds));

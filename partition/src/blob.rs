@@ -22,7 +22,36 @@ pub const MAX_KEY_LEN: usize = 1024;
 const PUT: u8 = 1;
 const DELETE: u8 = 2;
 const COMPACTED_PUT: u8 = 3;
-const HEADER_LEN: usize = 3;
+
+// The layout, field by field; each offset follows from the one before it.
+// Nothing outside this file computes them.
+const KIND_OFFSET: usize = 0;
+const KIND_LEN: usize = size_of::<u8>();
+/// Compacted puts only: the original put's LSN follows the kind.
+const ORIGINAL_LSN_OFFSET: usize = KIND_OFFSET + KIND_LEN;
+const ORIGINAL_LSN_LEN: usize = size_of::<u64>();
+const KEY_LEN_LEN: usize = size_of::<u16>();
+
+/// Where the key length of a record of `kind` is.
+const fn key_len_offset(kind: u8) -> usize {
+    if kind == COMPACTED_PUT { ORIGINAL_LSN_OFFSET + ORIGINAL_LSN_LEN } else { KIND_OFFSET + KIND_LEN }
+}
+
+/// Where the key of a record of `kind` starts.
+const fn key_offset(kind: u8) -> usize {
+    key_len_offset(kind) + KEY_LEN_LEN
+}
+
+/// Where the value starts in the record of a put of a `key_len`-byte key.
+pub const fn put_value_offset(key_len: usize) -> usize {
+    key_offset(PUT) + key_len
+}
+
+/// Where the value starts in the record of a compacted put of a
+/// `key_len`-byte key.
+pub const fn compacted_put_value_offset(key_len: usize) -> usize {
+    key_offset(COMPACTED_PUT) + key_len
+}
 
 /// A decoded log entry of the blob store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +83,7 @@ pub fn check_key(key: &[u8]) -> Result<(), String> {
 
 /// The record of a put: header, key and value in one buffer.
 pub fn encode_put(key: &[u8], value: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(HEADER_LEN + key.len() + value.len());
+    let mut out = BytesMut::with_capacity(put_value_offset(key.len()) + value.len());
     out.put_u8(PUT);
     out.put_u16_le(key.len() as u16);
     out.put_slice(key);
@@ -64,7 +93,7 @@ pub fn encode_put(key: &[u8], value: &[u8]) -> Bytes {
 
 /// The record of a compacted put: a put that keeps its original LSN.
 pub fn encode_compacted_put(original_lsn: u64, key: &[u8], value: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(8 + HEADER_LEN + key.len() + value.len());
+    let mut out = BytesMut::with_capacity(compacted_put_value_offset(key.len()) + value.len());
     out.put_u8(COMPACTED_PUT);
     out.put_u64_le(original_lsn);
     out.put_u16_le(key.len() as u16);
@@ -75,7 +104,7 @@ pub fn encode_compacted_put(original_lsn: u64, key: &[u8], value: &[u8]) -> Byte
 
 /// The record of a delete.
 pub fn encode_delete(key: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(HEADER_LEN + key.len());
+    let mut out = BytesMut::with_capacity(key_offset(DELETE) + key.len());
     out.put_u8(DELETE);
     out.put_u16_le(key.len() as u16);
     out.put_slice(key);
@@ -84,13 +113,17 @@ pub fn encode_delete(key: &[u8]) -> Bytes {
 
 /// Decodes a record; `None` for bytes this layer never writes.
 pub fn decode(record: &Bytes) -> Option<BlobOp> {
-    let kind = *record.first()?;
-    let (original_lsn, at) = match kind {
-        COMPACTED_PUT => (Some(u64::from_le_bytes(record.get(1..9)?.try_into().ok()?)), 9),
-        _ => (None, 1),
+    let kind = *record.get(KIND_OFFSET)?;
+    let original_lsn = match kind {
+        COMPACTED_PUT => {
+            let bytes = record.get(ORIGINAL_LSN_OFFSET..ORIGINAL_LSN_OFFSET + ORIGINAL_LSN_LEN)?;
+            Some(u64::from_le_bytes(bytes.try_into().ok()?))
+        }
+        _ => None,
     };
-    let len = u16::from_le_bytes([*record.get(at)?, *record.get(at + 1)?]) as usize;
-    let key_start = at + 2;
+    let at = key_len_offset(kind);
+    let len = u16::from_le_bytes(record.get(at..at + KEY_LEN_LEN)?.try_into().ok()?) as usize;
+    let key_start = key_offset(kind);
     if len == 0 || len > MAX_KEY_LEN || record.len() < key_start + len {
         return None;
     }
@@ -119,6 +152,7 @@ mod tests {
                 Some(BlobOp::Put { key: k, value_offset, original_lsn: None }) => {
                     prop_assert_eq!(&k[..], &key[..]);
                     prop_assert_eq!(&put[value_offset..], &value[..]);
+                    prop_assert_eq!(value_offset, put_value_offset(key.len()));
                 }
                 other => prop_assert!(false, "{other:?}"),
             }
@@ -127,6 +161,7 @@ mod tests {
                 Some(BlobOp::Put { key: k, value_offset, original_lsn: Some(77) }) => {
                     prop_assert_eq!(&k[..], &key[..]);
                     prop_assert_eq!(&compacted[value_offset..], &value[..]);
+                    prop_assert_eq!(value_offset, compacted_put_value_offset(key.len()));
                 }
                 other => prop_assert!(false, "{other:?}"),
             }

@@ -213,8 +213,7 @@ impl Partition {
                     .append_blocking(std::mem::take(&mut records))
                     .map_err(|e| Error::CompactionFailed(Fault::from_wal(&e)))?;
                 for ((key, old), pos) in pending.drain(..).zip(appended.positions) {
-                    // kind (1) + original LSN (8) + key length (2) + key
-                    let value_offset = (11 + key.len()) as u32;
+                    let value_offset = blob::compacted_put_value_offset(key.len()) as u32;
                     relocations.push((key, old, BlobLoc { store: generation, pos, value_offset, lsn: old.lsn }));
                 }
                 copied += bytes as u64;

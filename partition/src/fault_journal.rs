@@ -250,7 +250,8 @@ fn write_copies(shared: &Shared, storage: &dyn Storage, root: &Path, disk: &str)
 mod tests {
     use super::*;
     use crate::state::FaultCause;
-    use datanode_wal::storage::{FaultOp, SimStorage};
+    use datanode_wal::IoOp;
+    use datanode_wal::storage::SimStorage;
     use std::time::UNIX_EPOCH;
 
     fn entry(partition: u64, disk: &str, message: &str) -> JournalEntry {
@@ -293,13 +294,13 @@ mod tests {
         for disk in &disks {
             sim.create_dir_all(&disk.path).unwrap();
         }
-        sim.pause_on(FaultOp::Write, "/b/");
+        sim.pause_on(IoOp::Write, "/b/");
         let journal = FaultJournal::start(sim.clone(), &disks);
         journal.publish(&[entry(9, "b", "gone")]);
         assert!(!journal.flush(Duration::from_millis(300)), "the hung disk's copy cannot be written");
         let seen = read_all(sim.as_ref(), &[disks[0].clone(), disks[2].clone()]);
         assert_eq!(seen.iter().map(|e| e.partition).collect::<Vec<_>>(), vec![9]);
-        sim.resume(FaultOp::Write);
+        sim.resume(IoOp::Write);
         assert!(journal.flush(Duration::from_secs(5)));
         journal.publish(&[]);
         assert!(journal.flush(Duration::from_secs(5)));

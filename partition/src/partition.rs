@@ -496,9 +496,9 @@ impl Partition {
             )));
         }
         let value_len = value.len();
+        let value_offset = blob::put_value_offset(key.len()) as u32;
         let pos = self
             .append(Write::Any, key, blob::encode_put(key, value), move |pos| {
-                let value_offset = (pos.len as usize).saturating_sub(value_len) as u32;
                 Entry::Live(BlobLoc { store: LOG_STORE, pos, value_offset, lsn: pos.lsn })
             })
             .await?;

@@ -12,8 +12,8 @@ use std::time::Duration;
 use datanode_partition::{
     DiskDir, DiskOptions, DiskState, FaultCause, PartitionDefaults, ReadOnlyReason, Registry, State,
 };
-use datanode_wal::storage::{Fault, FaultOp, SimStorage};
-use datanode_wal::{Storage, WalOptions};
+use datanode_wal::storage::{Fault, SimStorage};
+use datanode_wal::{IoOp, Storage, WalOptions};
 
 fn registry(sim: &SimStorage) -> Registry {
     let registry = open(sim);
@@ -51,13 +51,13 @@ fn disk_state(registry: &Registry, name: &str) -> DiskState {
 fn a_slow_disk_makes_its_partitions_read_only_until_it_is_fast_again() {
     let sim = SimStorage::new(1);
     let registry = registry(&sim);
-    sim.delay_on(FaultOp::Sync, "/d0/", Duration::from_millis(60));
+    sim.delay_on(IoOp::Sync, "/d0/", Duration::from_millis(60));
     registry.check_disks();
     assert_eq!(disk_state(&registry, "d0"), DiskState::Degraded);
     assert_eq!(state_of(&registry, 1), State::ReadOnly([ReadOnlyReason::DiskDegraded].into()));
     assert_eq!(state_of(&registry, 4), State::Healthy, "the other disk's partition");
     assert_eq!(disk_state(&registry, "d1"), DiskState::Healthy);
-    sim.delay_on(FaultOp::Sync, "/d0/", Duration::ZERO);
+    sim.delay_on(IoOp::Sync, "/d0/", Duration::ZERO);
     registry.check_disks();
     assert_eq!(disk_state(&registry, "d0"), DiskState::Healthy);
     assert_eq!(state_of(&registry, 1), State::Healthy);
@@ -67,7 +67,7 @@ fn a_slow_disk_makes_its_partitions_read_only_until_it_is_fast_again() {
 fn a_failing_probe_faults_the_disk_and_all_its_partitions_only() {
     let sim = SimStorage::new(2);
     let registry = registry(&sim);
-    sim.inject(Fault::new(FaultOp::Sync, libc::EIO).on_path("/d0/").sticky());
+    sim.inject(Fault::new(IoOp::Sync, libc::EIO).on_path("/d0/").sticky());
     let statuses = registry.check_disks();
     let d0 = statuses.iter().find(|d| d.name == "d0").unwrap();
     assert_eq!(d0.state, DiskState::Faulted);
@@ -87,14 +87,14 @@ fn a_failing_probe_faults_the_disk_and_all_its_partitions_only() {
 fn a_hung_probe_times_out_into_a_faulted_disk() {
     let sim = SimStorage::new(3);
     let registry = registry(&sim);
-    sim.pause_on(FaultOp::Sync, "/d0/.datanode-probe");
+    sim.pause_on(IoOp::Sync, "/d0/.datanode-probe");
     let statuses = registry.check_disks();
     let d0 = statuses.iter().find(|d| d.name == "d0").unwrap();
     assert_eq!(d0.state, DiskState::Faulted, "{d0:?}");
     // While the first probe still hangs, no second probe thread piles up.
     let again = registry.check_disks();
     assert!(again[0].last_probe.as_ref().unwrap().error.as_deref().unwrap().contains("still hanging"));
-    sim.resume(FaultOp::Sync);
+    sim.resume(IoOp::Sync);
     assert_eq!(disk_state(&registry, "d1"), DiskState::Healthy);
 }
 
@@ -103,7 +103,7 @@ fn enough_faulted_partitions_fault_their_disk() {
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let sim = SimStorage::new(4);
     let registry = registry(&sim);
-    sim.inject(Fault::new(FaultOp::Write, libc::EIO).on_path("/d0/partitions/").sticky());
+    sim.inject(Fault::new(IoOp::Write, libc::EIO).on_path("/d0/partitions/").sticky());
     for id in [1, 2] {
         assert!(rt.block_on(registry.get(id).unwrap().put(b"k", b"v")).is_err());
     }
@@ -180,7 +180,7 @@ fn a_dead_disks_faults_stay_sticky_across_a_restart_until_recover() {
     let registry = registry(&sim);
     rt.block_on(registry.get(1).unwrap().put(b"acked", b"before the disk died")).unwrap();
     // The filesystem shuts down: every operation on d0 fails from now on.
-    for op in [FaultOp::Open, FaultOp::Write, FaultOp::Sync, FaultOp::SyncDir, FaultOp::Metadata] {
+    for op in [IoOp::Open, IoOp::Write, IoOp::Sync, IoOp::SyncDir, IoOp::Metadata] {
         sim.inject(Fault::new(op, libc::EIO).on_path("/d0/").sticky());
     }
     assert!(rt.block_on(registry.get(1).unwrap().put(b"lost", b"never acknowledged")).is_err());
@@ -227,7 +227,7 @@ fn an_unreadable_partition_file_is_served_faulted_never_quarantined() {
     registry.close();
     drop(registry);
     // A latent sector error under partition 1's PARTITION file.
-    sim.inject(Fault::new(FaultOp::Read, libc::EIO).on_path("/d0/partitions/1/PARTITION").sticky());
+    sim.inject(Fault::new(IoOp::Read, libc::EIO).on_path("/d0/partitions/1/PARTITION").sticky());
     let registry = open(&sim);
     match state_of(&registry, 1) {
         State::Faulted(fault) => assert_eq!((fault.cause, fault.errno), (FaultCause::Io, Some(libc::EIO))),
@@ -262,7 +262,7 @@ fn partitions_share_their_disks_threads_and_a_hung_fsync_stalls_only_its_own() {
         registry.create(id, "d0").unwrap();
     }
     // One partition's fsync hangs; its put waits.
-    sim.pause_on(FaultOp::Sync, "/d0/partitions/1/");
+    sim.pause_on(IoOp::Sync, "/d0/partitions/1/");
     let hung = {
         let partition = registry.get(1).unwrap();
         rt.spawn(async move { partition.put(b"k", b"held").await })
@@ -285,7 +285,7 @@ fn partitions_share_their_disks_threads_and_a_hung_fsync_stalls_only_its_own() {
     // test's own; never one or two per partition.
     assert!(grown <= 12, "300 partitions grew the process by {grown} threads");
     assert!(!hung.is_finished(), "the hung partition's put is still waiting");
-    sim.resume(FaultOp::Sync);
+    sim.resume(IoOp::Sync);
     rt.block_on(hung).unwrap().unwrap();
     assert_eq!(&registry.get(1).unwrap().get(b"k", None).unwrap()[..], b"held");
     registry.close();
@@ -299,13 +299,13 @@ fn a_full_disk_keeps_serving_reads_while_its_logs_are_reopened() {
     let partition = registry.get(1).unwrap();
     rt.block_on(partition.put(b"k", b"kept")).unwrap();
     // A write runs out of space: the log is poisoned, the partition read-only.
-    sim.inject(Fault::new(FaultOp::Write, libc::ENOSPC).on_path("/d0/partitions/1/"));
+    sim.inject(Fault::new(IoOp::Write, libc::ENOSPC).on_path("/d0/partitions/1/"));
     assert!(rt.block_on(partition.put(b"k2", b"no room")).is_err());
     assert_eq!(partition.health().state(), State::ReadOnly([ReadOnlyReason::DiskFull].into()));
     // The probe finds the disk full and tries to reopen the log (so deletes
     // could go through), but the disk will not even open its files now.
     sim.set_space(1000, 10);
-    sim.inject(Fault::new(FaultOp::Open, libc::ENOSPC).on_path("/d0/partitions/1/").sticky());
+    sim.inject(Fault::new(IoOp::Open, libc::ENOSPC).on_path("/d0/partitions/1/").sticky());
     registry.check_disks();
     assert_eq!(&partition.get(b"k", None).unwrap()[..], b"kept", "reads are served while full");
     sim.clear_faults();

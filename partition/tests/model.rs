@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use datanode_partition::{Error, Partition, PartitionOptions, ReadOnlyReason, State};
-use datanode_wal::storage::{Fault, FaultOp, SimStorage};
-use datanode_wal::{Storage, WalOptions};
+use datanode_wal::storage::{Fault, SimStorage};
+use datanode_wal::{IoOp, Storage, WalOptions};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -177,9 +177,9 @@ proptest! {
                 }
                 Op::FailWrite(disk_full) => {
                     let errno = if disk_full { libc::ENOSPC } else { libc::EIO };
-                    sim.inject(Fault::new(FaultOp::Write, errno).on_path("/wal/").short_write());
+                    sim.inject(Fault::new(IoOp::Write, errno).on_path("/wal/").short_write());
                 }
-                Op::FailSync => sim.inject(Fault::new(FaultOp::Sync, libc::EIO).on_path("/wal/")),
+                Op::FailSync => sim.inject(Fault::new(IoOp::Sync, libc::EIO).on_path("/wal/")),
                 Op::Compact => match partition.compact() {
                     // Compaction changes no content: check it.
                     Ok(_) => check_all(&partition, &mut model),

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use datanode_partition::{Error, FaultCause, Partition, PartitionOptions, ReadOnlyReason, State};
-use datanode_wal::storage::{Fault, FaultOp, SimStorage};
-use datanode_wal::{Storage, WalOptions};
+use datanode_wal::storage::{Fault, SimStorage};
+use datanode_wal::{IoOp, Storage, WalOptions};
 
 fn options(id: u64) -> PartitionOptions {
     let dir = PathBuf::from(format!("/d0/partitions/{id}"));
@@ -72,7 +72,7 @@ fn sync_eio_faults_the_partition_stickily_until_recover() {
     let sim = SimStorage::new(2);
     let p = open(&sim, 2);
     rt.block_on(p.put(b"acked", b"before the fault")).unwrap();
-    sim.inject(Fault::new(FaultOp::Sync, libc::EIO).on_path("/wal/"));
+    sim.inject(Fault::new(IoOp::Sync, libc::EIO).on_path("/wal/"));
     let error = rt.block_on(p.put(b"lost", b"x")).unwrap_err();
     assert!(matches!(error, Error::WriteOutcomeUnknown(_)), "{error:?}");
     match p.health().state() {
@@ -137,7 +137,7 @@ fn read_eio_faults_only_past_the_tolerance() {
     let sim = SimStorage::new(5);
     let p = open(&sim, 5);
     rt.block_on(p.put(b"a", b"value")).unwrap();
-    sim.inject(Fault::new(FaultOp::Read, libc::EIO).sticky());
+    sim.inject(Fault::new(IoOp::Read, libc::EIO).sticky());
     for _ in 0..3 {
         assert!(matches!(p.get(b"a", None), Err(Error::Read(_))));
         assert_eq!(p.health().state(), State::Healthy);
@@ -155,7 +155,7 @@ fn enospc_makes_it_read_only_then_writable_again_with_every_ack_kept() {
     let sim = SimStorage::new(6);
     let p = open(&sim, 6);
     rt.block_on(p.put(b"acked", b"kept")).unwrap();
-    sim.inject(Fault::new(FaultOp::Write, libc::ENOSPC).on_path("/wal/").short_write());
+    sim.inject(Fault::new(IoOp::Write, libc::ENOSPC).on_path("/wal/").short_write());
     let error = rt.block_on(p.put(b"full", &[1u8; 500])).unwrap_err();
     assert!(matches!(&error, Error::ReadOnly { reasons, .. } if reasons.contains(&ReadOnlyReason::DiskFull)));
     assert_eq!(p.health().state(), State::ReadOnly([ReadOnlyReason::DiskFull].into()));
@@ -188,7 +188,7 @@ fn a_fault_in_one_partition_changes_nothing_in_another_on_the_same_disk() {
     let rt = runtime();
     let sim = SimStorage::new(8);
     let (sick, well) = (open(&sim, 10), open(&sim, 11));
-    sim.inject(Fault::new(FaultOp::Write, libc::EIO).on_path("/partitions/10/").sticky());
+    sim.inject(Fault::new(IoOp::Write, libc::EIO).on_path("/partitions/10/").sticky());
     assert!(rt.block_on(sick.put(b"k", b"v")).is_err());
     assert_eq!(sick.health().state().name(), "faulted");
     for i in 0..20u8 {
@@ -204,7 +204,7 @@ fn a_hung_fsync_stalls_only_its_own_partition() {
     let sim = SimStorage::new(9);
     let hung = Arc::new(open(&sim, 20));
     let well = Arc::new(open(&sim, 21));
-    sim.pause_on(FaultOp::Sync, "/partitions/20/");
+    sim.pause_on(IoOp::Sync, "/partitions/20/");
     let stuck = {
         let hung = Arc::clone(&hung);
         rt.spawn(async move { hung.put(b"k", b"waits").await })
@@ -220,7 +220,7 @@ fn a_hung_fsync_stalls_only_its_own_partition() {
     }
     assert!(!stuck.is_finished(), "the hung partition's put cannot have completed");
     assert_eq!(sim.held(), 1);
-    sim.resume(FaultOp::Sync);
+    sim.resume(IoOp::Sync);
     rt.block_on(stuck).unwrap().unwrap();
     assert_eq!(&hung.get(b"k", None).unwrap()[..], b"waits");
 }

@@ -222,9 +222,7 @@ fn installing_an_image_repairs_a_faulted_partition() {
     // An image of the same partition, from a healthy copy elsewhere.
     let healthy_copy = image_of(&filled(&SimStorage::new(8), 4, "good", &rt));
     let broken = filled(&sim, 4, "bad", &rt);
-    sim.inject(
-        datanode_wal::storage::Fault::new(datanode_wal::storage::FaultOp::Sync, libc::EIO).on_path("/partitions/4/"),
-    );
+    sim.inject(datanode_wal::storage::Fault::new(datanode_wal::IoOp::Sync, libc::EIO).on_path("/partitions/4/"));
     assert!(rt.block_on(broken.put(b"x", b"y")).is_err());
     assert_eq!(broken.health().state().name(), "faulted");
     broken.install(&healthy_copy[..]).unwrap();

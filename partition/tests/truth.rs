@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datanode_partition::{Error, FaultCause, Partition, PartitionOptions, State};
-use datanode_wal::storage::{FaultOp, SimStorage};
-use datanode_wal::{Storage, WalOptions};
+use datanode_wal::storage::SimStorage;
+use datanode_wal::{IoOp, Storage, WalOptions};
 
 fn options(id: u64) -> PartitionOptions {
     let dir = PathBuf::from(format!("/d0/partitions/{id}"));
@@ -148,10 +148,10 @@ fn a_write_whose_caller_gave_up_is_indexed_once_durable() {
     let sim = SimStorage::new(4);
     let p = open(&sim, 4);
     rt.block_on(p.put(b"k", b"old")).unwrap();
-    sim.pause_on(FaultOp::Sync, "/partitions/4/");
+    sim.pause_on(IoOp::Sync, "/partitions/4/");
     let gave_up = rt.block_on(async { tokio::time::timeout(Duration::from_millis(100), p.put(b"k", b"new")).await });
     assert!(gave_up.is_err(), "the put is held in its sync");
-    sim.resume(FaultOp::Sync);
+    sim.resume(IoOp::Sync);
     wait_until("the abandoned put is served", || p.get(b"k", None).is_ok_and(|v| &v[..] == b"new"));
     p.close();
     let p = open(&sim, 4);
@@ -166,7 +166,7 @@ fn an_install_under_write_load_settles_every_write_and_faults_nothing() {
     let image = image_of(5, 30, "img");
     // Hold the old log's syncs so that puts are queued and in flight when
     // the install starts.
-    sim.pause_on(FaultOp::Sync, "/partitions/5/wal/");
+    sim.pause_on(IoOp::Sync, "/partitions/5/wal/");
     let writers: Vec<_> = (0..12u32)
         .map(|w| {
             let p = Arc::clone(&p);
@@ -190,7 +190,7 @@ fn an_install_under_write_load_settles_every_write_and_faults_nothing() {
     // under way gets this long to swap the log under them, which is what
     // this test must catch. One that waits is blocked until the resume.
     std::thread::sleep(Duration::from_millis(300));
-    sim.resume(FaultOp::Sync);
+    sim.resume(IoOp::Sync);
     installer.join().unwrap().unwrap();
     for writer in writers {
         for (key, outcome) in rt.block_on(writer).unwrap() {

@@ -9,7 +9,9 @@ use crate::format::FrameError;
 /// Result of every fallible WAL call.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The kind of file operation that failed, for errors, logs and metrics.
+/// A kind of file operation: what failed, in errors, logs and metrics, and
+/// what an injected fault targets in the simulation
+/// ([`crate::storage::Fault`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum IoOp {
@@ -23,7 +25,8 @@ pub enum IoOp {
     Sync,
     /// `fsync` of a directory after a create, rename or remove.
     SyncDir,
-    /// Renaming, removing, listing or resizing.
+    /// Renaming, removing, listing or resizing; in the simulation also a
+    /// file's length, dropping its cache and the free space.
     Metadata,
 }
 

@@ -15,16 +15,58 @@ pub const SEGMENT_HEADER_LEN: usize = 64;
 /// Bytes 0..4 of every record header (`"DNWR"` read as little-endian bytes).
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"DNWR");
 /// Size of a record header; the payload follows it.
-pub const RECORD_HEADER_LEN: usize = 48;
+pub const RECORD_HEADER_LEN: usize = RECORD_SYNCED_LSN_OFFSET + U64;
 /// Records start at multiples of this, so a scan can step over the log.
 pub const RECORD_ALIGN: usize = 8;
 /// Largest payload a single record may carry.
 pub const MAX_RECORD_LEN: usize = u32::MAX as usize - RECORD_HEADER_LEN - RECORD_ALIGN;
+/// Segment header flag: the file is a recycled segment, so the bytes after
+/// its last record may be stale records of the earlier segments it held.
+pub const SEGMENT_FLAG_RECYCLED: u32 = 1;
+
+const U32: usize = size_of::<u32>();
+const U64: usize = size_of::<u64>();
+
+// The segment header, field by field; each offset follows from the one
+// before it. Nothing outside this file knows them.
+const SEGMENT_MAGIC_OFFSET: usize = 0;
+const SEGMENT_VERSION_OFFSET: usize = SEGMENT_MAGIC_OFFSET + SEGMENT_MAGIC.len();
+const SEGMENT_HEADER_LEN_OFFSET: usize = SEGMENT_VERSION_OFFSET + U32;
+const SEGMENT_LOG_ID_OFFSET: usize = SEGMENT_HEADER_LEN_OFFSET + U32;
+const SEGMENT_ID_OFFSET: usize = SEGMENT_LOG_ID_OFFSET + U64;
+const SEGMENT_FIRST_LSN_OFFSET: usize = SEGMENT_ID_OFFSET + U64;
+const SEGMENT_FLAGS_OFFSET: usize = SEGMENT_FIRST_LSN_OFFSET + U64;
+/// Reserved, zero, up to the checksum.
+const SEGMENT_RESERVED_OFFSET: usize = SEGMENT_FLAGS_OFFSET + U32;
+/// CRC of every header byte before it; the header's last field.
+const SEGMENT_CRC_OFFSET: usize = SEGMENT_HEADER_LEN - U32;
+const _: () = assert!(SEGMENT_RESERVED_OFFSET + 16 == SEGMENT_CRC_OFFSET);
+
+/// Offset of the magic in a record header.
+pub const RECORD_MAGIC_OFFSET: usize = 0;
+/// Offset of the CRC (of the header from [`RECORD_CHECKSUMMED_FROM`] on,
+/// then the payload).
+pub const RECORD_CRC_OFFSET: usize = RECORD_MAGIC_OFFSET + U32;
+/// Offset of the payload length; the checksummed part starts here.
+pub const RECORD_LEN_OFFSET: usize = RECORD_CRC_OFFSET + U32;
+/// Offset of the flags (reserved, zero).
+pub const RECORD_FLAGS_OFFSET: usize = RECORD_LEN_OFFSET + U32;
+/// Offset of the log id.
+pub const RECORD_LOG_ID_OFFSET: usize = RECORD_FLAGS_OFFSET + U32;
+/// Offset of the segment id.
+pub const RECORD_SEGMENT_ID_OFFSET: usize = RECORD_LOG_ID_OFFSET + U64;
+/// Offset of the LSN.
+pub const RECORD_LSN_OFFSET: usize = RECORD_SEGMENT_ID_OFFSET + U64;
+/// Offset of the `synced_lsn`; the header's last field.
+pub const RECORD_SYNCED_LSN_OFFSET: usize = RECORD_LSN_OFFSET + U64;
+/// Where the record checksum starts: everything after the CRC itself.
+pub const RECORD_CHECKSUMMED_FROM: usize = RECORD_LEN_OFFSET;
+const _: () = assert!(RECORD_HEADER_LEN == 48 && SEGMENT_HEADER_LEN.is_multiple_of(RECORD_ALIGN));
 
 /// The header at offset 0 of a segment file.
 ///
-/// Written together with the segment's first batch of records, so a segment
-/// whose header is missing or torn holds no durable record.
+/// Written and synced before any record behind it, so a segment whose
+/// header is missing or torn holds no durable record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHeader {
     /// The owning log (a partition id to the layers above; opaque here).
@@ -33,6 +75,10 @@ pub struct SegmentHeader {
     pub segment_id: u64,
     /// LSN of the first record in the segment.
     pub first_lsn: Lsn,
+    /// The file held earlier segments of this log (it was recycled): past
+    /// the records, its bytes are stale records of those segments, whose
+    /// segment ids are all lower than this one's, not zeros.
+    pub recycled: bool,
 }
 
 /// Why bytes did not decode as a segment header or a record.
@@ -53,6 +99,8 @@ pub enum FrameError {
     BadLength,
     /// The alignment padding after the payload is not zero.
     BadPadding,
+    /// A segment header sets flags this version does not know.
+    BadFlags(u32),
 }
 
 impl std::fmt::Display for FrameError {
@@ -65,6 +113,7 @@ impl std::fmt::Display for FrameError {
             FrameError::Misplaced => f.write_str("record of another log, segment or LSN"),
             FrameError::BadLength => f.write_str("impossible record length"),
             FrameError::BadPadding => f.write_str("non-zero padding"),
+            FrameError::BadFlags(flags) => write!(f, "unknown segment flags {flags:#x}"),
         }
     }
 }
@@ -73,14 +122,15 @@ impl SegmentHeader {
     /// Encodes the header into its fixed 64 bytes.
     pub fn encode(&self) -> [u8; SEGMENT_HEADER_LEN] {
         let mut out = [0u8; SEGMENT_HEADER_LEN];
-        out[0..8].copy_from_slice(&SEGMENT_MAGIC);
-        out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out[12..16].copy_from_slice(&(SEGMENT_HEADER_LEN as u32).to_le_bytes());
-        out[16..24].copy_from_slice(&self.log_id.to_le_bytes());
-        out[24..32].copy_from_slice(&self.segment_id.to_le_bytes());
-        out[32..40].copy_from_slice(&self.first_lsn.to_le_bytes());
-        let crc = crc32fast::hash(&out[0..60]);
-        out[60..64].copy_from_slice(&crc.to_le_bytes());
+        out[SEGMENT_MAGIC_OFFSET..SEGMENT_VERSION_OFFSET].copy_from_slice(&SEGMENT_MAGIC);
+        put_u32(&mut out, SEGMENT_VERSION_OFFSET, FORMAT_VERSION);
+        put_u32(&mut out, SEGMENT_HEADER_LEN_OFFSET, SEGMENT_HEADER_LEN as u32);
+        put_u64(&mut out, SEGMENT_LOG_ID_OFFSET, self.log_id);
+        put_u64(&mut out, SEGMENT_ID_OFFSET, self.segment_id);
+        put_u64(&mut out, SEGMENT_FIRST_LSN_OFFSET, self.first_lsn);
+        put_u32(&mut out, SEGMENT_FLAGS_OFFSET, if self.recycled { SEGMENT_FLAG_RECYCLED } else { 0 });
+        let crc = crc32fast::hash(&out[..SEGMENT_CRC_OFFSET]);
+        put_u32(&mut out, SEGMENT_CRC_OFFSET, crc);
         out
     }
 
@@ -91,23 +141,28 @@ impl SegmentHeader {
         if bytes.iter().all(|b| *b == 0) {
             return Ok(None);
         }
-        if bytes.get(0..8) != Some(&SEGMENT_MAGIC[..]) {
+        if bytes.get(SEGMENT_MAGIC_OFFSET..SEGMENT_VERSION_OFFSET) != Some(&SEGMENT_MAGIC[..]) {
             return Err(FrameError::BadMagic);
         }
-        if le_u32(bytes, 60) != crc32fast::hash(bytes.get(0..60).unwrap_or_default()) {
+        if le_u32(bytes, SEGMENT_CRC_OFFSET) != crc32fast::hash(bytes.get(..SEGMENT_CRC_OFFSET).unwrap_or_default()) {
             return Err(FrameError::BadChecksum);
         }
-        let version = le_u32(bytes, 8);
+        let version = le_u32(bytes, SEGMENT_VERSION_OFFSET);
         if version != FORMAT_VERSION {
             return Err(FrameError::BadVersion(version));
         }
-        if le_u32(bytes, 12) as usize != SEGMENT_HEADER_LEN {
+        if le_u32(bytes, SEGMENT_HEADER_LEN_OFFSET) as usize != SEGMENT_HEADER_LEN {
             return Err(FrameError::BadLength);
         }
+        let flags = le_u32(bytes, SEGMENT_FLAGS_OFFSET);
+        if flags & !SEGMENT_FLAG_RECYCLED != 0 {
+            return Err(FrameError::BadFlags(flags));
+        }
         Ok(Some(SegmentHeader {
-            log_id: le_u64(bytes, 16),
-            segment_id: le_u64(bytes, 24),
-            first_lsn: le_u64(bytes, 32),
+            log_id: le_u64(bytes, SEGMENT_LOG_ID_OFFSET),
+            segment_id: le_u64(bytes, SEGMENT_ID_OFFSET),
+            first_lsn: le_u64(bytes, SEGMENT_FIRST_LSN_OFFSET),
+            recycled: flags & SEGMENT_FLAG_RECYCLED != 0,
         }))
     }
 }
@@ -139,14 +194,14 @@ impl RecordHeader {
     /// header tail and the payload, see [`encode_record_header`].
     fn encode_with_crc(&self, crc: u32) -> [u8; RECORD_HEADER_LEN] {
         let mut out = [0u8; RECORD_HEADER_LEN];
-        out[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
-        out[4..8].copy_from_slice(&crc.to_le_bytes());
-        out[8..12].copy_from_slice(&self.len.to_le_bytes());
-        // 12..16: flags, reserved, zero.
-        out[16..24].copy_from_slice(&self.log_id.to_le_bytes());
-        out[24..32].copy_from_slice(&self.segment_id.to_le_bytes());
-        out[32..40].copy_from_slice(&self.lsn.to_le_bytes());
-        out[40..48].copy_from_slice(&self.synced_lsn.to_le_bytes());
+        put_u32(&mut out, RECORD_MAGIC_OFFSET, RECORD_MAGIC);
+        put_u32(&mut out, RECORD_CRC_OFFSET, crc);
+        put_u32(&mut out, RECORD_LEN_OFFSET, self.len);
+        // The flags stay zero.
+        put_u64(&mut out, RECORD_LOG_ID_OFFSET, self.log_id);
+        put_u64(&mut out, RECORD_SEGMENT_ID_OFFSET, self.segment_id);
+        put_u64(&mut out, RECORD_LSN_OFFSET, self.lsn);
+        put_u64(&mut out, RECORD_SYNCED_LSN_OFFSET, self.synced_lsn);
         out
     }
 }
@@ -167,7 +222,7 @@ pub fn padding_len(payload_len: usize) -> usize {
 /// padding to the kernel as separate pieces of one vectored write.
 pub fn encode_record_header(header: &RecordHeader, payload: &[u8]) -> [u8; RECORD_HEADER_LEN] {
     let unsummed = header.encode_with_crc(0);
-    let crc = record_crc(&unsummed[8..], payload);
+    let crc = record_crc(&unsummed[RECORD_CHECKSUMMED_FROM..], payload);
     header.encode_with_crc(crc)
 }
 
@@ -197,24 +252,25 @@ pub struct Expected {
 /// [`FrameError::Misplaced`]: it is a real record, just not this one.
 pub fn decode_record(bytes: &[u8], expected: Expected) -> Result<(RecordHeader, std::ops::Range<usize>), FrameError> {
     let head = bytes.get(..RECORD_HEADER_LEN).ok_or(FrameError::Truncated)?;
-    if le_u32(head, 0) != RECORD_MAGIC {
+    if !has_record_magic(head) {
         return Err(FrameError::BadMagic);
     }
-    let len = le_u32(head, 8);
-    if len as usize > MAX_RECORD_LEN || le_u32(head, 12) != 0 {
+    let len = le_u32(head, RECORD_LEN_OFFSET);
+    if len as usize > MAX_RECORD_LEN || le_u32(head, RECORD_FLAGS_OFFSET) != 0 {
         return Err(FrameError::BadLength);
     }
     let payload_range = RECORD_HEADER_LEN..RECORD_HEADER_LEN + len as usize;
     let payload = bytes.get(payload_range.clone()).ok_or(FrameError::Truncated)?;
-    if le_u32(head, 4) != record_crc(head.get(8..).unwrap_or_default(), payload) {
+    let summed = head.get(RECORD_CHECKSUMMED_FROM..).unwrap_or_default();
+    if le_u32(head, RECORD_CRC_OFFSET) != record_crc(summed, payload) {
         return Err(FrameError::BadChecksum);
     }
     let header = RecordHeader {
         len,
-        log_id: le_u64(head, 16),
-        segment_id: le_u64(head, 24),
-        lsn: le_u64(head, 32),
-        synced_lsn: le_u64(head, 40),
+        log_id: le_u64(head, RECORD_LOG_ID_OFFSET),
+        segment_id: le_u64(head, RECORD_SEGMENT_ID_OFFSET),
+        lsn: le_u64(head, RECORD_LSN_OFFSET),
+        synced_lsn: le_u64(head, RECORD_SYNCED_LSN_OFFSET),
     };
     // Padding is not checksummed; require it to be zero so that no byte of
     // the log can change unnoticed.
@@ -233,7 +289,33 @@ pub fn decode_record(bytes: &[u8], expected: Expected) -> Result<(RecordHeader, 
 /// The payload length a record header claims (checked by
 /// [`decode_record`]), to know how many bytes to read for the whole frame.
 pub(crate) fn record_len(head: &[u8]) -> usize {
-    le_u32(head, 8) as usize
+    le_u32(head, RECORD_LEN_OFFSET) as usize
+}
+
+/// Whether `bytes` start with a record's magic: a cheap first test before
+/// [`decode_record`].
+pub(crate) fn has_record_magic(bytes: &[u8]) -> bool {
+    bytes.get(RECORD_MAGIC_OFFSET..RECORD_MAGIC_OFFSET + U32) == Some(&RECORD_MAGIC.to_le_bytes()[..])
+}
+
+/// The log id and segment id a record header names, unchecked (`None` for
+/// fewer bytes than a header): lets a scan skip another segment's records
+/// before computing their checksum.
+pub(crate) fn record_owner(head: &[u8]) -> Option<(u64, u64)> {
+    let head = head.get(..RECORD_HEADER_LEN)?;
+    Some((le_u64(head, RECORD_LOG_ID_OFFSET), le_u64(head, RECORD_SEGMENT_ID_OFFSET)))
+}
+
+fn put_u32(out: &mut [u8], at: usize, value: u32) {
+    if let Some(place) = out.get_mut(at..at + U32) {
+        place.copy_from_slice(&value.to_le_bytes());
+    }
+}
+
+fn put_u64(out: &mut [u8], at: usize, value: u64) {
+    if let Some(place) = out.get_mut(at..at + U64) {
+        place.copy_from_slice(&value.to_le_bytes());
+    }
 }
 
 /// The little-endian `u32` at `at`; callers pass a header whose length was
@@ -278,13 +360,15 @@ mod tests {
 
     #[test]
     fn segment_header_rejects_every_single_bit_flip() {
-        let header = SegmentHeader { log_id: 7, segment_id: 3, first_lsn: 1000 };
-        let bytes = header.encode();
-        assert_eq!(SegmentHeader::decode(&bytes), Ok(Some(header)));
-        for bit in 0..bytes.len() * 8 {
-            let mut flipped = bytes;
-            flipped[bit / 8] ^= 1 << (bit % 8);
-            assert!(SegmentHeader::decode(&flipped).is_err(), "bit {bit} flip accepted");
+        for recycled in [false, true] {
+            let header = SegmentHeader { log_id: 7, segment_id: 3, first_lsn: 1000, recycled };
+            let bytes = header.encode();
+            assert_eq!(SegmentHeader::decode(&bytes), Ok(Some(header)));
+            for bit in 0..bytes.len() * 8 {
+                let mut flipped = bytes;
+                flipped[bit / 8] ^= 1 << (bit % 8);
+                assert!(SegmentHeader::decode(&flipped).is_err(), "bit {bit} flip accepted");
+            }
         }
     }
 

@@ -91,6 +91,11 @@ pub struct WalOptions {
     pub max_queued_bytes: usize,
     /// Pre-write each segment with zeros in the background before use.
     pub prewrite_segments: bool,
+    /// How many purged segment files [`Wal::purge_before`] keeps as spares
+    /// for later segments to be written into (space already written syncs
+    /// faster than fresh space). A log that never purged keeps none; each
+    /// costs up to `segment_size` on disk. 0: purged segments are removed.
+    pub recycled_segments: usize,
     /// Told about every batch and sync (for metrics).
     pub observer: Option<Arc<dyn WalObserver>>,
     /// Every record up to this LSN is known to be on stable storage: the
@@ -125,6 +130,7 @@ impl std::fmt::Debug for WalOptions {
             .field("max_batch_bytes", &self.max_batch_bytes)
             .field("max_queued_bytes", &self.max_queued_bytes)
             .field("prewrite_segments", &self.prewrite_segments)
+            .field("recycled_segments", &self.recycled_segments)
             .field("observer", &self.observer.is_some())
             .field("known_durable_lsn", &self.known_durable_lsn)
             .field("create_if_missing", &self.create_if_missing)
@@ -136,7 +142,7 @@ impl std::fmt::Debug for WalOptions {
 
 impl WalOptions {
     /// Defaults for log `log_id`: 64 MiB segments, sync durability, 4 MiB
-    /// batches, 64 MiB queue, pre-written segments.
+    /// batches, 64 MiB queue, pre-written segments, one recycled spare.
     pub fn new(log_id: u64) -> WalOptions {
         WalOptions {
             log_id,
@@ -145,6 +151,7 @@ impl WalOptions {
             max_batch_bytes: 4 << 20,
             max_queued_bytes: 64 << 20,
             prewrite_segments: true,
+            recycled_segments: 1,
             observer: None,
             known_durable_lsn: 0,
             create_if_missing: true,

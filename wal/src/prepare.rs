@@ -1,13 +1,24 @@
-//! Pre-writing segments ahead of the writer, as jobs on the log's engine.
+//! Handing out the next segment's file: a recycled one, a pre-written one,
+//! or a fresh one.
 //!
 //! A sync write into space that was already written (and synced) needs no
 //! extent or size metadata in the journal, so its `fdatasync` is about twice
-//! as fast as one into fresh space. A job on the engine therefore fills the
-//! next segment with zeros, syncs it and renames it into place while the
-//! writer fills the current one. If it falls behind, the writer waits for
-//! it; if it fails (a full disk), the writer creates the segment itself and
-//! writes into fresh space.
+//! as fast as one into fresh space. So the next segment is, in this order of
+//! preference:
+//!
+//! - one pre-written for it (a job on the engine fills its first window with
+//!   zeros, syncs it and renames it into place while the writer fills the
+//!   current one), if that is ready;
+//! - a recycled spare: a purged segment's file, kept by `purge_before`,
+//!   written all through already. The writer gives it its new header, then
+//!   its segment name (see `writer.rs` for the order and why);
+//! - a pre-write of it, if one is under way and the writer may wait (before
+//!   the first record); else a fresh file, written into fresh space.
+//!
+//! While a recycled spare is on hand nothing is pre-written: it is what the
+//! next roll takes.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -16,7 +27,7 @@ use bytes::Bytes;
 
 use crate::engine::{Engine, Job, Next};
 use crate::error::{Error, IoOp, Result};
-use crate::recovery::Spare;
+use crate::recovery::{Recycled, Spare};
 use crate::segment;
 use crate::storage::{Storage, StorageFile};
 
@@ -52,11 +63,22 @@ struct State {
     wanted: Option<u64>,
     /// A prepared segment waiting for the writer.
     ready: Option<Spare>,
+    /// Recycled spares, oldest first.
+    recycled: VecDeque<Recycled>,
     busy: bool,
     /// The writer needs the segment being pre-written now: stop and let it
     /// write into fresh space instead of stalling behind the pre-write.
     abort: bool,
     closing: bool,
+}
+
+/// The file [`Preparer::take`] hands out for a new segment.
+pub(crate) struct Taken {
+    pub file: Arc<dyn StorageFile>,
+    /// For a recycled spare: where it lies now. It holds another segment's
+    /// header and stale records; the writer gives it the new header, then
+    /// renames it to the segment's name.
+    pub recycled_from: Option<PathBuf>,
 }
 
 /// The engine job that pre-writes the wanted segment.
@@ -80,7 +102,8 @@ impl Preparer {
     /// A preparer whose pre-writes (unless `prewrite` is off) run on
     /// `engine`; with `ahead`, segment `first_wanted` is prepared at once,
     /// else only when the writer first asks for it. `spare` is a zeroed
-    /// segment left from before, handed out first.
+    /// segment left from before, handed out first; `recycled` are the
+    /// recycled spares recovery found.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         storage: Arc<dyn Storage>,
@@ -89,18 +112,15 @@ impl Preparer {
         prewrite: bool,
         ahead: bool,
         spare: Option<Spare>,
+        recycled: Vec<Recycled>,
         first_wanted: u64,
         engine: Engine,
     ) -> Preparer {
-        let wanted = (prewrite && spare.is_none()).then_some(first_wanted);
+        let wanted = (prewrite && spare.is_none() && recycled.is_empty()).then_some(first_wanted);
         let ahead = ahead && wanted.is_some();
-        let shared = Arc::new(Shared {
-            storage,
-            dir,
-            segment_size,
-            state: Mutex::new(State { wanted, ready: spare, busy: false, abort: false, closing: false }),
-            changed: Condvar::new(),
-        });
+        let state =
+            State { wanted, ready: spare, recycled: recycled.into(), busy: false, abort: false, closing: false };
+        let shared = Arc::new(Shared { storage, dir, segment_size, state: Mutex::new(state), changed: Condvar::new() });
         let job = Arc::new(PrepareJob { scheduled: AtomicBool::new(false), shared: Arc::clone(&shared) });
         let preparer = Preparer { shared, job, engine, prewrite };
         if ahead {
@@ -115,23 +135,30 @@ impl Preparer {
     }
 
     /// The file for segment `id`: the prepared one if the preparer has it,
-    /// else a fresh file whose name is made durable here. With `wait`, a
-    /// pre-write of `id` that is under way is waited for, and one not yet
-    /// started is done here; without, it is abandoned (the writer must not
-    /// stall behind it). Only once the file is in hand is `id + 1` asked
-    /// for, so a failure here never leaves a later segment behind a missing
-    /// one.
-    pub fn take(&self, id: u64, wait: bool) -> Result<Arc<dyn StorageFile>> {
+    /// else a recycled spare, else a fresh file whose name is made durable
+    /// here. With `wait`, a pre-write of `id` that is under way is waited
+    /// for, and one not yet started is done here (unless a recycled spare
+    /// is on hand); without, it is abandoned (the writer must not stall
+    /// behind it). Only once the file is in hand is `id + 1` asked for, so
+    /// a failure here never leaves a later segment behind a missing one.
+    pub fn take(&self, id: u64, wait: bool) -> Result<Taken> {
         let shared = &self.shared;
         let mut state = shared.lock();
-        if !wait && state.ready.as_ref().is_none_or(|ready| ready.id != id) {
+        let ready_fits = state.ready.as_ref().is_some_and(|ready| ready.id == id);
+        if !ready_fits && (!wait || !state.recycled.is_empty()) {
             state.abort = state.busy;
             state.wanted = None;
         }
         while state.busy {
             state = shared.wait(state);
         }
-        if wait && self.prewrite && state.wanted == Some(id) && !state.closing && state.ready.is_none() {
+        if wait
+            && self.prewrite
+            && state.wanted == Some(id)
+            && !state.closing
+            && state.ready.is_none()
+            && state.recycled.is_empty()
+        {
             // Queued but not started: waiting for the job could wait for
             // this very worker. Do it here.
             state.wanted = None;
@@ -149,33 +176,66 @@ impl Preparer {
         }
         state.abort = false;
         let mut stale = None;
-        let file = match state.ready.take() {
-            Some(spare) if spare.id == id => Some(spare.file),
+        let mut taken = match state.ready.take() {
+            Some(spare) if spare.id == id => Some(Taken { file: spare.file, recycled_from: None }),
             other => {
                 stale = other;
                 None
             }
         };
+        // A spare may become only a segment newer than every one it held,
+        // so that no stale record in it can carry this segment's id. Purged
+        // segments are always older than the active one, so this holds by
+        // construction; the check keeps it true whatever the directory held.
+        let mut unfit = Vec::new();
+        while taken.is_none() {
+            match state.recycled.pop_front() {
+                Some(spare) if spare.last_id < id => {
+                    taken = Some(Taken { file: spare.file, recycled_from: Some(spare.path) });
+                }
+                Some(spare) => unfit.push(spare),
+                None => break,
+            }
+        }
+        let prepare_next = self.prewrite && state.recycled.is_empty();
         state.wanted = None;
         drop(state);
         shared.changed.notify_all();
         if let Some(stale) = stale {
             shared.remove(stale.id)?;
         }
-        let file = match file {
-            Some(file) => file,
+        for spare in unfit {
+            tracing::warn!(dir = %shared.dir.display(), segment = id, held = spare.last_id, "removing a recycled spare that cannot become this segment");
+            shared.storage.remove_file(&spare.path).map_err(|e| Error::io(IoOp::Metadata, &spare.path, e))?;
+            shared.sync_dir()?;
+        }
+        let taken = match taken {
+            Some(taken) => taken,
             None => {
                 let path = segment::path(&shared.dir, id);
                 let file = shared.storage.open(&path, true).map_err(|e| Error::io(IoOp::Open, &path, e))?;
                 shared.sync_dir()?;
-                file
+                Taken { file, recycled_from: None }
             }
         };
-        if self.prewrite {
+        if prepare_next {
             shared.lock().wanted = Some(id + 1);
             self.schedule();
         }
-        Ok(file)
+        Ok(taken)
+    }
+
+    /// Keeps a purged segment's file (already renamed to its recycled name,
+    /// durably) for a later roll. Nothing is pre-written while one is kept.
+    pub fn add_recycled(&self, spare: Recycled) {
+        let mut state = self.shared.lock();
+        state.recycled.push_back(spare);
+        state.wanted = None;
+    }
+
+    /// How many recycled spares are kept.
+    pub fn recycled_count(&self) -> usize {
+        self.shared.lock().recycled.len()
     }
 
     /// Drops whatever is prepared (its id no longer fits, after a
@@ -220,7 +280,7 @@ impl Shared {
     /// one engine job's work.
     fn prepare_wanted(&self) {
         let mut state = self.lock();
-        if state.closing || state.busy || state.ready.is_some() {
+        if state.closing || state.busy || state.ready.is_some() || !state.recycled.is_empty() {
             return;
         }
         let Some(id) = state.wanted.take() else { return };

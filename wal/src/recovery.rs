@@ -16,6 +16,30 @@
 //! A valid record after the bad bytes that does *not* prove them synced
 //! belongs to the same unsynced write, whose pages reached the disk out of
 //! order; it was never acknowledged and goes with the torn tail.
+//!
+//! # Recycled segments
+//!
+//! A segment written into a recycled file (its header has the `recycled`
+//! flag) holds, past its records, stale records of the segments the file
+//! held before. Each of those names a lower segment id than this segment
+//! (a spare only becomes a segment newer than any it held, see
+//! `prepare.rs`), so none of them decodes as a record of this segment,
+//! whatever its checksum and LSN; none counts as proof of anything either.
+//! So in such a segment only the records of *this* segment past the last
+//! valid one are looked at: they are a torn write (zeroed, so none can line
+//! up behind a later record and come back), or, proving the bad bytes
+//! synced, corruption. The stale bytes are the end of the log: not
+//! corruption, and not zeroed. A sealed recycled segment's records are
+//! bounded by the next segment's first LSN, which turns damage to its last
+//! records into a gap, i.e. corruption.
+//!
+//! Recycled spares (`.wal.recycled`) are never scanned. The writer gives a
+//! spare its new header (synced) before it renames it to a segment name,
+//! so a crash leaves either a spare (whatever its header holds, old, torn
+//! or new) or a segment with its own durable header and no record yet;
+//! never a segment name over another segment's header. A purge renames the
+//! spare without touching its bytes, so a power cut that undoes the rename
+//! leaves the old segment whole.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,7 +48,7 @@ use bytes::Bytes;
 
 use crate::Lsn;
 use crate::error::{Corruption, Error, IoOp, Result};
-use crate::format::{self, Expected, FrameError, RECORD_ALIGN, RECORD_MAGIC, SEGMENT_HEADER_LEN, SegmentHeader};
+use crate::format::{self, Expected, FrameError, RECORD_ALIGN, SEGMENT_HEADER_LEN, SegmentHeader};
 use crate::segment::{self, DirEntry, SegmentMeta};
 use crate::storage::{Storage, StorageFile};
 
@@ -35,6 +59,8 @@ pub(crate) struct Recovered {
     pub segments: Vec<SegmentMeta>,
     /// A zeroed, unused segment that directly follows the last used one.
     pub spare: Option<Spare>,
+    /// Recycled spares (purged segments kept for reuse), oldest first.
+    pub recycled: Vec<Recycled>,
     /// The id the next new segment gets.
     pub next_segment_id: u64,
     /// Torn bytes zeroed at the end of the log.
@@ -45,6 +71,17 @@ pub(crate) struct Recovered {
 #[derive(Debug)]
 pub(crate) struct Spare {
     pub id: u64,
+    pub file: Arc<dyn StorageFile>,
+}
+
+/// A purged segment's file kept to become a later segment: it still holds
+/// its old header and records. Never read as part of the log.
+#[derive(Debug)]
+pub(crate) struct Recycled {
+    /// The segment id the file held last (its name says so); every record
+    /// in it carries this id or a lower one.
+    pub last_id: u64,
+    pub path: std::path::PathBuf,
     pub file: Arc<dyn StorageFile>,
 }
 
@@ -69,14 +106,23 @@ impl Scan {
 /// Recovers the log in `dir`; see the module docs for the rules.
 /// `known_durable` is an LSN the caller knows was synced (see
 /// [`crate::WalOptions::known_durable_lsn`]): damage at or below it is
-/// corruption, whatever the records prove.
-pub(crate) fn recover(storage: &dyn Storage, dir: &Path, log_id: u64, known_durable: Lsn) -> Result<Recovered> {
+/// corruption, whatever the records prove. Up to `keep_recycled` recycled
+/// spares are kept (the newest), the others removed.
+pub(crate) fn recover(
+    storage: &dyn Storage,
+    dir: &Path,
+    log_id: u64,
+    known_durable: Lsn,
+    keep_recycled: usize,
+) -> Result<Recovered> {
     let names = storage.list_dir(dir).map_err(|e| Error::io(IoOp::Metadata, dir, e))?;
     let mut ids = Vec::new();
+    let mut recycled_ids = Vec::new();
     let mut removed_leftovers = false;
     for name in names {
         match segment::classify(&name) {
             DirEntry::Segment(id) => ids.push(id),
+            DirEntry::Recycled(id) => recycled_ids.push(id),
             DirEntry::Preparing(_) => {
                 // A pre-write interrupted by a crash: zeros under a name no
                 // reader uses.
@@ -93,6 +139,20 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, log_id: u64, known_dura
         }
     }
     ids.sort_unstable();
+    recycled_ids.sort_unstable();
+    let surplus = recycled_ids.len().saturating_sub(keep_recycled);
+    let mut recycled = Vec::new();
+    for (rank, id) in recycled_ids.into_iter().enumerate() {
+        let path = dir.join(segment::recycled_file_name(id));
+        if rank < surplus {
+            // Its content is of no use to anyone: the log never reads it.
+            storage.remove_file(&path).map_err(|e| Error::io(IoOp::Metadata, &path, e))?;
+            removed_leftovers = true;
+        } else {
+            let file = storage.open(&path, false).map_err(|e| Error::io(IoOp::Open, &path, e))?;
+            recycled.push(Recycled { last_id: id, path, file });
+        }
+    }
 
     let mut used: Vec<Scan> = Vec::new();
     let mut unused: Vec<Scan> = Vec::new();
@@ -185,7 +245,7 @@ pub(crate) fn recover(storage: &dyn Storage, dir: &Path, log_id: u64, known_dura
         storage.sync_dir(dir).map_err(|e| Error::io(IoOp::SyncDir, dir, e))?;
     }
     let next_segment_id = spare.as_ref().map(|s| s.id).or(next_after_used).or(ids.last().map(|id| id + 1)).unwrap_or(1);
-    Ok(Recovered { segments: used.into_iter().map(|s| s.meta).collect(), spare, next_segment_id, torn_bytes })
+    Ok(Recovered { segments: used.into_iter().map(|s| s.meta).collect(), spare, recycled, next_segment_id, torn_bytes })
 }
 
 fn corruption_at(scan: &Scan) -> Error {
@@ -266,7 +326,19 @@ fn scan_segment(
             }
         }
     }
-    let dirty_end = bytes.iter().rposition(|b| *b != 0).map_or(0, |last| last + 1).max(offset);
+    // Where the bytes that may belong to this segment end. A fresh segment
+    // is zeros past its records (its first window is written as zeros, and
+    // the writer extends it with zeros), so any non-zero byte there is
+    // torn or damaged. A recycled one is stale records of the lower
+    // segment ids it held before, which can never decode as this
+    // segment's: only a record of this segment there is torn (written, not
+    // acknowledged) and must go; the stale bytes are the end of the log.
+    let recycled = matches!(header, Ok(Some(h)) if h.recycled);
+    let dirty_end = if recycled {
+        own_records_after(bytes, offset, log_id, id).map_or(offset, |own| own.end.max(offset))
+    } else {
+        bytes.iter().rposition(|b| *b != 0).map_or(0, |last| last + 1).max(offset)
+    };
     let mut scan = Scan { header, meta, stop: None, proven_durable: false, dirty_end: dirty_end as u64 };
     if dirty_end > offset {
         let error = match scan.header {
@@ -278,7 +350,7 @@ fn scan_segment(
                 .unwrap_or(FrameError::Truncated),
         };
         scan.stop = Some((offset as u64, error));
-        let highest_synced = highest_synced_lsn_after(bytes, offset + RECORD_ALIGN, log_id, id);
+        let highest_synced = own_records_after(bytes, offset + RECORD_ALIGN, log_id, id).map(|own| own.highest_synced);
         scan.proven_durable = match (scan.header_ok(), highest_synced) {
             (_, None) => false,
             // The first LSN that failed to decode was synced before a later
@@ -291,16 +363,33 @@ fn scan_segment(
     Ok(scan)
 }
 
-/// The highest `synced_lsn` among this segment's valid records that start
-/// at or after `from`; `None` when there is no such record.
-fn highest_synced_lsn_after(bytes: &[u8], from: usize, log_id: u64, id: u64) -> Option<Lsn> {
-    let magic = RECORD_MAGIC.to_le_bytes();
+/// What [`own_records_after`] found.
+struct OwnRecords {
+    /// The highest `synced_lsn` among them.
+    highest_synced: Lsn,
+    /// One past the last byte of the last of them.
+    end: usize,
+}
+
+/// The valid records of this log and segment (any LSN) that start at or
+/// after `from`; `None` when there is no such record.
+fn own_records_after(bytes: &[u8], from: usize, log_id: u64, id: u64) -> Option<OwnRecords> {
     let expected = Expected { log_id, segment_id: id, lsn: None };
     let last_start = bytes.len().checked_sub(format::RECORD_HEADER_LEN)?;
     (from.next_multiple_of(RECORD_ALIGN)..=last_start)
         .step_by(RECORD_ALIGN)
-        .filter(|at| bytes.get(*at..*at + 4) == Some(&magic[..]))
-        .filter_map(|at| format::decode_record(bytes.get(at..)?, expected).ok())
-        .map(|(record, _)| record.synced_lsn)
-        .max()
+        .filter(|at| bytes.get(*at..).is_some_and(format::has_record_magic))
+        // Stale records of a recycled file are skipped on their ids, before
+        // their checksum is computed.
+        .filter(|at| bytes.get(*at..).is_some_and(|head| format::record_owner(head) == Some((log_id, id))))
+        .filter_map(|at| format::decode_record(bytes.get(at..)?, expected).ok().map(|(record, _)| (at, record)))
+        .fold(None, |found: Option<OwnRecords>, (at, record)| {
+            let end = at + record.frame_len();
+            Some(match found {
+                Some(own) => {
+                    OwnRecords { highest_synced: own.highest_synced.max(record.synced_lsn), end: own.end.max(end) }
+                }
+                None => OwnRecords { highest_synced: record.synced_lsn, end },
+            })
+        })
 }

@@ -1,5 +1,14 @@
 //! Segment files: names, the in-memory table of live segments, and reading
 //! records back from them.
+//!
+//! A segment's file is fresh (zeros past its records: its first window was
+//! written as zeros and the writer extends it with zeros) or recycled: the
+//! file of a purged segment, kept under a `.wal.recycled` name and later
+//! written into again, with stale records of the lower segment ids it held
+//! past the records. Reads cannot tell the difference and need not: they
+//! look only where the table says a record of this segment is (never past
+//! the end of its records) and verify the record's segment id and LSN, so a
+//! stale record is never returned.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,11 +38,19 @@ pub(crate) fn prep_file_name(id: u64) -> String {
     format!("{id:020}.wal.prep")
 }
 
+/// File name of a recycled spare: the purged segment `id`, kept to become
+/// a later segment. Recovery never reads it as part of the log.
+pub(crate) fn recycled_file_name(id: u64) -> String {
+    format!("{id:020}.wal.recycled")
+}
+
 /// What a directory entry is to the WAL.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum DirEntry {
     Segment(u64),
     Preparing(u64),
+    /// A recycled spare that last held segment `id`.
+    Recycled(u64),
     /// The file that marks the directory as a log ([`LOG_MARKER`]).
     Marker,
     Foreign,
@@ -54,6 +71,8 @@ pub(crate) fn classify(name: &str) -> DirEntry {
     };
     if let Some(id) = name.strip_suffix(".wal.prep").and_then(parse) {
         DirEntry::Preparing(id)
+    } else if let Some(id) = name.strip_suffix(".wal.recycled").and_then(parse) {
+        DirEntry::Recycled(id)
     } else if let Some(id) = name.strip_suffix(".wal").and_then(parse) {
         DirEntry::Segment(id)
     } else if name == LOG_MARKER {
@@ -231,6 +250,7 @@ mod tests {
     fn names_round_trip_and_foreign_names_are_not_ours() {
         assert_eq!(classify(&file_name(42)), DirEntry::Segment(42));
         assert_eq!(classify(&prep_file_name(7)), DirEntry::Preparing(7));
+        assert_eq!(classify(&recycled_file_name(3)), DirEntry::Recycled(3));
         for foreign in ["42.wal", "0000000000000000004x.wal", "meta.json", "", ".wal"] {
             assert_eq!(classify(foreign), DirEntry::Foreign, "{foreign}");
         }

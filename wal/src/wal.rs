@@ -96,6 +96,11 @@ pub struct WalStats {
     pub segments: u64,
     /// Bytes used by records in the live segments (headers included).
     pub log_bytes: u64,
+    /// Segments started in a recycled file (a purged segment's) rather
+    /// than in a pre-written or fresh one.
+    pub recycled_segments: u64,
+    /// Recycled spares kept for the next rolls.
+    pub recycled_spares: u64,
 }
 
 impl Wal {
@@ -123,7 +128,13 @@ impl Wal {
             // New, or made before the marker existed.
             write_marker(storage.as_ref(), &dir, options.log_id)?;
         }
-        let recovered = recovery::recover(storage.as_ref(), &dir, options.log_id, options.known_durable_lsn)?;
+        let recovered = recovery::recover(
+            storage.as_ref(),
+            &dir,
+            options.log_id,
+            options.known_durable_lsn,
+            options.recycled_segments,
+        )?;
         if recovered.torn_bytes > 0 {
             tracing::warn!(dir = %dir.display(), bytes = recovered.torn_bytes, "zeroed torn tail at open");
         }
@@ -164,6 +175,7 @@ impl Wal {
             options.prewrite_segments,
             prepare_ahead,
             recovered.spare,
+            recovered.recycled,
             recovered.next_segment_id,
             engine.clone(),
         ));
@@ -297,9 +309,12 @@ impl Wal {
     }
 
     /// Reads the record at `pos` (as returned by an append), verifying its
-    /// checksum, LSN and owner. Blocking: one `pread`.
+    /// checksum, LSN and owner. Blocking: one `pread`. A record the log no
+    /// longer holds is [`Error::LsnOutOfRange`], also when it was purged or
+    /// truncated while being read (its file may be recycled and written
+    /// over meanwhile): only bytes the log still holds are corruption.
     pub fn read(&self, pos: RecordPos) -> Result<Bytes> {
-        self.segment_of(pos)?.read_record(self.shared.log_id, pos)
+        self.segment_of(pos)?.read_record(self.shared.log_id, pos).map_err(|e| self.unless_gone(pos, e))
     }
 
     /// [`Wal::read`] when the record's bytes are all in the page cache:
@@ -307,7 +322,21 @@ impl Wal {
     /// `Ok(None)`: not cached (or the backend cannot tell); call `read`
     /// from a blocking thread. The bytes are verified exactly as by `read`.
     pub fn read_cached(&self, pos: RecordPos) -> Result<Option<Bytes>> {
-        self.segment_of(pos)?.read_record_cached(self.shared.log_id, pos)
+        self.segment_of(pos)?.read_record_cached(self.shared.log_id, pos).map_err(|e| self.unless_gone(pos, e))
+    }
+
+    /// A record that fails its check because the log let go of it while it
+    /// was being read is out of range, not corrupt: its segment was purged
+    /// and the file recycled and written over by a later segment, or it was
+    /// truncated away. Only what the log still holds can be corrupt.
+    fn unless_gone(&self, pos: RecordPos, error: Error) -> Error {
+        match error {
+            Error::Corruption { .. } => match self.segment_of(pos) {
+                Err(gone) => gone,
+                Ok(_) => error,
+            },
+            other => other,
+        }
     }
 
     fn segment_of(&self, pos: RecordPos) -> Result<SegmentMeta> {
@@ -338,7 +367,12 @@ impl Wal {
                 break;
             }
             let from = lsn.max(segment.first_lsn);
-            segment.read_from(self.shared.log_id, from, max_bytes.saturating_sub(taken), &mut records)?;
+            let read = segment.read_from(self.shared.log_id, from, max_bytes.saturating_sub(taken), &mut records);
+            if let Err(error) = read {
+                let failed = records.last().map_or(from, |r| r.lsn + 1).max(from);
+                let pos = RecordPos { segment_id: segment.id, offset: 0, lsn: failed, len: 0 };
+                return Err(self.unless_gone(pos, error));
+            }
         }
         Ok(records)
     }
@@ -387,6 +421,8 @@ impl Wal {
             sync_nanos: c.sync_nanos.load(Ordering::Relaxed),
             segments: table.segments.len() as u64,
             log_bytes: table.segments.values().map(|s| s.end_offset).sum(),
+            recycled_segments: c.recycled.load(Ordering::Relaxed),
+            recycled_spares: self.preparer.recycled_count() as u64,
         }
     }
 

@@ -24,6 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use crate::error::{Error, IoOp, Result};
 use crate::format::{self, RecordHeader, SegmentHeader};
 use crate::prepare::Preparer;
+use crate::recovery::Recycled;
 use crate::segment::{self, SegmentMeta, SegmentTable};
 use crate::storage::{Storage, StorageFile};
 use crate::{Appended, Durability, Lsn, RecordPos, WalOptions};
@@ -110,6 +111,8 @@ pub(crate) struct Counters {
     pub batches: AtomicU64,
     pub syncs: AtomicU64,
     pub sync_nanos: AtomicU64,
+    /// Segments started in a recycled file.
+    pub recycled: AtomicU64,
 }
 
 /// State shared by the [`crate::Wal`] handle and its writer thread.
@@ -546,13 +549,15 @@ impl Writer {
         // Waiting for a pre-write is fine before the first record; on a roll
         // the writer would stall every appender behind it.
         let wait = self.active.is_none();
-        let file = self.preparer.take(id, wait).inspect_err(|error| self.poison_from(error))?;
+        let taken = self.preparer.take(id, wait).inspect_err(|error| self.poison_from(error))?;
+        let file = taken.file;
         let path = segment::path(&self.shared.dir, id);
         let first_lsn = self.shared.last_lsn.load(Ordering::Acquire) + 1;
         // The header is durable before any record is written behind it, so
         // recovery can treat a damaged header in front of a valid record as
         // corruption, never as a torn write.
-        let header = SegmentHeader { log_id: self.options.log_id, segment_id: id, first_lsn };
+        let recycled = taken.recycled_from.is_some();
+        let header = SegmentHeader { log_id: self.options.log_id, segment_id: id, first_lsn, recycled };
         let started = Instant::now();
         let result = file.write_all_and_sync(0, &[Bytes::copy_from_slice(&header.encode())]);
         if let Err((op, error)) = result {
@@ -562,6 +567,19 @@ impl Writer {
             return Err(self.poison(op, path, error));
         }
         self.observe_sync(started.elapsed(), true);
+        if let Some(from) = &taken.recycled_from {
+            // Only now does the recycled file get the segment's name: under
+            // it, a crash at any point finds the new header, durable, never
+            // the old one (which names another segment) or a torn one. Until
+            // the directory sync a power cut may undo the rename; nothing is
+            // written into the segment before it, so nothing acknowledged
+            // can go with it.
+            self.storage.rename(from, &path).map_err(|e| self.poison(IoOp::Metadata, from.clone(), e))?;
+            self.storage
+                .sync_dir(&self.shared.dir)
+                .map_err(|e| self.poison(IoOp::SyncDir, self.shared.dir.clone(), e))?;
+            self.shared.counters.recycled.fetch_add(1, Ordering::Relaxed);
+        }
         self.shared.table_mut().segments.insert(id, SegmentMeta::new(id, path.clone(), Arc::clone(&file), first_lsn));
         let zeroed_end = file.file_len().unwrap_or(format::SEGMENT_HEADER_LEN as u64);
         self.active =
@@ -702,6 +720,13 @@ impl Writer {
 
     /// Removes whole segments all of whose records are below `lsn`, oldest
     /// first, never the active segment. Returns how many were removed.
+    ///
+    /// Up to `recycled_segments` spares are kept: the newest of the purged
+    /// files are renamed to their recycled names instead of being removed,
+    /// their bytes untouched, for later rolls to write into. The renames
+    /// and removes go in one oldest-first sequence, then one directory
+    /// sync, so a crash at any point leaves the log without a gap: a file
+    /// whose rename is undone is its old segment again, whole and valid.
     fn purge_before(&mut self, lsn: Lsn) -> Result<usize> {
         let active_id = self.active.as_ref().map(|a| a.id);
         let doomed: Vec<SegmentMeta> = {
@@ -714,7 +739,36 @@ impl Writer {
                 .collect();
             ids.iter().filter_map(|id| table.segments.remove(id)).collect()
         };
-        self.remove_segments(&doomed)?;
+        let mut room = self.options.recycled_segments.saturating_sub(self.preparer.recycled_count());
+        let mut recycle = vec![false; doomed.len()];
+        for (meta, keep) in doomed.iter().zip(recycle.iter_mut()).rev() {
+            // A file much larger than a segment (one oversized record) would
+            // hold more space than a spare is worth.
+            if room > 0 && meta.file.file_len().is_ok_and(|len| len <= self.options.segment_size) {
+                *keep = true;
+                room -= 1;
+            }
+        }
+        let mut kept = Vec::new();
+        for (meta, keep) in doomed.iter().zip(recycle) {
+            if keep {
+                let spare = self.shared.dir.join(segment::recycled_file_name(meta.id));
+                self.storage
+                    .rename(&meta.path, &spare)
+                    .map_err(|e| self.poison(IoOp::Metadata, meta.path.clone(), e))?;
+                kept.push(Recycled { last_id: meta.id, path: spare, file: Arc::clone(&meta.file) });
+            } else {
+                self.storage.remove_file(&meta.path).map_err(|e| self.poison(IoOp::Metadata, meta.path.clone(), e))?;
+            }
+        }
+        if !doomed.is_empty() {
+            self.storage
+                .sync_dir(&self.shared.dir)
+                .map_err(|e| self.poison(IoOp::SyncDir, self.shared.dir.clone(), e))?;
+        }
+        for spare in kept {
+            self.preparer.add_recycled(spare);
+        }
         Ok(doomed.len())
     }
 

@@ -85,10 +85,10 @@ proptest! {
     /// byte is refused.
     #[test]
     fn segment_headers_round_trip_and_refuse_damage(
-        log_id in any::<u64>(), segment_id in any::<u64>(), first_lsn in any::<u64>(),
+        log_id in any::<u64>(), segment_id in any::<u64>(), first_lsn in any::<u64>(), recycled in any::<bool>(),
         at in 0usize..64, mask in 1u8..=255,
     ) {
-        let header = SegmentHeader { log_id, segment_id, first_lsn };
+        let header = SegmentHeader { log_id, segment_id, first_lsn, recycled };
         let mut bytes = header.encode();
         prop_assert_eq!(SegmentHeader::decode(&bytes).unwrap(), Some(header));
         bytes[at] ^= mask;

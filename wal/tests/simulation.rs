@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::payload;
-use datanode_wal::storage::{Fault, FaultOp, SimRng, SimStorage};
-use datanode_wal::{Durability, Error, Storage, Wal, WalOptions};
+use datanode_wal::storage::{Fault, SimRng, SimStorage};
+use datanode_wal::{Durability, Error, IoOp, Storage, Wal, WalOptions};
 
 #[derive(Default)]
 struct Outcome {
@@ -58,11 +58,11 @@ fn run_scenario(seed: u64) {
     match rng.below(4) {
         0 => sim.inject_random(
             0.01 + rng.below(5) as f64 / 100.0,
-            &[FaultOp::Write, FaultOp::Sync, FaultOp::SyncDir, FaultOp::Open],
+            &[IoOp::Write, IoOp::Sync, IoOp::SyncDir, IoOp::Open],
             &[libc::EIO, libc::ENOSPC, libc::EROFS],
         ),
         1 => {
-            let op = [FaultOp::Write, FaultOp::Sync][rng.below(2) as usize];
+            let op = [IoOp::Write, IoOp::Sync][rng.below(2) as usize];
             let mut fault = Fault::new(op, libc::EIO).after(rng.below(40));
             if rng.below(2) == 0 {
                 fault = fault.short_write();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use common::*;
-use datanode_wal::storage::{Fault, FaultOp};
+use datanode_wal::storage::Fault;
 use datanode_wal::{Corruption, Durability, Error, IoOp, Storage, Wal, WalOptions};
 
 #[test]
@@ -232,7 +232,7 @@ fn write_error_poisons_and_is_never_retried() {
     let (sim, storage) = sim(6);
     let wal = open(&storage, Path::new("/log"), writer_only_options(6));
     wal.append_blocking(vec![payload(6, 0, 10)]).unwrap();
-    sim.inject(Fault::new(FaultOp::Write, libc::EIO).on_path(".wal").short_write());
+    sim.inject(Fault::new(IoOp::Write, libc::EIO).on_path(".wal").short_write());
     let error = wal.append_blocking(vec![payload(6, 1, 10)]).unwrap_err();
     assert!(matches!(error, Error::Io { op: IoOp::Write, .. }), "{error:?}");
     assert!(error.outcome_unknown());
@@ -256,8 +256,8 @@ fn sync_error_poisons_with_its_errno_and_fails_everything_queued() {
     let (sim, storage) = sim(7);
     let wal = Arc::new(open(&storage, Path::new("/log"), writer_only_options(7)));
     wal.append_blocking(vec![payload(7, 0, 10)]).unwrap();
-    sim.pause(FaultOp::Sync);
-    sim.inject(Fault::new(FaultOp::Sync, libc::EIO));
+    sim.pause(IoOp::Sync);
+    sim.inject(Fault::new(IoOp::Sync, libc::EIO));
     let appenders: Vec<_> = (0..8)
         .map(|i| {
             let wal = Arc::clone(&wal);
@@ -266,7 +266,7 @@ fn sync_error_poisons_with_its_errno_and_fails_everything_queued() {
         .collect();
     wait_until("a batch is syncing", || sim.held() == 1);
     wait_until("the rest queue up behind it", || wal.queued_bytes() == 80);
-    sim.resume(FaultOp::Sync);
+    sim.resume(IoOp::Sync);
     let results: Vec<_> = appenders.into_iter().map(|t| t.join().unwrap()).collect();
     assert!(results.iter().all(Result::is_err), "nothing after a failed sync is acknowledged");
     assert!(results.iter().any(|r| matches!(r, Err(Error::Io { op: IoOp::Sync, .. }))));
@@ -341,7 +341,7 @@ fn a_read_never_returns_bytes_that_fail_their_checksum() {
     let pos = wal.append_blocking(vec![payload(12, 0, 100)]).unwrap().positions[0];
     sim.tamper(&dir.join("00000000000000000001.wal"), pos.offset as usize + 70, b"X").unwrap();
     assert!(matches!(wal.read(pos), Err(Error::Corruption { .. })));
-    sim.inject(Fault::new(FaultOp::Read, libc::EIO));
+    sim.inject(Fault::new(IoOp::Read, libc::EIO));
     let error = wal.read(pos).unwrap_err();
     assert!(matches!(error, Error::Io { op: IoOp::Read, .. }) && error.errno() == Some(libc::EIO));
 }
@@ -383,7 +383,7 @@ fn backpressure_bounds_queued_bytes() {
     let too_large = wal.append_blocking(vec![Bytes::from(vec![1u8; 1001])]).unwrap_err();
     assert!(matches!(too_large, Error::RecordTooLarge { len: 1001, max: 1000 }));
 
-    sim.pause(FaultOp::Sync);
+    sim.pause(IoOp::Sync);
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let appenders: Vec<_> = (0..5)
         .map(|i| {
@@ -400,7 +400,7 @@ fn backpressure_bounds_queued_bytes() {
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert_eq!(wal.queued_bytes(), 800);
     assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 0);
-    sim.resume(FaultOp::Sync);
+    sim.resume(IoOp::Sync);
     for a in appenders {
         a.join().unwrap();
     }
@@ -434,7 +434,7 @@ fn after_a_failed_sync_recovery_shows_only_what_is_on_disk() {
         let dir = Path::new("/log");
         let wal = open(&storage, dir, writer_only_options(17));
         wal.append_blocking(vec![payload(17, 0, 700)]).unwrap();
-        sim.inject(Fault::new(FaultOp::Sync, libc::EIO));
+        sim.inject(Fault::new(IoOp::Sync, libc::EIO));
         wal.append_blocking(vec![payload(17, 1, 3000)]).unwrap_err();
         drop(wal);
         let reopened = open(&storage, dir, writer_only_options(17));
@@ -480,7 +480,7 @@ fn fail_a_batch_of_eight(seed: u64, fault: Fault) -> (datanode_wal::storage::Sim
     let (sim, storage) = sim(seed);
     let wal = Arc::new(open(&storage, Path::new("/log"), writer_only_options(seed)));
     wal.append_blocking(vec![payload(seed, 0, 10)]).unwrap();
-    sim.pause(FaultOp::Sync);
+    sim.pause(IoOp::Sync);
     let first = {
         let wal = Arc::clone(&wal);
         std::thread::spawn(move || wal.append_blocking(vec![payload(seed, 1, 10)]))
@@ -494,7 +494,7 @@ fn fail_a_batch_of_eight(seed: u64, fault: Fault) -> (datanode_wal::storage::Sim
         .collect();
     wait_until("eight appends queue up", || wal.queued_bytes() == 90);
     sim.inject(fault);
-    sim.resume(FaultOp::Sync);
+    sim.resume(IoOp::Sync);
     first.join().unwrap().unwrap();
     let results = batch.into_iter().map(|t| t.join().unwrap().map(|_| ())).collect();
     let later = wal.append_blocking(vec![payload(seed, 99, 10)]).unwrap_err();
@@ -504,7 +504,7 @@ fn fail_a_batch_of_eight(seed: u64, fault: Fault) -> (datanode_wal::storage::Sim
 
 #[test]
 fn every_request_of_a_failed_batch_learns_its_outcome_is_unknown() {
-    let (_, results) = fail_a_batch_of_eight(21, Fault::new(FaultOp::Write, libc::EIO).on_path(".wal").short_write());
+    let (_, results) = fail_a_batch_of_eight(21, Fault::new(IoOp::Write, libc::EIO).on_path(".wal").short_write());
     for result in results {
         let error = result.unwrap_err();
         assert!(
@@ -519,8 +519,7 @@ fn a_batch_that_failed_for_lack_of_space_is_durably_discarded() {
     // A file-size limit cuts the write short: part of the batch is in the
     // file. It is zeroed and synced, so the batch is truthfully "not
     // written", now and after any crash.
-    let (sim, results) =
-        fail_a_batch_of_eight(25, Fault::new(FaultOp::Write, libc::EFBIG).on_path(".wal").short_write());
+    let (sim, results) = fail_a_batch_of_eight(25, Fault::new(IoOp::Write, libc::EFBIG).on_path(".wal").short_write());
     for result in results {
         let error = result.unwrap_err();
         assert!(
@@ -540,7 +539,7 @@ fn then_runs_for_every_settled_append_even_when_the_caller_gave_up() {
     let (sim, storage) = sim(22);
     let wal = Arc::new(open(&storage, Path::new("/log"), writer_only_options(22)));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-    sim.pause(FaultOp::Sync);
+    sim.pause(IoOp::Sync);
     let (settled_tx, settled) = std::sync::mpsc::channel();
     let append = wal.append_then(vec![payload(22, 0, 10)], move |result| {
         settled_tx.send(result.as_ref().map(|a| a.first_lsn).map_err(|e| e.to_string())).unwrap();
@@ -548,12 +547,12 @@ fn then_runs_for_every_settled_append_even_when_the_caller_gave_up() {
     let gave_up = runtime.block_on(async { tokio::time::timeout(std::time::Duration::from_millis(50), append).await });
     assert!(gave_up.is_err(), "the append is held in its sync");
     assert!(settled.try_recv().is_err(), "nothing is settled before the sync");
-    sim.resume(FaultOp::Sync);
+    sim.resume(IoOp::Sync);
     let lsn = settled.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
     assert_eq!(lsn, Ok(1), "the abandoned append was still written, and `then` saw it");
 
     // A refused append runs `then` too, with the refusal.
-    sim.inject(Fault::new(FaultOp::Write, libc::EIO).on_path(".wal"));
+    sim.inject(Fault::new(IoOp::Write, libc::EIO).on_path(".wal"));
     assert!(wal.append_blocking(vec![payload(22, 1, 10)]).is_err());
     let (refused_tx, refused) = std::sync::mpsc::channel();
     let result = runtime.block_on(wal.append_then(vec![payload(22, 2, 10)], move |result| {

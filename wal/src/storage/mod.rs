@@ -25,7 +25,7 @@ use bytes::Bytes;
 
 use crate::error::IoOp;
 
-pub use sim::{Fault, FaultOp, SimRng, SimStorage};
+pub use sim::{Fault, SimRng, SimStorage};
 
 pub use std_fs::StdStorage;
 pub use uring::UringStorage;

@@ -11,6 +11,9 @@
 //! Faults are injected per operation kind and path, by errno, optionally as
 //! short writes, sticky (a dead disk) or at random from the seed. Operations
 //! can be paused (a hung fsync) and resumed, or delayed.
+//! [`SimStorage::crash_before_op`] cuts the power at a chosen operation
+//! (inside a roll, a rename, a batch), keeping the image for the test while
+//! the run goes on.
 
 // A test double: its indexing is over its own in-memory state, and a
 // panic here fails a test, never a node.
@@ -25,30 +28,14 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::{Space, Storage, StorageFile, total_len};
+use crate::error::IoOp;
 
 const SECTOR: usize = 512;
-
-/// The kinds of operation a fault can target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FaultOp {
-    /// `open` (with or without create).
-    Open,
-    /// File reads.
-    Read,
-    /// File writes.
-    Write,
-    /// `sync_data` of a file.
-    Sync,
-    /// `sync_dir`.
-    SyncDir,
-    /// rename, remove, list, set_len.
-    Metadata,
-}
 
 /// One injected fault: the matching operation fails with `errno`.
 #[derive(Debug, Clone)]
 pub struct Fault {
-    op: FaultOp,
+    op: IoOp,
     errno: i32,
     path_contains: Option<String>,
     skip: u64,
@@ -58,7 +45,7 @@ pub struct Fault {
 
 impl Fault {
     /// The next `op` fails with `errno`.
-    pub fn new(op: FaultOp, errno: i32) -> Fault {
+    pub fn new(op: IoOp, errno: i32) -> Fault {
         Fault { op, errno, path_contains: None, skip: 0, short_write: false, sticky: false }
     }
     /// Only operations on paths containing `fragment` match.
@@ -123,17 +110,23 @@ struct State {
     journal: Vec<NsOp>,
     next_id: FileId,
     faults: Vec<(Fault, u64, bool)>,
-    random: Option<(f64, Vec<FaultOp>, Vec<i32>)>,
+    random: Option<(f64, Vec<IoOp>, Vec<i32>)>,
     /// Paused operation kinds, each for every path or for paths containing
     /// a fragment.
-    paused: Vec<(FaultOp, Option<String>)>,
+    paused: Vec<(IoOp, Option<String>)>,
     /// Operations currently held by a pause.
     held: usize,
     /// Delayed operation kinds, each for every path or for paths containing
     /// a fragment.
-    delays: Vec<(FaultOp, Option<String>, Duration)>,
+    delays: Vec<(IoOp, Option<String>, Duration)>,
     injected: u64,
     space: Space,
+    /// Operations entered so far.
+    ops: u64,
+    /// Take a crash image as the operation with this number starts.
+    crash_at: Option<u64>,
+    /// The image taken there.
+    crashed: Option<SimStorage>,
 }
 
 impl State {
@@ -152,6 +145,9 @@ impl State {
             delays: Vec::new(),
             injected: 0,
             space: Space { total: 1 << 40, free: 1 << 40 },
+            ops: 0,
+            crash_at: None,
+            crashed: None,
         }
     }
 }
@@ -177,7 +173,7 @@ impl SimStorage {
 
     /// Makes each operation of the kinds in `ops` fail with `probability`,
     /// with an errno picked from `errnos`, decided by the seed.
-    pub fn inject_random(&self, probability: f64, ops: &[FaultOp], errnos: &[i32]) {
+    pub fn inject_random(&self, probability: f64, ops: &[IoOp], errnos: &[i32]) {
         self.lock().random = Some((probability, ops.to_vec(), errnos.to_vec()));
     }
 
@@ -194,18 +190,18 @@ impl SimStorage {
     }
 
     /// Blocks every following operation of kind `op` until [`SimStorage::resume`].
-    pub fn pause(&self, op: FaultOp) {
+    pub fn pause(&self, op: IoOp) {
         self.lock().paused.push((op, None));
     }
 
     /// Blocks following operations of kind `op` on paths containing
     /// `fragment` (a hung disk under one partition) until resumed.
-    pub fn pause_on(&self, op: FaultOp, fragment: impl Into<String>) {
+    pub fn pause_on(&self, op: IoOp, fragment: impl Into<String>) {
         self.lock().paused.push((op, Some(fragment.into())));
     }
 
     /// Lets paused operations of kind `op` continue.
-    pub fn resume(&self, op: FaultOp) {
+    pub fn resume(&self, op: IoOp) {
         self.lock().paused.retain(|(paused, _)| *paused != op);
         self.inner.resumed.notify_all();
     }
@@ -221,17 +217,17 @@ impl SimStorage {
     }
 
     /// Sleeps `delay` in every operation of kind `op` (zero removes it).
-    pub fn delay(&self, op: FaultOp, delay: Duration) {
+    pub fn delay(&self, op: IoOp, delay: Duration) {
         self.set_delay(op, None, delay);
     }
 
     /// Sleeps `delay` in operations of kind `op` on paths containing
     /// `fragment` (a slow disk); zero removes it.
-    pub fn delay_on(&self, op: FaultOp, fragment: impl Into<String>, delay: Duration) {
+    pub fn delay_on(&self, op: IoOp, fragment: impl Into<String>, delay: Duration) {
         self.set_delay(op, Some(fragment.into()), delay);
     }
 
-    fn set_delay(&self, op: FaultOp, fragment: Option<String>, delay: Duration) {
+    fn set_delay(&self, op: IoOp, fragment: Option<String>, delay: Duration) {
         let mut state = self.lock();
         state.delays.retain(|(o, f, _)| !(*o == op && *f == fragment));
         if !delay.is_zero() {
@@ -265,37 +261,29 @@ impl SimStorage {
     /// faults. Synced data and synced names survive; everything else survives
     /// in part, not at all, or as garbage, chosen by the seed.
     pub fn crash_image(&self) -> SimStorage {
+        image_of(&mut self.lock())
+    }
+
+    /// Arranges for a power cut in the middle of what runs next: just
+    /// before the `n`-th following operation (1 for the very next) starts,
+    /// a [`SimStorage::crash_image`] is taken and kept for
+    /// [`SimStorage::take_crashed`]. Operations go on as if nothing
+    /// happened. Counting every operation of every thread, it lands at a
+    /// reproducible point of a single-threaded run.
+    pub fn crash_before_op(&self, n: u64) {
         let mut state = self.lock();
-        let seed = state.rng.next_u64();
-        let mut rng = SimRng::new(seed);
-        let kept_ops = rng.below(state.journal.len() as u64 + 1) as usize;
-        let mut names = state.durable_names.clone();
-        for op in &state.journal[..kept_ops] {
-            apply(&mut names, op);
-        }
-        let mut files = HashMap::new();
-        for id in names.values() {
-            if files.contains_key(id) {
-                continue;
-            }
-            let file = state.files.get(id).cloned().unwrap_or_default();
-            let image = crashed_contents(&file, &mut rng);
-            files.insert(*id, FileData { data: image.clone(), durable: image, dirty: None });
-        }
-        let next_id = state.next_id;
-        drop(state);
-        SimStorage::from_state(State {
-            files,
-            durable_names: names.clone(),
-            names,
-            next_id,
-            ..State::empty(seed ^ 0x9e37_79b9_7f4a_7c15)
-        })
+        state.crash_at = Some(state.ops + n.max(1));
+        state.crashed = None;
+    }
+
+    /// The image [`SimStorage::crash_before_op`] took, once it was taken.
+    pub fn take_crashed(&self) -> Option<SimStorage> {
+        self.lock().crashed.take()
     }
 
     /// Waits out pauses and delays, then decides whether `op` on `path`
     /// fails. Returns the errno and whether a write should be short.
-    fn enter(&self, op: FaultOp, path: &Path) -> (MutexGuard<'_, State>, Option<(i32, bool)>) {
+    fn enter(&self, op: IoOp, path: &Path) -> (MutexGuard<'_, State>, Option<(i32, bool)>) {
         let path_text = path.to_string_lossy().into_owned();
         let is_paused = |state: &State| {
             state.paused.iter().any(|(paused, fragment)| {
@@ -303,6 +291,11 @@ impl SimStorage {
             })
         };
         let mut state = self.lock();
+        state.ops += 1;
+        if state.crash_at == Some(state.ops) {
+            let image = image_of(&mut state);
+            state.crashed = Some(image);
+        }
         if is_paused(&state) {
             state.held += 1;
             while is_paused(&state) {
@@ -353,6 +346,33 @@ impl SimStorage {
     fn file_of(state: &mut State, id: FileId) -> &mut FileData {
         state.files.entry(id).or_default()
     }
+}
+
+/// What a power cut now would leave of `state`; see [`SimStorage::crash_image`].
+fn image_of(state: &mut State) -> SimStorage {
+    let seed = state.rng.next_u64();
+    let mut rng = SimRng::new(seed);
+    let kept_ops = rng.below(state.journal.len() as u64 + 1) as usize;
+    let mut names = state.durable_names.clone();
+    for op in &state.journal[..kept_ops] {
+        apply(&mut names, op);
+    }
+    let mut files = HashMap::new();
+    for id in names.values() {
+        if files.contains_key(id) {
+            continue;
+        }
+        let file = state.files.get(id).cloned().unwrap_or_default();
+        let image = crashed_contents(&file, &mut rng);
+        files.insert(*id, FileData { data: image.clone(), durable: image, dirty: None });
+    }
+    SimStorage::from_state(State {
+        files,
+        durable_names: names.clone(),
+        names,
+        next_id: state.next_id,
+        ..State::empty(seed ^ 0x9e37_79b9_7f4a_7c15)
+    })
 }
 
 fn not_found() -> io::Error {
@@ -429,7 +449,7 @@ impl Storage for SimStorage {
     }
 
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
-        let (state, fault) = self.enter(FaultOp::Metadata, dir);
+        let (state, fault) = self.enter(IoOp::Metadata, dir);
         if let Some((errno, _)) = fault {
             return Err(io::Error::from_raw_os_error(errno));
         }
@@ -445,7 +465,7 @@ impl Storage for SimStorage {
     }
 
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn StorageFile>> {
-        let (mut state, fault) = self.enter(FaultOp::Open, path);
+        let (mut state, fault) = self.enter(IoOp::Open, path);
         if let Some((errno, _)) = fault {
             return Err(io::Error::from_raw_os_error(errno));
         }
@@ -465,7 +485,7 @@ impl Storage for SimStorage {
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        let (mut state, fault) = self.enter(FaultOp::Metadata, from);
+        let (mut state, fault) = self.enter(IoOp::Metadata, from);
         if let Some((errno, _)) = fault {
             return Err(io::Error::from_raw_os_error(errno));
         }
@@ -485,7 +505,7 @@ impl Storage for SimStorage {
     }
 
     fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
-        let (mut state, fault) = self.enter(FaultOp::Metadata, dir);
+        let (mut state, fault) = self.enter(IoOp::Metadata, dir);
         if let Some((errno, _)) = fault {
             return Err(io::Error::from_raw_os_error(errno));
         }
@@ -498,7 +518,7 @@ impl Storage for SimStorage {
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
-        let (mut state, fault) = self.enter(FaultOp::Metadata, path);
+        let (mut state, fault) = self.enter(IoOp::Metadata, path);
         if let Some((errno, _)) = fault {
             return Err(io::Error::from_raw_os_error(errno));
         }
@@ -508,7 +528,7 @@ impl Storage for SimStorage {
     }
 
     fn space(&self, path: &Path) -> io::Result<Space> {
-        let (state, fault) = self.enter(FaultOp::Metadata, path);
+        let (state, fault) = self.enter(IoOp::Metadata, path);
         if let Some((errno, _)) = fault {
             return Err(io::Error::from_raw_os_error(errno));
         }
@@ -516,7 +536,7 @@ impl Storage for SimStorage {
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        let (mut state, fault) = self.enter(FaultOp::SyncDir, dir);
+        let (mut state, fault) = self.enter(IoOp::SyncDir, dir);
         if let Some((errno, _)) = fault {
             return Err(io::Error::from_raw_os_error(errno));
         }
@@ -539,7 +559,7 @@ struct SimFile {
 
 impl StorageFile for SimFile {
     fn write_all_at(&self, offset: u64, bufs: &[Bytes]) -> io::Result<()> {
-        let (mut state, fault) = self.storage.enter(FaultOp::Write, &self.path);
+        let (mut state, fault) = self.storage.enter(IoOp::Write, &self.path);
         let total = total_len(bufs);
         let keep = match fault {
             Some((_, true)) => state.rng.below(total as u64 + 1) as usize,
@@ -570,7 +590,7 @@ impl StorageFile for SimFile {
     }
 
     fn read_exact_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        let (mut state, fault) = self.storage.enter(FaultOp::Read, &self.path);
+        let (mut state, fault) = self.storage.enter(IoOp::Read, &self.path);
         if let Some((errno, _)) = fault {
             return Err(io::Error::from_raw_os_error(errno));
         }
@@ -583,7 +603,7 @@ impl StorageFile for SimFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        let (mut state, fault) = self.storage.enter(FaultOp::Sync, &self.path);
+        let (mut state, fault) = self.storage.enter(IoOp::Sync, &self.path);
         if let Some((errno, _)) = fault {
             // fsyncgate, as Linux does it: writeback of the dirty pages was
             // attempted (each sector may or may not have reached the disk),
@@ -610,7 +630,7 @@ impl StorageFile for SimFile {
     }
 
     fn drop_cache(&self) -> io::Result<()> {
-        let (mut state, fault) = self.storage.enter(FaultOp::Metadata, &self.path);
+        let (mut state, fault) = self.storage.enter(IoOp::Metadata, &self.path);
         if let Some((errno, _)) = fault {
             return Err(io::Error::from_raw_os_error(errno));
         }
@@ -631,7 +651,7 @@ impl StorageFile for SimFile {
     }
 
     fn file_len(&self) -> io::Result<u64> {
-        let (mut state, fault) = self.storage.enter(FaultOp::Metadata, &self.path);
+        let (mut state, fault) = self.storage.enter(IoOp::Metadata, &self.path);
         if let Some((errno, _)) = fault {
             return Err(io::Error::from_raw_os_error(errno));
         }
@@ -639,7 +659,7 @@ impl StorageFile for SimFile {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        let (mut state, fault) = self.storage.enter(FaultOp::Metadata, &self.path);
+        let (mut state, fault) = self.storage.enter(IoOp::Metadata, &self.path);
         if let Some((errno, _)) = fault {
             return Err(io::Error::from_raw_os_error(errno));
         }
@@ -751,7 +771,7 @@ mod tests {
             let path = Path::new("/d/f");
             let file = write(&sim, path, 0, &[1u8; 4096]);
             sim.sync_dir(Path::new("/d")).unwrap();
-            sim.inject(Fault::new(FaultOp::Sync, libc::EIO));
+            sim.inject(Fault::new(IoOp::Sync, libc::EIO));
             assert!(file.sync_data().is_err());
             assert_eq!(file.read_exact_at(0, 4096).unwrap(), vec![1u8; 4096], "the cache shows the new bytes");
             // A second sync "succeeds" without writing them (they are clean).
@@ -771,7 +791,7 @@ mod tests {
         let path = Path::new("/d/f");
         let file = write(&sim, path, 0, &[7u8; 2048]);
         sim.sync_dir(Path::new("/d")).unwrap();
-        sim.inject(Fault::new(FaultOp::Sync, libc::EIO));
+        sim.inject(Fault::new(IoOp::Sync, libc::EIO));
         assert_eq!(file.sync_data().unwrap_err().raw_os_error(), Some(libc::EIO));
         let after_failure = sim.crash_image().contents(path).unwrap();
         file.sync_data().unwrap();
@@ -779,9 +799,32 @@ mod tests {
     }
 
     #[test]
+    fn a_power_cut_lands_before_the_chosen_operation() {
+        let mut lost = false;
+        for seed in 0..50 {
+            let sim = SimStorage::new(seed);
+            let path = Path::new("/d/f");
+            let file = write(&sim, path, 0, &[1u8; 1024]);
+            file.sync_data().unwrap();
+            sim.sync_dir(Path::new("/d")).unwrap();
+            // The write is operation 1, its sync operation 2: the cut comes
+            // between them.
+            sim.crash_before_op(2);
+            file.write_all_at(1024, &[Bytes::from(vec![2u8; 1024])]).unwrap();
+            assert!(sim.take_crashed().is_none(), "seed {seed}: taken too early");
+            file.sync_data().unwrap();
+            let image = sim.take_crashed().unwrap().contents(path).unwrap();
+            assert_eq!(&image[..1024], &[1u8; 1024][..], "seed {seed}");
+            lost |= image.len() < 2048 || image[1024..] != [2u8; 1024][..];
+            assert!(sim.take_crashed().is_none(), "one cut per arming");
+        }
+        assert!(lost, "bytes unsynced at the cut must sometimes be lost");
+    }
+
+    #[test]
     fn faults_match_by_op_path_and_count() {
         let sim = SimStorage::new(4);
-        sim.inject(Fault::new(FaultOp::Write, libc::EIO).on_path("b").after(1));
+        sim.inject(Fault::new(IoOp::Write, libc::EIO).on_path("b").after(1));
         let a = write(&sim, Path::new("/d/a"), 0, b"1");
         a.write_all_at(1, &[Bytes::from_static(b"2")]).unwrap();
         let b = write(&sim, Path::new("/d/b"), 0, b"1");
@@ -794,7 +837,7 @@ mod tests {
     #[test]
     fn sticky_fault_keeps_failing() {
         let sim = SimStorage::new(5);
-        sim.inject(Fault::new(FaultOp::Sync, libc::EROFS).sticky());
+        sim.inject(Fault::new(IoOp::Sync, libc::EROFS).sticky());
         let file = write(&sim, Path::new("/d/a"), 0, b"1");
         for _ in 0..3 {
             assert_eq!(file.sync_data().unwrap_err().raw_os_error(), Some(libc::EROFS));
@@ -805,11 +848,11 @@ mod tests {
     fn paused_operation_waits_for_resume() {
         let sim = SimStorage::new(6);
         let file = write(&sim, Path::new("/d/a"), 0, b"1");
-        sim.pause(FaultOp::Sync);
+        sim.pause(IoOp::Sync);
         let (tx, rx) = std::sync::mpsc::channel();
         let handle = std::thread::spawn(move || tx.send(file.sync_data().is_ok()).unwrap());
         assert!(rx.recv_timeout(Duration::from_millis(50)).is_err(), "sync ran while paused");
-        sim.resume(FaultOp::Sync);
+        sim.resume(IoOp::Sync);
         assert!(rx.recv().unwrap());
         handle.join().unwrap();
     }
