@@ -124,7 +124,7 @@ fn partitions_recovered_one_by_one_on_a_disk_faulted_by_their_count_stay_healthy
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let sim = SimStorage::new(6);
     let registry = registry(&sim);
-    sim.inject(Fault::new(FaultOp::Write, libc::EIO).on_path("/d0/partitions/").sticky());
+    sim.inject(Fault::new(IoOp::Write, libc::EIO).on_path("/d0/partitions/").sticky());
     for id in [1, 2, 3] {
         assert!(rt.block_on(registry.get(id).unwrap().put(b"k", b"v")).is_err());
     }

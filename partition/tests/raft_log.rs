@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use datanode_partition::blob;
 use datanode_partition::raft::{Command, Entry, LogId, LogStore, MemStateMachine, TypeConfig, Vote, lsn_of};
-use datanode_wal::storage::{Fault, FaultOp, SimStorage, StdStorage};
+use datanode_wal::IoOp;
+use datanode_wal::storage::{Fault, SimStorage, StdStorage};
 use datanode_wal::{Storage, WalOptions};
 use openraft::EntryPayload;
 use openraft::entry::RaftEntry;
@@ -115,7 +116,7 @@ fn the_flush_callback_waits_for_the_fdatasync() {
     let dir = Path::new("/d0/replicas/1");
     let mut store = open(&sim, dir);
     rt.block_on(append(&mut store, vec![Entry::new_blank(log_id(1, 0))])).unwrap();
-    sim.pause_on(FaultOp::Sync, "/d0/replicas/1/log.");
+    sim.pause_on(IoOp::Sync, "/d0/replicas/1/log.");
     let (tx, mut rx) = TypeConfig::oneshot();
     let appending = rt.spawn(async move {
         store.append(vec![put(1, 1), put(1, 2)], IOFlushed::signal(tx)).await.unwrap();
@@ -129,7 +130,7 @@ fn the_flush_callback_waits_for_the_fdatasync() {
     std::thread::sleep(Duration::from_millis(50));
     assert!(rx.try_recv().is_err(), "the callback fired before the fdatasync completed");
     assert!(!appending.is_finished(), "append returned before its records were durable");
-    sim.resume(FaultOp::Sync);
+    sim.resume(IoOp::Sync);
     let store = rt.block_on(appending).unwrap();
     rt.block_on(async { tokio::time::timeout(Duration::from_secs(20), rx).await }).unwrap().unwrap().unwrap();
     // The callback came after the sync: a power cut now keeps the entries.
@@ -147,7 +148,7 @@ fn a_failed_sync_is_reported_to_the_callback_and_never_retried() {
     let dir = Path::new("/d0/replicas/2");
     let mut store = open(&sim, dir);
     rt.block_on(append(&mut store, vec![Entry::new_blank(log_id(1, 0))])).unwrap();
-    sim.inject(Fault::new(FaultOp::Sync, libc::EIO).on_path("/d0/replicas/2/log."));
+    sim.inject(Fault::new(IoOp::Sync, libc::EIO).on_path("/d0/replicas/2/log."));
     let (tx, rx) = TypeConfig::oneshot();
     let returned = rt.block_on(store.append(vec![put(1, 1)], IOFlushed::signal(tx)));
     assert!(returned.is_err());
