@@ -143,6 +143,8 @@ pub struct WalConfig {
     /// Most threads carrying the logs' I/O on one disk, whatever the
     /// number of partitions.
     pub io_threads_per_disk: u64,
+    /// Purged segments each log keeps to write into again (0: none).
+    pub recycled_segments: u64,
 }
 
 /// `[limits]`.
@@ -232,6 +234,7 @@ sync_interval = "10ms"
 max_batch_bytes = "4MiB"
 io_backend = "std"
 io_threads_per_disk = 16
+recycled_segments = 0
 
 [limits]
 max_blob_size = "16MiB"
@@ -492,6 +495,9 @@ impl Config {
         }
         if !["sync", "interval", "none"].contains(&self.wal.durability.as_str()) {
             return fail(format!("wal.durability = {:?} is not sync, interval or none", self.wal.durability));
+        }
+        if self.wal.recycled_segments > 8 {
+            return fail(format!("wal.recycled_segments = {} is outside 0..=8", self.wal.recycled_segments));
         }
         if !(1..=256).contains(&self.wal.io_threads_per_disk) {
             return fail(format!("wal.io_threads_per_disk = {} is outside 1..=256", self.wal.io_threads_per_disk));

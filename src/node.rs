@@ -179,6 +179,7 @@ pub fn partition_defaults(config: &Config) -> PartitionDefaults {
             durability,
             max_batch_bytes: config.wal.max_batch_bytes as usize,
             max_queued_bytes: config.limits.max_queued_bytes_per_partition as usize,
+            recycled_segments: config.wal.recycled_segments as usize,
             ..WalOptions::new(0)
         },
         max_blob_size: config.limits.max_blob_size as usize,
