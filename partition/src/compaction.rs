@@ -6,8 +6,9 @@
 //! `compacted-<gen>/` of its own whose records carry each blob's original
 //! LSN. One compaction:
 //!
-//! 1. reads `covers`, the log's durable LSN, then waits out a grace period
-//!    so every put or delete up to `covers` is applied to the index;
+//! 1. seals the log's active segment (synced, the next append rolls) and
+//!    takes its last LSN as `covers`, then waits out a grace period so
+//!    every put or delete up to `covers` is applied to the index;
 //! 2. copies the live blobs whose latest write is at or below `covers`
 //!    (from the log or the previous compacted store) into a new store,
 //!    synced;
@@ -126,7 +127,16 @@ impl Partition {
         let dir = &self.options.dir;
         let manifest = Manifest::read(self.storage.as_ref(), dir).map_err(Error::CompactionFailed)?.unwrap_or_default();
         let bytes_before = self.stored_bytes();
-        let covers = log.durable_lsn();
+        // Sealed, so that every segment holding a covered record can be
+        // purged whole afterwards, also the one the log was writing.
+        let covers = match log.seal_blocking() {
+            Ok(covers) => covers,
+            Err(error) => {
+                let fault = Fault::from_wal(&error);
+                self.fault(fault.clone(), FaultSource::Operation);
+                return Err(Error::CompactionFailed(fault));
+            }
+        };
         self.grace.wait();
         let moving: Vec<(Bytes, BlobLoc, Arc<Wal>)> = self.live_up_to(covers)?;
 

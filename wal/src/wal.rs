@@ -271,6 +271,22 @@ impl Wal {
         answer.await.map_err(|_| Error::Closed)?
     }
 
+    /// Seals the active segment: it is synced and takes no more records, so
+    /// the next append starts a new one. Returns the last LSN, durable now:
+    /// `purge_before(lsn + 1)` can then remove every segment up to it whole
+    /// (compaction uses it, so no covered record stays in an active
+    /// segment).
+    pub async fn seal(&self) -> Result<Lsn> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Request::Seal(reply))?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Blocking twin of [`Wal::seal`].
+    pub fn seal_blocking(&self) -> Result<Lsn> {
+        block_on(self.seal())
+    }
+
     /// Removes whole segments whose records are all below `lsn`. Records at
     /// or after `lsn` always stay; some below it may stay too. Returns the
     /// number of segments removed.

@@ -94,6 +94,7 @@ pub(crate) enum Request {
     Sync(oneshot::Sender<Result<()>>),
     TruncateAfter(Lsn, oneshot::Sender<Result<()>>),
     PurgeBefore(Lsn, oneshot::Sender<Result<usize>>),
+    Seal(oneshot::Sender<Result<Lsn>>),
 }
 
 #[derive(Default)]
@@ -216,6 +217,8 @@ pub(crate) struct Writer {
     unsynced_since: Option<Instant>,
     /// Closed and drained: nothing more will run.
     exited: bool,
+    /// The active segment takes no more records: the next append rolls.
+    sealed: bool,
 }
 
 /// Why a batch failed, which decides what its requests are told.
@@ -262,6 +265,7 @@ impl Writer {
             durable_lsn,
             unsynced_since: None,
             exited: false,
+            sealed: false,
         }
     }
 
@@ -539,7 +543,7 @@ impl Writer {
     /// record larger than a segment gets one of its own.
     fn ensure_room(&mut self, frame_bytes: u64) -> Result<()> {
         if let Some(active) = &self.active {
-            if active.empty || active.offset + frame_bytes <= self.options.segment_size {
+            if active.empty || (!self.sealed && active.offset + frame_bytes <= self.options.segment_size) {
                 return Ok(());
             }
             // Sealed segments are durable whole: recovery relies on it.
@@ -584,6 +588,7 @@ impl Writer {
         let zeroed_end = file.file_len().unwrap_or(format::SEGMENT_HEADER_LEN as u64);
         self.active =
             Some(Active { id, path, file, offset: format::SEGMENT_HEADER_LEN as u64, empty: true, zeroed_end });
+        self.sealed = false;
         self.next_segment_id = id + 1;
         Ok(())
     }
@@ -667,7 +672,24 @@ impl Writer {
                 let result = self.shared.poison_error().map_or_else(|| self.purge_before(lsn), Err);
                 let _ = reply.send(result);
             }
+            Request::Seal(reply) => {
+                let result = self.shared.poison_error().map_or_else(|| self.seal(), Err);
+                let _ = reply.send(result);
+            }
         }
+    }
+
+    /// Syncs the active segment and rolls to a new one (whose header
+    /// carries the next LSN, so the log's numbering survives even when
+    /// every older segment is purged); returns the last LSN, now durable.
+    /// Every segment up to it can then be purged whole. An empty active
+    /// segment is kept as it is.
+    fn seal(&mut self) -> Result<Lsn> {
+        if self.active.as_ref().is_some_and(|active| !active.empty) {
+            self.sealed = true;
+            self.ensure_room(0)?;
+        }
+        Ok(self.shared.last_lsn.load(Ordering::Acquire))
     }
 
     /// Removes every record after `lsn`. Later segments go first (newest
@@ -712,6 +734,7 @@ impl Writer {
             zeroed_end: target.file.file_len().unwrap_or(cut),
         });
         self.next_segment_id = target.id + 1;
+        self.sealed = false;
         self.shared.last_lsn.store(lsn, Ordering::Release);
         self.unsynced_since = None;
         self.set_durable(lsn);
@@ -831,6 +854,9 @@ pub(crate) fn reply_error(request: Request, error: Error) {
             let _ = reply.send(Err(error));
         }
         Request::PurgeBefore(_, reply) => {
+            let _ = reply.send(Err(error));
+        }
+        Request::Seal(reply) => {
             let _ = reply.send(Err(error));
         }
     }

@@ -76,6 +76,29 @@ fn close_leaves_no_file_of_the_log_open() {
     }
 }
 
+/// A sealed log rolls at once: every segment up to the returned LSN can be
+/// purged whole, and the numbering goes on, also after a reopen.
+#[test]
+fn seal_lets_purge_remove_every_record_up_to_it_and_the_numbering_goes_on() {
+    let (_, storage) = sim(3);
+    let dir = Path::new("/log");
+    let wal = open(&storage, dir, WalOptions { segment_size: 1 << 20, ..small_options(3) });
+    for seq in 0..50 {
+        wal.append_blocking(vec![payload(0, seq, 200)]).unwrap();
+    }
+    assert_eq!(wal.stats().segments, 1, "everything is in the active segment");
+    let sealed = wal.seal_blocking().unwrap();
+    assert_eq!((sealed, wal.durable_lsn()), (50, 50));
+    wal.purge_before_blocking(sealed + 1).unwrap();
+    assert!(wal.read_from(50, 1 << 20).is_err(), "every record up to the seal is gone");
+    assert_eq!(wal.seal_blocking().unwrap(), 50, "sealing an empty segment changes nothing");
+    wal.close().unwrap();
+    let wal = open(&storage, dir, WalOptions { segment_size: 1 << 20, ..small_options(3) });
+    assert_eq!(wal.last_lsn(), 50);
+    assert_eq!(wal.append_blocking(vec![payload(0, 50, 200)]).unwrap().first_lsn, 51);
+    wal.close().unwrap();
+}
+
 #[test]
 fn a_batch_gets_consecutive_lsns_and_read_from_respects_max_bytes() {
     let (_, storage) = sim(1);
