@@ -36,6 +36,10 @@ static PADDING: [u8; format::RECORD_ALIGN] = [0; format::RECORD_ALIGN];
 const ZEROED_LOW_WATER: u64 = 512 << 10;
 /// How much a batch extends the zeroed window by.
 const ZEROED_CHUNK: usize = 1 << 20;
+/// Records at least this large (on average in a batch) gain nothing from
+/// zeroed space: their batch writes no zeros, into plain space (the zeros
+/// would double the bytes written for what one metadata update saves).
+const LARGE_RECORD: u64 = 64 << 10;
 static ZEROS: [u8; ZEROED_CHUNK] = [0; ZEROED_CHUNK];
 
 /// What runs on the writer thread once an append is settled; see
@@ -447,9 +451,11 @@ impl Writer {
         // Keep zeroed space ahead of the tail (a sync into space already
         // written needs no extent metadata), a window at a time rather than
         // a whole segment: the zeros go out in this batch's write and are
-        // synced with it.
+        // synced with it. Not for a batch of large records.
         let mut zeroed_end = active.zeroed_end.max(offset);
+        let large = frame_bytes / (record_count.max(1) as u64) >= LARGE_RECORD;
         if self.options.prewrite_segments
+            && !large
             && zeroed_end < self.options.segment_size
             && zeroed_end - offset < ZEROED_LOW_WATER
         {

@@ -660,3 +660,31 @@ fn a_log_keeps_a_bounded_zeroed_window_ahead_not_whole_segments() {
     let wal = open(&storage, dir.path(), options);
     assert_eq!(read_all(&wal).len(), 4000);
 }
+
+/// A batch of large records writes no zeros ahead of it (they would double
+/// the bytes written), and the log reads back whole after it; small records
+/// after it get their zeroed window again.
+#[test]
+fn large_records_are_written_without_zeros_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn datanode_wal::Storage> = Arc::new(datanode_wal::storage::StdStorage);
+    let options = WalOptions { segment_size: 64 << 20, ..WalOptions::new(32) };
+    let file_bytes =
+        |dir: &Path| -> u64 { std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum() };
+    let wal = open(&storage, dir.path(), options.clone());
+    let large: Vec<Bytes> = (0..8).map(|i| payload(32, i, 1 << 20)).collect();
+    for record in &large {
+        wal.append_blocking(vec![record.clone()]).unwrap();
+    }
+    let tail = wal.stats().log_bytes;
+    let written = file_bytes(dir.path());
+    // The first record's segment starts with its bounded first window.
+    assert!(written <= tail + (1 << 20), "{written} bytes in files for a {tail}-byte log of 1 MiB records");
+    wal.append_blocking(vec![payload(32, 8, 100)]).unwrap();
+    assert!(file_bytes(dir.path()) > wal.stats().log_bytes + (256 << 10), "small records get a zeroed window again");
+    wal.close().unwrap();
+    let wal = open(&storage, dir.path(), options);
+    let back = read_all(&wal);
+    assert_eq!(back.len(), 9);
+    assert_eq!(&back[..8], &large[..]);
+}
