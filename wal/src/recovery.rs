@@ -17,6 +17,11 @@
 //! belongs to the same unsynced write, whose pages reached the disk out of
 //! order; it was never acknowledged and goes with the torn tail.
 //!
+//! A `TRUNCATE` marker (`after=N`) is a truncation a crash interrupted:
+//! recovery finishes it (segments wholly after N removed, the tail after N
+//! zeroed) and nothing past N counts as proof, since the old tail may be
+//! left whole behind bytes the truncation zeroed first.
+//!
 //! # Recycled segments
 //!
 //! A segment written into a recycled file (its header has the `recycled`
@@ -119,6 +124,7 @@ pub(crate) fn recover(
     let mut ids = Vec::new();
     let mut recycled_ids = Vec::new();
     let mut removed_leftovers = false;
+    let mut truncating = false;
     for name in names {
         match segment::classify(&name) {
             DirEntry::Segment(id) => ids.push(id),
@@ -135,9 +141,30 @@ pub(crate) fn recover(
                 removed_leftovers = true;
             }
             DirEntry::Marker => {}
+            DirEntry::Truncating if name == segment::TRUNCATE_MARKER => truncating = true,
+            DirEntry::Truncating => {
+                // A marker that was never renamed into place: its truncation
+                // had not begun.
+                let path = dir.join(&name);
+                storage.remove_file(&path).map_err(|e| Error::io(IoOp::Metadata, &path, e))?;
+                removed_leftovers = true;
+            }
             DirEntry::Foreign => tracing::warn!(dir = %dir.display(), name, "ignoring unknown file in WAL directory"),
         }
     }
+    // A truncation that a crash interrupted: everything after `limit` goes,
+    // whatever state the crash left it in (see `TRUNCATE_MARKER`).
+    let marker = dir.join(segment::TRUNCATE_MARKER);
+    let limit = match truncating {
+        false => None,
+        true => {
+            let bytes = read_small(storage, &marker)?;
+            let lsn = segment::parse_truncate_marker(&bytes)
+                .ok_or_else(|| Error::Invalid(format!("{} holds no truncation: {bytes:?}", marker.display())))?;
+            tracing::warn!(dir = %dir.display(), after = lsn, "finishing a truncation a crash interrupted");
+            Some(lsn)
+        }
+    };
     ids.sort_unstable();
     recycled_ids.sort_unstable();
     let surplus = recycled_ids.len().saturating_sub(keep_recycled);
@@ -171,7 +198,16 @@ pub(crate) fn recover(
         }
         previous_id = Some(id);
         let expected_first = used.last().map(|s| s.meta.last_lsn + 1);
-        let scan = scan_segment(storage, dir, log_id, id, expected_first, &mut buf)?;
+        let scan = scan_segment(storage, dir, log_id, id, expected_first, limit, &mut buf)?;
+        if let Some(limit) = limit
+            && scan.header_ok()
+            && scan.meta.first_lsn > limit
+        {
+            // Wholly after the truncation: its removal had not happened yet.
+            storage.remove_file(&scan.meta.path).map_err(|e| Error::io(IoOp::Metadata, &scan.meta.path, e))?;
+            removed_leftovers = true;
+            continue;
+        }
         if scan.proven_durable {
             return Err(corruption_at(&scan));
         }
@@ -223,6 +259,11 @@ pub(crate) fn recover(
         tracing::warn!(dir = %dir.display(), segment = last.meta.id, offset, %error, "truncating torn tail");
         torn_bytes += zero_range(last, offset)?;
     }
+    if limit.is_some() {
+        // The tail after the truncation is zeroed and synced above.
+        storage.remove_file(&marker).map_err(|e| Error::io(IoOp::Metadata, &marker, e))?;
+        removed_leftovers = true;
+    }
     let mut spare = None;
     let next_after_used = used.last().map(|s| s.meta.id + 1);
     for mut scan in unused {
@@ -246,6 +287,16 @@ pub(crate) fn recover(
     }
     let next_segment_id = spare.as_ref().map(|s| s.id).or(next_after_used).or(ids.last().map(|id| id + 1)).unwrap_or(1);
     Ok(Recovered { segments: used.into_iter().map(|s| s.meta).collect(), spare, recycled, next_segment_id, torn_bytes })
+}
+
+/// A small file's contents (a marker).
+fn read_small(storage: &dyn Storage, path: &Path) -> Result<Vec<u8>> {
+    let file = storage.open(path, false).map_err(|e| Error::io(IoOp::Open, path, e))?;
+    let len = file.file_len().map_err(|e| Error::io(IoOp::Metadata, path, e))?;
+    if len > 4096 {
+        return Err(Error::Invalid(format!("{} is {len} bytes, not a marker", path.display())));
+    }
+    file.read_exact_at(0, len as usize).map_err(|e| Error::io(IoOp::Read, path, e))
 }
 
 fn corruption_at(scan: &Scan) -> Error {
@@ -287,6 +338,7 @@ fn scan_segment(
     log_id: u64,
     id: u64,
     expected_first: Option<Lsn>,
+    limit: Option<Lsn>,
     buf: &mut Vec<u8>,
 ) -> Result<Scan> {
     let path = segment::path(dir, id);
@@ -318,7 +370,7 @@ fn scan_segment(
         loop {
             let expected = Expected { log_id, segment_id: id, lsn: Some(meta.last_lsn + 1) };
             match bytes.get(offset..).map(|rest| format::decode_record(rest, expected)) {
-                Some(Ok((record, _))) => {
+                Some(Ok((record, _))) if limit.is_none_or(|limit| record.lsn <= limit) => {
                     meta.push(record.lsn, offset as u64, record.frame_len() as u64);
                     offset += record.frame_len();
                 }
@@ -351,7 +403,11 @@ fn scan_segment(
         };
         scan.stop = Some((offset as u64, error));
         let highest_synced = own_records_after(bytes, offset + RECORD_ALIGN, log_id, id).map(|own| own.highest_synced);
+        // Past an interrupted truncation's point nothing proves anything:
+        // it is all to go.
+        let truncated = limit.is_some_and(|limit| scan.meta.last_lsn >= limit);
         scan.proven_durable = match (scan.header_ok(), highest_synced) {
+            _ if truncated => false,
             (_, None) => false,
             // The first LSN that failed to decode was synced before a later
             // record was written.

@@ -53,6 +53,8 @@ pub(crate) enum DirEntry {
     Recycled(u64),
     /// The file that marks the directory as a log ([`LOG_MARKER`]).
     Marker,
+    /// A truncation under way ([`TRUNCATE_MARKER`]), or its staging file.
+    Truncating,
     Foreign,
 }
 
@@ -64,6 +66,20 @@ pub(crate) const FIRST_WINDOW: u64 = 512 << 10;
 /// Written when a log directory is created: a log whose directory lacks
 /// both it and any segment is a log that was lost, not a new one.
 pub(crate) const LOG_MARKER: &str = "LOG";
+
+/// Written (durably, by a rename) before `truncate_after` changes any
+/// byte, removed once it is done: `after=<lsn>`. Recovery that finds it
+/// finishes the truncation, so a crash in the middle of one (a tail zeroed
+/// halfway, later segments half removed) never looks like damage to
+/// records that were synced.
+pub(crate) const TRUNCATE_MARKER: &str = "TRUNCATE";
+/// Where [`TRUNCATE_MARKER`] is written before its rename.
+pub(crate) const TRUNCATE_STAGING: &str = "TRUNCATE.new";
+
+/// The LSN of a truncation marker's contents, if they are one.
+pub(crate) fn parse_truncate_marker(bytes: &[u8]) -> Option<u64> {
+    std::str::from_utf8(bytes).ok()?.trim().strip_prefix("after=")?.parse().ok()
+}
 
 pub(crate) fn classify(name: &str) -> DirEntry {
     let parse = |digits: &str| {
@@ -77,6 +93,8 @@ pub(crate) fn classify(name: &str) -> DirEntry {
         DirEntry::Segment(id)
     } else if name == LOG_MARKER {
         DirEntry::Marker
+    } else if name == TRUNCATE_MARKER || name == TRUNCATE_STAGING {
+        DirEntry::Truncating
     } else {
         DirEntry::Foreign
     }

@@ -715,6 +715,9 @@ impl Writer {
             return Err(Error::LsnOutOfRange { lsn, first, last });
         };
         self.preparer.discard().inspect_err(|e| self.poison_from(e))?;
+        // From the marker's rename on, a crash anywhere below is finished by
+        // recovery: the tail after `lsn` goes, whatever state it is left in.
+        self.write_truncate_marker(lsn)?;
         let doomed: Vec<SegmentMeta> =
             self.shared.table().segments.range(target.id + 1..).rev().map(|(_, m)| m.clone()).collect();
         self.remove_segments(&doomed)?;
@@ -744,7 +747,30 @@ impl Writer {
         self.shared.last_lsn.store(lsn, Ordering::Release);
         self.unsynced_since = None;
         self.set_durable(lsn);
-        Ok(())
+        self.remove_truncate_marker()
+    }
+
+    /// Writes `TRUNCATE` (`after=<lsn>`) durably: a staging file, synced,
+    /// renamed, the directory synced.
+    fn write_truncate_marker(&mut self, lsn: Lsn) -> Result<()> {
+        let dir = self.shared.dir.clone();
+        let staging = dir.join(segment::TRUNCATE_STAGING);
+        let file = self.storage.open(&staging, true).map_err(|e| self.poison(IoOp::Open, staging.clone(), e))?;
+        file.write_all_and_sync(0, &[Bytes::from(format!("after={lsn}\n"))])
+            .map_err(|(op, e)| self.poison(op, staging.clone(), e))?;
+        drop(file);
+        let marker = dir.join(segment::TRUNCATE_MARKER);
+        self.storage.rename(&staging, &marker).map_err(|e| self.poison(IoOp::Metadata, staging, e))?;
+        self.storage.sync_dir(&dir).map_err(|e| self.poison(IoOp::SyncDir, dir.clone(), e))
+    }
+
+    /// Removes `TRUNCATE` once the truncation is durable; the directory is
+    /// synced, so that a later crash cannot bring it back over new records.
+    fn remove_truncate_marker(&mut self) -> Result<()> {
+        let dir = self.shared.dir.clone();
+        let marker = dir.join(segment::TRUNCATE_MARKER);
+        self.storage.remove_file(&marker).map_err(|e| self.poison(IoOp::Metadata, marker, e))?;
+        self.storage.sync_dir(&dir).map_err(|e| self.poison(IoOp::SyncDir, dir.clone(), e))
     }
 
     /// Removes whole segments all of whose records are below `lsn`, oldest

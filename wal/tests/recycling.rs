@@ -165,8 +165,6 @@ fn round(seed: u64, tally: &mut Tally) {
         let (wal, mut model) = recover_and_check(&storage, &options, &expect, &what);
         sim.crash_before_op(1 + rng.below(120));
         let mut cut: Option<(SimStorage, Expect)> = None;
-        // A failure inside `truncate_after` can leave the same state as a
-        // power cut there (see below): no truncation while faults are armed.
         let faulty = rng.below(6) == 0;
         if faulty {
             let op = [IoOp::Write, IoOp::Sync, IoOp::SyncDir, IoOp::Metadata][rng.below(4) as usize];
@@ -189,7 +187,7 @@ fn round(seed: u64, tally: &mut Tally) {
                         .collect(),
                 ),
                 13..=16 if last > 0 => Call::Purge(last + 1 - rng.below(last.min(6))),
-                17 if last > first && !faulty => Call::Truncate(last - 1 - rng.below((last - first).min(3))),
+                17 if last > first => Call::Truncate(last - 1 - rng.below((last - first).min(3))),
                 _ => Call::Sync,
             };
             let during = model.expect_during(&call);
@@ -222,16 +220,7 @@ fn round(seed: u64, tally: &mut Tally) {
             };
             model.durable = wal.durable_lsn();
             let crashed = sim.take_crashed();
-            if let Some(image) = crashed.filter(|_| outcome.is_ok() || !matches!(call, Call::Truncate(_))) {
-                if let Call::Truncate(_) = call {
-                    // A power cut while `truncate_after` zeroes the tail can
-                    // leave a later record of the old tail whole behind a
-                    // zeroed one that it proves was synced: recovery then
-                    // reports corruption. That is a limit of truncation,
-                    // not of recycling; cut the power later instead.
-                    sim.crash_before_op(1 + rng.below(40));
-                    continue;
-                }
+            if let Some(image) = crashed {
                 // The power was cut somewhere in this call (or in the
                 // pre-write that ran just before it).
                 tally.crashes += 1;
