@@ -262,8 +262,9 @@ impl Preparer {
         while state.busy {
             state = self.shared.wait(state);
         }
-        // Its file stays on disk (recovery finds it); its handle goes.
+        // Their files stay on disk (recovery finds them); the handles go.
         state.ready = None;
+        state.recycled.clear();
     }
 }
 

@@ -123,7 +123,6 @@ pub(crate) fn recover(
     let names = storage.list_dir(dir).map_err(|e| Error::io(IoOp::Metadata, dir, e))?;
     let mut ids = Vec::new();
     let mut recycled_ids = Vec::new();
-    let mut removed_leftovers = false;
     let mut truncating = false;
     for name in names {
         match segment::classify(&name) {
@@ -138,7 +137,6 @@ pub(crate) fn recover(
                     Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
                     result => result.map_err(|e| Error::io(IoOp::Metadata, &path, e))?,
                 }
-                removed_leftovers = true;
             }
             DirEntry::Marker => {}
             DirEntry::Truncating if name == segment::TRUNCATE_MARKER => truncating = true,
@@ -147,7 +145,6 @@ pub(crate) fn recover(
                 // had not begun.
                 let path = dir.join(&name);
                 storage.remove_file(&path).map_err(|e| Error::io(IoOp::Metadata, &path, e))?;
-                removed_leftovers = true;
             }
             DirEntry::Foreign => tracing::warn!(dir = %dir.display(), name, "ignoring unknown file in WAL directory"),
         }
@@ -174,7 +171,6 @@ pub(crate) fn recover(
         if rank < surplus {
             // Its content is of no use to anyone: the log never reads it.
             storage.remove_file(&path).map_err(|e| Error::io(IoOp::Metadata, &path, e))?;
-            removed_leftovers = true;
         } else {
             let file = storage.open(&path, false).map_err(|e| Error::io(IoOp::Open, &path, e))?;
             recycled.push(Recycled { last_id: id, path, file });
@@ -199,13 +195,17 @@ pub(crate) fn recover(
         previous_id = Some(id);
         let expected_first = used.last().map(|s| s.meta.last_lsn + 1);
         let scan = scan_segment(storage, dir, log_id, id, expected_first, limit, &mut buf)?;
+        // Wholly after the truncation: its removal had not happened yet. But
+        // a segment that starts right after the cut and has no used segment
+        // before it is the one the truncation keeps (empty): its header is
+        // the log's only record of its numbering.
+        let keeps_numbering = |first: Lsn| first == limit.map_or(0, |l| l + 1) && used.is_empty();
         if let Some(limit) = limit
             && scan.header_ok()
             && scan.meta.first_lsn > limit
+            && !keeps_numbering(scan.meta.first_lsn)
         {
-            // Wholly after the truncation: its removal had not happened yet.
             storage.remove_file(&scan.meta.path).map_err(|e| Error::io(IoOp::Metadata, &scan.meta.path, e))?;
-            removed_leftovers = true;
             continue;
         }
         if scan.proven_durable {
@@ -262,7 +262,6 @@ pub(crate) fn recover(
     if limit.is_some() {
         // The tail after the truncation is zeroed and synced above.
         storage.remove_file(&marker).map_err(|e| Error::io(IoOp::Metadata, &marker, e))?;
-        removed_leftovers = true;
     }
     let mut spare = None;
     let next_after_used = used.last().map(|s| s.meta.id + 1);
@@ -275,16 +274,16 @@ pub(crate) fn recover(
             // Only one segment is ever prepared ahead; a second unused one
             // is left over from a truncation and holds nothing of the log.
             storage.remove_file(&scan.meta.path).map_err(|e| Error::io(IoOp::Metadata, &scan.meta.path, e))?;
-            removed_leftovers = true;
         }
     }
-    // A spare is about to become the active segment and take acknowledged
-    // records, but a crash between a pre-write's rename and its directory
-    // sync leaves a name that a power cut can still undo (back to `.prep`,
-    // removed at the next open): make its name durable before it is used.
-    if removed_leftovers || spare.is_some() {
-        storage.sync_dir(dir).map_err(|e| Error::io(IoOp::SyncDir, dir, e))?;
-    }
+    // Whatever the directory holds now becomes durable before anything is
+    // acknowledged on top of it: a spare about to take records (a crash
+    // between a pre-write's rename and its directory sync leaves a name a
+    // power cut can still undo), files removed above, and what an earlier
+    // run changed but failed to sync (a truncation marker's removal, a
+    // purge's rename), which a power cut could otherwise still undo under
+    // records acknowledged later. One directory sync per open.
+    storage.sync_dir(dir).map_err(|e| Error::io(IoOp::SyncDir, dir, e))?;
     let next_segment_id = spare.as_ref().map(|s| s.id).or(next_after_used).or(ids.last().map(|id| id + 1)).unwrap_or(1);
     Ok(Recovered { segments: used.into_iter().map(|s| s.meta).collect(), spare, recycled, next_segment_id, torn_bytes })
 }
