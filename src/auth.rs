@@ -71,9 +71,9 @@ pub fn read_credential_file(path: &Path) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-/// A digest of what files held: what `seen` keeps, so that no secret
-/// stays in memory in the clear beyond what checking needs.
-pub fn fingerprint(contents: &[Vec<u8>]) -> Vec<u8> {
+/// A digest of what files held, so that no secret stays in memory in the
+/// clear beyond what checking needs.
+fn fingerprint(contents: &[Vec<u8>]) -> Vec<u8> {
     let mut context = digest::Context::new(&digest::SHA256);
     for part in contents {
         context.update(&(part.len() as u64).to_le_bytes());
@@ -81,8 +81,66 @@ pub fn fingerprint(contents: &[Vec<u8>]) -> Vec<u8> {
     }
     context.finish().as_ref().to_vec()
 }
+
 /// Shortest static token and signing key accepted, in bytes.
 pub const MIN_SECRET_BYTES: usize = 16;
+
+/// The reload of a set of credential files (TLS, data tokens): what the
+/// last look found (their fingerprint, or the error reading them), so that
+/// a reload acts and reports only when something changed. Held across a
+/// whole reload, so two reloads never interleave.
+pub struct LastSeen {
+    credential: &'static str,
+    seen: Mutex<Result<Vec<u8>, String>>,
+}
+
+impl LastSeen {
+    /// For `credential` (the metric's label), whose files held `contents`.
+    pub fn new(credential: &'static str, contents: &[Vec<u8>]) -> LastSeen {
+        LastSeen { credential, seen: Mutex::new(Ok(fingerprint(contents))) }
+    }
+
+    /// Reads the files with `read` and, when they changed since the last
+    /// look (or `forced`, a SIGHUP), hands them to `apply`, whose outcome
+    /// is counted in `datanode_credential_reloads_total{credential,result}`
+    /// and logged: `Ok` with what was loaded, `Err` when the new files are
+    /// refused and the running credentials kept. A read error is logged
+    /// once until it changes.
+    pub fn reload(
+        &self,
+        forced: bool,
+        read: impl FnOnce() -> Result<Vec<Vec<u8>>, String>,
+        apply: impl FnOnce(&[Vec<u8>]) -> Result<String, String>,
+    ) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let credential = self.credential;
+        let contents = match read() {
+            Ok(contents) => contents,
+            Err(error) => {
+                if forced || seen.as_ref().err() != Some(&error) {
+                    tracing::warn!(credential, %error, "cannot read the credential files; keeping the running ones");
+                }
+                *seen = Err(error);
+                return;
+            }
+        };
+        let print = fingerprint(&contents);
+        if seen.as_ref().ok() == Some(&print) && !forced {
+            return;
+        }
+        *seen = Ok(print);
+        let result = apply(&contents);
+        let outcome = if result.is_ok() { "ok" } else { "refused" };
+        metrics::counter!("datanode_credential_reloads_total", "credential" => credential, "result" => outcome)
+            .increment(1);
+        match result {
+            Ok(loaded) => tracing::info!(credential, loaded, "credential files loaded"),
+            Err(error) => {
+                tracing::warn!(credential, %error, "the new credential files are refused; keeping the running ones");
+            }
+        }
+    }
+}
 
 /// Why a write was refused; `as_str` is the metric's `reason` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,10 +209,7 @@ pub struct DataAuth {
     signing_key_file: Option<PathBuf>,
     max_ttl: u64,
     keys: RwLock<Keys>,
-    /// What the last look found: the fingerprint of the files `keys` were
-    /// made of (or that were last refused), or the error reading them.
-    /// Held across a whole reload, so two reloads never interleave.
-    seen: Mutex<Result<Vec<u8>, String>>,
+    seen: LastSeen,
 }
 
 impl std::fmt::Debug for DataAuth {
@@ -179,15 +234,14 @@ impl DataAuth {
             signing_key_file,
             max_ttl: config.max_token_ttl.as_secs(),
             keys: RwLock::new(Keys { tokens: Vec::new(), signing: None }),
-            seen: Mutex::new(Ok(Vec::new())),
+            seen: LastSeen::new("data_tokens", &[]),
         };
-        if required {
-            let contents = auth.read()?;
-            let keys = auth.parse(&contents)?;
-            *auth.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
-            *auth.seen.lock().unwrap_or_else(PoisonError::into_inner) = Ok(fingerprint(&contents));
+        if !required {
+            return Ok(auth);
         }
-        Ok(auth)
+        let contents = auth.read()?;
+        let keys = auth.parse(&contents)?;
+        Ok(DataAuth { keys: RwLock::new(keys), seen: LastSeen::new("data_tokens", &contents), ..auth })
     }
 
     /// Whether writes need a token.
@@ -223,38 +277,16 @@ impl DataAuth {
         if !self.required {
             return;
         }
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        let contents = match self.read() {
-            Ok(contents) => contents,
-            Err(error) => {
-                if forced || seen.as_ref().err() != Some(&error) {
-                    tracing::warn!(%error, "data tokens: cannot read the token files; keeping the running tokens");
-                }
-                *seen = Err(error);
-                return;
-            }
-        };
-        let print = fingerprint(&contents);
-        if seen.as_ref().ok() == Some(&print) && !forced {
-            return;
-        }
-        *seen = Ok(print);
-        let outcome = |result: &'static str| {
-            metrics::counter!("datanode_credential_reloads_total", "credential" => "data_tokens", "result" => result)
-                .increment(1);
-        };
-        match self.parse(&contents) {
-            Ok(keys) => {
-                let count = keys.tokens.len();
+        self.seen.reload(
+            forced,
+            || self.read(),
+            |contents| {
+                let keys = self.parse(contents)?;
+                let loaded = format!("{} static tokens", keys.tokens.len());
                 *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
-                outcome("ok");
-                tracing::info!(static_tokens = count, "data tokens loaded");
-            }
-            Err(error) => {
-                outcome("refused");
-                tracing::warn!(%error, "data tokens: the new files are refused; keeping the running tokens");
-            }
-        }
+                Ok(loaded)
+            },
+        );
     }
 
     fn read(&self) -> Result<Vec<Vec<u8>>, String> {

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use rustls::RootCertStore;
@@ -21,7 +21,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
 use tokio_rustls::TlsAcceptor;
 
-use crate::auth::{fingerprint, read_credential_file};
+use crate::auth::{LastSeen, read_credential_file};
 use crate::config::TlsConfig;
 
 /// How often the certificate files are looked at for a change.
@@ -34,11 +34,7 @@ type Contents = Vec<Vec<u8>>;
 pub struct Tls {
     files: TlsConfig,
     current: RwLock<Arc<ServerConfig>>,
-    /// What the last look found: the fingerprint of the files of `current`
-    /// or of files that were refused (so that they are reported once, not
-    /// at every look), or the error reading them. Held across a whole
-    /// reload, so two reloads never interleave.
-    seen: Mutex<Result<Vec<u8>, String>>,
+    seen: LastSeen,
     /// When the served certificate expires (Unix seconds).
     expires: AtomicI64,
 }
@@ -55,7 +51,7 @@ impl Tls {
     pub fn load(files: &TlsConfig) -> Result<Tls, String> {
         let contents = read_all(files)?;
         let (config, expires) = build(files, &contents)?;
-        let seen = Mutex::new(Ok(fingerprint(&contents)));
+        let seen = LastSeen::new("tls", &contents);
         let expires = AtomicI64::new(expires);
         Ok(Tls { files: files.clone(), current: RwLock::new(Arc::new(config)), seen, expires })
     }
@@ -76,40 +72,17 @@ impl Tls {
     /// a valid configuration; `forced` (SIGHUP) reports an unchanged or
     /// refused set too. Blocking (reads files).
     pub fn reload(&self, forced: bool) {
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        let contents = match read_all(&self.files) {
-            Ok(contents) => contents,
-            Err(error) => {
-                if forced || seen.as_ref().err() != Some(&error) {
-                    tracing::warn!(%error, "TLS: cannot read the certificate files; keeping the running certificate");
-                }
-                *seen = Err(error);
-                return;
-            }
-        };
-        let print = fingerprint(&contents);
-        if seen.as_ref().ok() == Some(&print) && !forced {
-            return;
-        }
-        let changed = seen.as_ref().ok() != Some(&print);
-        *seen = Ok(print);
-        let outcome = |result: &'static str| {
-            metrics::counter!("datanode_credential_reloads_total", "credential" => "tls", "result" => result)
-                .increment(1);
-        };
-        match build(&self.files, &contents) {
-            Ok((config, expires)) => {
+        self.seen.reload(
+            forced,
+            || read_all(&self.files),
+            |contents| {
+                let (config, expires) = build(&self.files, contents)?;
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
                 self.expires.store(expires, Ordering::Relaxed);
                 self.export_expiry();
-                outcome("ok");
-                tracing::info!(changed, "TLS: certificate files loaded; new connections use them");
-            }
-            Err(error) => {
-                outcome("refused");
-                tracing::warn!(%error, "TLS: the new certificate files are refused; keeping the running certificate");
-            }
-        }
+                Ok("a certificate; new connections use it".to_string())
+            },
+        );
     }
 }
 
@@ -142,8 +115,8 @@ fn validity(path: &Path, certificate: &CertificateDer<'_>) -> Result<i64, String
 
 /// A server configuration from the files' contents, and when its
 /// certificate expires.
-fn build(files: &TlsConfig, contents: &Contents) -> Result<(ServerConfig, i64), String> {
-    let (cert, key, ca) = match contents.as_slice() {
+fn build(files: &TlsConfig, contents: &[Vec<u8>]) -> Result<(ServerConfig, i64), String> {
+    let (cert, key, ca) = match contents {
         [cert, key] => (cert, key, None),
         [cert, key, ca] => (cert, key, Some(ca)),
         _ => return Err("internal: unexpected number of TLS files".into()),
