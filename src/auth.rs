@@ -11,10 +11,13 @@
 //!   restart. Tokens are kept as SHA-256 digests and compared in constant
 //!   time.
 //! - a **signed token** scoped to one partition and an expiry, minted by a
-//!   control plane that holds the key of `auth.signing_key_file` (or by
+//!   control plane that holds a key of `auth.signing_key_file` (or by
 //!   `datanode token`): `dn1.<partition>.<expires>.<signature>`, where
 //!   `expires` is a Unix time in seconds and `signature` the unpadded
 //!   base64url HMAC-SHA256, under the key, of `dn1.<partition>.<expires>`.
+//!   The file holds one key per line: the first signs, every one verifies,
+//!   so a key is rotated by adding the new one first and removing the old
+//!   one once its tokens have expired.
 //!
 //! The admin token is accepted too. A refused write is 401 `unauthorized`
 //! with the reason (never the token) and counted in
@@ -199,7 +202,8 @@ impl Denied {
 struct Keys {
     /// SHA-256 of every static token.
     tokens: Vec<digest::Digest>,
-    signing: Option<hmac::Key>,
+    /// The signing keys: every one verifies, the first signs.
+    signing: Vec<hmac::Key>,
 }
 
 /// The data-token check of a running node.
@@ -233,7 +237,7 @@ impl DataAuth {
             token_file,
             signing_key_file,
             max_ttl: config.max_token_ttl.as_secs(),
-            keys: RwLock::new(Keys { tokens: Vec::new(), signing: None }),
+            keys: RwLock::new(Keys { tokens: Vec::new(), signing: Vec::new() }),
             seen: LastSeen::new("data_tokens", &[]),
         };
         if !required {
@@ -262,11 +266,9 @@ impl DataAuth {
         if known {
             return Ok(());
         }
-        match &keys.signing {
-            Some(key) if token.starts_with(SIGNED_PREFIX) => {
-                verify_signed(key, token, partition, unix_now(), self.max_ttl)
-            }
-            _ => Err(Denied::Unknown),
+        match token.starts_with(SIGNED_PREFIX) && !keys.signing.is_empty() {
+            true => verify_signed(&keys.signing, token, partition, unix_now(), self.max_ttl),
+            false => Err(Denied::Unknown),
         }
     }
 
@@ -324,10 +326,10 @@ impl DataAuth {
             }
         }
         let signing = match &self.signing_key_file {
-            Some(path) => Some(signing_key(path, key)?),
-            None => None,
+            Some(path) => signing_keys(path, key)?,
+            None => Vec::new(),
         };
-        if digests.is_empty() && signing.is_none() {
+        if digests.is_empty() && signing.is_empty() {
             return Err(format!(
                 "auth.data_tokens = \"required\" but {} holds no token and no auth.signing_key_file is set: \
                  nobody could write",
@@ -338,22 +340,37 @@ impl DataAuth {
     }
 }
 
-/// The HMAC key of a signing key file's contents (surrounding whitespace
-/// is not part of it).
-fn signing_key(path: &Path, contents: &[u8]) -> Result<hmac::Key, String> {
-    let key = contents.trim_ascii();
-    if key.len() < MIN_SECRET_BYTES {
-        return Err(format!(
-            "auth.signing_key_file = {}: the key is shorter than {MIN_SECRET_BYTES} bytes",
-            path.display()
-        ));
+/// The HMAC keys of a signing key file: one per line, as written (text,
+/// e.g. base64; surrounding whitespace is not part of a key; blank lines
+/// and lines starting with `#` are ignored). Several at once let a key be
+/// rotated without refusing the tokens already handed out: add the new
+/// key first (it signs), keep the old one until its tokens expire.
+fn signing_keys(path: &Path, contents: &[u8]) -> Result<Vec<hmac::Key>, String> {
+    let mut keys = Vec::new();
+    for (n, line) in contents.split(|b| *b == b'\n').enumerate() {
+        let key = line.trim_ascii();
+        if key.is_empty() || key.starts_with(b"#") {
+            continue;
+        }
+        if key.len() < MIN_SECRET_BYTES {
+            return Err(format!(
+                "auth.signing_key_file = {}:{}: the key is shorter than {MIN_SECRET_BYTES} bytes",
+                path.display(),
+                n + 1
+            ));
+        }
+        keys.push(hmac::Key::new(hmac::HMAC_SHA256, key));
     }
-    Ok(hmac::Key::new(hmac::HMAC_SHA256, key))
+    if keys.is_empty() {
+        return Err(format!("auth.signing_key_file = {}: no key in it", path.display()));
+    }
+    Ok(keys)
 }
 
-/// Reads a signing key file, for `datanode token`.
+/// The key that signs: the first of a signing key file, for `datanode token`.
 pub fn read_signing_key(path: &Path) -> Result<hmac::Key, String> {
-    signing_key(path, &read_credential_file(path)?)
+    let mut keys = signing_keys(path, &read_credential_file(path)?)?;
+    Ok(keys.swap_remove(0))
 }
 
 /// A signed token for `partition`, valid until `expires` (Unix seconds).
@@ -369,11 +386,11 @@ fn canonical(text: &str) -> Option<u64> {
     (digits && (text == "0" || !text.starts_with('0'))).then(|| text.parse().ok()).flatten()
 }
 
-/// Checks a signed token: its signature first (a tampered token is a bad
-/// signature, whatever its claims say), then its claims: canonical
-/// numbers, not expired, not valid further ahead than `max_ttl` seconds,
-/// for this partition.
-fn verify_signed(key: &hmac::Key, token: &str, partition: u64, now: u64, max_ttl: u64) -> Result<(), Denied> {
+/// Checks a signed token: its signature first, under any of `keys` (a
+/// tampered token is a bad signature, whatever its claims say), then its
+/// claims: canonical numbers, not expired, not valid further ahead than
+/// `max_ttl` seconds, for this partition.
+fn verify_signed(keys: &[hmac::Key], token: &str, partition: u64, now: u64, max_ttl: u64) -> Result<(), Denied> {
     let (claims, signature) = token.rsplit_once('.').ok_or(Denied::Unknown)?;
     let mut parts = claims.split('.');
     let (Some(SIGNED_PREFIX), Some(for_partition), Some(expires), None) =
@@ -382,7 +399,9 @@ fn verify_signed(key: &hmac::Key, token: &str, partition: u64, now: u64, max_ttl
         return Err(Denied::Unknown);
     };
     let signature = URL_SAFE_NO_PAD.decode(signature).map_err(|_| Denied::BadSignature)?;
-    hmac::verify(key, claims.as_bytes(), &signature).map_err(|_| Denied::BadSignature)?;
+    if !keys.iter().any(|key| hmac::verify(key, claims.as_bytes(), &signature).is_ok()) {
+        return Err(Denied::BadSignature);
+    }
     let (Some(for_partition), Some(expires)) = (canonical(for_partition), canonical(expires)) else {
         return Err(Denied::Unknown);
     };
@@ -418,9 +437,9 @@ mod tests {
     #[test]
     fn a_signed_token_holds_for_its_partition_until_it_expires() {
         let token = sign(&key(), 7, 1_000);
-        assert_eq!(verify_signed(&key(), &token, 7, 999, 3600), Ok(()));
-        assert_eq!(verify_signed(&key(), &token, 7, 1_000, 3600), Err(Denied::Expired));
-        assert_eq!(verify_signed(&key(), &token, 8, 999, 3600), Err(Denied::WrongPartition));
+        assert_eq!(verify_signed(&[key()], &token, 7, 999, 3600), Ok(()));
+        assert_eq!(verify_signed(&[key()], &token, 7, 1_000, 3600), Err(Denied::Expired));
+        assert_eq!(verify_signed(&[key()], &token, 8, 999, 3600), Err(Denied::WrongPartition));
     }
 
     #[test]
@@ -429,15 +448,15 @@ mod tests {
         // Other claims under the same signature: another partition, a later expiry.
         let signature = token.rsplit_once('.').unwrap().1;
         for forged in [format!("dn1.8.1000.{signature}"), format!("dn1.7.9999.{signature}")] {
-            assert_eq!(verify_signed(&key(), &forged, 8, 999, 3600), Err(Denied::BadSignature), "{forged}");
+            assert_eq!(verify_signed(&[key()], &forged, 8, 999, 3600), Err(Denied::BadSignature), "{forged}");
         }
         let other = hmac::Key::new(hmac::HMAC_SHA256, b"another key of sixteen or more bytes");
-        assert_eq!(verify_signed(&other, &token, 7, 999, 3600), Err(Denied::BadSignature));
+        assert_eq!(verify_signed(&[other], &token, 7, 999, 3600), Err(Denied::BadSignature));
         let mut flipped = token.clone().into_bytes();
         let last = flipped.len() - 1;
         flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
         assert_eq!(
-            verify_signed(&key(), std::str::from_utf8(&flipped).unwrap(), 7, 999, 3600),
+            verify_signed(&[key()], std::str::from_utf8(&flipped).unwrap(), 7, 999, 3600),
             Err(Denied::BadSignature)
         );
     }
@@ -447,7 +466,7 @@ mod tests {
         let cases =
             ["", ".", "dn1", "dn1.", "dn1..", "dn1...", "dn1.7.1000", "dn1.x.y.z", "dn2.7.1000.AAAA", "dn1.7.1000.!!"];
         for token in cases {
-            assert!(verify_signed(&key(), token, 7, 0, u64::MAX).is_err(), "{token:?}");
+            assert!(verify_signed(&[key()], token, 7, 0, u64::MAX).is_err(), "{token:?}");
         }
         // Any bytes at all: refused, never a panic.
         let mut seed = 0x2545_f491_4f6c_dd1du64;
@@ -458,22 +477,43 @@ mod tests {
             let len = (seed % 80) as usize;
             let text: String =
                 (0..len).map(|i| b"dn1.0123456789-_AZaz="[((seed >> (i % 56)) % 21) as usize] as char).collect();
-            let _ = verify_signed(&key(), &text, 1, 0, u64::MAX);
+            let _ = verify_signed(&[key()], &text, 1, 0, u64::MAX);
         }
     }
 
     #[test]
     fn claims_are_canonical_and_no_further_ahead_than_the_limit() {
         let forever = sign(&key(), 7, u64::MAX);
-        assert_eq!(verify_signed(&key(), &forever, 7, 1_000, 3600), Err(Denied::TtlTooLong));
-        assert_eq!(verify_signed(&key(), &sign(&key(), 7, 4_600), 7, 1_000, 3600), Ok(()));
+        assert_eq!(verify_signed(&[key()], &forever, 7, 1_000, 3600), Err(Denied::TtlTooLong));
+        assert_eq!(verify_signed(&[key()], &sign(&key(), 7, 4_600), 7, 1_000, 3600), Ok(()));
         // Signed, but not canonical: refused, as a path's partition id would be.
         let claims_of =
             |claims: &str| format!("{claims}.{}", URL_SAFE_NO_PAD.encode(hmac::sign(&key(), claims.as_bytes())));
         for claims in ["dn1.07.2000", "dn1.+7.2000", "dn1.7.02000", "dn1.7.+2000", "dn1.7. 2000"] {
-            assert_eq!(verify_signed(&key(), &claims_of(claims), 7, 1_000, 3600), Err(Denied::Unknown), "{claims}");
+            assert_eq!(verify_signed(&[key()], &claims_of(claims), 7, 1_000, 3600), Err(Denied::Unknown), "{claims}");
         }
-        assert_eq!(verify_signed(&key(), &claims_of("dn1.0.2000"), 0, 1_000, 3600), Ok(()));
+        assert_eq!(verify_signed(&[key()], &claims_of("dn1.0.2000"), 0, 1_000, 3600), Ok(()));
+    }
+
+    #[test]
+    fn a_signing_key_rotates_without_refusing_the_tokens_handed_out() {
+        let path = Path::new("token.key");
+        let old = signing_keys(path, b"old key of sixteen bytes or more\n").unwrap();
+        let token = sign(&old[0], 7, 2_000);
+        let both = signing_keys(
+            path,
+            b"# new first: it signs\nnew key of sixteen bytes or more\nold key of sixteen bytes or more\n",
+        )
+        .unwrap();
+        assert_eq!(both.len(), 2);
+        assert_eq!(verify_signed(&both, &token, 7, 1_000, 3600), Ok(()), "the old key still verifies");
+        let fresh = sign(&both[0], 7, 2_000);
+        assert_eq!(verify_signed(&both, &fresh, 7, 1_000, 3600), Ok(()));
+        let new_only = signing_keys(path, b"new key of sixteen bytes or more\n").unwrap();
+        assert_eq!(verify_signed(&new_only, &token, 7, 1_000, 3600), Err(Denied::BadSignature), "retired");
+        assert_eq!(verify_signed(&new_only, &fresh, 7, 1_000, 3600), Ok(()));
+        assert!(signing_keys(path, b"short\n").is_err());
+        assert!(signing_keys(path, b"# only a comment\n\n").is_err());
     }
 
     #[test]
