@@ -7,7 +7,7 @@
 //!   lines starting with `#` are ignored). Several lines are valid at once,
 //!   so a token is rotated by adding the new one, moving the clients over,
 //!   and removing the old one; the file is read again within
-//!   [`crate::tls::WATCH_INTERVAL`] of a change (and on SIGHUP), without a
+//!   [`WATCH_INTERVAL`] of a change (and on SIGHUP), without a
 //!   restart. Tokens are kept as SHA-256 digests and compared in constant
 //!   time.
 //! - a **signed token** scoped to one partition and an expiry, minted by a
@@ -87,6 +87,25 @@ fn fingerprint(contents: &[Vec<u8>]) -> Vec<u8> {
 
 /// Shortest static token and signing key accepted, in bytes.
 pub const MIN_SECRET_BYTES: usize = 16;
+
+/// How often credential files (TLS, data tokens) are looked at for a change.
+pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Calls `reload` on a blocking thread every [`WATCH_INTERVAL`], until the
+/// process ends: what a credential's `reload(false)` does when its files
+/// have not changed is one read and one digest.
+pub fn spawn_watch(reload: impl Fn() + Send + Sync + 'static) {
+    let reload = std::sync::Arc::new(reload);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(WATCH_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let reload = std::sync::Arc::clone(&reload);
+            let _ = tokio::task::spawn_blocking(move || reload()).await;
+        }
+    });
+}
 
 /// The reload of a set of credential files (TLS, data tokens): what the
 /// last look found (their fingerprint, or the error reading them), so that

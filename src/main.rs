@@ -299,24 +299,6 @@ fn preflight(config: &Config, create: bool) -> Result<Checked, ExitCode> {
     Ok(Checked { admin_token: checked.admin_token, tls, data_auth, warnings: checked.warnings })
 }
 
-/// Reads the data token files again whenever they change (every
-/// [`tls::WATCH_INTERVAL`]): a rotation needs no restart.
-fn spawn_token_watch(data_auth: &Arc<DataAuth>) {
-    if !data_auth.required() {
-        return;
-    }
-    let data_auth = Arc::clone(data_auth);
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(tls::WATCH_INTERVAL);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            every.tick().await;
-            let data_auth = Arc::clone(&data_auth);
-            let _ = tokio::task::spawn_blocking(move || data_auth.reload(false)).await;
-        }
-    });
-}
-
 fn ignore_signals() {
     // SAFETY: setting the disposition of SIGPIPE and SIGXFSZ to SIG_IGN has
     // no memory-safety preconditions; writes then fail with EPIPE/EFBIG
@@ -415,9 +397,13 @@ async fn run(
     exposition::zero_security_counters(tls.is_some());
     if let Some(tls) = &tls {
         tls.export_expiry();
-        tls::spawn_watch(tls);
+        let tls = Arc::clone(tls);
+        auth::spawn_watch(move || tls.reload(false));
     }
-    spawn_token_watch(&data_auth);
+    if data_auth.required() {
+        let data_auth = Arc::clone(&data_auth);
+        auth::spawn_watch(move || data_auth.reload(false));
+    }
     for line in config.security_posture() {
         tracing::info!(posture = %line, "security");
     }

@@ -3,7 +3,7 @@
 //! and verified against `tls.client_ca_file` when it is set.
 //!
 //! The files are read again on SIGHUP and whenever their bytes change
-//! (looked at every [`WATCH_INTERVAL`]): a new certificate serves every
+//! (looked at every [`crate::auth::WATCH_INTERVAL`]): a new certificate serves every
 //! connection accepted after it, connections already open keep theirs, so
 //! a rotation drops no request. Files that do not make a valid
 //! configuration (a key that does not match the certificate, a file
@@ -13,7 +13,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
 
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
@@ -23,9 +22,6 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::auth::{LastSeen, read_credential_file};
 use crate::config::TlsConfig;
-
-/// How often the certificate files are looked at for a change.
-pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The bytes a configuration is built from.
 type Contents = Vec<Vec<u8>>;
@@ -89,11 +85,7 @@ impl Tls {
 fn read_all(files: &TlsConfig) -> Result<Contents, String> {
     let mut paths: Vec<&PathBuf> = vec![&files.cert_file, &files.key_file];
     paths.extend(files.client_ca_file.as_ref());
-    paths.into_iter().map(|path| read(path)).collect()
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, String> {
-    read_credential_file(path)
+    paths.into_iter().map(|path| read_credential_file(path)).collect()
 }
 
 /// The validity of a certificate (Unix seconds), refused when it is not
@@ -164,21 +156,6 @@ fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(chain)
 }
 
-/// Looks at the files every [`WATCH_INTERVAL`] and reloads them when their
-/// bytes changed, on a blocking thread, until the process ends.
-pub fn spawn_watch(tls: &Arc<Tls>) {
-    let tls = Arc::clone(tls);
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(WATCH_INTERVAL);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            every.tick().await;
-            let tls = Arc::clone(&tls);
-            let _ = tokio::task::spawn_blocking(move || tls.reload(false)).await;
-        }
-    });
-}
-
 /// What a client command (`status`, `partition`, `disk`) needs to reach a
 /// node that serves TLS: the CA to trust, and a client certificate when
 /// the node requires one.
@@ -203,7 +180,9 @@ impl ClientTls {
     pub fn agent(&self, builder: ureq::AgentBuilder) -> Result<ureq::Agent, String> {
         let Some(ca_file) = &self.ca_file else { return Ok(builder.build()) };
         let mut roots = RootCertStore::empty();
-        for certificate in certificates(&read(ca_file)?).map_err(|e| format!("--ca-file {}: {e}", ca_file.display()))? {
+        for certificate in certificates(&read_credential_file(ca_file)?)
+            .map_err(|e| format!("--ca-file {}: {e}", ca_file.display()))?
+        {
             roots.add(certificate).map_err(|e| format!("--ca-file {}: {e}", ca_file.display()))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -213,8 +192,9 @@ impl ClientTls {
             .with_root_certificates(roots);
         let config = match (&self.client_cert, &self.client_key) {
             (Some(cert), Some(key)) => {
-                let chain = certificates(&read(cert)?).map_err(|e| format!("--client-cert {}: {e}", cert.display()))?;
-                let key = PrivateKeyDer::from_pem_slice(&read(key)?)
+                let chain = certificates(&read_credential_file(cert)?)
+                    .map_err(|e| format!("--client-cert {}: {e}", cert.display()))?;
+                let key = PrivateKeyDer::from_pem_slice(&read_credential_file(key)?)
                     .map_err(|e| format!("--client-key {}: no private key: {e}", key.display()))?;
                 config.with_client_auth_cert(chain, key).map_err(|e| format!("--client-cert: {e}"))?
             }

@@ -44,6 +44,15 @@ struct Producer {
     effective: Option<u64>,
 }
 
+impl Producer {
+    /// What event `e` leaves for one key: `x`, with `status`; in effect
+    /// from its completion if it was acknowledged.
+    fn of(e: &Event, x: Option<u64>, status: Status) -> Producer {
+        let effective = (status == Status::Acked).then_some(e.complete);
+        Producer { x, invoke: e.invoke, complete: e.complete, status, event: e.id, effective }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Want {
     Is(Option<u64>),
@@ -144,16 +153,8 @@ impl<'a> Checker<'a> {
                     if let Some(x) = x {
                         puts.insert(x, (e.partition, key.1.clone(), status, e.id));
                     }
-                    let effective = (status == Status::Acked).then_some(e.complete);
                     if let Some(list) = producers.get_mut(&key) {
-                        list.push(Producer {
-                            x,
-                            invoke: e.invoke,
-                            complete: e.complete,
-                            status,
-                            event: e.id,
-                            effective,
-                        });
+                        list.push(Producer::of(e, x, status));
                     }
                 }
                 Kind::Install { image } => {
@@ -165,16 +166,8 @@ impl<'a> Checker<'a> {
                     let Some(contents) = image_of(*image) else { continue };
                     for key in &self.rules.keys {
                         let x = contents.get(key).copied();
-                        let effective = (status == Status::Acked).then_some(e.complete);
                         if let Some(list) = producers.get_mut(&(e.partition, key.clone())) {
-                            list.push(Producer {
-                                x,
-                                invoke: e.invoke,
-                                complete: e.complete,
-                                status,
-                                event: e.id,
-                                effective,
-                            });
+                            list.push(Producer::of(e, x, status));
                         }
                     }
                 }

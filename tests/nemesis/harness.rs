@@ -743,15 +743,26 @@ impl Run {
 
     /// Recovers every faulted partition (the nemesis' heal).
     pub fn recover_faulted(&self) {
-        let list = self.json("/v1/partitions");
-        for p in list.as_array().into_iter().flatten() {
-            if p["state"] == "faulted"
-                && let Some(id) = p["id"].as_u64()
-            {
-                let path = format!("/v1/partitions/{id}/recover");
-                self.shared.op(&self.agent, usize::MAX, Kind::Recover, id, None, "POST", &path, Some(b""), None);
-            }
+        for id in self.faulted() {
+            self.recover(id);
         }
+    }
+
+    /// The ids of the faulted partitions, as the node lists them.
+    fn faulted(&self) -> Vec<u64> {
+        let list = self.json("/v1/partitions");
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["state"] == "faulted")
+            .filter_map(|p| p["id"].as_u64())
+            .collect()
+    }
+
+    /// Recovers partition `id` (recorded like the clients' calls); its status.
+    fn recover(&self, id: u64) -> u16 {
+        let path = format!("/v1/partitions/{id}/recover");
+        self.shared.op(&self.agent, usize::MAX, Kind::Recover, id, None, "POST", &path, Some(b""), None).0
     }
 
     /// What an operator does about faulted partitions: recover each; one
@@ -760,22 +771,12 @@ impl Run {
     /// partitions recovers once they are repaired) or ten rounds passed.
     pub fn repair_faulted(&self) {
         for _ in 0..10 {
-            let list = self.json("/v1/partitions");
-            let faulted: Vec<u64> = list
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|p| p["state"] == "faulted")
-                .filter_map(|p| p["id"].as_u64())
-                .collect();
+            let faulted = self.faulted();
             if faulted.is_empty() {
                 return;
             }
             for p in faulted {
-                let path = format!("/v1/partitions/{p}/recover");
-                let (status, _) =
-                    self.shared.op(&self.agent, usize::MAX, Kind::Recover, p, None, "POST", &path, Some(b""), None);
-                if status == 200 {
+                if self.recover(p) == 200 {
                     continue;
                 }
                 let latest = {
