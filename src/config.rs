@@ -49,6 +49,90 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Who may write.
     pub auth: AuthConfig,
+    /// Membership of a cluster; a single node, partitions unreplicated,
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: the node joins a cluster; partitions created through the
+/// cluster API are replicated (one Raft group each).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Node-to-node listener (Raft traffic), a port of its own.
+    pub peer_addr: SocketAddr,
+    /// How clients and peers reach this node's HTTP API (redirects point
+    /// here).
+    pub advertise_url: String,
+    /// The metadata group's first voters, `node_id@host:port` (their peer
+    /// addresses), 1 to 5 of them, the same list on every node.
+    pub seeds: Vec<String>,
+    /// Replicas of a partition unless its creation asks otherwise.
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: u64,
+    /// Raft heartbeats of a leader.
+    #[serde(default = "default_heartbeat_interval", with = "human_duration")]
+    pub heartbeat_interval: Duration,
+    /// A follower that heard no leader for this long (randomised up to
+    /// twice it) stands for election.
+    #[serde(default = "default_election_timeout", with = "human_duration")]
+    pub election_timeout: Duration,
+    /// No heartbeat for this long: the node counts as down.
+    #[serde(default = "default_node_dead_after", with = "human_duration")]
+    pub node_dead_after: Duration,
+    /// A replica faulted or on a down node this long is replaced.
+    #[serde(default = "default_repair_after", with = "human_duration")]
+    pub repair_after: Duration,
+}
+
+fn default_replication_factor() -> u64 {
+    3
+}
+
+fn default_heartbeat_interval() -> Duration {
+    Duration::from_millis(250)
+}
+
+fn default_election_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_node_dead_after() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_repair_after() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// One entry of `cluster.seeds`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seed {
+    /// Its `node.id`.
+    pub node: String,
+    /// Its `cluster.peer_addr`.
+    pub peer_addr: SocketAddr,
+}
+
+impl ClusterConfig {
+    /// The parsed seeds, in order (their position, from 1, is their id in
+    /// the metadata group).
+    pub fn seed_list(&self) -> Result<Vec<Seed>, ConfigError> {
+        self.seeds
+            .iter()
+            .enumerate()
+            .map(|(i, seed)| {
+                let key = format!("cluster.seeds[{i}]");
+                let (node, addr) = seed
+                    .split_once('@')
+                    .filter(|(node, _)| !node.is_empty())
+                    .ok_or_else(|| ConfigError(format!("{key} = {seed:?} is not node_id@host:port")))?;
+                let peer_addr = resolve_addr(&key, addr)?;
+                Ok(Seed { node: node.to_string(), peer_addr })
+            })
+            .collect()
+    }
 }
 
 /// `[tls]`: the listener serves HTTPS only.
@@ -263,6 +347,10 @@ allow_unauthenticated = false
 readable_secret_files = "warn"
 "#;
 
+/// Most voters of the metadata group (`cluster.seeds`).
+const MAX_SEEDS: usize = 5;
+/// Most replicas of one partition.
+const MAX_REPLICATION_FACTOR: u64 = 7;
 /// Most partitions `node.bootstrap_partitions` may ask for.
 const MAX_BOOTSTRAP_PARTITIONS: u64 = 10_000;
 /// Most blocking operations one disk may hold (the runtime has 512
@@ -283,7 +371,7 @@ fn check_size(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigErr
 }
 
 /// Keys without a default (absent unless set), besides those of [`DEFAULT_TOML`].
-const OPTIONAL_KEYS: [&str; 8] = [
+const OPTIONAL_KEYS: [&str; 16] = [
     "node.id",
     "node.admin_token_file",
     "alerts.alertmanager_url",
@@ -292,6 +380,14 @@ const OPTIONAL_KEYS: [&str; 8] = [
     "tls.client_ca_file",
     "auth.token_file",
     "auth.signing_key_file",
+    "cluster.peer_addr",
+    "cluster.advertise_url",
+    "cluster.seeds",
+    "cluster.replication_factor",
+    "cluster.heartbeat_interval",
+    "cluster.election_timeout",
+    "cluster.node_dead_after",
+    "cluster.repair_after",
 ];
 
 /// `DATANODE_*` variables that are not configuration: the test harness's.
@@ -378,20 +474,20 @@ fn env_key(name: &str) -> Result<Vec<String>, ConfigError> {
 
 /// `node.http_addr` as an address: `IP:PORT` as written, or `HOST:PORT`
 /// resolved (an IPv4 address first), else an error naming key and value.
-fn resolve_addr(text: &str) -> Result<SocketAddr, ConfigError> {
+fn resolve_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(addr);
     }
     let resolved: Vec<SocketAddr> = text
         .to_socket_addrs()
-        .map_err(|e| ConfigError(format!("node.http_addr = {text:?} is not IP:PORT or HOST:PORT that resolves: {e}")))?
+        .map_err(|e| ConfigError(format!("{key} = {text:?} is not IP:PORT or HOST:PORT that resolves: {e}")))?
         .collect();
     resolved
         .iter()
         .find(|a| a.is_ipv4())
         .or(resolved.first())
         .copied()
-        .ok_or_else(|| ConfigError(format!("node.http_addr = {text:?} resolves to no address")))
+        .ok_or_else(|| ConfigError(format!("{key} = {text:?} resolves to no address")))
 }
 
 /// Flags that override everything else.
@@ -439,7 +535,7 @@ impl Config {
         if let Some(toml::Value::Table(node)) = tree.get_mut("node")
             && let Some(toml::Value::String(addr)) = node.get("http_addr")
         {
-            let resolved = resolve_addr(addr)?;
+            let resolved = resolve_addr("node.http_addr", addr)?;
             node.insert("http_addr".into(), resolved.to_string().into());
         }
         // serde_path_to_error names the key whose value did not parse.
@@ -602,6 +698,87 @@ impl Config {
                     self.node.http_addr
                 ));
             }
+        }
+        if let Some(cluster) = &self.cluster {
+            self.validate_cluster(cluster)?;
+        }
+        Ok(())
+    }
+
+    fn validate_cluster(&self, cluster: &ClusterConfig) -> Result<(), ConfigError> {
+        let fail = |message: String| Err(ConfigError(message));
+        let seeds = cluster.seed_list()?;
+        if !(1..=MAX_SEEDS).contains(&seeds.len()) {
+            return fail(format!("cluster.seeds has {} entries: 1 to {MAX_SEEDS} metadata voters", seeds.len()));
+        }
+        for (i, seed) in seeds.iter().enumerate() {
+            if seeds[..i].iter().any(|other| other.node == seed.node || other.peer_addr == seed.peer_addr) {
+                return fail(format!("cluster.seeds[{i}] = {:?} repeats a node id or an address", cluster.seeds[i]));
+            }
+        }
+        if let Some(me) = seeds.iter().find(|seed| seed.node == self.node.id)
+            && me.peer_addr.port() != cluster.peer_addr.port()
+        {
+            return fail(format!(
+                "cluster.seeds names this node ({}) at {}, but cluster.peer_addr = {}",
+                self.node.id, me.peer_addr, cluster.peer_addr
+            ));
+        }
+        if cluster.peer_addr == self.node.http_addr {
+            return fail(format!(
+                "cluster.peer_addr = {} is node.http_addr too: it needs a port of its own",
+                cluster.peer_addr
+            ));
+        }
+        let url_ok = ["http://", "https://"].iter().any(|scheme| {
+            cluster
+                .advertise_url
+                .strip_prefix(scheme)
+                .is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace))
+        });
+        if !url_ok {
+            return fail(format!(
+                "cluster.advertise_url = {:?} is not an http:// or https:// URL",
+                cluster.advertise_url
+            ));
+        }
+        if !(1..=MAX_REPLICATION_FACTOR).contains(&cluster.replication_factor) {
+            return fail(format!(
+                "cluster.replication_factor = {} is outside 1..={MAX_REPLICATION_FACTOR}",
+                cluster.replication_factor
+            ));
+        }
+        let at_least = |key: &str, value: Duration, min: Duration| {
+            if value < min {
+                return Err(ConfigError(format!(
+                    "cluster.{key} = \"{}\" is below {}",
+                    duration_text(value),
+                    duration_text(min)
+                )));
+            }
+            Ok(())
+        };
+        at_least("heartbeat_interval", cluster.heartbeat_interval, Duration::from_millis(10))?;
+        if cluster.election_timeout < cluster.heartbeat_interval * 2 {
+            return fail(format!(
+                "cluster.election_timeout = \"{}\" must be at least twice cluster.heartbeat_interval = \"{}\"",
+                duration_text(cluster.election_timeout),
+                duration_text(cluster.heartbeat_interval)
+            ));
+        }
+        if cluster.node_dead_after < cluster.heartbeat_interval * 2 {
+            return fail(format!(
+                "cluster.node_dead_after = \"{}\" must be at least twice cluster.heartbeat_interval",
+                duration_text(cluster.node_dead_after)
+            ));
+        }
+        at_least("repair_after", cluster.repair_after, Duration::from_secs(1))?;
+        if !cluster.peer_addr.ip().is_loopback() && self.tls.is_none() && !self.auth.allow_unauthenticated {
+            return fail(format!(
+                "cluster.peer_addr = {} is not loopback and peers are not authenticated yet: set [tls], or \
+                 auth.allow_unauthenticated = true on a network you trust",
+                cluster.peer_addr
+            ));
         }
         Ok(())
     }
@@ -1015,6 +1192,62 @@ mod tests {
         assert!(Config::load(None, tiny.clone(), &Overrides::default()).unwrap_err().0.contains("wal.max_batch_bytes"));
         tiny.push(("DATANODE_WAL__MAX_BATCH_BYTES".into(), "1MiB".into()));
         assert!(Config::load(None, tiny, &Overrides::default()).is_ok(), "a batch as large as the queue works");
+    }
+
+    /// Loads `[node] id = "dn-1"` plus `cluster` as the `[cluster]` section.
+    fn load_cluster(cluster: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("datanode.toml");
+        std::fs::write(&path, format!("[node]\nid = \"dn-1\"\n\n[cluster]\n{cluster}")).unwrap();
+        Config::load(Some(&path), Vec::new(), &Overrides::default())
+    }
+
+    const CLUSTER: &str = "peer_addr = \"127.0.0.1:7170\"\nadvertise_url = \"http://127.0.0.1:7070\"\n\
+                           seeds = [\"dn-1@127.0.0.1:7170\", \"dn-2@127.0.0.1:7171\", \"dn-3@127.0.0.1:7172\"]\n";
+
+    #[test]
+    fn a_cluster_section_takes_its_defaults_and_round_trips() {
+        assert_eq!(Config::load(None, Vec::new(), &Overrides::default()).unwrap().cluster, None, "single node");
+        let config = load_cluster(CLUSTER).unwrap();
+        let cluster = config.cluster.clone().unwrap();
+        assert_eq!(cluster.replication_factor, 3);
+        assert_eq!(cluster.heartbeat_interval, Duration::from_millis(250));
+        assert_eq!(cluster.election_timeout, Duration::from_secs(1));
+        let seeds = cluster.seed_list().unwrap();
+        assert_eq!(seeds[1], Seed { node: "dn-2".into(), peer_addr: "127.0.0.1:7171".parse().unwrap() });
+        let again: Config = toml::from_str(&config.to_toml()).unwrap();
+        assert_eq!(again, config);
+    }
+
+    #[test]
+    fn cluster_values_that_cannot_work_are_refused_naming_the_key() {
+        let seeds = |list: &str| {
+            CLUSTER.replace("[\"dn-1@127.0.0.1:7170\", \"dn-2@127.0.0.1:7171\", \"dn-3@127.0.0.1:7172\"]", list)
+        };
+        let cases = [
+            (seeds("[]"), "cluster.seeds has 0 entries"),
+            (seeds("[\"127.0.0.1:7170\"]"), "cluster.seeds[0] = \"127.0.0.1:7170\" is not node_id@host:port"),
+            (seeds("[\"dn-1@127.0.0.1:7170\", \"dn-1@127.0.0.1:7171\"]"), "repeats a node id"),
+            (seeds("[\"dn-1@127.0.0.1:7999\"]"), "cluster.seeds names this node (dn-1) at 127.0.0.1:7999"),
+            (
+                seeds(
+                    "[\"a@1.1.1.1:1\", \"b@1.1.1.1:2\", \"c@1.1.1.1:3\", \"d@1.1.1.1:4\", \"e@1.1.1.1:5\", \"f@1.1.1.1:6\"]",
+                ),
+                "1 to 5",
+            ),
+            (CLUSTER.replace("http://127.0.0.1:7070", "127.0.0.1:7070"), "cluster.advertise_url"),
+            (CLUSTER.replace("127.0.0.1:7170", "127.0.0.1:7070"), "a port of its own"),
+            (format!("{CLUSTER}replication_factor = 0\n"), "cluster.replication_factor = 0"),
+            (format!("{CLUSTER}election_timeout = \"300ms\"\n"), "cluster.election_timeout = \"300ms\""),
+            (format!("{CLUSTER}heartbeat_interval = \"1ms\"\n"), "cluster.heartbeat_interval = \"1ms\""),
+            (format!("{CLUSTER}repair_after = \"0s\"\n"), "cluster.repair_after"),
+            (format!("{CLUSTER}secret = \"x\"\n"), "unknown key cluster.secret"),
+            (CLUSTER.replace("peer_addr = \"127.0.0.1:7170\"", "peer_addr = \"0.0.0.0:7170\""), "not loopback"),
+        ];
+        for (text, expected) in cases {
+            let error = load_cluster(&text).unwrap_err();
+            assert!(error.0.contains(expected), "{text}: {}", error.0);
+        }
     }
 
     #[test]
