@@ -35,20 +35,20 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError { status, code, message: message.into(), partition: None, state: None }
     }
 
-    fn on(mut self, partition: u64) -> ApiError {
+    pub(crate) fn on(mut self, partition: u64) -> ApiError {
         self.partition = Some(partition);
         self
     }
 
-    fn bad_request(message: impl Into<String>) -> ApiError {
+    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
-    fn partition_not_found(id: u64) -> ApiError {
+    pub(crate) fn partition_not_found(id: u64) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "partition_not_found", format!("no partition {id}")).on(id)
     }
 }
@@ -117,7 +117,7 @@ fn registry_error(error: RegistryError) -> ApiError {
     ApiError { status, code, message: error.to_string(), partition, state: None }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// All routes, with request metrics around them.
 pub fn router(node: Arc<Node>) -> Router {
@@ -139,6 +139,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/partitions/{pid}/compact", post(compact_partition))
         .route("/v1/partitions/{pid}/snapshot", get(export_snapshot).put(install_snapshot))
         .route("/v1/disks", get(list_disks))
+        .route("/v1/cluster", get(crate::cluster::routes::get_cluster))
+        .route("/v1/cluster/partitions", post(crate::cluster::routes::create_partition))
+        .route("/v1/cluster/partitions/{pid}", axum::routing::delete(crate::cluster::routes::delete_partition))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -315,19 +318,44 @@ fn percent_decode(bytes: &[u8], plus_is_space: bool) -> Option<Vec<u8>> {
 
 /// A partition id in a path: canonical decimal only (`7`, not `007` or
 /// `+7`), so that one partition has one name.
-fn partition_id(raw: &str) -> ApiResult<u64> {
+pub(crate) fn partition_id(raw: &str) -> ApiResult<u64> {
     let id: Option<u64> = raw.bytes().all(|b| b.is_ascii_digit()).then(|| raw.parse().ok()).flatten();
     id.filter(|id| id.to_string() == raw)
         .ok_or_else(|| ApiError::bad_request(format!("partition id {raw:?} is not a canonical decimal number")))
 }
 
+/// The cluster and the id, when `raw` names a replicated partition (its
+/// requests are served by `cluster::routes`).
+fn replicated(node: &Node, raw: &str) -> Option<(Arc<crate::cluster::Cluster>, u64)> {
+    let cluster = node.cluster()?;
+    let id = partition_id(raw).ok()?;
+    cluster.is_replicated(id).then_some((cluster, id))
+}
+
+/// The unreplicated partition `raw` names. A replicated one is refused
+/// with 409 `replicated_partition`: what reaches here is an admin call on
+/// one partition (install, recover, read-only, compact, delete, export),
+/// and the state of a replica is its group's to decide.
 fn partition(node: &Node, raw: &str) -> ApiResult<(u64, Arc<Partition>)> {
     let id = partition_id(raw)?;
+    if let Some(cluster) = node.cluster()
+        && cluster.is_replicated(id)
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "replicated_partition",
+            format!(
+                "partition {id} is replicated: this call is not made on one replica (only the group's leader \
+                 feeds a voter; use /v1/cluster/partitions)"
+            ),
+        )
+        .on(id));
+    }
     let partition = node.registry.get(id).ok_or_else(|| ApiError::partition_not_found(id))?;
     Ok((id, partition))
 }
 
-fn require_admin(node: &Node, headers: &HeaderMap) -> ApiResult<()> {
+pub(crate) fn require_admin(node: &Node, headers: &HeaderMap) -> ApiResult<()> {
     if node.admin_token.is_none() || is_admin(node, headers) {
         return Ok(());
     }
@@ -477,6 +505,15 @@ async fn put_blob(
     uri: Uri,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
+    if let Some((cluster, id)) = replicated(&node, &pid) {
+        let key = blob_key(&uri)?;
+        refuse_if_draining(&node, id)?;
+        let body = body_or_error(body, &blob_limit(&node)).map_err(|e| e.on(id))?;
+        if body.len() as u64 > node.config.limits.max_blob_size {
+            return Err(too_large(&blob_limit(&node)).on(id));
+        }
+        return Ok(crate::cluster::routes::put_blob(&node, &cluster, id, &uri, &key, body).await);
+    }
     let (id, partition) = partition(&node, &pid)?;
     let key = blob_key(&uri)?;
     refuse_if_draining(&node, id)?;
@@ -492,12 +529,17 @@ async fn put_blob(
     Ok((StatusCode::CREATED, Json(json!({ "lsn": ack.lsn, "size": ack.size }))).into_response())
 }
 
-async fn delete_blob(State(node): State<Arc<Node>>, Pid(pid): Pid, uri: Uri) -> ApiResult<StatusCode> {
+async fn delete_blob(State(node): State<Arc<Node>>, Pid(pid): Pid, uri: Uri) -> ApiResult<Response> {
+    if let Some((cluster, id)) = replicated(&node, &pid) {
+        let key = blob_key(&uri)?;
+        refuse_if_draining(&node, id)?;
+        return Ok(crate::cluster::routes::delete_blob(&node, &cluster, id, &uri, &key).await);
+    }
     let (id, partition) = partition(&node, &pid)?;
     let key = blob_key(&uri)?;
     refuse_if_draining(&node, id)?;
     match tokio::time::timeout(node.config.limits.request_timeout, partition.delete(&key)).await {
-        Ok(result) => result.map(|_| StatusCode::NO_CONTENT).map_err(|e| partition_error(id, e)),
+        Ok(result) => result.map(|_| StatusCode::NO_CONTENT.into_response()).map_err(|e| partition_error(id, e)),
         Err(_) => Err(write_timed_out(id)),
     }
 }
@@ -516,7 +558,7 @@ fn write_timed_out(id: u64) -> ApiError {
 
 /// `Range: bytes=a-b | a- | -n` against a blob of `len` bytes, as a
 /// half-open range. Several ranges are not supported.
-fn parse_range(header: &str, len: u64) -> Option<std::ops::Range<u64>> {
+pub(crate) fn parse_range(header: &str, len: u64) -> Option<std::ops::Range<u64>> {
     let spec = header.trim().strip_prefix("bytes=")?;
     if spec.contains(',') {
         return None;
@@ -534,6 +576,10 @@ fn parse_range(header: &str, len: u64) -> Option<std::ops::Range<u64>> {
 }
 
 async fn read_blob(node: Arc<Node>, pid: String, uri: Uri, headers: HeaderMap, head_only: bool) -> ApiResult<Response> {
+    if let Some((cluster, id)) = replicated(&node, &pid) {
+        let key = blob_key(&uri)?;
+        return Ok(crate::cluster::routes::read_blob(&node, &cluster, id, &uri, key, &headers, head_only).await);
+    }
     let (id, partition) = partition(&node, &pid)?;
     let key = blob_key(&uri)?;
     let len = partition.len_of(&key).map_err(|e| partition_error(id, e))?;
@@ -598,10 +644,10 @@ const MAX_LIST_LIMIT: usize = 10_000;
 /// bytes, percent-decoded from the raw query, so that any key (binary or
 /// not) can be a prefix or a resume point.
 #[derive(Debug, PartialEq)]
-struct ListQuery {
-    prefix: Vec<u8>,
-    after: Option<Vec<u8>>,
-    limit: usize,
+pub(crate) struct ListQuery {
+    pub prefix: Vec<u8>,
+    pub after: Option<Vec<u8>>,
+    pub limit: usize,
 }
 
 fn list_query(raw: Option<&str>) -> ApiResult<ListQuery> {
@@ -636,20 +682,23 @@ fn list_query(raw: Option<&str>) -> ApiResult<ListQuery> {
 }
 
 /// A key as JSON: a string when it is UTF-8, else `{"base64": ...}`.
-fn key_json(key: &[u8]) -> Value {
+pub(crate) fn key_json(key: &[u8]) -> Value {
     match std::str::from_utf8(key) {
         Ok(text) => Value::String(text.to_string()),
         Err(_) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(key) }),
     }
 }
 
-async fn list_blobs(State(node): State<Arc<Node>>, Pid(pid): Pid, uri: Uri) -> ApiResult<Json<Value>> {
+async fn list_blobs(State(node): State<Arc<Node>>, Pid(pid): Pid, uri: Uri) -> ApiResult<Response> {
     let query = list_query(uri.query())?;
+    if let Some((cluster, id)) = replicated(&node, &pid) {
+        return Ok(crate::cluster::routes::list_blobs(&node, &cluster, id, &uri, query).await);
+    }
     let (id, partition) = partition(&node, &pid)?;
     let (keys, next) =
         partition.list(&query.prefix, query.after.as_deref(), query.limit).map_err(|e| partition_error(id, e))?;
     let keys: Vec<Value> = keys.iter().map(|k| key_json(k)).collect();
-    Ok(Json(json!({ "keys": keys, "next": next.as_deref().map(key_json) })))
+    Ok(Json(json!({ "keys": keys, "next": next.as_deref().map(key_json) })).into_response())
 }
 
 /// RFC 3339 in UTC, from the civil-from-days algorithm (no time zone data needed).
@@ -725,9 +774,12 @@ async fn list_partitions(
     Ok(Json(Value::Array(statuses)))
 }
 
-async fn get_partition(State(node): State<Arc<Node>>, Pid(pid): Pid) -> ApiResult<Json<Value>> {
+async fn get_partition(State(node): State<Arc<Node>>, Pid(pid): Pid, uri: Uri) -> ApiResult<Response> {
+    if let Some((cluster, id)) = replicated(&node, &pid) {
+        return Ok(crate::cluster::routes::partition_status(&cluster, id, &uri));
+    }
     let (_, partition) = partition(&node, &pid)?;
-    Ok(Json(partition_status(&partition)))
+    Ok(Json(partition_status(&partition)).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -737,7 +789,7 @@ struct CreatePartition {
     disk: String,
 }
 
-fn admin_json<T: for<'de> Deserialize<'de>>(body: &Bytes) -> ApiResult<T> {
+pub(crate) fn admin_json<T: for<'de> Deserialize<'de>>(body: &Bytes) -> ApiResult<T> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("bad JSON body: {e}")))
 }
 

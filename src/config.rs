@@ -84,6 +84,14 @@ pub struct ClusterConfig {
     /// A replica faulted or on a down node this long is replaced.
     #[serde(default = "default_repair_after", with = "human_duration")]
     pub repair_after: Duration,
+    /// A replica builds a snapshot of its state (and may purge its log up
+    /// to it) after this many entries since the last one.
+    #[serde(default = "default_snapshot_logs")]
+    pub snapshot_logs: u64,
+}
+
+fn default_snapshot_logs() -> u64 {
+    10_000
 }
 
 fn default_replication_factor() -> u64 {
@@ -371,7 +379,7 @@ fn check_size(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigErr
 }
 
 /// Keys without a default (absent unless set), besides those of [`DEFAULT_TOML`].
-const OPTIONAL_KEYS: [&str; 16] = [
+const OPTIONAL_KEYS: [&str; 17] = [
     "node.id",
     "node.admin_token_file",
     "alerts.alertmanager_url",
@@ -388,6 +396,7 @@ const OPTIONAL_KEYS: [&str; 16] = [
     "cluster.election_timeout",
     "cluster.node_dead_after",
     "cluster.repair_after",
+    "cluster.snapshot_logs",
 ];
 
 /// `DATANODE_*` variables that are not configuration: the test harness's.
@@ -773,6 +782,9 @@ impl Config {
             ));
         }
         at_least("repair_after", cluster.repair_after, Duration::from_secs(1))?;
+        if cluster.snapshot_logs < 10 {
+            return fail(format!("cluster.snapshot_logs = {} is below 10", cluster.snapshot_logs));
+        }
         if !cluster.peer_addr.ip().is_loopback() && self.tls.is_none() && !self.auth.allow_unauthenticated {
             return fail(format!(
                 "cluster.peer_addr = {} is not loopback and peers are not authenticated yet: set [tls], or \

@@ -8,6 +8,7 @@ mod alerts;
 mod api;
 mod auth;
 mod bench;
+mod cluster;
 mod config;
 mod exposition;
 mod logging;
@@ -444,6 +445,11 @@ async fn run(
     let mut running = config.clone();
     let shutdown_timeout = config.node.shutdown_timeout;
     let node = Arc::new(Node::new(config, registry, admin_token, Arc::clone(&data_auth), metrics));
+    if let Some(cluster) = node.config.cluster.clone() {
+        let joined = cluster::Cluster::start(cluster, node.config.node.id.clone(), Arc::clone(&node.registry)).await?;
+        tracing::info!(peer_addr = %joined.config.peer_addr, seed = joined.meta.is_some(), "joined the cluster");
+        node.set_cluster(joined);
+    }
     node::spawn_background(&node)?;
     alerts::spawn(&node);
     let _ = api.set(api::router(Arc::clone(&node)));
@@ -489,6 +495,13 @@ async fn run(
         tracing::warn!("closing connections still open after half of shutdown_timeout");
         served.abort();
         let _ = served.await;
+    }
+    // Raft instances stop first: no replica takes entries while the
+    // node goes down.
+    if let Some(cluster) = node.cluster()
+        && tokio::time::timeout_at(deadline, cluster.stop()).await.is_err()
+    {
+        tracing::warn!("the cluster's raft instances did not stop within shutdown_timeout");
     }
     // Close on a thread of its own: a hung sync must not hold the runtime.
     let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();

@@ -46,6 +46,8 @@ pub struct Node {
     pub zero_counters: crate::exposition::ZeroCounters,
     /// Where alerts are pushed (`alerts.alertmanager_url`, reloaded on SIGHUP).
     alert_target: RwLock<Option<String>>,
+    /// Cluster mode: set once the node has joined (`[cluster]`).
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 impl Node {
@@ -71,6 +73,7 @@ impl Node {
             drained: (Mutex::new(()), Condvar::new()),
             zero_counters: Default::default(),
             alert_target: RwLock::new(config.alerts.alertmanager_url.clone()),
+            cluster: std::sync::OnceLock::new(),
             config,
         }
     }
@@ -79,6 +82,16 @@ impl Node {
     /// left: a hung disk holds at most `max_blocking_per_disk` threads.
     pub fn disk_permit(&self, disk: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
         self.disk_permits.get(disk).and_then(|permits| Arc::clone(permits).try_acquire_owned().ok())
+    }
+
+    /// This node's part in the cluster, in cluster mode.
+    pub fn cluster(&self) -> Option<Arc<crate::cluster::Cluster>> {
+        self.cluster.get().cloned()
+    }
+
+    /// Sets the cluster once joined.
+    pub fn set_cluster(&self, cluster: Arc<crate::cluster::Cluster>) {
+        let _ = self.cluster.set(cluster);
     }
 
     /// The Alertmanager alerts go to now, if any.

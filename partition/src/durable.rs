@@ -9,7 +9,7 @@ use bytes::Bytes;
 use datanode_wal::Storage;
 
 /// Replaces `dir/name` with `contents`, durably and atomically.
-pub(crate) fn replace_file(storage: &dyn Storage, dir: &Path, name: &str, contents: String) -> std::io::Result<()> {
+pub fn replace_file(storage: &dyn Storage, dir: &Path, name: &str, contents: String) -> std::io::Result<()> {
     let temp = dir.join(format!("{name}.tmp"));
     let file = storage.open(&temp, true)?;
     file.set_len(0)?;
@@ -20,7 +20,7 @@ pub(crate) fn replace_file(storage: &dyn Storage, dir: &Path, name: &str, conten
 
 /// The first `max` bytes of `path` as text (invalid UTF-8 replaced);
 /// `None` when there is no such file.
-pub(crate) fn read_small_file(storage: &dyn Storage, path: &Path, max: usize) -> std::io::Result<Option<String>> {
+pub fn read_small_file(storage: &dyn Storage, path: &Path, max: usize) -> std::io::Result<Option<String>> {
     let file = match storage.open(path, false) {
         Ok(file) => file,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),

@@ -26,7 +26,7 @@
 pub mod blob;
 mod compaction;
 pub mod disk;
-mod durable;
+pub mod durable;
 mod error;
 pub mod fault_file;
 pub mod fault_journal;

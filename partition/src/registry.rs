@@ -382,6 +382,14 @@ impl Registry {
         &self.disks
     }
 
+    /// The WAL options a log on `disk` is opened with (the disk's I/O
+    /// pool, the configured defaults): for logs outside the registry, such
+    /// as the Raft logs of replicas.
+    pub fn wal_options_for(&self, disk: &str) -> WalOptions {
+        let engine = self.disks.iter().position(|d| d.name == disk).and_then(|at| self.engines.get(at)).cloned();
+        WalOptions { engine, ..self.defaults.wal.clone() }
+    }
+
     /// The active partition `id`.
     pub fn get(&self, id: u64) -> Option<Arc<Partition>> {
         match self.lock().by_id.get(&id).map(|slot| &slot.state) {

@@ -6,6 +6,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod certs;
+pub mod cluster;
 pub mod disks;
 pub mod fuse;
 pub mod load;
@@ -49,6 +50,19 @@ impl Daemon {
         std::fs::write(&path, toml).unwrap();
         let launch = vec!["--config".to_string(), path.to_str().unwrap().to_string()];
         Daemon::launch(launch, Some(dir), &[], env)
+    }
+
+    /// Like [`Daemon::with_config`] on a port chosen beforehand (a cluster
+    /// node's configuration names its own URL).
+    pub fn with_config_on(port: u16, toml: &str, env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("datanode.toml");
+        std::fs::write(&path, toml).unwrap();
+        let launch = vec!["--config".to_string(), path.to_str().unwrap().to_string()];
+        let mut daemon = Daemon::unstarted(launch, Some(dir), &[], env);
+        daemon.port = port;
+        daemon.spawn();
+        daemon
     }
 
     /// Like [`Daemon::with_config`] for a node that serves HTTPS: reached

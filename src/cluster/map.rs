@@ -1,0 +1,228 @@
+//! The cluster map: which nodes exist and where every replica of every
+//! replicated partition lives. It is the state of the metadata group
+//! ([`super::meta`]): changed only by committed [`MapCommand`]s, applied in
+//! log order, so every voter holds the same map at the same index.
+//!
+//! What changes every second (free space, liveness, a replica's role and
+//! state) is not in the map: nodes report it in their heartbeats to the
+//! metadata leader, which keeps it in memory ([`super::meta::Liveness`]).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole map. `epoch` counts the changes applied: a node that holds
+/// the map of a higher epoch never takes an older one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMap {
+    /// Changes applied so far.
+    pub epoch: u64,
+    /// By node id (`node.id`).
+    pub nodes: BTreeMap<String, NodeEntry>,
+    /// By partition id.
+    pub partitions: BTreeMap<u64, PartitionEntry>,
+    /// The replica id the next replica gets (ids are never reused).
+    pub next_replica_id: u64,
+}
+
+/// A registered node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    /// Its `cluster.advertise_url`.
+    pub advertise_url: String,
+    /// Its `cluster.peer_addr`, as peers dial it.
+    pub peer_addr: String,
+    /// Its disks' names.
+    pub disks: Vec<String>,
+}
+
+/// A replicated partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionEntry {
+    /// The map's epoch when this entry last changed.
+    pub epoch: u64,
+    /// Its replicas, in the order they were placed.
+    pub replicas: Vec<ReplicaEntry>,
+    /// The replica ids the group was created with: the ones that may
+    /// initialize it (with exactly this membership), never a later one.
+    pub initial: Vec<u64>,
+}
+
+/// One replica: a Raft member of its partition's group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaEntry {
+    /// Its id in the group (the Raft node id), unique in the cluster.
+    pub replica_id: u64,
+    /// The node holding it.
+    pub node: String,
+    /// The disk it lives on.
+    pub disk: String,
+}
+
+/// A change to the map, as the metadata group's log carries it (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum MapCommand {
+    /// A node joined or changed its URLs or disks.
+    RegisterNode {
+        /// Its id.
+        id: String,
+        /// What it says of itself.
+        entry: NodeEntry,
+    },
+    /// A new partition with one replica per `(node, disk)`; its replica
+    /// ids are handed out when the command is applied. Ignored when the
+    /// partition exists.
+    CreatePartition {
+        /// Partition id.
+        id: u64,
+        /// Where its replicas go.
+        placement: Vec<(String, String)>,
+    },
+    /// The partition and all its replicas are gone.
+    DeletePartition {
+        /// Partition id.
+        id: u64,
+    },
+}
+
+impl ClusterMap {
+    /// Applies one committed command. Deterministic: every voter ends in
+    /// the same map. A command that changes nothing (a partition created
+    /// twice, one deleted that is not there) leaves the epoch alone.
+    pub fn apply(&mut self, command: &MapCommand) {
+        let changed = match command {
+            MapCommand::RegisterNode { id, entry } => {
+                if self.nodes.get(id) == Some(entry) {
+                    false
+                } else {
+                    self.nodes.insert(id.clone(), entry.clone());
+                    true
+                }
+            }
+            MapCommand::CreatePartition { id, placement } => {
+                if self.partitions.contains_key(id) || placement.is_empty() {
+                    false
+                } else {
+                    let first = self.next_replica_id.max(1);
+                    let replicas: Vec<ReplicaEntry> = placement
+                        .iter()
+                        .zip(first..)
+                        .map(|((node, disk), replica_id)| ReplicaEntry {
+                            replica_id,
+                            node: node.clone(),
+                            disk: disk.clone(),
+                        })
+                        .collect();
+                    self.next_replica_id = first + replicas.len() as u64;
+                    let initial = replicas.iter().map(|r| r.replica_id).collect();
+                    self.partitions.insert(*id, PartitionEntry { epoch: self.epoch + 1, replicas, initial });
+                    true
+                }
+            }
+            MapCommand::DeletePartition { id } => self.partitions.remove(id).is_some(),
+        };
+        if changed {
+            self.epoch += 1;
+        }
+    }
+
+    /// The replicas a node holds: `(partition, replica)`.
+    pub fn replicas_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = (u64, &'a ReplicaEntry)> + 'a {
+        self.partitions
+            .iter()
+            .flat_map(|(id, partition)| partition.replicas.iter().map(move |replica| (*id, replica)))
+            .filter(move |(_, replica)| replica.node == node)
+    }
+
+    /// The node holding replica `replica_id` of `partition`.
+    pub fn node_of(&self, partition: u64, replica_id: u64) -> Option<(&String, &NodeEntry)> {
+        let replica = self.partitions.get(&partition)?.replicas.iter().find(|r| r.replica_id == replica_id)?;
+        self.nodes.get_key_value(&replica.node)
+    }
+}
+
+/// What placement knows of a node that is up: its disks with free bytes
+/// and the replicas each holds.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// Node id.
+    pub node: String,
+    /// `(disk, free bytes, replicas on it)`; only disks that take data.
+    pub disks: Vec<(String, u64, usize)>,
+}
+
+/// Picks `count` distinct nodes, and one disk on each: nodes with the
+/// fewest replicas first (ties: the most free space, then the id), and on
+/// a node the disk with the most free space (ties: the fewest replicas).
+/// `None` when fewer than `count` nodes have a disk to take it.
+pub fn place(candidates: &[Candidate], count: usize) -> Option<Vec<(String, String)>> {
+    let mut ranked: Vec<(usize, u64, &String, &String)> = candidates
+        .iter()
+        .filter_map(|candidate| {
+            let disk = candidate
+                .disks
+                .iter()
+                .max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)).then(b.0.cmp(&a.0)))?;
+            let replicas = candidate.disks.iter().map(|(_, _, n)| n).sum();
+            let free = candidate.disks.iter().map(|(_, free, _)| free).sum();
+            Some((replicas, free, &candidate.node, &disk.0))
+        })
+        .collect();
+    ranked.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(a.2.cmp(b.2)));
+    ranked.dedup_by(|a, b| a.2 == b.2);
+    if ranked.len() < count {
+        return None;
+    }
+    Some(ranked.into_iter().take(count).map(|(_, _, node, disk)| (node.clone(), disk.clone())).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(url: &str) -> NodeEntry {
+        NodeEntry { advertise_url: url.into(), peer_addr: "127.0.0.1:1".into(), disks: vec!["d0".into()] }
+    }
+
+    #[test]
+    fn commands_apply_deterministically_and_ids_are_never_reused() {
+        let mut map = ClusterMap::default();
+        map.apply(&MapCommand::RegisterNode { id: "a".into(), entry: node("http://a") });
+        map.apply(&MapCommand::RegisterNode { id: "a".into(), entry: node("http://a") });
+        assert_eq!(map.epoch, 1, "registering the same node again changes nothing");
+        let placement = vec![("a".to_string(), "d0".to_string()), ("b".into(), "d1".into())];
+        map.apply(&MapCommand::CreatePartition { id: 7, placement: placement.clone() });
+        let ids: Vec<u64> = map.partitions[&7].replicas.iter().map(|r| r.replica_id).collect();
+        assert_eq!(ids, vec![1, 2]);
+        assert_eq!(map.partitions[&7].initial, ids);
+        map.apply(&MapCommand::CreatePartition { id: 7, placement: vec![("c".into(), "d0".into())] });
+        assert_eq!(map.partitions[&7].replicas.len(), 2, "a second create of the same id is ignored");
+        map.apply(&MapCommand::DeletePartition { id: 7 });
+        map.apply(&MapCommand::CreatePartition { id: 7, placement });
+        let ids: Vec<u64> = map.partitions[&7].replicas.iter().map(|r| r.replica_id).collect();
+        assert_eq!(ids, vec![3, 4], "a re-created partition gets new replica ids");
+        assert_eq!(map.epoch, 4);
+        assert_eq!(map.replicas_on("b").map(|(p, r)| (p, r.replica_id)).collect::<Vec<_>>(), vec![(7, 4)]);
+        let json = serde_json::to_string(&map).unwrap();
+        assert_eq!(serde_json::from_str::<ClusterMap>(&json).unwrap(), map);
+    }
+
+    #[test]
+    fn placement_spreads_over_distinct_nodes_and_prefers_space_and_few_replicas() {
+        let candidate = |node: &str, disks: &[(&str, u64, usize)]| Candidate {
+            node: node.into(),
+            disks: disks.iter().map(|(d, free, n)| (d.to_string(), *free, *n)).collect(),
+        };
+        let nodes = [
+            candidate("a", &[("d0", 100, 1), ("d1", 500, 1)]),
+            candidate("b", &[("d0", 900, 3)]),
+            candidate("c", &[("d0", 10, 0)]),
+            candidate("d", &[]),
+        ];
+        let placed = place(&nodes, 2).unwrap();
+        assert_eq!(placed, vec![("c".to_string(), "d0".to_string()), ("a".into(), "d1".into())]);
+        assert_eq!(place(&nodes, 3).unwrap().len(), 3);
+        assert_eq!(place(&nodes, 4), None, "a node without a disk takes no replica");
+    }
+}

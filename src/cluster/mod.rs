@@ -1,0 +1,460 @@
+//! Cluster mode (`[cluster]`): replicated partitions, each a Raft group
+//! (openraft) of replicas on distinct nodes, and the metadata group that
+//! holds the cluster map.
+//!
+//! - [`transport`]: the peer port. One HTTP/2 connection per node pair
+//!   carries the Raft traffic of every group and the control messages.
+//! - [`map`], [`meta_sm`], [`meta`]: the cluster map, the metadata
+//!   group's state machine, and what its leader does (heartbeats,
+//!   registration, placement).
+//! - [`protocol`]: the control messages (heartbeat and its reply).
+//! - [`replica`]: a replica on this node (storage in
+//!   `datanode_partition::raft`, its Raft instance, its sticky fault).
+//! - [`routes`]: the HTTP side: `/v1/cluster/...`, and the data API of a
+//!   replicated partition (served by its leader, 307 elsewhere).
+//!
+//! This module is the daemon's: the storage adapters live in `partition`,
+//! which knows nothing of the network.
+//!
+//! **How a node learns the map.** Every `heartbeat_interval` it sends the
+//! metadata leader a heartbeat (its URLs, disks, replicas' states). The
+//! leader answers only once it has confirmed its leadership, with the map
+//! when the node's is older; a node takes a map only from such an answer,
+//! and only one of a higher epoch than its own. From the map it starts
+//! the replicas it should hold and stops (and quarantines) those it should
+//! not. A replica directory found at start is started before any map
+//! arrives, so a restarted node serves its groups even while the metadata
+//! group has no leader.
+
+pub mod map;
+pub mod meta;
+pub mod meta_sm;
+pub mod protocol;
+pub mod replica;
+pub mod routes;
+pub mod transport;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use datanode_partition::{DiskState, Registry};
+use datanode_wal::WalOptions;
+use openraft::{ServerState, SnapshotPolicy};
+
+use crate::config::{ClusterConfig, Seed};
+use map::{ClusterMap, NodeEntry};
+use meta::MetaGroup;
+use protocol::{DiskReport, Heartbeat, HeartbeatReply, ReplicaReport};
+use replica::{Replica, ReplicaSpec, members};
+use transport::{Endpoints, Pool};
+
+/// A map as learned from the metadata leader.
+#[derive(Debug, Clone, Default)]
+pub struct Learned {
+    /// The map.
+    pub map: Arc<ClusterMap>,
+    /// Partition -> leader replica id, as the metadata leader last said.
+    pub leaders: BTreeMap<u64, u64>,
+}
+
+/// This node's part in the cluster.
+pub struct Cluster {
+    /// `[cluster]`.
+    pub config: ClusterConfig,
+    /// `node.id`.
+    pub node_id: String,
+    seeds: Vec<Seed>,
+    pool: Arc<Pool>,
+    endpoints: Arc<Endpoints>,
+    /// The metadata group, on a seed.
+    pub meta: Option<Arc<MetaGroup>>,
+    learned: RwLock<Learned>,
+    replicas: RwLock<HashMap<u64, Arc<Replica>>>,
+    /// Peer address of the metadata leader, as last learned.
+    meta_leader: Mutex<Option<String>>,
+    registry: Arc<Registry>,
+    raft_config: Arc<openraft::Config>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("node_id", &self.node_id).finish()
+    }
+}
+
+/// The Raft configuration of every group of this node.
+fn raft_config(config: &ClusterConfig) -> anyhow::Result<Arc<openraft::Config>> {
+    let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let keep = config.snapshot_logs.min(1000);
+    let raft = openraft::Config {
+        cluster_name: "datanode".into(),
+        heartbeat_interval: millis(config.heartbeat_interval),
+        election_timeout_min: millis(config.election_timeout),
+        election_timeout_max: millis(config.election_timeout) * 2,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
+        max_in_snapshot_log_to_keep: keep,
+        install_snapshot_timeout: millis(config.election_timeout).max(1000),
+        ..Default::default()
+    };
+    Ok(Arc::new(raft.validate()?))
+}
+
+impl Cluster {
+    /// Joins the cluster: binds the peer port, starts the metadata group
+    /// on a seed, starts every replica found on the disks, and the
+    /// heartbeat loop.
+    pub async fn start(
+        config: ClusterConfig,
+        node_id: String,
+        registry: Arc<Registry>,
+    ) -> anyhow::Result<Arc<Cluster>> {
+        let seeds = config.seed_list()?;
+        let raft_config = raft_config(&config)?;
+        let pool = Pool::new();
+        let endpoints = Endpoints::new();
+        let listener = tokio::net::TcpListener::bind(config.peer_addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cluster.peer_addr = {}: {e}", config.peer_addr))?;
+        let meta = match seeds.iter().position(|seed| seed.node == node_id) {
+            Some(index) => {
+                let disk = registry.disks().first().ok_or_else(|| anyhow::anyhow!("no disk"))?;
+                let dir = disk.path.join("cluster").join("meta");
+                let group = MetaGroup::start(
+                    &dir,
+                    registry.wal_options_for(&disk.name),
+                    index as u64 + 1,
+                    seeds.clone(),
+                    raft_config.clone(),
+                    pool.clone(),
+                    config.node_dead_after,
+                )
+                .await?;
+                endpoints.register_meta(group.id, group.raft.clone());
+                Some(group)
+            }
+            None => None,
+        };
+        let cluster = Arc::new(Cluster {
+            config,
+            node_id,
+            seeds,
+            pool,
+            endpoints: endpoints.clone(),
+            meta,
+            learned: RwLock::new(Learned::default()),
+            replicas: RwLock::new(HashMap::new()),
+            meta_leader: Mutex::new(None),
+            registry,
+            raft_config,
+        });
+        let control = Arc::clone(&cluster);
+        transport::serve(listener, endpoints, Arc::new(move |heartbeat| {
+            let control = Arc::clone(&control);
+            Box::pin(async move { control.on_heartbeat(heartbeat).await })
+        }));
+        cluster.start_found_replicas().await;
+        let looping = Arc::clone(&cluster);
+        tokio::spawn(async move { looping.heartbeat_loop().await });
+        Ok(cluster)
+    }
+
+    /// The map learned from the metadata leader.
+    pub fn learned(&self) -> Learned {
+        self.learned.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The replica of `partition` on this node.
+    pub fn replica(&self, partition: u64) -> Option<Arc<Replica>> {
+        self.replicas.read().unwrap_or_else(PoisonError::into_inner).get(&partition).cloned()
+    }
+
+    /// Every replica on this node.
+    pub fn replicas(&self) -> Vec<Arc<Replica>> {
+        let mut all: Vec<_> = self.replicas.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+        all.sort_by_key(|r| r.partition);
+        all
+    }
+
+    /// Whether `partition` is replicated (in the map, or a replica here).
+    pub fn is_replicated(&self, partition: u64) -> bool {
+        self.replica(partition).is_some() || self.learned().map.partitions.contains_key(&partition)
+    }
+
+    fn disk_path(&self, disk: &str) -> Option<PathBuf> {
+        self.registry.disks().iter().find(|d| d.name == disk).map(|d| d.path.clone())
+    }
+
+    /// Starts the replicas whose directories are on the disks (a restart).
+    async fn start_found_replicas(&self) {
+        let disks: Vec<(String, PathBuf)> =
+            self.registry.disks().iter().map(|d| (d.name.clone(), d.path.clone())).collect();
+        for (disk, path) in disks {
+            let Ok(entries) = std::fs::read_dir(path.join("replicas")) else { continue };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some((partition, replica_id)) = name
+                    .split_once('-')
+                    .and_then(|(p, r)| Some((p.parse::<u64>().ok()?, r.parse::<u64>().ok()?)))
+                else {
+                    continue;
+                };
+                if self.replica(partition).is_some() {
+                    tracing::warn!(partition, replica_id, "a second replica of one partition on this node is ignored");
+                    continue;
+                }
+                self.start_replica(partition, replica_id, &disk, &path, None).await;
+            }
+        }
+    }
+
+    async fn start_replica(
+        &self,
+        partition: u64,
+        replica_id: u64,
+        disk: &str,
+        path: &Path,
+        initial: Option<BTreeMap<u64, openraft::BasicNode>>,
+    ) {
+        let spec = ReplicaSpec {
+            partition,
+            replica_id,
+            disk: (disk, path),
+            initial,
+            raft_config: self.raft_config.clone(),
+            wal: WalOptions { log_id: partition, ..self.registry.wal_options_for(disk) },
+        };
+        let replica = Replica::start(spec, self.pool.clone()).await;
+        if let Some((raft, _)) = replica.running() {
+            self.endpoints.register_replica(partition, replica_id, raft);
+        }
+        self.replicas.write().unwrap_or_else(PoisonError::into_inner).insert(partition, replica);
+    }
+
+    /// Brings the replicas on this node in line with `map`: starts the
+    /// ones it lists here, stops and quarantines the ones it does not.
+    async fn reconcile(&self, map: &ClusterMap) {
+        for (partition, entry) in map.replicas_on(&self.node_id).map(|(p, r)| (p, r.clone())).collect::<Vec<_>>() {
+            if self.replica(partition).is_some_and(|r| r.replica_id == entry.replica_id) {
+                continue;
+            }
+            let Some(path) = self.disk_path(&entry.disk) else {
+                tracing::error!(partition, disk = %entry.disk, "the map places a replica on a disk this node lacks");
+                continue;
+            };
+            let group = &map.partitions[&partition];
+            let ids: Vec<u64> = group.replicas.iter().map(|r| r.replica_id).collect();
+            let initial = (ids == group.initial).then(|| {
+                members(group.replicas.iter().filter_map(|r| {
+                    Some((r.replica_id, map.nodes.get(&r.node)?.peer_addr.clone()))
+                }))
+            });
+            self.start_replica(partition, entry.replica_id, &entry.disk, &path, initial).await;
+        }
+        let stale: Vec<Arc<Replica>> = self
+            .replicas()
+            .into_iter()
+            .filter(|replica| {
+                !map.partitions
+                    .get(&replica.partition)
+                    .is_some_and(|p| p.replicas.iter().any(|r| r.replica_id == replica.replica_id && r.node == self.node_id))
+            })
+            .collect();
+        for replica in stale {
+            self.remove_replica(&replica, map.epoch).await;
+        }
+    }
+
+    /// Stops a replica the map no longer lists and moves its files to
+    /// `<disk>/quarantine/` (never deleted by the node).
+    async fn remove_replica(&self, replica: &Arc<Replica>, epoch: u64) {
+        self.endpoints.remove_replica(replica.partition, replica.replica_id);
+        replica.stop().await;
+        self.replicas.write().unwrap_or_else(PoisonError::into_inner).remove(&replica.partition);
+        let Some(disk) = self.disk_path(&replica.disk) else { return };
+        let target = disk.join("quarantine").join(format!("replica-{}-{}-epoch{epoch}", replica.partition, replica.replica_id));
+        let moved = std::fs::create_dir_all(disk.join("quarantine")).and_then(|()| std::fs::rename(&replica.dir, &target));
+        match moved {
+            Ok(()) => tracing::info!(partition = replica.partition, replica = replica.replica_id, to = %target.display(), "replica removed from the map: quarantined"),
+            Err(error) => tracing::warn!(partition = replica.partition, %error, "could not quarantine a removed replica"),
+        }
+    }
+
+    /// What this node says in its heartbeat.
+    fn heartbeat(&self) -> Heartbeat {
+        let disks = self
+            .registry
+            .disk_statuses()
+            .into_iter()
+            .map(|disk| DiskReport {
+                writable: disk.state == DiskState::Healthy && !disk.reasons.iter().any(|r| r == "disk_full"),
+                free_bytes: disk.free_bytes.unwrap_or(0),
+                name: disk.name,
+            })
+            .collect();
+        let replicas = self.replicas().iter().map(|replica| report(replica)).collect();
+        Heartbeat {
+            node: self.node_id.clone(),
+            entry: NodeEntry {
+                advertise_url: self.config.advertise_url.clone(),
+                peer_addr: self.config.peer_addr.to_string(),
+                disks: self.registry.disks().iter().map(|d| d.name.clone()).collect(),
+            },
+            disks,
+            replicas,
+            map_epoch: self.learned().map.epoch,
+        }
+    }
+
+    /// Where heartbeats go: the leader last learned, else the seeds in
+    /// turn.
+    fn heartbeat_target(&self, round: usize) -> String {
+        if let Some(leader) = self.meta_leader.lock().unwrap_or_else(PoisonError::into_inner).clone() {
+            return leader;
+        }
+        let seed = &self.seeds[round % self.seeds.len()];
+        seed.peer_addr.to_string()
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>) {
+        let mut round = 0usize;
+        loop {
+            for replica in self.replicas() {
+                if replica.check_running() {
+                    self.endpoints.remove_replica(replica.partition, replica.replica_id);
+                }
+            }
+            let target = self.heartbeat_target(round);
+            match self.pool.heartbeat(&target, &self.heartbeat()).await {
+                Ok(transport::HeartbeatOutcome::Reply(reply)) => self.learn(reply).await,
+                Ok(transport::HeartbeatOutcome::NotLeader(leader)) => {
+                    *self.meta_leader.lock().unwrap_or_else(PoisonError::into_inner) = leader;
+                    round += 1;
+                    continue;
+                }
+                Err(error) => {
+                    tracing::debug!(%target, %error, "heartbeat failed");
+                    *self.meta_leader.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                    round += 1;
+                }
+            }
+            update_metrics(&self);
+            tokio::time::sleep(self.config.heartbeat_interval).await;
+        }
+    }
+
+    /// Takes a reply of the metadata leader: the leaders always, the map
+    /// only when newer than the one held.
+    async fn learn(&self, reply: HeartbeatReply) {
+        let newer = {
+            let mut learned = self.learned.write().unwrap_or_else(PoisonError::into_inner);
+            learned.leaders = reply.leaders;
+            match reply.map {
+                Some(map) if map.epoch > learned.map.epoch => {
+                    learned.map = Arc::new(map);
+                    Some(learned.map.clone())
+                }
+                _ => None,
+            }
+        };
+        if let Some(map) = newer {
+            self.reconcile(&map).await;
+        }
+    }
+
+    /// A heartbeat that arrived on the peer port.
+    async fn on_heartbeat(&self, heartbeat: Heartbeat) -> transport::HeartbeatAnswer {
+        let Some(meta) = &self.meta else { return transport::HeartbeatAnswer::NotLeader(None) };
+        match meta.heartbeat(heartbeat).await {
+            Ok(reply) => transport::HeartbeatAnswer::Reply(reply),
+            Err(meta::MetaError::NotLeader(leader)) => transport::HeartbeatAnswer::NotLeader(
+                leader.and_then(|id| meta.seed(id)).map(|seed| seed.peer_addr.to_string()),
+            ),
+            Err(error) => transport::HeartbeatAnswer::Unavailable(error.to_string()),
+        }
+    }
+
+    /// The node id and advertise URL of the metadata leader, as known here.
+    pub fn meta_leader_node(&self) -> Option<(String, Option<String>)> {
+        let leader_addr = match &self.meta {
+            Some(meta) => meta.leader().and_then(|id| meta.seed(id)).map(|seed| seed.peer_addr.to_string()),
+            None => self.meta_leader.lock().unwrap_or_else(PoisonError::into_inner).clone(),
+        }?;
+        let seed = self.seeds.iter().find(|seed| seed.peer_addr.to_string() == leader_addr)?;
+        let url = self.learned().map.nodes.get(&seed.node).map(|node| node.advertise_url.clone());
+        Some((seed.node.clone(), url))
+    }
+
+    /// Stops every Raft instance (shutdown).
+    pub async fn stop(&self) {
+        for replica in self.replicas() {
+            replica.stop().await;
+        }
+        if let Some(meta) = &self.meta {
+            let _ = meta.raft.shutdown().await;
+        }
+    }
+}
+
+/// A replica's state as a heartbeat carries it.
+fn report(replica: &Replica) -> ReplicaReport {
+    let Some((raft, _)) = replica.running() else {
+        return ReplicaReport {
+            partition: replica.partition,
+            replica_id: replica.replica_id,
+            state: "faulted".into(),
+            role: "shutdown".into(),
+            term: 0,
+            leader: None,
+            applied_index: None,
+            matched: BTreeMap::new(),
+        };
+    };
+    let metrics = raft.metrics().borrow().clone();
+    ReplicaReport {
+        partition: replica.partition,
+        replica_id: replica.replica_id,
+        state: "healthy".into(),
+        role: role_name(metrics.state).into(),
+        term: metrics.current_term,
+        leader: metrics.current_leader,
+        applied_index: metrics.last_applied.map(|id| id.index),
+        matched: metrics
+            .replication
+            .map(|replication| replication.into_iter().map(|(id, log)| (id, log.map(|l| l.index))).collect())
+            .unwrap_or_default(),
+    }
+}
+
+/// The name of a Raft role, as the API and the metrics spell it.
+pub fn role_name(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Learner => "learner",
+        ServerState::Candidate => "candidate",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+/// `datanode_raft_*` gauges of this node's replicas.
+fn update_metrics(cluster: &Cluster) {
+    for replica in cluster.replicas() {
+        let partition = replica.partition.to_string();
+        let running = replica.running();
+        let metrics = running.as_ref().map(|(raft, _)| raft.metrics().borrow().clone());
+        let role = metrics.as_ref().map_or("shutdown", |m| role_name(m.state));
+        for name in ["leader", "follower", "learner", "candidate", "shutdown"] {
+            metrics::gauge!("datanode_raft_role", "partition" => partition.clone(), "role" => name)
+                .set(if name == role { 1.0 } else { 0.0 });
+        }
+        if let Some(m) = metrics {
+            metrics::gauge!("datanode_raft_term", "partition" => partition.clone()).set(m.current_term as f64);
+            metrics::gauge!("datanode_raft_commit_index", "partition" => partition.clone())
+                .set(m.committed.map_or(0.0, |id| id.index as f64));
+            metrics::gauge!("datanode_raft_applied_index", "partition" => partition.clone())
+                .set(m.last_applied.map_or(0.0, |id| id.index as f64));
+        }
+    }
+}

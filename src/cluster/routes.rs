@@ -1,0 +1,534 @@
+//! The HTTP side of cluster mode.
+//!
+//! **Data API of a replicated partition.** Any node takes any request.
+//! The partition's leader serves it: a put or delete is acknowledged once
+//! its entry is committed on a majority and applied here; a read first
+//! confirms leadership with a read-index round (`ensure_linearizable`),
+//! so it sees every write acknowledged before it arrived. Any other node
+//! answers `307 Temporary Redirect` to the leader's `advertise_url`, with
+//! `{"error":"not_leader","leader":NODE,"leader_url":URL}` and nothing
+//! written; 503 `no_leader` when no leader is known.
+//!
+//! **`/v1/cluster/...`** is served by the metadata leader, and redirected
+//! (307, the same body shape) to it from any other node.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use datanode_partition::blob;
+use datanode_partition::raft::{Command, StoreError};
+use openraft::ReadPolicy;
+use openraft::errors::ClientWriteError;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::meta::{MetaError, MetaGroup};
+use super::replica::{Replica, ReplicaRaft};
+use super::{Cluster, role_name};
+use crate::api::{self, ApiError, ApiResult};
+use crate::node::Node;
+
+/// Where a request for a replicated partition goes.
+enum Route {
+    /// The leader is here.
+    Here(Arc<Replica>, ReplicaRaft, datanode_partition::raft::BlobStateMachine),
+    /// The leader is elsewhere: node id and advertise URL.
+    Leader(String, String),
+    /// No leader known.
+    NoLeader,
+}
+
+fn route(cluster: &Cluster, partition: u64) -> Route {
+    let learned = cluster.learned();
+    let replica = cluster.replica(partition);
+    let leader = match replica.as_ref().and_then(|r| r.running().map(|running| (r.clone(), running))) {
+        Some((replica, (raft, machine))) => {
+            let metrics = raft.metrics().borrow().clone();
+            if metrics.state == openraft::ServerState::Leader && metrics.current_leader == Some(replica.replica_id) {
+                return Route::Here(replica, raft, machine);
+            }
+            metrics.current_leader.or_else(|| learned.leaders.get(&partition).copied())
+        }
+        None => learned.leaders.get(&partition).copied(),
+    };
+    let Some(leader) = leader else { return Route::NoLeader };
+    match learned.map.node_of(partition, leader) {
+        Some((node, entry)) if *node != cluster.node_id => Route::Leader(node.clone(), entry.advertise_url.clone()),
+        _ => Route::NoLeader,
+    }
+}
+
+/// `307` to `leader_url` + the request's path and query.
+fn redirect(partition: Option<u64>, leader: &str, leader_url: &str, uri: &Uri) -> Response {
+    let base = leader_url.trim_end_matches('/');
+    let target = format!("{base}{}", uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()));
+    let mut body = json!({
+        "error": "not_leader",
+        "message": format!("this node is not the leader; the leader is {leader} at {base}"),
+        "leader": leader,
+        "leader_url": base,
+    });
+    if let Some(partition) = partition {
+        body["partition"] = partition.into();
+    }
+    let mut response = (StatusCode::TEMPORARY_REDIRECT, Json(body)).into_response();
+    if let Ok(location) = HeaderValue::from_str(&target) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}
+
+fn no_leader(partition: Option<u64>, what: &str) -> ApiError {
+    let error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_leader", format!("{what} has no leader known here"));
+    match partition {
+        Some(partition) => error.on(partition),
+        None => error,
+    }
+}
+
+fn store_error(replica: &Replica, error: StoreError) -> ApiError {
+    replica.fault(format!("read failed: {error}"));
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "io_error", error.to_string()).on(replica.partition)
+}
+
+/// A failed write or read-index round of a leader.
+fn raft_error<E: std::fmt::Display>(
+    cluster: &Cluster,
+    replica: &Replica,
+    uri: &Uri,
+    error: openraft::errors::RaftError<datanode_partition::raft::TypeConfig, E>,
+) -> Response
+where
+    E: openraft::TryAsRef<openraft::errors::ForwardToLeader<datanode_partition::raft::TypeConfig>>,
+{
+    let partition = replica.partition;
+    if let openraft::errors::RaftError::Fatal(fatal) = &error {
+        replica.fault(format!("raft stopped: {fatal}"));
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "partition_faulted", error.to_string())
+            .on(partition)
+            .into_response();
+    }
+    if let Some(forward) = error.forward_to_leader()
+        && let Some(leader) = forward.leader_id
+        && let Some((node, entry)) = cluster.learned().map.node_of(partition, leader)
+        && *node != cluster.node_id
+    {
+        return redirect(Some(partition), node, &entry.advertise_url, uri);
+    }
+    if error.forward_to_leader().is_some() {
+        return no_leader(Some(partition), "the partition").into_response();
+    }
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "partition_unavailable", error.to_string())
+        .on(partition)
+        .into_response()
+}
+
+/// `PUT` or `DELETE` of a blob: one entry through the leader.
+async fn write(node: &Node, cluster: &Cluster, partition: u64, uri: &Uri, command: Bytes, created: Option<u64>) -> Response {
+    let (replica, raft, _) = match route(cluster, partition) {
+        Route::Here(replica, raft, machine) => (replica, raft, machine),
+        Route::Leader(leader, url) => return redirect(Some(partition), &leader, &url, uri),
+        Route::NoLeader => return no_leader(Some(partition), "the partition").into_response(),
+    };
+    let written = tokio::time::timeout(node.config.limits.request_timeout, raft.client_write(Command::new(command))).await;
+    match written {
+        Ok(Ok(response)) => match created {
+            Some(size) => {
+                let lsn = response.log_id.index + 1;
+                (StatusCode::CREATED, Json(json!({ "lsn": lsn, "size": size }))).into_response()
+            }
+            None => StatusCode::NO_CONTENT.into_response(),
+        },
+        // Appended, then dropped when this node took another leader's
+        // log: it may still commit through that leader.
+        Ok(Err(openraft::errors::RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => {
+            outcome_unknown(partition, "the entry was appended, then the leader changed")
+        }
+        Ok(Err(error)) => raft_error(cluster, &replica, uri, error),
+        Err(_) => outcome_unknown(partition, "the group did not commit within request_timeout"),
+    }
+}
+
+fn outcome_unknown(partition: u64, why: &str) -> Response {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "write_outcome_unknown",
+        format!("{why}; the write may still become durable"),
+    )
+    .on(partition)
+    .into_response()
+}
+
+/// `PUT /v1/partitions/{pid}/blobs/{key}` of a replicated partition.
+pub async fn put_blob(node: &Node, cluster: &Cluster, partition: u64, uri: &Uri, key: &[u8], body: Bytes) -> Response {
+    write(node, cluster, partition, uri, blob::encode_put(key, &body), Some(body.len() as u64)).await
+}
+
+/// `DELETE /v1/partitions/{pid}/blobs/{key}` of a replicated partition.
+pub async fn delete_blob(node: &Node, cluster: &Cluster, partition: u64, uri: &Uri, key: &[u8]) -> Response {
+    write(node, cluster, partition, uri, blob::encode_delete(key), None).await
+}
+
+/// The leader's state machine, once a read-index round confirmed that it
+/// has applied everything committed before the read arrived; or the
+/// answer to give instead.
+async fn linearizable(
+    node: &Node,
+    cluster: &Cluster,
+    partition: u64,
+    uri: &Uri,
+) -> Result<(Arc<Replica>, datanode_partition::raft::BlobStateMachine), Response> {
+    let (replica, raft, machine) = match route(cluster, partition) {
+        Route::Here(replica, raft, machine) => (replica, raft, machine),
+        Route::Leader(leader, url) => return Err(redirect(Some(partition), &leader, &url, uri)),
+        Route::NoLeader => return Err(no_leader(Some(partition), "the partition").into_response()),
+    };
+    match tokio::time::timeout(node.config.limits.request_timeout, raft.ensure_linearizable(ReadPolicy::ReadIndex)).await
+    {
+        Ok(Ok(_)) => Ok((replica, machine)),
+        Ok(Err(error)) => Err(raft_error(cluster, &replica, uri, error)),
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "partition_unavailable",
+            "the group did not confirm its leader within request_timeout",
+        )
+        .on(partition)
+        .into_response()),
+    }
+}
+
+/// `GET`/`HEAD` of a blob of a replicated partition.
+pub async fn read_blob(
+    node: &Node,
+    cluster: &Cluster,
+    partition: u64,
+    uri: &Uri,
+    key: Vec<u8>,
+    headers: &HeaderMap,
+    head_only: bool,
+) -> Response {
+    let (replica, machine) = match linearizable(node, cluster, partition, uri).await {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let Some(len) = machine.len_of(&key) else {
+        return ApiError::new(StatusCode::NOT_FOUND, "blob_not_found", "no such blob").on(partition).into_response();
+    };
+    let range = match headers.get(header::RANGE) {
+        None => None,
+        Some(value) => match value.to_str().ok().and_then(|v| api::parse_range(v, len)) {
+            Some(range) => Some(range),
+            None => {
+                return ApiError::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "bad_range",
+                    format!("cannot serve that range of {len} bytes"),
+                )
+                .on(partition)
+                .into_response();
+            }
+        },
+    };
+    let length = range.as_ref().map_or(len, |r| r.end - r.start);
+    let mut response = if head_only {
+        let mut response = Response::new(Body::empty());
+        response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        response
+    } else {
+        let (wanted, reader) = (range.clone(), machine.clone());
+        let read = tokio::task::spawn_blocking(move || reader.get(&key, wanted)).await;
+        match read {
+            Ok(Ok(Some(bytes))) => Response::new(Body::from(bytes)),
+            Ok(Ok(None)) => {
+                return ApiError::new(StatusCode::NOT_FOUND, "blob_not_found", "no such blob")
+                    .on(partition)
+                    .into_response();
+            }
+            Ok(Err(error)) => return store_error(&replica, error).into_response(),
+            Err(_) => {
+                return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the read's task failed")
+                    .on(partition)
+                    .into_response();
+            }
+        }
+    };
+    *response.status_mut() = if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    response.headers_mut().insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Some(range) = range
+        && let Ok(value) = HeaderValue::from_str(&format!("bytes {}-{}/{len}", range.start, range.end - 1))
+    {
+        response.headers_mut().insert(header::CONTENT_RANGE, value);
+    }
+    response
+}
+
+/// `GET /v1/partitions/{pid}/blobs?...` of a replicated partition.
+pub async fn list_blobs(node: &Node, cluster: &Cluster, partition: u64, uri: &Uri, query: api::ListQuery) -> Response {
+    let (_, machine) = match linearizable(node, cluster, partition, uri).await {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let (keys, next) = machine.list(&query.prefix, query.after.as_deref(), query.limit);
+    let keys: Vec<Value> = keys.iter().map(|k| api::key_json(k)).collect();
+    Json(json!({ "keys": keys, "next": next.as_deref().map(api::key_json) })).into_response()
+}
+
+/// A state-changing admin call on one replica of a replicated partition
+/// (install, recover, read-only, compact, delete): refused, the group
+/// decides what its voters hold.
+pub fn refuse_on_replica(partition: u64, what: &str) -> Response {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "replicated_partition",
+        format!("partition {partition} is replicated: {what} is not done on one replica (only its group's leader feeds a voter)"),
+    )
+    .on(partition)
+    .into_response()
+}
+
+/// `PartitionStatus` of the replica here, with its `raft` view; a
+/// replicated partition not held here redirects to its leader.
+pub fn partition_status(cluster: &Cluster, partition: u64, uri: &Uri) -> Response {
+    let Some(replica) = cluster.replica(partition) else {
+        return match route(cluster, partition) {
+            Route::Leader(leader, url) => redirect(Some(partition), &leader, &url, uri),
+            _ => no_leader(Some(partition), "the partition").into_response(),
+        };
+    };
+    Json(replica_status(&replica)).into_response()
+}
+
+/// A replica as `PartitionStatus` shows it.
+pub fn replica_status(replica: &Replica) -> Value {
+    match replica.state() {
+        super::replica::ReplicaState::Faulted(reason) => json!({
+            "id": replica.partition,
+            "disk": replica.disk,
+            "state": "faulted",
+            "reasons": ["io_error"],
+            "last_error": { "message": reason },
+            "raft": { "replica_id": replica.replica_id, "role": "shutdown" },
+        }),
+        super::replica::ReplicaState::Running { raft, machine } => {
+            let m = raft.metrics().borrow().clone();
+            let stats = machine.stats();
+            let members: Vec<Value> = m
+                .membership_config
+                .membership()
+                .nodes()
+                .map(|(id, node)| {
+                    let voter = m.membership_config.membership().voter_ids().any(|v| v == *id);
+                    json!({ "replica_id": id, "addr": node.addr, "voter": voter })
+                })
+                .collect();
+            json!({
+                "id": replica.partition,
+                "disk": replica.disk,
+                "state": "healthy",
+                "reasons": [],
+                "blobs": stats.keys,
+                "live_bytes": stats.live_bytes,
+                "raft": {
+                    "replica_id": replica.replica_id,
+                    "role": role_name(m.state),
+                    "term": m.current_term,
+                    "leader": m.current_leader,
+                    "commit_index": m.committed.map(|id| id.index),
+                    "applied_index": m.last_applied.map(|id| id.index),
+                    "snapshot_index": m.snapshot.map(|id| id.index),
+                    "purged_index": m.purged.map(|id| id.index),
+                    "last_log_index": m.last_log_index,
+                    "members": members,
+                },
+            })
+        }
+    }
+}
+
+/// The metadata leader here, or the 307/503 that sends the caller there.
+fn meta_here<'a>(cluster: &'a Cluster, uri: &Uri) -> Result<&'a Arc<MetaGroup>, Response> {
+    if let Some(meta) = &cluster.meta
+        && meta.leader() == Some(meta.id)
+    {
+        return Ok(meta);
+    }
+    match cluster.meta_leader_node() {
+        Some((node, Some(url))) if node != cluster.node_id => Err(redirect(None, &node, &url, uri)),
+        _ => Err(no_leader(None, "the metadata group").into_response()),
+    }
+}
+
+fn meta_error(cluster: &Cluster, uri: &Uri, error: MetaError) -> Response {
+    match error {
+        MetaError::NotLeader(_) => match cluster.meta_leader_node() {
+            Some((node, Some(url))) if node != cluster.node_id => redirect(None, &node, &url, uri),
+            _ => no_leader(None, "the metadata group").into_response(),
+        },
+        MetaError::Unavailable(message) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_leader", message).into_response()
+        }
+        MetaError::Exists(id) => {
+            ApiError::new(StatusCode::CONFLICT, "partition_exists", format!("partition {id} exists")).on(id).into_response()
+        }
+        MetaError::NotFound(id) => ApiError::partition_not_found(id).into_response(),
+        MetaError::CannotPlace(message) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cannot_place", message).into_response()
+        }
+    }
+}
+
+/// `ClusterPartition` of `id` from the metadata leader's view.
+fn cluster_partition(meta: &MetaGroup, map: &super::map::ClusterMap, id: u64) -> Value {
+    let Some(entry) = map.partitions.get(&id) else { return Value::Null };
+    let seen = meta.seen();
+    let leaders = meta.leaders();
+    let leader = leaders.get(&id).copied();
+    let leader_report = leader.and_then(|leader| {
+        seen.values().flat_map(|s| s.heartbeat.replicas.iter()).find(|r| r.partition == id && r.replica_id == leader).cloned()
+    });
+    let replicas: Vec<Value> = entry
+        .replicas
+        .iter()
+        .map(|replica| {
+            let report = seen
+                .get(&replica.node)
+                .and_then(|s| s.heartbeat.replicas.iter().find(|r| r.partition == id && r.replica_id == replica.replica_id))
+                .cloned();
+            let state = match (&report, meta.is_up(&replica.node)) {
+                (_, false) => "down".to_string(),
+                (Some(report), true) => report.state.clone(),
+                (None, true) => "loading".to_string(),
+            };
+            let role = match report.as_ref().map(|r| r.role.as_str()) {
+                Some("leader") => "leader",
+                Some("learner") => "learner",
+                _ => "follower",
+            };
+            let matched = leader_report.as_ref().and_then(|l| l.matched.get(&replica.replica_id).copied().flatten());
+            json!({
+                "replica_id": replica.replica_id,
+                "node": replica.node,
+                "disk": replica.disk,
+                "state": state,
+                "role": role,
+                "matched_index": matched,
+            })
+        })
+        .collect();
+    let leader_node = leader.and_then(|l| entry.replicas.iter().find(|r| r.replica_id == l)).map(|r| r.node.clone());
+    json!({ "id": id, "epoch": entry.epoch, "leader": leader_node, "replicas": replicas })
+}
+
+/// `GET /v1/cluster`.
+pub async fn get_cluster(State(node): State<Arc<Node>>, uri: Uri) -> Response {
+    let Some(cluster) = node.cluster() else { return not_clustered() };
+    let meta = match meta_here(&cluster, &uri) {
+        Ok(meta) => meta,
+        Err(response) => return response,
+    };
+    let map = match meta.read_map().await {
+        Ok(map) => map,
+        Err(error) => return meta_error(&cluster, &uri, error),
+    };
+    let seen = meta.seen();
+    let nodes: Vec<Value> = map
+        .nodes
+        .iter()
+        .map(|(id, entry)| {
+            let last = seen.get(id);
+            json!({
+                "id": id,
+                "advertise_url": entry.advertise_url,
+                "peer_addr": entry.peer_addr,
+                "state": if meta.is_up(id) { "up" } else { "down" },
+                "last_heartbeat_ms": last.map(|s| s.at.elapsed().as_millis() as u64),
+                "disks": last.map(|s| s.heartbeat.disks.iter().map(|d| json!({
+                    "name": d.name, "free_bytes": d.free_bytes, "writable": d.writable,
+                })).collect::<Vec<_>>()),
+            })
+        })
+        .collect();
+    let partitions: Vec<Value> = map.partitions.keys().map(|id| cluster_partition(meta, &map, *id)).collect();
+    let meta_leader = meta.seed(meta.id).map(|s| s.node.clone());
+    Json(json!({ "epoch": map.epoch, "meta_leader": meta_leader, "nodes": nodes, "partitions": partitions }))
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateClusterPartition {
+    id: u64,
+    replicas: Option<u64>,
+}
+
+/// `POST /v1/cluster/partitions` (admin).
+pub async fn create_partition(State(node): State<Arc<Node>>, headers: HeaderMap, uri: Uri, body: Bytes) -> Response {
+    if let Err(error) = api::require_admin(&node, &headers) {
+        return error.into_response();
+    }
+    let Some(cluster) = node.cluster() else { return not_clustered() };
+    let request: CreateClusterPartition = match api::admin_json(&body) {
+        Ok(request) => request,
+        Err(error) => return error.into_response(),
+    };
+    let replicas = request.replicas.unwrap_or(cluster.config.replication_factor);
+    if !(1..=7).contains(&replicas) {
+        return ApiError::bad_request(format!("replicas = {replicas} is outside 1..=7")).into_response();
+    }
+    if node.registry.get(request.id).is_some() {
+        return ApiError::new(
+            StatusCode::CONFLICT,
+            "partition_exists",
+            format!("partition {} exists on this node unreplicated", request.id),
+        )
+        .on(request.id)
+        .into_response();
+    }
+    let meta = match meta_here(&cluster, &uri) {
+        Ok(meta) => meta,
+        Err(response) => return response,
+    };
+    match meta.create_partition(request.id, replicas as usize).await {
+        Ok(_) => {
+            tracing::info!(partition = request.id, replicas, "replicated partition created");
+            let map = meta.read_map().await.unwrap_or_default();
+            (StatusCode::CREATED, Json(cluster_partition(meta, &map, request.id))).into_response()
+        }
+        Err(error) => meta_error(&cluster, &uri, error),
+    }
+}
+
+/// `DELETE /v1/cluster/partitions/{pid}` (admin).
+pub async fn delete_partition(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    uri: Uri,
+    axum::extract::Path(pid): axum::extract::Path<String>,
+) -> Response {
+    if let Err(error) = api::require_admin(&node, &headers) {
+        return error.into_response();
+    }
+    let Some(cluster) = node.cluster() else { return not_clustered() };
+    let id = match api::partition_id(&pid) {
+        Ok(id) => id,
+        Err(error) => return error.into_response(),
+    };
+    let meta = match meta_here(&cluster, &uri) {
+        Ok(meta) => meta,
+        Err(response) => return response,
+    };
+    match meta.delete_partition(id).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(error) => meta_error(&cluster, &uri, error),
+    }
+}
+
+fn not_clustered() -> Response {
+    ApiError::new(StatusCode::NOT_FOUND, "not_clustered", "this node runs without [cluster]").into_response()
+}

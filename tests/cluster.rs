@@ -1,0 +1,159 @@
+//! Replicated partitions on clusters of real `datanode` processes on
+//! loopback: writes through every node (307 redirects to the leader),
+//! the leader killed with SIGKILL under load, a follower far behind, five
+//! nodes with two down. Every acknowledged write must read back from every
+//! node, and nothing a non-leader refused may appear.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::cluster::{Client, ClusterLoad, TestCluster, assert_readable, node_index};
+use support::wait_for;
+
+fn put(client: &Client, cluster: &TestCluster, via: usize, partition: u64, key: &str, value: &[u8]) -> u16 {
+    client.send("PUT", &cluster.url(via, &format!("/v1/partitions/{partition}/blobs/{key}")), Some(value)).0
+}
+
+/// The status of replicated partition `id` on node `i` (its replica's
+/// `raft` view), or `Null`.
+fn raft_view(cluster: &TestCluster, i: usize, id: u64) -> Value {
+    cluster.node(i).json(&format!("/v1/partitions/{id}"))["raft"].clone()
+}
+
+#[test]
+fn a_replicated_partition_survives_its_leader_killed_under_load() {
+    let mut cluster = TestCluster::start(3, "");
+    cluster.wait_formed();
+    let (status, created) = cluster.create(1, 1, None);
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["replicas"].as_array().map(Vec::len), Some(3), "{created}");
+    let nodes: Vec<&str> = created["replicas"].as_array().unwrap().iter().map(|r| r["node"].as_str().unwrap()).collect();
+    let mut distinct = nodes.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "replicas on distinct nodes: {created}");
+    let leader = cluster.wait_leader(1);
+
+    // Writes through every node: followers redirect to the leader.
+    let client = Client::new();
+    for via in 0..3 {
+        assert_eq!(put(&client, &cluster, via, 1, &format!("first-{via}"), b"v"), 201, "via node {via}");
+    }
+
+    let load = ClusterLoad::start(&cluster.ports, 1, 8, 512, "load");
+    load.wait_more(200, Duration::from_secs(60));
+    cluster.kill(leader);
+    // A new leader takes over and writes resume.
+    let new_leader = cluster.wait_leader(1);
+    assert_ne!(new_leader, leader);
+    load.wait_more(200, Duration::from_secs(60));
+    let (acked, failures) = load.stop();
+    eprintln!("{} acknowledged, other answers: {failures:?}", acked.len());
+
+    for i in cluster.running() {
+        assert_readable(cluster.ports[i], 1, &acked, &format!("after the leader was killed, via node {i}"));
+    }
+    // The killed node rejoins and catches up: its replica applies what the
+    // leader committed.
+    cluster.restart(leader);
+    let commit = raft_view(&cluster, new_leader, 1)["commit_index"].as_u64().unwrap();
+    wait_for("the restarted replica catches up", Duration::from_secs(60), || {
+        raft_view(&cluster, leader, 1)["applied_index"].as_u64().is_some_and(|applied| applied >= commit)
+    });
+    assert_readable(cluster.ports[leader], 1, &acked, "via the restarted node");
+}
+
+#[test]
+fn a_follower_answers_307_with_the_leader_and_writes_nothing() {
+    let cluster = TestCluster::start(3, "");
+    cluster.wait_formed();
+    assert_eq!(cluster.create(0, 5, None).0, 201);
+    let leader = cluster.wait_leader(5);
+    let follower = (leader + 1) % 3;
+    let agent = ureq::AgentBuilder::new().redirects(0).build();
+    let url = cluster.url(follower, "/v1/partitions/5/blobs/refused");
+    let response = match agent.put(&url).send_bytes(b"nope") {
+        Err(ureq::Error::Status(_, response)) | Ok(response) => response,
+        Err(error) => panic!("{error}"),
+    };
+    assert_eq!(response.status(), 307);
+    let location = response.header("location").unwrap().to_string();
+    assert_eq!(location, cluster.url(leader, "/v1/partitions/5/blobs/refused"));
+    let body: Value = serde_json::from_reader(response.into_reader()).unwrap();
+    assert_eq!(body["error"], "not_leader");
+    assert_eq!(body["leader"].as_str().and_then(node_index), Some(leader));
+    assert_eq!(body["leader_url"], cluster.url(leader, ""));
+    assert!(body["message"].is_string());
+    // Nothing was written: the key is absent on the leader.
+    let (status, _) = Client::new().send("GET", &cluster.url(leader, "/v1/partitions/5/blobs/refused"), None);
+    assert_eq!(status, 404);
+    // A snapshot install into a voter is refused (only its leader feeds it).
+    let (status, body) =
+        Client::new().send("PUT", &cluster.url(follower, "/v1/partitions/5/snapshot"), Some(b"image bytes"));
+    assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(support::error_code(&body), "replicated_partition");
+    // A partition nobody created: 404 from any node.
+    let (status, body) = Client::new().send("GET", &cluster.url(follower, "/v1/partitions/99/blobs/x"), None);
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+}
+
+#[test]
+fn a_follower_far_behind_catches_up_by_snapshot() {
+    // Snapshots every 200 entries, so that the log the stopped follower
+    // needs is purged while it is down.
+    let mut cluster = TestCluster::start(3, "snapshot_logs = 200\n");
+    cluster.wait_formed();
+    assert_eq!(cluster.create(0, 2, None).0, 201);
+    let leader = cluster.wait_leader(2);
+    let follower = (leader + 1) % 3;
+    cluster.kill(follower);
+    let live: Vec<u16> = cluster.running().iter().map(|i| cluster.ports[*i]).collect();
+    let load = ClusterLoad::start(&live, 2, 8, 1024, "behind");
+    load.wait_more(1500, Duration::from_secs(120));
+    let (acked, _) = load.stop();
+    let leader = cluster.wait_leader(2);
+    let purged = raft_view(&cluster, leader, 2)["purged_index"].as_u64().unwrap_or(0);
+    assert!(purged > 0, "the leader purged its log: {}", raft_view(&cluster, leader, 2));
+    cluster.restart(follower);
+    let commit = raft_view(&cluster, leader, 2)["commit_index"].as_u64().unwrap();
+    wait_for("the far-behind follower catches up", Duration::from_secs(120), || {
+        raft_view(&cluster, follower, 2)["applied_index"].as_u64().is_some_and(|applied| applied >= commit)
+    });
+    let snapshot = raft_view(&cluster, follower, 2)["snapshot_index"].as_u64().unwrap_or(0);
+    assert!(snapshot > 0, "it caught up by a snapshot: {}", raft_view(&cluster, follower, 2));
+    // Its state is whole: with the others stopped... the group needs two of
+    // three, so stop the other follower and read through the pair.
+    let other = (0..3).find(|i| *i != leader && *i != follower).unwrap();
+    cluster.kill(other);
+    assert_readable(cluster.ports[follower], 2, &acked, "with the caught-up follower in the majority");
+}
+
+#[test]
+fn five_nodes_with_two_killed_still_serve() {
+    let mut cluster = TestCluster::start(5, "");
+    cluster.wait_formed();
+    let (status, created) = cluster.create(4, 3, Some(5));
+    assert_eq!(status, 201, "{created}");
+    cluster.wait_leader(3);
+    let client = Client::new();
+    for i in 0..20 {
+        assert_eq!(put(&client, &cluster, i % 5, 3, &format!("k{i}"), b"before"), 201);
+    }
+    // A seed and another node down: the data group keeps three of five,
+    // the metadata group two of its three seeds.
+    cluster.kill(0);
+    cluster.kill(4);
+    cluster.wait_leader(3);
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let key = format!("after{i}");
+        assert_eq!(put(&client, &cluster, 1 + i % 3, 3, &key, b"after"), 201, "with two of five down");
+        acked.push(support::cluster::Acked { key, value: b"after".to_vec() });
+    }
+    for i in cluster.running() {
+        assert_readable(cluster.ports[i], 3, &acked, "with two of five down");
+    }
+}

@@ -1,0 +1,287 @@
+//! Clusters of real `datanode` processes on loopback: each node with its
+//! own data directory, HTTP port and peer port, the first (up to) three
+//! the seeds of the metadata group. A client that follows the 307
+//! redirects of the data API the way a real one would, and writers that
+//! remember exactly what was acknowledged.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{Daemon, free_port, wait_for};
+
+/// Raft timings of the test clusters: fast elections, so a test that kills
+/// a leader does not wait long for the next.
+pub const TIMINGS: &str = "heartbeat_interval = \"100ms\"\nelection_timeout = \"500ms\"\nnode_dead_after = \"2s\"\n";
+
+pub struct TestCluster {
+    pub nodes: Vec<Option<Daemon>>,
+    /// HTTP ports, by node index (kept while a node is down).
+    pub ports: Vec<u16>,
+    pub peer_ports: Vec<u16>,
+    pub dirs: Vec<tempfile::TempDir>,
+    extra: String,
+}
+
+impl TestCluster {
+    /// `count` nodes `dn-1..`, the first `min(count, 3)` of them seeds;
+    /// `extra` is appended to every `[cluster]` section.
+    pub fn start(count: usize, extra: &str) -> TestCluster {
+        let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+        let peer_ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+        let dirs: Vec<tempfile::TempDir> = (0..count).map(|_| tempfile::tempdir().unwrap()).collect();
+        let mut cluster = TestCluster { nodes: Vec::new(), ports, peer_ports, dirs, extra: extra.to_string() };
+        // Started together: the seeds wait for each other to elect a
+        // metadata leader, so none is waited for alone.
+        let configs: Vec<String> = (0..count).map(|i| cluster.config(i)).collect();
+        let handles: Vec<_> = configs
+            .into_iter()
+            .zip(cluster.ports.clone())
+            .map(|(config, port)| std::thread::spawn(move || Daemon::with_config_on(port, &config, &[])))
+            .collect();
+        cluster.nodes = handles.into_iter().map(|h| Some(h.join().unwrap())).collect();
+        cluster
+    }
+
+    fn config(&self, i: usize) -> String {
+        let seeds: Vec<String> = (0..self.ports.len().min(3))
+            .map(|s| format!("\"dn-{}@127.0.0.1:{}\"", s + 1, self.peer_ports[s]))
+            .collect();
+        format!(
+            "[node]\nid = \"dn-{}\"\nbootstrap_partitions = 0\n\n[[disk]]\nname = \"d0\"\npath = \"{}\"\n\n\
+             [cluster]\npeer_addr = \"127.0.0.1:{}\"\nadvertise_url = \"http://127.0.0.1:{}\"\nseeds = [{}]\n{TIMINGS}{}",
+            i + 1,
+            self.dirs[i].path().join("d0").display(),
+            self.peer_ports[i],
+            self.ports[i],
+            seeds.join(", "),
+            self.extra
+        )
+    }
+
+    pub fn node(&self, i: usize) -> &Daemon {
+        self.nodes[i].as_ref().expect("node is running")
+    }
+
+    pub fn url(&self, i: usize, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.ports[i])
+    }
+
+    /// Indexes of the running nodes.
+    pub fn running(&self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|i| self.nodes[*i].is_some()).collect()
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut node) = self.nodes[i].take() {
+            node.kill();
+        }
+    }
+
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        let config = self.config(i);
+        self.nodes[i] = Some(Daemon::with_config_on(self.ports[i], &config, &[]));
+    }
+
+    /// `GET /v1/cluster` from node `i` (following a redirect to the
+    /// metadata leader).
+    pub fn map(&self, i: usize) -> Value {
+        let (status, body) = Client::new().send("GET", &self.url(i, "/v1/cluster"), None);
+        if status != 200 {
+            return Value::Null;
+        }
+        serde_json::from_slice(&body).unwrap_or(Value::Null)
+    }
+
+    /// Waits until some running node answers the map with every node up.
+    pub fn wait_formed(&self) {
+        wait_for("the cluster map lists every node up", Duration::from_secs(60), || {
+            self.running().iter().any(|i| {
+                let map = self.map(*i);
+                map["nodes"].as_array().is_some_and(|nodes| {
+                    nodes.len() == self.nodes.len() && nodes.iter().all(|n| n["state"] == "up")
+                })
+            })
+        });
+    }
+
+    /// Creates replicated partition `id` through node `via`.
+    pub fn create(&self, via: usize, id: u64, replicas: Option<u64>) -> (u16, Value) {
+        let body = match replicas {
+            Some(r) => serde_json::json!({ "id": id, "replicas": r }),
+            None => serde_json::json!({ "id": id }),
+        };
+        let (status, bytes) =
+            Client::new().send("POST", &self.url(via, "/v1/cluster/partitions"), Some(body.to_string().as_bytes()));
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    /// The partition as the map shows it from any running node.
+    pub fn partition(&self, id: u64) -> Value {
+        for i in self.running() {
+            let map = self.map(i);
+            if let Some(p) = map["partitions"].as_array().and_then(|ps| ps.iter().find(|p| p["id"] == id)) {
+                return p.clone();
+            }
+        }
+        Value::Null
+    }
+
+    /// Waits for a leader of `id` and returns its node index.
+    pub fn wait_leader(&self, id: u64) -> usize {
+        let mut leader = None;
+        wait_for("a leader", Duration::from_secs(60), || {
+            leader = self.partition(id)["leader"].as_str().and_then(node_index);
+            leader.is_some_and(|i| self.nodes[i].is_some())
+        });
+        leader.unwrap()
+    }
+}
+
+/// `dn-3` -> 2.
+pub fn node_index(id: &str) -> Option<usize> {
+    id.strip_prefix("dn-")?.parse::<usize>().ok()?.checked_sub(1)
+}
+
+/// A client that follows 307 redirects (method and body kept) the way the
+/// data API asks: at most `MAX_REDIRECTS`, and it remembers the leader of
+/// each partition it learned.
+#[derive(Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+}
+
+const MAX_REDIRECTS: usize = 5;
+
+impl Client {
+    pub fn new() -> Client {
+        let agent = ureq::AgentBuilder::new().redirects(0).timeout(Duration::from_secs(10)).build();
+        Client { agent }
+    }
+
+    /// Status and body; 0 when no HTTP answer came (refused, timed out).
+    pub fn send(&self, method: &str, url: &str, body: Option<&[u8]>) -> (u16, Vec<u8>) {
+        let mut url = url.to_string();
+        for _ in 0..=MAX_REDIRECTS {
+            let request = self.agent.request(method, &url);
+            let result = match body {
+                Some(body) => request.send_bytes(body),
+                None => request.call(),
+            };
+            let response = match result {
+                Ok(response) => response,
+                Err(ureq::Error::Status(_, response)) => response,
+                Err(_) => return (0, Vec::new()),
+            };
+            let status = response.status();
+            if status == 307
+                && let Some(location) = response.header("location")
+            {
+                url = location.to_string();
+                continue;
+            }
+            let mut bytes = Vec::new();
+            if std::io::Read::read_to_end(&mut response.into_reader(), &mut bytes).is_err() {
+                return (0, Vec::new());
+            }
+            return (status, bytes);
+        }
+        (0, Vec::new())
+    }
+}
+
+/// One acknowledged put.
+#[derive(Debug, Clone)]
+pub struct Acked {
+    pub key: String,
+    pub value: Vec<u8>,
+}
+
+/// Writers of one partition through every node in turn, following
+/// redirects, remembering exactly what was acknowledged (201).
+pub struct ClusterLoad {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<Acked>>>,
+    count: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<BTreeMap<u16, u64>>>,
+}
+
+impl ClusterLoad {
+    pub fn start(ports: &[u16], partition: u64, writers: usize, value_len: usize, tag: &str) -> ClusterLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let count = Arc::new(AtomicU64::new(0));
+        let threads = (0..writers)
+            .map(|writer| {
+                let (stop, acked, count, ports) = (stop.clone(), acked.clone(), count.clone(), ports.to_vec());
+                let tag = tag.to_string();
+                std::thread::spawn(move || {
+                    let client = Client::new();
+                    let mut failures = BTreeMap::new();
+                    let mut seq = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let port = ports[(seq as usize + writer) % ports.len()];
+                        let key = format!("{tag}-w{writer}-{seq}");
+                        let value: Vec<u8> = format!("{key}:").bytes().cycle().take(value_len.max(8)).collect();
+                        let url = format!("http://127.0.0.1:{port}/v1/partitions/{partition}/blobs/{key}");
+                        let (status, _) = client.send("PUT", &url, Some(&value));
+                        if status == 201 {
+                            acked.lock().unwrap().push(Acked { key, value });
+                            count.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            *failures.entry(status).or_insert(0) += 1;
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        seq += 1;
+                    }
+                    failures
+                })
+            })
+            .collect();
+        ClusterLoad { stop, acked, count, threads }
+    }
+
+    pub fn acked(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` further writes are acknowledged.
+    pub fn wait_more(&self, more: u64, timeout: Duration) -> Duration {
+        let target = self.acked() + more;
+        let started = Instant::now();
+        wait_for("acknowledged writes", timeout, || self.acked() >= target);
+        started.elapsed()
+    }
+
+    /// Stops the writers: what was acknowledged, and the other answers by
+    /// status.
+    pub fn stop(self) -> (Vec<Acked>, BTreeMap<u16, u64>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut failures = BTreeMap::new();
+        for thread in self.threads {
+            for (status, n) in thread.join().unwrap() {
+                *failures.entry(status).or_insert(0) += n;
+            }
+        }
+        let acked = std::mem::take(&mut *self.acked.lock().unwrap());
+        (acked, failures)
+    }
+}
+
+/// Every acknowledged write reads back, byte for byte, through node port
+/// `port` (redirects followed).
+pub fn assert_readable(port: u16, partition: u64, acked: &[Acked], when: &str) {
+    let client = Client::new();
+    for write in acked {
+        let url = format!("http://127.0.0.1:{port}/v1/partitions/{partition}/blobs/{}", write.key);
+        let (status, body) = client.send("GET", &url, None);
+        assert_eq!(status, 200, "{when}: acknowledged {} not readable via port {port}", write.key);
+        assert!(body == write.value, "{when}: {} came back changed via port {port}", write.key);
+    }
+}
