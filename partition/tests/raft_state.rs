@@ -527,3 +527,37 @@ fn snapshot_purge_and_restart_on_real_files() {
     rt.block_on(openraft::StorageHelper::new(&mut store, &mut sm).with_id(1).get_initial_state()).unwrap();
     assert_serves(&sm, &model);
 }
+
+/// An I/O error while a snapshot is built or installed fails that call
+/// only: the store it was writing is gone, the old snapshot stays current
+/// and the replica serves on; the next build works.
+#[test]
+fn an_io_error_during_build_or_install_leaves_the_old_snapshot_serving() {
+    use datanode_wal::IoOp;
+    use datanode_wal::storage::Fault;
+    let rt = runtime();
+    let sim = SimStorage::new(9);
+    let dir = Path::new("/d0/replicas/9");
+    let mut replica = Replica::new(&sim, dir);
+    let mut leader = Replica::new(&sim, Path::new("/d0/replicas/leader"));
+    rt.block_on(async {
+        replica.put_many(10, 1).await;
+        replica.sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        replica.put_many(5, 2).await;
+        leader.put_many(30, 3).await;
+    });
+    let before = names(&sim, dir);
+    let leader_snapshot = rt.block_on(async { leader.sm.get_snapshot_builder().await.build_snapshot().await.unwrap() });
+    for (op, errno) in [(IoOp::Write, libc::EIO), (IoOp::Sync, libc::EIO), (IoOp::Write, libc::ENOSPC)] {
+        sim.inject(Fault::new(op, errno).on_path("/d0/replicas/9/snap.").sticky());
+        let built = rt.block_on(async { replica.sm.get_snapshot_builder().await.build_snapshot().await });
+        assert!(built.is_err(), "{op:?} {errno}");
+        let received = replica.sm.receive_snapshot(leader_snapshot.snapshot.image_reader()).unwrap();
+        assert!(rt.block_on(replica.sm.install_snapshot(&leader_snapshot.meta, received)).is_err());
+        sim.clear_faults();
+        assert_eq!(names(&sim, dir), before, "{op:?} {errno}");
+        assert_serves(&replica.sm, &replica.model);
+    }
+    let built = rt.block_on(async { replica.sm.get_snapshot_builder().await.build_snapshot().await }).unwrap();
+    assert_eq!(image_contents(built.snapshot.image_reader()), replica.model);
+}
