@@ -2,6 +2,7 @@
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use bytes::Bytes;
 use datanode_wal::{Lsn, RecordPos, Wal};
@@ -158,6 +159,16 @@ impl Index {
         self.entries.insert(Key::new(key), entry);
     }
 
+    /// Forgets `key` altogether (no tombstone: for a store whose writes
+    /// are applied in order, where no older write can arrive later).
+    pub fn remove(&mut self, key: &[u8]) {
+        if let Some(Entry::Live(loc)) = self.entries.remove(key) {
+            self.blobs -= 1;
+            self.live_bytes -= loc.value_len();
+            self.live_record_bytes -= loc.record_bytes();
+        }
+    }
+
     /// Points `key` at `new` if it still points at `old` (the same value,
     /// moved by compaction). Returns whether it did.
     pub fn relocate(&mut self, key: &[u8], old: BlobLoc, new: BlobLoc) -> bool {
@@ -169,6 +180,30 @@ impl Index {
             }
             _ => false,
         }
+    }
+
+    /// Up to `limit` live keys starting with `prefix`, in order, after
+    /// `after` when given; and the key to continue after when there are
+    /// more.
+    pub fn list(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> (Vec<Bytes>, Option<Bytes>) {
+        let start = match after {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
+        };
+        let mut keys = Vec::new();
+        let live = self
+            .entries
+            .range::<[u8], _>((start, Bound::Unbounded))
+            .take_while(|(key, _)| key.as_bytes().starts_with(prefix))
+            .filter(|(_, entry)| matches!(entry, Entry::Live(_)));
+        for (key, _) in live {
+            if keys.len() == limit {
+                let next = keys.last().cloned();
+                return (keys, next);
+            }
+            keys.push(key.to_bytes());
+        }
+        (keys, None)
     }
 
     /// Live entries, in key order.

@@ -11,8 +11,10 @@
 //! Built so far: the blob store, the state machine, errno classification,
 //! sticky fault records and recover, the disk-full path, the registry with
 //! its verifier and quarantine, snapshot export and atomic install, disks
-//! with their probes, compaction, and the first step of replication: the
-//! Raft log store and durable vote over the WAL ([`raft`]).
+//! with their probes, compaction, and the storage of a replica of a
+//! replicated partition ([`raft`]): the Raft log store and durable vote
+//! over the WAL, and the blob state machine that indexes values in the
+//! log's records, with its snapshots.
 //!
 //! # Threads
 //!

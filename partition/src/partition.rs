@@ -20,7 +20,7 @@
 //! old log position lands in a new index.
 
 use std::collections::BTreeMap;
-use std::ops::{Bound, Range};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -728,26 +728,7 @@ impl Partition {
     /// order; the second value is the key to continue after, if more remain.
     pub fn list(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<(Vec<Bytes>, Option<Bytes>)> {
         self.refuse_unless_serving()?;
-        let inner = self.read();
-        let start = match after {
-            Some(after) if after >= prefix => Bound::Excluded(after),
-            _ => Bound::Included(prefix),
-        };
-        let mut keys = Vec::new();
-        let live = inner
-            .index
-            .entries
-            .range::<[u8], _>((start, Bound::Unbounded))
-            .take_while(|(key, _)| key.as_bytes().starts_with(prefix))
-            .filter(|(_, entry)| matches!(entry, Entry::Live(_)));
-        for (key, _) in live {
-            if keys.len() == limit {
-                let next = keys.last().cloned();
-                return Ok((keys, next));
-            }
-            keys.push(key.to_bytes());
-        }
-        Ok((keys, None))
+        Ok(self.read().index.list(prefix, after, limit))
     }
 
     /// Reopens the log from disk, replays and verifies it; on success the

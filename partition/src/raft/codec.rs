@@ -42,7 +42,7 @@ pub(crate) fn encode_entry(entry: &Entry) -> Bytes {
         EntryPayload::Blank => out.put_u8(KIND_BLANK),
         EntryPayload::Normal(command) => {
             out.put_u8(KIND_NORMAL);
-            out.put_slice(&command.0);
+            out.put_slice(command.bytes());
         }
         EntryPayload::Membership(membership) => {
             out.put_u8(KIND_MEMBERSHIP);
@@ -70,6 +70,24 @@ fn encode_membership(membership: &Membership, out: &mut BytesMut) {
     }
 }
 
+/// A membership alone, in the layout of a membership entry's body (for
+/// the `SNAPSHOT` file).
+pub(crate) fn encode_membership_body(membership: &Membership) -> Bytes {
+    let mut out = BytesMut::new();
+    encode_membership(membership, &mut out);
+    out.freeze()
+}
+
+/// Decodes what [`encode_membership_body`] wrote.
+pub(crate) fn decode_membership_body(bytes: &Bytes) -> Result<Membership, String> {
+    let mut reader = Reader { bytes, at: 0 };
+    let membership = decode_membership(&mut reader)?;
+    if !reader.is_done() {
+        return Err("bytes after the membership".into());
+    }
+    Ok(membership)
+}
+
 /// Decodes a record's payload; `Err` names what is wrong with bytes this
 /// layer did not write.
 pub(crate) fn decode_entry(record: &Bytes) -> Result<Entry, String> {
@@ -84,7 +102,7 @@ pub(crate) fn decode_entry(record: &Bytes) -> Result<Entry, String> {
     let log_id = LogId::new(LeaderId { term, node_id }, index);
     let payload = match reader.u8()? {
         KIND_BLANK => EntryPayload::Blank,
-        KIND_NORMAL => EntryPayload::Normal(Command(reader.rest())),
+        KIND_NORMAL => EntryPayload::Normal(Command::new(reader.rest())),
         KIND_MEMBERSHIP => EntryPayload::Membership(decode_membership(&mut reader)?),
         kind => return Err(format!("unknown entry kind {kind}")),
     };
@@ -173,8 +191,8 @@ mod tests {
         ]);
         vec![
             Entry::new_blank(log_id(0, 0, 0)),
-            Entry::new(log_id(3, 2, 7), EntryPayload::Normal(Command(crate::blob::encode_put(b"k", b"value")))),
-            Entry::new(log_id(u64::MAX, u64::MAX, u64::MAX - 1), EntryPayload::Normal(Command(Bytes::new()))),
+            Entry::new(log_id(3, 2, 7), EntryPayload::Normal(Command::new(crate::blob::encode_put(b"k", b"value")))),
+            Entry::new(log_id(u64::MAX, u64::MAX, u64::MAX - 1), EntryPayload::Normal(Command::new(Bytes::new()))),
             Entry::new(
                 log_id(5, 1, 9),
                 EntryPayload::Membership(Membership::new(vec![voters.clone(), BTreeSet::from([2, 3])], nodes).unwrap()),
@@ -216,7 +234,7 @@ mod tests {
 
         #[test]
         fn arbitrary_commands_round_trip(term: u64, node: u64, index: u64, command in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let entry = Entry::new(LogId::new(LeaderId { term, node_id: node }, index), EntryPayload::Normal(Command(Bytes::from(command))));
+            let entry = Entry::new(LogId::new(LeaderId { term, node_id: node }, index), EntryPayload::Normal(Command::new(Bytes::from(command))));
             let decoded = decode_entry(&encode_entry(&entry)).unwrap();
             prop_assert_eq!(decoded.log_id, entry.log_id);
             prop_assert_eq!(decoded.payload, entry.payload);

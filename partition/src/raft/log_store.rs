@@ -11,6 +11,9 @@
 //!   acknowledged the batch, so its entries are readable by then.
 //! - `save_vote` replaces `RAFT` durably (temp, sync, rename, directory
 //!   sync) before it returns.
+//! - `save_committed` costs no sync: the id goes into `RAFT` with its next
+//!   change and at [`LogStore::close`]; after a crash an older committed
+//!   id is read back (see the method).
 //! - `truncate_after` is `Wal::truncate_after` (later segments removed,
 //!   the tail zeroed and synced): durable when it returns.
 //! - `purge` records the purged log id in `RAFT` durably first, then
@@ -21,7 +24,9 @@
 //!   names it in `RAFT` in the same atomic replace that records the purge.
 //!
 //! Every write call takes `&mut self`, so writes are applied in the order
-//! openraft issues them; readers ([`LogReader`]) share the live log.
+//! openraft issues them; readers ([`LogReader`]) share the live log, and
+//! so does the state machine, which reads values from its records. An
+//! entry read back carries its record's position in its command.
 
 use std::fmt::Debug;
 use std::io;
@@ -31,9 +36,9 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use bytes::Bytes;
 use datanode_wal::{Durability, Lsn, Record, Storage, Wal, WalOptions};
-use openraft::OptionalSend;
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::type_config::TypeConfigExt;
+use openraft::{EntryPayload, OptionalSend};
 
 use super::codec::{decode_entry, encode_entry};
 use super::error::StoreError;
@@ -70,6 +75,9 @@ struct Live {
     meta: RaftMeta,
     /// The last entry's id, or the purged id when no entry is left.
     last: Option<LogId>,
+    /// The last committed id openraft saved; `meta.committed` is the one
+    /// `RAFT` holds, written with the file's other changes.
+    committed: Option<LogId>,
 }
 
 impl Debug for LogStore {
@@ -80,6 +88,19 @@ impl Debug for LogStore {
             .field("meta", &live.meta)
             .field("last", &live.last)
             .finish()
+    }
+}
+
+impl LogReader {
+    /// The live WAL: where the records the state machine indexed are read
+    /// back. Replaced when the log is restarted.
+    pub(crate) fn wal(&self) -> Arc<Wal> {
+        self.inner.live().wal
+    }
+
+    /// The last purged log id, as `RAFT` records it.
+    pub(crate) fn purged(&self) -> Option<LogId> {
+        self.inner.live().meta.purged
     }
 }
 
@@ -98,10 +119,15 @@ impl Inner {
         change(&mut self.live.write().unwrap_or_else(PoisonError::into_inner));
     }
 
-    /// Stores `meta` durably, on a blocking thread.
+    /// Stores `meta` durably with the last saved committed id, on a
+    /// blocking thread.
     async fn store_meta(&self, meta: &RaftMeta) -> Result<(), StoreError> {
-        let (storage, dir, meta) = (Arc::clone(&self.storage), self.dir.clone(), meta.clone());
-        blocking(move || meta.store(storage.as_ref(), &dir)).await
+        let committed = self.live().committed;
+        let meta = RaftMeta { committed, ..meta.clone() };
+        let (storage, dir) = (Arc::clone(&self.storage), self.dir.clone());
+        blocking(move || meta.store(storage.as_ref(), &dir)).await?;
+        self.update(|live| live.meta.committed = committed);
+        Ok(())
     }
 
     /// Replaces the live log by a new, empty one whose first record gets
@@ -115,6 +141,7 @@ impl Inner {
         meta.log_generation = generation;
         meta.log_start = first_lsn;
         meta.purged = purged.or(meta.purged);
+        meta.committed = old.committed;
         let (storage, dir, options) = (Arc::clone(&self.storage), self.dir.clone(), self.options.clone());
         let stored = meta.clone();
         let wal = blocking(move || {
@@ -128,7 +155,7 @@ impl Inner {
             Ok(wal)
         })
         .await?;
-        let live = Live { wal: Arc::new(wal), last: meta.purged, meta };
+        let live = Live { wal: Arc::new(wal), last: meta.purged, committed: meta.committed, meta };
         self.update(|current| *current = live.clone());
         tracing::info!(dir = %self.dir.display(), first_lsn, log = %live.meta.log_dir_name(), "raft log restarted");
         let (storage, dir, old_name) = (Arc::clone(&self.storage), self.dir.clone(), old.meta.log_dir_name());
@@ -212,7 +239,7 @@ impl LogStore {
         let wal = Wal::open(Arc::clone(&storage), dir.join(&live_name), wal_options)?;
         check_log_against_meta(&wal, &meta, &dir)?;
         let last = read_last(&wal, meta.purged)?;
-        let live = Live { wal: Arc::new(wal), meta, last };
+        let live = Live { wal: Arc::new(wal), committed: meta.committed, meta, last };
         Ok(LogStore { inner: Arc::new(Inner { storage, dir, options, live: RwLock::new(live) }) })
     }
 
@@ -222,14 +249,26 @@ impl LogStore {
         self.inner.live().wal
     }
 
+    /// A reader sharing this store's live log.
+    pub(crate) fn reader(&self) -> LogReader {
+        LogReader { inner: Arc::clone(&self.inner) }
+    }
+
     /// The directory of the store.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
     }
 
-    /// Stops the live log (drains, syncs, joins its writer). Blocking.
+    /// Stops the live log (drains, syncs, joins its writer) and records
+    /// the last committed id in `RAFT`, so that a restart applies the
+    /// committed log at once. Blocking.
     pub fn close(self) -> Result<(), StoreError> {
-        Ok(self.inner.live().wal.stop()?)
+        let live = self.inner.live();
+        live.wal.stop()?;
+        if live.committed != live.meta.committed {
+            RaftMeta { committed: live.committed, ..live.meta }.store(self.inner.storage.as_ref(), &self.inner.dir)?;
+        }
+        Ok(())
     }
 }
 
@@ -271,12 +310,17 @@ fn read_last(wal: &Wal, purged: Option<LogId>) -> Result<Option<LogId>, StoreErr
     })
 }
 
-/// Decodes a record and checks that it is the entry its LSN names.
+/// Decodes a record and checks that it is the entry its LSN names. A
+/// command learns where its record is (the state machine indexes a put's
+/// value there).
 fn decode_record(record: &Record) -> Result<Entry, StoreError> {
-    let entry = decode_entry(&record.data).map_err(|detail| StoreError::BadRecord { lsn: record.lsn, detail })?;
+    let mut entry = decode_entry(&record.data).map_err(|detail| StoreError::BadRecord { lsn: record.lsn, detail })?;
     if entry.log_id.index != index_of(record.lsn) {
         let detail = format!("holds the entry of index {}", entry.log_id.index);
         return Err(StoreError::BadRecord { lsn: record.lsn, detail });
+    }
+    if let EntryPayload::Normal(command) = &mut entry.payload {
+        command.set_record(record.pos);
     }
     Ok(entry)
 }
@@ -312,7 +356,7 @@ fn remove_dir(storage: &dyn Storage, dir: &Path) -> Result<(), StoreError> {
 
 /// Runs blocking storage work off the async workers (openraft's runtime
 /// is tokio's).
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     TypeConfig::spawn_blocking(work).await.map_err(StoreError::Task)?
@@ -377,6 +421,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_reader(&mut self) -> LogReader {
         LogReader { inner: Arc::clone(&self.inner) }
+    }
+
+    /// Kept in memory and written to `RAFT` with its next change (a vote,
+    /// a purge, a restarted log) and at [`LogStore::close`], never synced
+    /// on its own: that would cost a `RAFT` replace (two syncs) per commit,
+    /// i.e. per write. After a crash the id read back is an older one,
+    /// which is still committed: openraft applies the log up to it at
+    /// start-up and learns the rest from the leader.
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        self.inner.update(|live| live.committed = committed);
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.inner.live().committed)
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {

@@ -1,12 +1,14 @@
 //! `RAFT`: a replica's small durable state beside its log: the vote, the
-//! last purged log id, and which log directory holds the Raft log and the
-//! LSN its first record takes. Replaced atomically (temp, sync, rename,
+//! last purged log id, a committed log id, and which log directory holds
+//! the Raft log and the LSN its first record takes. Replaced atomically (temp, sync, rename,
 //! directory sync, in `durable.rs`), so a crash leaves the old state or the
 //! new; whoever changes it returns only after the rename is durable.
 //!
 //! ```text
 //! vote=3,2,1         term, node id, committed (0 or 1); absent: no vote
 //! purged=2,1,100     term, leader node id, index; absent: nothing purged
+//! committed=2,1,140  a committed log id (not necessarily the last one,
+//!                    see `LogStore::save_committed`); absent: none known
 //! log=log.4          the live log directory
 //! log_start=102      LSN of the first record of that log when it was made
 //! ```
@@ -36,6 +38,7 @@ const MAX_META_LEN: usize = 4096;
 pub(crate) struct RaftMeta {
     pub vote: Option<Vote>,
     pub purged: Option<LogId>,
+    pub committed: Option<LogId>,
     /// Generation of the live log directory, `log.<generation>`.
     pub log_generation: u64,
     pub log_start: Lsn,
@@ -43,7 +46,7 @@ pub(crate) struct RaftMeta {
 
 impl Default for RaftMeta {
     fn default() -> RaftMeta {
-        RaftMeta { vote: None, purged: None, log_generation: 1, log_start: 1 }
+        RaftMeta { vote: None, purged: None, committed: None, log_generation: 1, log_start: 1 }
     }
 }
 
@@ -59,8 +62,12 @@ impl RaftMeta {
             let committed = u8::from(vote.committed);
             text.push_str(&format!("vote={},{},{committed}\n", vote.leader_id.term, vote.leader_id.node_id));
         }
+        let id = |id: &LogId| format!("{},{},{}", id.leader_id.term, id.leader_id.node_id, id.index);
         if let Some(purged) = &self.purged {
-            text.push_str(&format!("purged={},{},{}\n", purged.leader_id.term, purged.leader_id.node_id, purged.index));
+            text.push_str(&format!("purged={}\n", id(purged)));
+        }
+        if let Some(committed) = &self.committed {
+            text.push_str(&format!("committed={}\n", id(committed)));
         }
         text.push_str(&format!("log={}\nlog_start={}\n", self.log_dir_name(), self.log_start));
         text
@@ -69,6 +76,7 @@ impl RaftMeta {
     fn decode(text: &str) -> Result<RaftMeta, String> {
         let mut vote = None;
         let mut purged = None;
+        let mut committed = None;
         let mut log_generation = None;
         let mut log_start = None;
         for line in text.lines().filter(|line| !line.is_empty()) {
@@ -87,6 +95,10 @@ impl RaftMeta {
                     let [term, node_id, index] = numbers(value)?;
                     purged = Some(LogId::new(LeaderId { term, node_id }, index));
                 }
+                "committed" => {
+                    let [term, node_id, index] = numbers(value)?;
+                    committed = Some(LogId::new(LeaderId { term, node_id }, index));
+                }
                 "log" => {
                     let generation = value.strip_prefix(LOG_DIR_PREFIX).and_then(|g| g.parse::<u64>().ok());
                     log_generation = Some(generation.ok_or_else(|| format!("log directory {value:?}"))?);
@@ -98,6 +110,7 @@ impl RaftMeta {
         Ok(RaftMeta {
             vote,
             purged,
+            committed,
             log_generation: log_generation.ok_or("no log line")?,
             log_start: log_start.ok_or("no log_start line")?,
         })
@@ -130,7 +143,7 @@ pub(crate) fn log_dir_name(generation: u64) -> String {
     format!("{LOG_DIR_PREFIX}{generation}")
 }
 
-fn numbers<const N: usize>(value: &str) -> Result<[u64; N], String> {
+pub(crate) fn numbers<const N: usize>(value: &str) -> Result<[u64; N], String> {
     let parsed: Vec<u64> =
         value.split(',').map(|n| n.parse::<u64>()).collect::<Result<_, _>>().map_err(|_| format!("{value:?}"))?;
     parsed.try_into().map_err(|_| format!("{value:?} is not {N} numbers"))
@@ -145,6 +158,7 @@ mod tests {
         let meta = RaftMeta {
             vote: Some(Vote { leader_id: LeaderId { term: 3, node_id: 2 }, committed: true }),
             purged: Some(LogId::new(LeaderId { term: 2, node_id: 1 }, 100)),
+            committed: Some(LogId::new(LeaderId { term: 3, node_id: 2 }, 140)),
             log_generation: 4,
             log_start: 102,
         };

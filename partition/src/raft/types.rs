@@ -4,7 +4,7 @@
 use std::fmt;
 
 use bytes::Bytes;
-use datanode_wal::Lsn;
+use datanode_wal::{Lsn, RecordPos};
 
 openraft::declare_raft_types!(
     /// The types of a replicated partition's Raft group: node ids are
@@ -28,18 +28,56 @@ pub type Membership = openraft::Membership<u64, openraft::BasicNode>;
 
 /// The application data of one Raft entry: the bytes of one blob record
 /// (`blob::encode_put` / `blob::encode_delete`), opaque to Raft.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Command(pub Bytes);
+///
+/// A command read back from the log also knows where its record is, so
+/// that applying a put indexes the value where it already lies instead of
+/// writing it again. That position is not part of the command's value: it
+/// is never encoded and two commands with the same bytes are equal.
+#[derive(Clone)]
+pub struct Command {
+    bytes: Bytes,
+    record: Option<RecordPos>,
+}
+
+impl Command {
+    /// A command of `bytes` (a blob record), for proposing.
+    pub fn new(bytes: Bytes) -> Command {
+        Command { bytes, record: None }
+    }
+
+    /// The blob record.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// Where the entry's WAL record is, when the command was read back
+    /// from the log.
+    pub(crate) fn record(&self) -> Option<RecordPos> {
+        self.record
+    }
+
+    pub(crate) fn set_record(&mut self, record: RecordPos) {
+        self.record = Some(record);
+    }
+}
+
+impl PartialEq for Command {
+    fn eq(&self, other: &Command) -> bool {
+        self.bytes == other.bytes
+    }
+}
+
+impl Eq for Command {}
 
 impl fmt::Debug for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Command({} bytes)", self.0.len())
+        write!(f, "Command({} bytes)", self.bytes.len())
     }
 }
 
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "command of {} bytes", self.0.len())
+        write!(f, "command of {} bytes", self.bytes.len())
     }
 }
 
