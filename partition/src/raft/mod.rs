@@ -12,7 +12,9 @@
 //!   applied blob records) until the partition's blob store takes its
 //!   place.
 //!
-//! Not here yet: the network, the `Raft` instance of a partition, and the
+//! Not here: the network, which is the daemon's (this crate knows no
+//! socket; openraft's messages are serde types, `Command` a byte string).
+//! Not here yet: the `Raft` instance of a partition, and the
 //! partition-backed state machine.
 
 mod codec;

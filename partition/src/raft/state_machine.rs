@@ -49,6 +49,18 @@ impl MemStateMachine {
     pub fn get(&self, key: &[u8]) -> Option<Bytes> {
         self.lock().blobs.get(key).cloned()
     }
+
+    /// Every applied blob, in key order.
+    pub fn blobs(&self) -> BTreeMap<Bytes, Bytes> {
+        self.lock().blobs.clone()
+    }
+
+    /// Checks that `image` is a whole snapshot image (see the module
+    /// docs), so that a received snapshot is refused before it reaches
+    /// `install_snapshot`, whose failure would stop the Raft group.
+    pub fn check_image(image: &Bytes) -> Result<(), io::Error> {
+        decode_image(image).map(drop)
+    }
 }
 
 fn invalid(detail: String) -> io::Error {

@@ -28,8 +28,52 @@ pub type Membership = openraft::Membership<u64, openraft::BasicNode>;
 
 /// The application data of one Raft entry: the bytes of one blob record
 /// (`blob::encode_put` / `blob::encode_delete`), opaque to Raft.
+///
+/// On the wire (serde) it is one byte string: `serialize_bytes`, which a
+/// binary format writes as a length and the bytes, never as a sequence of
+/// numbers.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Command(pub Bytes);
+
+impl serde::Serialize for Command {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Command {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Command, D::Error> {
+        deserializer.deserialize_byte_buf(CommandVisitor)
+    }
+}
+
+struct CommandVisitor;
+
+impl<'de> serde::de::Visitor<'de> for CommandVisitor {
+    type Value = Command;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the bytes of a blob record")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Command, E> {
+        Ok(Command(Bytes::copy_from_slice(bytes)))
+    }
+
+    fn visit_byte_buf<E: serde::de::Error>(self, bytes: Vec<u8>) -> Result<Command, E> {
+        Ok(Command(Bytes::from(bytes)))
+    }
+
+    // Self-describing formats without a byte string type (JSON) give a
+    // sequence of numbers.
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Command, A::Error> {
+        let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+        while let Some(byte) = seq.next_element::<u8>()? {
+            bytes.push(byte);
+        }
+        Ok(Command(Bytes::from(bytes)))
+    }
+}
 
 impl fmt::Debug for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
