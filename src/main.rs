@@ -8,6 +8,10 @@ mod alerts;
 mod api;
 mod auth;
 mod bench;
+// The transport of the Raft groups; the daemon does not start it yet (no
+// replicated partition runs), so outside its tests it is not called.
+#[cfg_attr(not(test), allow(dead_code))]
+mod cluster;
 mod config;
 mod exposition;
 mod logging;
