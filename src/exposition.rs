@@ -90,6 +90,17 @@ fn describe() {
         "datanode_credential_reloads_total",
         "Loads of changed credential files (tls, data_tokens), by result (ok, refused)"
     );
+    describe_counter!(
+        "datanode_peer_requests_total",
+        "Raft RPCs sent to peer nodes, by rpc and result (ok, timeout, unreachable, network, cancelled)"
+    );
+    describe_counter!(
+        "datanode_peer_served_total",
+        "Raft RPCs served to peer nodes, by rpc and result (ok or a refusal code)"
+    );
+    describe_gauge!("datanode_peer_connections", "Open connections to (outbound) and from (inbound) peer nodes");
+    describe_counter!("datanode_peer_connects_total", "Connection attempts to peer nodes, by result (ok, failed)");
+    describe_counter!("datanode_peer_accepts_total", "Connections from peer nodes, by result (admitted, refused)");
 }
 
 /// `datanode_auth_rejected_total{reason}` for every reason, and the TLS

@@ -30,7 +30,8 @@ fn a_replicated_partition_survives_its_leader_killed_under_load() {
     let (status, created) = cluster.create(1, 1, None);
     assert_eq!(status, 201, "{created}");
     assert_eq!(created["replicas"].as_array().map(Vec::len), Some(3), "{created}");
-    let nodes: Vec<&str> = created["replicas"].as_array().unwrap().iter().map(|r| r["node"].as_str().unwrap()).collect();
+    let nodes: Vec<&str> =
+        created["replicas"].as_array().unwrap().iter().map(|r| r["node"].as_str().unwrap()).collect();
     let mut distinct = nodes.clone();
     distinct.sort();
     distinct.dedup();

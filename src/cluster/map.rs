@@ -160,10 +160,7 @@ pub fn place(candidates: &[Candidate], count: usize) -> Option<Vec<(String, Stri
     let mut ranked: Vec<(usize, u64, &String, &String)> = candidates
         .iter()
         .filter_map(|candidate| {
-            let disk = candidate
-                .disks
-                .iter()
-                .max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)).then(b.0.cmp(&a.0)))?;
+            let disk = candidate.disks.iter().max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)).then(b.0.cmp(&a.0)))?;
             let replicas = candidate.disks.iter().map(|(_, _, n)| n).sum();
             let free = candidate.disks.iter().map(|(_, free, _)| free).sum();
             Some((replicas, free, &candidate.node, &disk.0))

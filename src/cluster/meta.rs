@@ -16,12 +16,13 @@ use bytes::Bytes;
 use datanode_partition::raft::{Command, LogStore, TypeConfig};
 use datanode_wal::storage::StdStorage;
 use datanode_wal::{Durability, Storage, WalOptions};
+use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, Raft, ReadPolicy};
 
-use super::map::{Candidate, ClusterMap, MapCommand, NodeEntry, PartitionEntry, place};
+use super::map::{Candidate, ClusterMap, MapCommand, PartitionEntry, place};
 use super::meta_sm::MetaStateMachine;
 use super::protocol::{Heartbeat, HeartbeatReply, ReplicaReport};
-use super::transport::{GroupNetwork, META_GROUP, Pool};
+use super::transport::{GroupNetworkFactory, METADATA_GROUP, PeerPool};
 use crate::config::Seed;
 
 /// The metadata group's Raft handle.
@@ -90,7 +91,7 @@ impl MetaGroup {
         id: u64,
         seeds: Vec<Seed>,
         config: Arc<openraft::Config>,
-        pool: Arc<Pool>,
+        pool: PeerPool,
         dead_after: Duration,
     ) -> anyhow::Result<Arc<MetaGroup>> {
         let storage: Arc<dyn Storage> = Arc::new(StdStorage);
@@ -102,7 +103,7 @@ impl MetaGroup {
             Ok((log, machine))
         })
         .await??;
-        let network = GroupNetwork::new(META_GROUP, pool);
+        let network = GroupNetworkFactory::<MetaStateMachine>::new(pool, METADATA_GROUP, id);
         let raft = Raft::new(id, config, network, log, machine.clone()).await?;
         let members: BTreeMap<u64, BasicNode> = seeds
             .iter()
@@ -124,9 +125,14 @@ impl MetaGroup {
         }))
     }
 
+    /// A handle on the state machine (for receiving snapshots).
+    pub fn machine(&self) -> MetaStateMachine {
+        self.machine.clone()
+    }
+
     /// The current leader's seed id, as this member knows it.
     pub fn leader(&self) -> Option<u64> {
-        self.raft.metrics().borrow().current_leader
+        self.raft.metrics().borrow_watched().current_leader
     }
 
     /// The seed with this id.
@@ -297,10 +303,5 @@ impl MetaGroup {
             return Err(MetaError::NotFound(id));
         }
         self.commit(&MapCommand::DeletePartition { id }).await
-    }
-
-    /// The registered entry of `node`.
-    pub fn node_entry(&self, node: &str) -> Option<NodeEntry> {
-        self.machine.map().nodes.get(node).cloned()
     }
 }

@@ -13,7 +13,7 @@
 //! "map": ClusterMap}`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -148,9 +148,19 @@ impl MetaStateMachine {
         self.published.borrow().clone()
     }
 
-    /// A receiver of every newly applied map.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterMap>> {
-        self.published.subscribe()
+    /// Reads a snapshot sent by the leader (at most the size of a `MAP`)
+    /// and checks that it parses, so that a broken one is refused before
+    /// openraft installs it (a failed install stops the group). Blocking.
+    pub fn read_snapshot(body: &mut dyn std::io::Read) -> Result<Bytes, io::Error> {
+        let mut bytes = Vec::new();
+        body.take(MAX_MAP_LEN as u64 + 1).read_to_end(&mut bytes)?;
+        if bytes.len() > MAX_MAP_LEN {
+            return Err(invalid(format!("a metadata snapshot over {MAX_MAP_LEN} bytes")));
+        }
+        let file: MapFile =
+            serde_json::from_slice(&bytes).map_err(|error| invalid(format!("metadata snapshot: {error}")))?;
+        file.meta()?;
+        Ok(Bytes::from(bytes))
     }
 
     /// Writes `MAP` durably. Blocking.

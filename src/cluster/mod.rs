@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use datanode_partition::{DiskState, Registry};
 use datanode_wal::WalOptions;
+use openraft::async_runtime::WatchReceiver;
 use openraft::{ServerState, SnapshotPolicy};
 
 use crate::config::{ClusterConfig, Seed};
@@ -48,7 +49,9 @@ use map::{ClusterMap, NodeEntry};
 use meta::MetaGroup;
 use protocol::{DiskReport, Heartbeat, HeartbeatReply, ReplicaReport};
 use replica::{Replica, ReplicaSpec, members};
-use transport::{Endpoints, Pool};
+use transport::{
+    ControlService, GroupRegistry, METADATA_GROUP, PeerPool, PeerServerOptions, PoolOptions, RaftEndpoint,
+};
 
 /// A map as learned from the metadata leader.
 #[derive(Debug, Clone, Default)]
@@ -66,8 +69,10 @@ pub struct Cluster {
     /// `node.id`.
     pub node_id: String,
     seeds: Vec<Seed>,
-    pool: Arc<Pool>,
-    endpoints: Arc<Endpoints>,
+    pool: PeerPool,
+    endpoints: GroupRegistry,
+    /// Turns true to drain the peer listener.
+    drain: tokio::sync::watch::Sender<bool>,
     /// The metadata group, on a seed.
     pub meta: Option<Arc<MetaGroup>>,
     learned: RwLock<Learned>,
@@ -112,8 +117,8 @@ impl Cluster {
     ) -> anyhow::Result<Arc<Cluster>> {
         let seeds = config.seed_list()?;
         let raft_config = raft_config(&config)?;
-        let pool = Pool::new();
-        let endpoints = Endpoints::new();
+        let pool = PeerPool::new(PoolOptions::default());
+        let endpoints = GroupRegistry::new();
         let listener = tokio::net::TcpListener::bind(config.peer_addr)
             .await
             .map_err(|e| anyhow::anyhow!("cluster.peer_addr = {}: {e}", config.peer_addr))?;
@@ -131,17 +136,23 @@ impl Cluster {
                     config.node_dead_after,
                 )
                 .await?;
-                endpoints.register_meta(group.id, group.raft.clone());
+                endpoints.register(
+                    METADATA_GROUP,
+                    group.id,
+                    Arc::new(RaftEndpoint::new(group.raft.clone(), group.machine())),
+                );
                 Some(group)
             }
             None => None,
         };
+        let (drain, drained) = tokio::sync::watch::channel(false);
         let cluster = Arc::new(Cluster {
             config,
             node_id,
             seeds,
             pool,
             endpoints: endpoints.clone(),
+            drain,
             meta,
             learned: RwLock::new(Learned::default()),
             replicas: RwLock::new(HashMap::new()),
@@ -149,11 +160,9 @@ impl Cluster {
             registry,
             raft_config,
         });
-        let control = Arc::clone(&cluster);
-        transport::serve(listener, endpoints, Arc::new(move |heartbeat| {
-            let control = Arc::clone(&control);
-            Box::pin(async move { control.on_heartbeat(heartbeat).await })
-        }));
+        let options =
+            PeerServerOptions { control: Some(Arc::new(Control(Arc::clone(&cluster)))), ..Default::default() };
+        tokio::spawn(transport::serve(listener, endpoints, options, drained));
         cluster.start_found_replicas().await;
         let looping = Arc::clone(&cluster);
         tokio::spawn(async move { looping.heartbeat_loop().await });
@@ -194,9 +203,8 @@ impl Cluster {
             let Ok(entries) = std::fs::read_dir(path.join("replicas")) else { continue };
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let Some((partition, replica_id)) = name
-                    .split_once('-')
-                    .and_then(|(p, r)| Some((p.parse::<u64>().ok()?, r.parse::<u64>().ok()?)))
+                let Some((partition, replica_id)) =
+                    name.split_once('-').and_then(|(p, r)| Some((p.parse::<u64>().ok()?, r.parse::<u64>().ok()?)))
                 else {
                     continue;
                 };
@@ -226,8 +234,8 @@ impl Cluster {
             wal: WalOptions { log_id: partition, ..self.registry.wal_options_for(disk) },
         };
         let replica = Replica::start(spec, self.pool.clone()).await;
-        if let Some((raft, _)) = replica.running() {
-            self.endpoints.register_replica(partition, replica_id, raft);
+        if let Some((raft, machine)) = replica.running() {
+            self.endpoints.register(partition, replica_id, Arc::new(RaftEndpoint::new(raft, machine)));
         }
         self.replicas.write().unwrap_or_else(PoisonError::into_inner).insert(partition, replica);
     }
@@ -246,9 +254,12 @@ impl Cluster {
             let group = &map.partitions[&partition];
             let ids: Vec<u64> = group.replicas.iter().map(|r| r.replica_id).collect();
             let initial = (ids == group.initial).then(|| {
-                members(group.replicas.iter().filter_map(|r| {
-                    Some((r.replica_id, map.nodes.get(&r.node)?.peer_addr.clone()))
-                }))
+                members(
+                    group
+                        .replicas
+                        .iter()
+                        .filter_map(|r| Some((r.replica_id, map.nodes.get(&r.node)?.peer_addr.clone()))),
+                )
             });
             self.start_replica(partition, entry.replica_id, &entry.disk, &path, initial).await;
         }
@@ -256,9 +267,9 @@ impl Cluster {
             .replicas()
             .into_iter()
             .filter(|replica| {
-                !map.partitions
-                    .get(&replica.partition)
-                    .is_some_and(|p| p.replicas.iter().any(|r| r.replica_id == replica.replica_id && r.node == self.node_id))
+                !map.partitions.get(&replica.partition).is_some_and(|p| {
+                    p.replicas.iter().any(|r| r.replica_id == replica.replica_id && r.node == self.node_id)
+                })
             })
             .collect();
         for replica in stale {
@@ -269,15 +280,21 @@ impl Cluster {
     /// Stops a replica the map no longer lists and moves its files to
     /// `<disk>/quarantine/` (never deleted by the node).
     async fn remove_replica(&self, replica: &Arc<Replica>, epoch: u64) {
-        self.endpoints.remove_replica(replica.partition, replica.replica_id);
+        self.endpoints.remove(replica.partition, replica.replica_id);
         replica.stop().await;
         self.replicas.write().unwrap_or_else(PoisonError::into_inner).remove(&replica.partition);
         let Some(disk) = self.disk_path(&replica.disk) else { return };
-        let target = disk.join("quarantine").join(format!("replica-{}-{}-epoch{epoch}", replica.partition, replica.replica_id));
-        let moved = std::fs::create_dir_all(disk.join("quarantine")).and_then(|()| std::fs::rename(&replica.dir, &target));
+        let target =
+            disk.join("quarantine").join(format!("replica-{}-{}-epoch{epoch}", replica.partition, replica.replica_id));
+        let moved =
+            std::fs::create_dir_all(disk.join("quarantine")).and_then(|()| std::fs::rename(&replica.dir, &target));
         match moved {
-            Ok(()) => tracing::info!(partition = replica.partition, replica = replica.replica_id, to = %target.display(), "replica removed from the map: quarantined"),
-            Err(error) => tracing::warn!(partition = replica.partition, %error, "could not quarantine a removed replica"),
+            Ok(()) => {
+                tracing::info!(partition = replica.partition, replica = replica.replica_id, to = %target.display(), "replica removed from the map: quarantined")
+            }
+            Err(error) => {
+                tracing::warn!(partition = replica.partition, %error, "could not quarantine a removed replica")
+            }
         }
     }
 
@@ -322,16 +339,22 @@ impl Cluster {
         loop {
             for replica in self.replicas() {
                 if replica.check_running() {
-                    self.endpoints.remove_replica(replica.partition, replica.replica_id);
+                    self.endpoints.remove(replica.partition, replica.replica_id);
                 }
             }
             let target = self.heartbeat_target(round);
-            match self.pool.heartbeat(&target, &self.heartbeat()).await {
-                Ok(transport::HeartbeatOutcome::Reply(reply)) => self.learn(reply).await,
-                Ok(transport::HeartbeatOutcome::NotLeader(leader)) => {
+            match self.send_heartbeat(&target).await {
+                Ok(Heard::Reply(reply)) => {
+                    *self.meta_leader.lock().unwrap_or_else(PoisonError::into_inner) = Some(target);
+                    self.learn(reply).await;
+                }
+                Ok(Heard::NotLeader(leader)) => {
+                    let known = leader.is_some();
                     *self.meta_leader.lock().unwrap_or_else(PoisonError::into_inner) = leader;
                     round += 1;
-                    continue;
+                    if known {
+                        continue;
+                    }
                 }
                 Err(error) => {
                     tracing::debug!(%target, %error, "heartbeat failed");
@@ -341,6 +364,20 @@ impl Cluster {
             }
             update_metrics(&self);
             tokio::time::sleep(self.config.heartbeat_interval).await;
+        }
+    }
+
+    /// Sends this node's heartbeat to `target`.
+    async fn send_heartbeat(&self, target: &str) -> Result<Heard, String> {
+        let body = serde_json::to_vec(&self.heartbeat()).map_err(|e| e.to_string())?;
+        let budget = self.config.election_timeout.max(Duration::from_secs(1));
+        let (status, body) = self.pool.control(target, protocol::HEARTBEAT_PATH, body.into(), budget).await?;
+        match status {
+            200 => serde_json::from_slice(&body).map(Heard::Reply).map_err(|e| format!("heartbeat reply: {e}")),
+            421 => serde_json::from_slice::<protocol::NotMetaLeader>(&body)
+                .map(|not| Heard::NotLeader(not.leader_addr))
+                .map_err(|e| format!("heartbeat refusal: {e}")),
+            other => Err(format!("heartbeat to {target}: {other} {}", String::from_utf8_lossy(&body))),
         }
     }
 
@@ -363,15 +400,24 @@ impl Cluster {
         }
     }
 
-    /// A heartbeat that arrived on the peer port.
-    async fn on_heartbeat(&self, heartbeat: Heartbeat) -> transport::HeartbeatAnswer {
-        let Some(meta) = &self.meta else { return transport::HeartbeatAnswer::NotLeader(None) };
+    /// A heartbeat that arrived on the peer port: 200 and the reply on
+    /// the metadata leader, 421 and where the leader is elsewhere, 503
+    /// when the group cannot answer.
+    async fn on_heartbeat(&self, body: &[u8]) -> (u16, Vec<u8>) {
+        let heartbeat: Heartbeat = match serde_json::from_slice(body) {
+            Ok(heartbeat) => heartbeat,
+            Err(error) => return (400, json_error("bad_request", &format!("heartbeat: {error}"))),
+        };
+        let Some(meta) = &self.meta else {
+            return (421, serde_json::to_vec(&protocol::NotMetaLeader { leader_addr: None }).unwrap_or_default());
+        };
         match meta.heartbeat(heartbeat).await {
-            Ok(reply) => transport::HeartbeatAnswer::Reply(reply),
-            Err(meta::MetaError::NotLeader(leader)) => transport::HeartbeatAnswer::NotLeader(
-                leader.and_then(|id| meta.seed(id)).map(|seed| seed.peer_addr.to_string()),
-            ),
-            Err(error) => transport::HeartbeatAnswer::Unavailable(error.to_string()),
+            Ok(reply) => (200, serde_json::to_vec(&reply).unwrap_or_default()),
+            Err(meta::MetaError::NotLeader(leader)) => {
+                let leader_addr = leader.and_then(|id| meta.seed(id)).map(|seed| seed.peer_addr.to_string());
+                (421, serde_json::to_vec(&protocol::NotMetaLeader { leader_addr }).unwrap_or_default())
+            }
+            Err(error) => (503, json_error("no_leader", &error.to_string())),
         }
     }
 
@@ -386,14 +432,43 @@ impl Cluster {
         Some((seed.node.clone(), url))
     }
 
-    /// Stops every Raft instance (shutdown).
+    /// Stops every Raft instance and the peer listener (shutdown).
     pub async fn stop(&self) {
+        self.drain.send_replace(true);
         for replica in self.replicas() {
             replica.stop().await;
         }
         if let Some(meta) = &self.meta {
             let _ = meta.raft.shutdown().await;
         }
+    }
+}
+
+/// What a heartbeat got back.
+enum Heard {
+    Reply(HeartbeatReply),
+    /// Not the leader; where it is, if known.
+    NotLeader(Option<String>),
+}
+
+fn json_error(code: &str, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "error": code, "message": message })).unwrap_or_default()
+}
+
+/// The daemon's answers to control messages on the peer port.
+#[derive(Debug)]
+struct Control(Arc<Cluster>);
+
+impl ControlService for Control {
+    fn call(&self, path: String, body: bytes::Bytes) -> futures_util::future::BoxFuture<'static, (u16, bytes::Bytes)> {
+        let cluster = Arc::clone(&self.0);
+        Box::pin(async move {
+            let (status, body) = match path.as_str() {
+                protocol::HEARTBEAT_PATH => cluster.on_heartbeat(&body).await,
+                other => (404, json_error("not_found", &format!("no control path {other}"))),
+            };
+            (status, bytes::Bytes::from(body))
+        })
     }
 }
 
@@ -411,7 +486,7 @@ fn report(replica: &Replica) -> ReplicaReport {
             matched: BTreeMap::new(),
         };
     };
-    let metrics = raft.metrics().borrow().clone();
+    let metrics = raft.metrics().borrow_watched().clone();
     ReplicaReport {
         partition: replica.partition,
         replica_id: replica.replica_id,
@@ -443,7 +518,7 @@ fn update_metrics(cluster: &Cluster) {
     for replica in cluster.replicas() {
         let partition = replica.partition.to_string();
         let running = replica.running();
-        let metrics = running.as_ref().map(|(raft, _)| raft.metrics().borrow().clone());
+        let metrics = running.as_ref().map(|(raft, _)| raft.metrics().borrow_watched().clone());
         let role = metrics.as_ref().map_or("shutdown", |m| role_name(m.state));
         for name in ["leader", "follower", "learner", "candidate", "shutdown"] {
             metrics::gauge!("datanode_raft_role", "partition" => partition.clone(), "role" => name)
@@ -452,7 +527,7 @@ fn update_metrics(cluster: &Cluster) {
         if let Some(m) = metrics {
             metrics::gauge!("datanode_raft_term", "partition" => partition.clone()).set(m.current_term as f64);
             metrics::gauge!("datanode_raft_commit_index", "partition" => partition.clone())
-                .set(m.committed.map_or(0.0, |id| id.index as f64));
+                .set(m.local_committed.map_or(0.0, |id| id.index as f64));
             metrics::gauge!("datanode_raft_applied_index", "partition" => partition.clone())
                 .set(m.last_applied.map_or(0.0, |id| id.index as f64));
         }

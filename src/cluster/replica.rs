@@ -8,16 +8,17 @@
 //! and its group serves on with the other replicas. Nothing here ever
 //! touches another replica or the node.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use datanode_partition::raft::{BlobStateMachine, TypeConfig};
 use datanode_wal::storage::StdStorage;
 use datanode_wal::{Durability, Storage, WalOptions};
+use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, Raft};
 
-use super::transport::{GroupNetwork, Pool};
+use super::transport::{GroupNetworkFactory, PeerPool};
 
 /// The sticky fault file of a replica.
 const FAULT_FILE: &str = "FAULT";
@@ -91,7 +92,7 @@ impl Replica {
     /// Opens (or creates) the replica and starts its Raft instance. A
     /// replica whose directory holds `FAULT`, or whose storage cannot be
     /// opened, comes back faulted, never as an error of the node.
-    pub async fn start(spec: ReplicaSpec<'_>, pool: Arc<Pool>) -> Arc<Replica> {
+    pub async fn start(spec: ReplicaSpec<'_>, pool: PeerPool) -> Arc<Replica> {
         let dir = replica_dir(spec.disk.1, spec.partition, spec.replica_id);
         let replica = |state| {
             Arc::new(Replica {
@@ -118,18 +119,17 @@ impl Replica {
     async fn open(
         spec: &ReplicaSpec<'_>,
         dir: &Path,
-        pool: Arc<Pool>,
+        pool: PeerPool,
     ) -> Result<(ReplicaRaft, BlobStateMachine), String> {
         let storage: Arc<dyn Storage> = Arc::new(StdStorage);
         let options = WalOptions { durability: Durability::Sync, ..spec.wal.clone() };
         let (dir, open_dir) = (dir.to_path_buf(), dir.to_path_buf());
-        let (log, machine) = tokio::task::spawn_blocking(move || {
-            datanode_partition::raft::open_replica(storage, open_dir, options)
-        })
-        .await
-        .map_err(|error| format!("opening the replica: {error}"))?
-        .map_err(|error| error.to_string())?;
-        let network = GroupNetwork::new(spec.partition, pool);
+        let (log, machine) =
+            tokio::task::spawn_blocking(move || datanode_partition::raft::open_replica(storage, open_dir, options))
+                .await
+                .map_err(|error| format!("opening the replica: {error}"))?
+                .map_err(|error| error.to_string())?;
+        let network = GroupNetworkFactory::<BlobStateMachine>::new(pool, spec.partition, spec.replica_id);
         let raft = Raft::new(spec.replica_id, spec.raft_config.clone(), network, log, machine.clone())
             .await
             .map_err(|error| format!("starting raft: {error}"))?;
@@ -188,7 +188,7 @@ impl Replica {
     /// storage error inside openraft). Returns whether it is faulted.
     pub fn check_running(&self) -> bool {
         let Some((raft, _)) = self.running() else { return true };
-        let metrics = raft.metrics().borrow().clone();
+        let metrics = raft.metrics().borrow_watched().clone();
         match &metrics.running_state {
             Ok(()) => false,
             Err(fatal) => {
@@ -212,9 +212,4 @@ impl Replica {
 /// address of its node.
 pub fn members(replicas: impl IntoIterator<Item = (u64, String)>) -> BTreeMap<u64, BasicNode> {
     replicas.into_iter().map(|(id, addr)| (id, BasicNode { addr })).collect()
-}
-
-/// The voters of the replica's current membership.
-pub fn voters(raft: &ReplicaRaft) -> BTreeSet<u64> {
-    raft.metrics().borrow().membership_config.membership().voter_ids().collect()
 }

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use datanode_partition::blob;
 use datanode_partition::raft::{Command, StoreError};
 use openraft::ReadPolicy;
+use openraft::async_runtime::WatchReceiver;
 use openraft::errors::ClientWriteError;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -30,7 +31,7 @@ use serde_json::{Value, json};
 use super::meta::{MetaError, MetaGroup};
 use super::replica::{Replica, ReplicaRaft};
 use super::{Cluster, role_name};
-use crate::api::{self, ApiError, ApiResult};
+use crate::api::{self, ApiError};
 use crate::node::Node;
 
 /// Where a request for a replicated partition goes.
@@ -48,7 +49,7 @@ fn route(cluster: &Cluster, partition: u64) -> Route {
     let replica = cluster.replica(partition);
     let leader = match replica.as_ref().and_then(|r| r.running().map(|running| (r.clone(), running))) {
         Some((replica, (raft, machine))) => {
-            let metrics = raft.metrics().borrow().clone();
+            let metrics = raft.metrics().borrow_watched().clone();
             if metrics.state == openraft::ServerState::Leader && metrics.current_leader == Some(replica.replica_id) {
                 return Route::Here(replica, raft, machine);
             }
@@ -97,7 +98,7 @@ fn store_error(replica: &Replica, error: StoreError) -> ApiError {
 }
 
 /// A failed write or read-index round of a leader.
-fn raft_error<E: std::fmt::Display>(
+fn raft_error<E: std::fmt::Display + std::fmt::Debug>(
     cluster: &Cluster,
     replica: &Replica,
     uri: &Uri,
@@ -129,13 +130,21 @@ where
 }
 
 /// `PUT` or `DELETE` of a blob: one entry through the leader.
-async fn write(node: &Node, cluster: &Cluster, partition: u64, uri: &Uri, command: Bytes, created: Option<u64>) -> Response {
+async fn write(
+    node: &Node,
+    cluster: &Cluster,
+    partition: u64,
+    uri: &Uri,
+    command: Bytes,
+    created: Option<u64>,
+) -> Response {
     let (replica, raft, _) = match route(cluster, partition) {
         Route::Here(replica, raft, machine) => (replica, raft, machine),
         Route::Leader(leader, url) => return redirect(Some(partition), &leader, &url, uri),
         Route::NoLeader => return no_leader(Some(partition), "the partition").into_response(),
     };
-    let written = tokio::time::timeout(node.config.limits.request_timeout, raft.client_write(Command::new(command))).await;
+    let written =
+        tokio::time::timeout(node.config.limits.request_timeout, raft.client_write(Command::new(command))).await;
     match written {
         Ok(Ok(response)) => match created {
             Some(size) => {
@@ -188,7 +197,8 @@ async fn linearizable(
         Route::Leader(leader, url) => return Err(redirect(Some(partition), &leader, &url, uri)),
         Route::NoLeader => return Err(no_leader(Some(partition), "the partition").into_response()),
     };
-    match tokio::time::timeout(node.config.limits.request_timeout, raft.ensure_linearizable(ReadPolicy::ReadIndex)).await
+    match tokio::time::timeout(node.config.limits.request_timeout, raft.ensure_linearizable(ReadPolicy::ReadIndex))
+        .await
     {
         Ok(Ok(_)) => Ok((replica, machine)),
         Ok(Err(error)) => Err(raft_error(cluster, &replica, uri, error)),
@@ -279,19 +289,6 @@ pub async fn list_blobs(node: &Node, cluster: &Cluster, partition: u64, uri: &Ur
     Json(json!({ "keys": keys, "next": next.as_deref().map(api::key_json) })).into_response()
 }
 
-/// A state-changing admin call on one replica of a replicated partition
-/// (install, recover, read-only, compact, delete): refused, the group
-/// decides what its voters hold.
-pub fn refuse_on_replica(partition: u64, what: &str) -> Response {
-    ApiError::new(
-        StatusCode::CONFLICT,
-        "replicated_partition",
-        format!("partition {partition} is replicated: {what} is not done on one replica (only its group's leader feeds a voter)"),
-    )
-    .on(partition)
-    .into_response()
-}
-
 /// `PartitionStatus` of the replica here, with its `raft` view; a
 /// replicated partition not held here redirects to its leader.
 pub fn partition_status(cluster: &Cluster, partition: u64, uri: &Uri) -> Response {
@@ -316,7 +313,7 @@ pub fn replica_status(replica: &Replica) -> Value {
             "raft": { "replica_id": replica.replica_id, "role": "shutdown" },
         }),
         super::replica::ReplicaState::Running { raft, machine } => {
-            let m = raft.metrics().borrow().clone();
+            let m = raft.metrics().borrow_watched().clone();
             let stats = machine.stats();
             let members: Vec<Value> = m
                 .membership_config
@@ -339,7 +336,7 @@ pub fn replica_status(replica: &Replica) -> Value {
                     "role": role_name(m.state),
                     "term": m.current_term,
                     "leader": m.current_leader,
-                    "commit_index": m.committed.map(|id| id.index),
+                    "commit_index": m.local_committed.map(|id| id.index),
                     "applied_index": m.last_applied.map(|id| id.index),
                     "snapshot_index": m.snapshot.map(|id| id.index),
                     "purged_index": m.purged.map(|id| id.index),
@@ -374,7 +371,9 @@ fn meta_error(cluster: &Cluster, uri: &Uri, error: MetaError) -> Response {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_leader", message).into_response()
         }
         MetaError::Exists(id) => {
-            ApiError::new(StatusCode::CONFLICT, "partition_exists", format!("partition {id} exists")).on(id).into_response()
+            ApiError::new(StatusCode::CONFLICT, "partition_exists", format!("partition {id} exists"))
+                .on(id)
+                .into_response()
         }
         MetaError::NotFound(id) => ApiError::partition_not_found(id).into_response(),
         MetaError::CannotPlace(message) => {
@@ -390,7 +389,10 @@ fn cluster_partition(meta: &MetaGroup, map: &super::map::ClusterMap, id: u64) ->
     let leaders = meta.leaders();
     let leader = leaders.get(&id).copied();
     let leader_report = leader.and_then(|leader| {
-        seen.values().flat_map(|s| s.heartbeat.replicas.iter()).find(|r| r.partition == id && r.replica_id == leader).cloned()
+        seen.values()
+            .flat_map(|s| s.heartbeat.replicas.iter())
+            .find(|r| r.partition == id && r.replica_id == leader)
+            .cloned()
     });
     let replicas: Vec<Value> = entry
         .replicas
@@ -398,7 +400,9 @@ fn cluster_partition(meta: &MetaGroup, map: &super::map::ClusterMap, id: u64) ->
         .map(|replica| {
             let report = seen
                 .get(&replica.node)
-                .and_then(|s| s.heartbeat.replicas.iter().find(|r| r.partition == id && r.replica_id == replica.replica_id))
+                .and_then(|s| {
+                    s.heartbeat.replicas.iter().find(|r| r.partition == id && r.replica_id == replica.replica_id)
+                })
                 .cloned();
             let state = match (&report, meta.is_up(&replica.node)) {
                 (_, false) => "down".to_string(),

@@ -104,9 +104,9 @@ impl TestCluster {
         wait_for("the cluster map lists every node up", Duration::from_secs(60), || {
             self.running().iter().any(|i| {
                 let map = self.map(*i);
-                map["nodes"].as_array().is_some_and(|nodes| {
-                    nodes.len() == self.nodes.len() && nodes.iter().all(|n| n["state"] == "up")
-                })
+                map["nodes"]
+                    .as_array()
+                    .is_some_and(|nodes| nodes.len() == self.nodes.len() && nodes.iter().all(|n| n["state"] == "up"))
             })
         });
     }

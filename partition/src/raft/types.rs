@@ -32,7 +32,9 @@ pub type Membership = openraft::Membership<u64, openraft::BasicNode>;
 /// A command read back from the log also knows where its record is, so
 /// that applying a put indexes the value where it already lies instead of
 /// writing it again. That position is not part of the command's value: it
-/// is never encoded and two commands with the same bytes are equal.
+/// is never encoded and two commands with the same bytes are equal. On
+/// the wire (serde) a command is one byte string (`serialize_bytes`: a
+/// binary format writes a length and the bytes, never a list of numbers).
 #[derive(Clone)]
 pub struct Command {
     bytes: Bytes,
@@ -68,6 +70,46 @@ impl PartialEq for Command {
 }
 
 impl Eq for Command {}
+
+impl serde::Serialize for Command {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.bytes)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Command {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Command, D::Error> {
+        deserializer.deserialize_byte_buf(CommandVisitor)
+    }
+}
+
+struct CommandVisitor;
+
+impl<'de> serde::de::Visitor<'de> for CommandVisitor {
+    type Value = Command;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the bytes of a blob record")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Command, E> {
+        Ok(Command::new(Bytes::copy_from_slice(bytes)))
+    }
+
+    fn visit_byte_buf<E: serde::de::Error>(self, bytes: Vec<u8>) -> Result<Command, E> {
+        Ok(Command::new(Bytes::from(bytes)))
+    }
+
+    // Self-describing formats without a byte string type (JSON) give a
+    // sequence of numbers.
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Command, A::Error> {
+        let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+        while let Some(byte) = seq.next_element::<u8>()? {
+            bytes.push(byte);
+        }
+        Ok(Command::new(Bytes::from(bytes)))
+    }
+}
 
 impl fmt::Debug for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
