@@ -125,6 +125,12 @@ impl MetaGroup {
         }))
     }
 
+    /// The map as applied on this member, leader or not: only for hints
+    /// (where the leader is), never served as the map.
+    pub fn applied_map(&self) -> Arc<ClusterMap> {
+        self.machine.map()
+    }
+
     /// A handle on the state machine (for receiving snapshots).
     pub fn machine(&self) -> MetaStateMachine {
         self.machine.clone()
@@ -252,37 +258,25 @@ impl MetaGroup {
         if map.partitions.contains_key(&id) {
             return Err(MetaError::Exists(id));
         }
-        let seen = self.seen();
-        let mut on_disk: HashMap<(&str, &str), usize> = HashMap::new();
-        for partition in map.partitions.values() {
-            for replica in &partition.replicas {
-                *on_disk.entry((replica.node.as_str(), replica.disk.as_str())).or_insert(0) += 1;
+        // A leader that took over moments ago has not heard every node
+        // yet: while a registered node it has not heard is still within
+        // `node_dead_after` of the takeover, wait for its heartbeat (a
+        // little) rather than refuse.
+        let deadline = Instant::now() + self.dead_after.min(Duration::from_secs(3));
+        let placement = loop {
+            let candidates = self.candidates(&map);
+            if let Some(placement) = place(&candidates, replicas) {
+                break placement;
             }
-        }
-        let candidates: Vec<Candidate> = map
-            .nodes
-            .iter()
-            .filter(|(node, _)| seen.get(*node).is_some_and(|s| s.at.elapsed() < self.dead_after))
-            .map(|(node, _)| {
-                let disks = seen[node]
-                    .heartbeat
-                    .disks
-                    .iter()
-                    .filter(|disk| disk.writable)
-                    .map(|disk| {
-                        let count = on_disk.get(&(node.as_str(), disk.name.as_str())).copied().unwrap_or(0);
-                        (disk.name.clone(), disk.free_bytes, count)
-                    })
-                    .collect();
-                Candidate { node: node.clone(), disks }
-            })
-            .collect();
-        let placement = place(&candidates, replicas).ok_or_else(|| {
-            MetaError::CannotPlace(format!(
-                "{replicas} replicas need {replicas} nodes up with a writable disk; {} are",
-                candidates.iter().filter(|c| !c.disks.is_empty()).count()
-            ))
-        })?;
+            let unheard = map.nodes.keys().any(|node| !self.seen().contains_key(node) && self.is_up(node));
+            if !unheard || Instant::now() >= deadline {
+                return Err(MetaError::CannotPlace(format!(
+                    "{replicas} replicas need {replicas} nodes up with a writable disk; {} are",
+                    candidates.iter().filter(|c| !c.disks.is_empty()).count()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         self.commit(&MapCommand::CreatePartition { id, placement: placement.clone() }).await?;
         let map = self.machine.map();
         let entry = map.partitions.get(&id).cloned().ok_or(MetaError::NotFound(id))?;
@@ -292,6 +286,35 @@ impl MetaGroup {
             return Err(MetaError::Exists(id));
         }
         Ok(entry)
+    }
+
+    /// The nodes heard from within `node_dead_after`, with their writable
+    /// disks and the replicas the map puts on each.
+    fn candidates(&self, map: &ClusterMap) -> Vec<Candidate> {
+        let seen = self.seen();
+        let mut on_disk: HashMap<(&str, &str), usize> = HashMap::new();
+        for partition in map.partitions.values() {
+            for replica in &partition.replicas {
+                *on_disk.entry((replica.node.as_str(), replica.disk.as_str())).or_insert(0) += 1;
+            }
+        }
+        map.nodes
+            .keys()
+            .filter_map(|node| {
+                let heard = seen.get(node).filter(|s| s.at.elapsed() < self.dead_after)?;
+                let disks = heard
+                    .heartbeat
+                    .disks
+                    .iter()
+                    .filter(|disk| disk.writable)
+                    .map(|disk| {
+                        let count = on_disk.get(&(node.as_str(), disk.name.as_str())).copied().unwrap_or(0);
+                        (disk.name.clone(), disk.free_bytes, count)
+                    })
+                    .collect();
+                Some(Candidate { node: node.clone(), disks })
+            })
+            .collect()
     }
 
     /// Removes a partition from the map (its replicas stop and are

@@ -428,7 +428,13 @@ impl Cluster {
             None => self.meta_leader.lock().unwrap_or_else(PoisonError::into_inner).clone(),
         }?;
         let seed = self.seeds.iter().find(|seed| seed.peer_addr.to_string() == leader_addr)?;
-        let url = self.learned().map.nodes.get(&seed.node).map(|node| node.advertise_url.clone());
+        // A hint for a redirect, not served data: a seed's own applied copy
+        // of the map may name the leader's URL before this node's learned
+        // map does.
+        let url = self.learned().map.nodes.get(&seed.node).map(|node| node.advertise_url.clone()).or_else(|| {
+            let meta = self.meta.as_ref()?;
+            meta.applied_map().nodes.get(&seed.node).map(|node| node.advertise_url.clone())
+        });
         Some((seed.node.clone(), url))
     }
 

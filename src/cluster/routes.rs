@@ -98,14 +98,14 @@ fn store_error(replica: &Replica, error: StoreError) -> ApiError {
 }
 
 /// A failed write or read-index round of a leader.
-fn raft_error<E: std::fmt::Display + std::fmt::Debug>(
+fn raft_error<E>(
     cluster: &Cluster,
     replica: &Replica,
     uri: &Uri,
     error: openraft::errors::RaftError<datanode_partition::raft::TypeConfig, E>,
 ) -> Response
 where
-    E: openraft::TryAsRef<openraft::errors::ForwardToLeader<datanode_partition::raft::TypeConfig>>,
+    E: std::fmt::Display + std::fmt::Debug + openraft::TryAsRef<openraft::errors::ForwardToLeader<datanode_partition::raft::TypeConfig>>,
 {
     let partition = replica.partition;
     if let openraft::errors::RaftError::Fatal(fatal) = &error {
@@ -349,15 +349,15 @@ pub fn replica_status(replica: &Replica) -> Value {
 }
 
 /// The metadata leader here, or the 307/503 that sends the caller there.
-fn meta_here<'a>(cluster: &'a Cluster, uri: &Uri) -> Result<&'a Arc<MetaGroup>, Response> {
+fn meta_here<'a>(cluster: &'a Cluster, uri: &Uri) -> Result<&'a Arc<MetaGroup>, Box<Response>> {
     if let Some(meta) = &cluster.meta
         && meta.leader() == Some(meta.id)
     {
         return Ok(meta);
     }
     match cluster.meta_leader_node() {
-        Some((node, Some(url))) if node != cluster.node_id => Err(redirect(None, &node, &url, uri)),
-        _ => Err(no_leader(None, "the metadata group").into_response()),
+        Some((node, Some(url))) if node != cluster.node_id => Err(Box::new(redirect(None, &node, &url, uri))),
+        _ => Err(Box::new(no_leader(None, "the metadata group").into_response())),
     }
 }
 
@@ -434,7 +434,7 @@ pub async fn get_cluster(State(node): State<Arc<Node>>, uri: Uri) -> Response {
     let Some(cluster) = node.cluster() else { return not_clustered() };
     let meta = match meta_here(&cluster, &uri) {
         Ok(meta) => meta,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let map = match meta.read_map().await {
         Ok(map) => map,
@@ -496,7 +496,7 @@ pub async fn create_partition(State(node): State<Arc<Node>>, headers: HeaderMap,
     }
     let meta = match meta_here(&cluster, &uri) {
         Ok(meta) => meta,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     match meta.create_partition(request.id, replicas as usize).await {
         Ok(_) => {
@@ -525,7 +525,7 @@ pub async fn delete_partition(
     };
     let meta = match meta_here(&cluster, &uri) {
         Ok(meta) => meta,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     match meta.delete_partition(id).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
