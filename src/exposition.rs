@@ -101,6 +101,23 @@ fn describe() {
     describe_gauge!("datanode_peer_connections", "Open connections to (outbound) and from (inbound) peer nodes");
     describe_counter!("datanode_peer_connects_total", "Connection attempts to peer nodes, by result (ok, failed)");
     describe_counter!("datanode_peer_accepts_total", "Connections from peer nodes, by result (admitted, refused)");
+    describe_gauge!(
+        "datanode_raft_role",
+        "Raft role of this node's replica of a partition, one-hot (leader, follower, learner, candidate, shutdown)"
+    );
+    describe_gauge!("datanode_raft_term", "Current Raft term of this node's replica of a partition");
+    describe_gauge!("datanode_raft_commit_index", "Last log index this replica knows committed");
+    describe_gauge!("datanode_raft_applied_index", "Last log index this replica applied");
+    describe_counter!("datanode_raft_leader_changes_total", "Times this replica saw its group's leader change");
+    describe_gauge!(
+        "datanode_partition_replicas",
+        "On the metadata leader: replicas of a partition by state (healthy, faulted, down, learner)"
+    );
+    describe_gauge!("datanode_cluster_nodes", "On the metadata leader: cluster nodes by state (up, down)");
+    describe_gauge!(
+        "datanode_partitions_under_replicated",
+        "On the metadata leader: partitions with fewer healthy replicas than placed"
+    );
 }
 
 /// `datanode_auth_rejected_total{reason}` for every reason, and the TLS

@@ -23,6 +23,14 @@ const CONTRACT_METRICS: &[&str] = &[
     "datanode_request_seconds",
     "datanode_build_info",
     "datanode_tls_certificate_expiry_timestamp_seconds",
+    "datanode_raft_role",
+    "datanode_raft_term",
+    "datanode_raft_commit_index",
+    "datanode_raft_applied_index",
+    "datanode_raft_leader_changes_total",
+    "datanode_partition_replicas",
+    "datanode_cluster_nodes",
+    "datanode_partitions_under_replicated",
 ];
 
 /// Every `datanode_*` name in `text`, with histogram suffixes removed.
@@ -60,6 +68,9 @@ fn the_dashboard_and_alert_rules_use_only_contract_metrics() {
         "DatanodeDiskDegraded",
         "DatanodeNotReady",
         "DatanodeTlsCertificateExpiresSoon",
+        "DatanodePartitionUnderReplicated",
+        "DatanodePartitionNoLeader",
+        "DatanodeNodeDown",
     ] {
         assert!(rules.contains(&format!("alert: {alert}")), "missing {alert}");
     }

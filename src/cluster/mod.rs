@@ -77,6 +77,9 @@ pub struct Cluster {
     pub meta: Option<Arc<MetaGroup>>,
     learned: RwLock<Learned>,
     replicas: RwLock<HashMap<u64, Arc<Replica>>>,
+    /// The leader each replica here last knew (for
+    /// `datanode_raft_leader_changes_total`).
+    last_leaders: Mutex<HashMap<u64, Option<u64>>>,
     /// Peer address of the metadata leader, as last learned.
     meta_leader: Mutex<Option<String>>,
     registry: Arc<Registry>,
@@ -156,6 +159,7 @@ impl Cluster {
             meta,
             learned: RwLock::new(Learned::default()),
             replicas: RwLock::new(HashMap::new()),
+            last_leaders: Mutex::new(HashMap::new()),
             meta_leader: Mutex::new(None),
             registry,
             raft_config,
@@ -363,6 +367,7 @@ impl Cluster {
                 }
             }
             update_metrics(&self);
+            update_meta_metrics(&self);
             tokio::time::sleep(self.config.heartbeat_interval).await;
         }
     }
@@ -531,6 +536,12 @@ fn update_metrics(cluster: &Cluster) {
                 .set(if name == role { 1.0 } else { 0.0 });
         }
         if let Some(m) = metrics {
+            let mut last = cluster.last_leaders.lock().unwrap_or_else(PoisonError::into_inner);
+            let known = last.insert(replica.partition, m.current_leader);
+            if m.current_leader.is_some() && known.is_some_and(|before| before != m.current_leader) {
+                metrics::counter!("datanode_raft_leader_changes_total", "partition" => partition.clone()).increment(1);
+            }
+            drop(last);
             metrics::gauge!("datanode_raft_term", "partition" => partition.clone()).set(m.current_term as f64);
             metrics::gauge!("datanode_raft_commit_index", "partition" => partition.clone())
                 .set(m.local_committed.map_or(0.0, |id| id.index as f64));
@@ -538,4 +549,51 @@ fn update_metrics(cluster: &Cluster) {
                 .set(m.last_applied.map_or(0.0, |id| id.index as f64));
         }
     }
+}
+
+/// The metadata leader's view as gauges: replicas by state per partition,
+/// nodes up and down, partitions under-replicated. A member that is not
+/// the leader shows zeros, so that `max` across the members is the
+/// leader's view.
+fn update_meta_metrics(cluster: &Cluster) {
+    let Some(meta) = &cluster.meta else { return };
+    let leading = meta.leader() == Some(meta.id);
+    let map = meta.applied_map();
+    let seen = meta.seen();
+    let (mut up, mut down, mut under) = (0u64, 0u64, 0u64);
+    for node in map.nodes.keys() {
+        if leading && meta.is_up(node) {
+            up += 1;
+        } else if leading {
+            down += 1;
+        }
+    }
+    for (id, partition) in &map.partitions {
+        let mut counts: BTreeMap<&str, u64> =
+            ["healthy", "faulted", "down", "learner"].into_iter().map(|s| (s, 0)).collect();
+        if leading {
+            for replica in &partition.replicas {
+                let report = seen.get(&replica.node).and_then(|s| {
+                    s.heartbeat.replicas.iter().find(|r| r.partition == *id && r.replica_id == replica.replica_id)
+                });
+                let state = match report {
+                    _ if !meta.is_up(&replica.node) => "down",
+                    Some(report) if report.state == "faulted" => "faulted",
+                    Some(report) if report.role == "learner" => "learner",
+                    _ => "healthy",
+                };
+                *counts.entry(state).or_insert(0) += 1;
+            }
+            if counts["healthy"] < partition.replicas.len() as u64 {
+                under += 1;
+            }
+        }
+        for (state, count) in counts {
+            metrics::gauge!("datanode_partition_replicas", "partition" => id.to_string(), "state" => state)
+                .set(count as f64);
+        }
+    }
+    metrics::gauge!("datanode_cluster_nodes", "state" => "up").set(up as f64);
+    metrics::gauge!("datanode_cluster_nodes", "state" => "down").set(down as f64);
+    metrics::gauge!("datanode_partitions_under_replicated").set(under as f64);
 }
