@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::cluster::{Client, ClusterLoad, TestCluster, assert_readable, node_index};
+use support::disks::{Fs, LoopDisk, unavailable};
 use support::wait_for;
 
 fn put(client: &Client, cluster: &TestCluster, via: usize, partition: u64, key: &str, value: &[u8]) -> u16 {
@@ -163,4 +164,43 @@ fn five_nodes_with_two_killed_still_serve() {
     for i in cluster.running() {
         assert_readable(cluster.ports[i], 3, &acked, "with two of five down");
     }
+}
+
+#[test]
+fn the_leaders_disk_shut_down_under_load_faults_only_its_replica() {
+    if unavailable(Fs::Xfs.tools()).is_some() {
+        return;
+    }
+    let disks: Vec<LoopDisk> = (0..3).map(|_| LoopDisk::new(Fs::Xfs)).collect();
+    let paths: Vec<&std::path::Path> = disks.iter().map(LoopDisk::path).collect();
+    let cluster = TestCluster::start_on(3, "", &paths);
+    cluster.wait_formed();
+    let (status, created) = cluster.create(0, 4, None);
+    assert_eq!(status, 201, "{created}");
+    let leader = cluster.wait_leader(4);
+    let load = ClusterLoad::start(&cluster.ports, 4, 8, 4096, "dead-disk");
+    load.wait_more(300, Duration::from_secs(60));
+    // The disk under the leader's replica dies (and under that node's share
+    // of the metadata group): every later operation on it fails with EIO.
+    disks[leader].shutdown(true);
+    wait_for("the replica on the dead disk is faulted", Duration::from_secs(30), || {
+        cluster.node(leader).json("/v1/partitions/4")["state"] == "faulted"
+    });
+    wait_for("a leader other than the faulted replica", Duration::from_secs(30), || {
+        cluster.partition(4)["leader"].as_str().and_then(node_index).is_some_and(|now| now != leader)
+    });
+    load.wait_more(300, Duration::from_secs(60));
+    let (acked, failures) = load.stop();
+    eprintln!("{} acknowledged, other answers: {failures:?}", acked.len());
+    // The node lives on; its replica stays faulted, and the others serve
+    // every acknowledged write.
+    let (status, _) = Client::new().send("GET", &cluster.url(leader, "/healthz"), None);
+    assert_eq!(status, 200, "the node with the dead disk still runs");
+    for i in (0..3).filter(|i| *i != leader) {
+        assert_readable(cluster.ports[i], 4, &acked, &format!("after the leader's disk died, via node {i}"));
+    }
+    let view = cluster.partition(4);
+    let dead =
+        view["replicas"].as_array().unwrap().iter().find(|r| r["node"].as_str().and_then(node_index) == Some(leader));
+    assert_eq!(dead.map(|r| r["state"].clone()), Some(Value::from("faulted")), "{view}");
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{Daemon, free_port, wait_for};
+use super::{Daemon, wait_for};
 
 /// Raft timings of the test clusters: fast elections, so a test that kills
 /// a leader does not wait long for the next.
@@ -25,6 +25,8 @@ pub struct TestCluster {
     pub ports: Vec<u16>,
     pub peer_ports: Vec<u16>,
     pub dirs: Vec<tempfile::TempDir>,
+    /// Where each node's disk `d0` is: inside its directory unless given.
+    disks: Vec<std::path::PathBuf>,
     extra: String,
 }
 
@@ -32,10 +34,20 @@ impl TestCluster {
     /// `count` nodes `dn-1..`, the first `min(count, 3)` of them seeds;
     /// `extra` is appended to every `[cluster]` section.
     pub fn start(count: usize, extra: &str) -> TestCluster {
-        let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
-        let peer_ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+        TestCluster::start_on(count, extra, &[])
+    }
+
+    /// Like [`TestCluster::start`], node `i`'s disk `d0` at `disks[i]`
+    /// when given (a loop-mounted filesystem), else in its directory.
+    pub fn start_on(count: usize, extra: &str, disks: &[&std::path::Path]) -> TestCluster {
+        let mut all = distinct_ports(2 * count);
+        let peer_ports = all.split_off(count);
+        let ports = all;
         let dirs: Vec<tempfile::TempDir> = (0..count).map(|_| tempfile::tempdir().unwrap()).collect();
-        let mut cluster = TestCluster { nodes: Vec::new(), ports, peer_ports, dirs, extra: extra.to_string() };
+        let disks = (0..count)
+            .map(|i| disks.get(i).map_or_else(|| dirs[i].path().join("d0"), |disk| disk.join("d0")))
+            .collect();
+        let mut cluster = TestCluster { nodes: Vec::new(), ports, peer_ports, dirs, disks, extra: extra.to_string() };
         // Started together: the seeds wait for each other to elect a
         // metadata leader, so none is waited for alone.
         let configs: Vec<String> = (0..count).map(|i| cluster.config(i)).collect();
@@ -56,7 +68,7 @@ impl TestCluster {
             "[node]\nid = \"dn-{}\"\nbootstrap_partitions = 0\n\n[[disk]]\nname = \"d0\"\npath = \"{}\"\n\n\
              [cluster]\npeer_addr = \"127.0.0.1:{}\"\nadvertise_url = \"http://127.0.0.1:{}\"\nseeds = [{}]\n{TIMINGS}{}",
             i + 1,
-            self.dirs[i].path().join("d0").display(),
+            self.disks[i].display(),
             self.peer_ports[i],
             self.ports[i],
             seeds.join(", "),
@@ -142,6 +154,14 @@ impl TestCluster {
         });
         leader.unwrap()
     }
+}
+
+/// `count` free ports, all different (held open until all are chosen, so
+/// the system cannot hand one out twice).
+fn distinct_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..count).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 /// `dn-3` -> 2.
