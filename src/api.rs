@@ -262,6 +262,9 @@ fn operation(method: &Method, route: &str) -> &'static str {
         ("GET", "/healthz") => "healthz",
         ("GET", "/readyz") => "readyz",
         ("GET", "/metrics") => "metrics",
+        ("GET", "/v1/cluster") => "get_cluster",
+        ("POST", "/v1/cluster/partitions") => "create_cluster_partition",
+        ("DELETE", "/v1/cluster/partitions/{pid}") => "delete_cluster_partition",
         _ => "other",
     }
 }
@@ -1083,6 +1086,9 @@ mod tests {
             "healthz",
             "readyz",
             "metrics",
+            "get_cluster",
+            "create_cluster_partition",
+            "delete_cluster_partition",
         ]
         .into();
         for (method, path, id) in &operations {
