@@ -774,6 +774,16 @@ async fn list_partitions(
         .filter(|p| filter.state.as_deref().is_none_or(|s| p.health().state().name() == s))
         .map(|p| partition_status(p))
         .collect();
+    let mut statuses = statuses;
+    if let Some(cluster) = node.cluster() {
+        statuses.extend(
+            cluster
+                .replicas()
+                .iter()
+                .map(|replica| crate::cluster::routes::replica_status(replica))
+                .filter(|status| filter.state.as_deref().is_none_or(|s| status["state"] == s)),
+        );
+    }
     Ok(Json(Value::Array(statuses)))
 }
 
