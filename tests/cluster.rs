@@ -14,8 +14,23 @@ use support::cluster::{Client, ClusterLoad, TestCluster, assert_readable, node_i
 use support::disks::{Fs, LoopDisk, unavailable};
 use support::wait_for;
 
+/// A PUT through node `via`, retried while the answer is 503 `no_leader`
+/// (nothing written: an election is under way) for up to 10 s, as a
+/// client does.
 fn put(client: &Client, cluster: &TestCluster, via: usize, partition: u64, key: &str, value: &[u8]) -> u16 {
-    client.send("PUT", &cluster.url(via, &format!("/v1/partitions/{partition}/blobs/{key}")), Some(value)).0
+    let url = cluster.url(via, &format!("/v1/partitions/{partition}/blobs/{key}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = client.send("PUT", &url, Some(value));
+        let no_leader = status == 503 && support::error_code(&body) == "no_leader";
+        if !no_leader || std::time::Instant::now() > deadline {
+            if status != 201 {
+                eprintln!("PUT {key} via node {via}: {status} {}", String::from_utf8_lossy(&body));
+            }
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The status of replicated partition `id` on node `i` (its replica's
@@ -203,4 +218,53 @@ fn the_leaders_disk_shut_down_under_load_faults_only_its_replica() {
     let dead =
         view["replicas"].as_array().unwrap().iter().find(|r| r["node"].as_str().and_then(node_index) == Some(leader));
     assert_eq!(dead.map(|r| r["state"].clone()), Some(Value::from("faulted")), "{view}");
+}
+
+/// S3: a leader cut off (frozen) while the others elect a new one comes
+/// back believing it leads. It must not answer a read with what it had
+/// (the newer write is acknowledged elsewhere), nor acknowledge a write
+/// that the group does not hold.
+#[test]
+fn a_stale_leader_back_from_a_pause_serves_nothing_stale() {
+    let cluster = TestCluster::start(3, "");
+    cluster.wait_formed();
+    let (status, created) = cluster.create(0, 6, None);
+    assert_eq!(status, 201, "{created}");
+    let old = cluster.wait_leader(6);
+    let client = Client::new();
+    assert_eq!(put(&client, &cluster, old, 6, "k", b"v1"), 201);
+    cluster.pause(old);
+    let others: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    let mut new = None;
+    wait_for("a new leader among the others", Duration::from_secs(30), || {
+        new = others.iter().copied().find(|i| raft_view(&cluster, *i, 6)["role"] == "leader");
+        new.is_some()
+    });
+    let new = new.unwrap();
+    assert_eq!(put(&client, &cluster, new, 6, "k", b"v2"), 201);
+    cluster.resume(old);
+    // Straight away, while it may still think it leads: no redirects
+    // followed, so the answer is the old leader's own.
+    let agent = ureq::AgentBuilder::new().redirects(0).timeout(Duration::from_secs(10)).build();
+    let mut stale_writes = Vec::new();
+    for round in 0..20 {
+        let (status, body) = support::call(agent.get(&cluster.url(old, "/v1/partitions/6/blobs/k")), None);
+        assert!(
+            status == 307 || status == 503 || (status == 200 && body == b"v2"),
+            "round {round}: the old leader answered {status} {:?}",
+            String::from_utf8_lossy(&body)
+        );
+        let key = format!("late{round}");
+        let (status, _) =
+            support::call(agent.put(&cluster.url(old, &format!("/v1/partitions/6/blobs/{key}"))), Some(b"x"));
+        assert!([201, 307, 503, 500].contains(&status), "round {round}: a write to the old leader answered {status}");
+        if status == 201 {
+            stale_writes.push(support::cluster::Acked { key, value: b"x".to_vec() });
+        }
+    }
+    // Whatever it acknowledged, the group holds.
+    let leader = cluster.wait_leader(6);
+    assert_readable(cluster.ports[leader], 6, &stale_writes, "writes the old leader acknowledged");
+    let (status, body) = client.send("GET", &cluster.url(old, "/v1/partitions/6/blobs/k"), None);
+    assert_eq!((status, body), (200, b"v2".to_vec()));
 }

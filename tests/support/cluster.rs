@@ -95,6 +95,21 @@ impl TestCluster {
         }
     }
 
+    /// SIGSTOP: the node freezes (its peers see it cut off), its state
+    /// kept.
+    pub fn pause(&self, i: usize) {
+        let pid = self.node(i).pid().expect("running") as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+    }
+
+    /// SIGCONT after [`TestCluster::pause`].
+    pub fn resume(&self, i: usize) {
+        let pid = self.node(i).pid().expect("running") as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    }
+
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
         let config = self.config(i);
