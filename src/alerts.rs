@@ -83,6 +83,22 @@ fn current(node: &Node, instance: &str) -> BTreeMap<String, Alert> {
             _ => {}
         }
     }
+    // A faulted replica of a replicated partition alerts as a faulted
+    // partition does (its group serves on with the others).
+    for replica in node.cluster().map(|cluster| cluster.replicas()).unwrap_or_default() {
+        if let crate::cluster::replica::ReplicaState::Faulted(reason) = replica.state() {
+            let ids = vec![
+                ("partition", replica.partition.to_string()),
+                ("disk", replica.disk.clone()),
+                ("state", "faulted".to_string()),
+            ];
+            let summary = format!(
+                "Replica {} of partition {} on disk {} is faulted: {reason}",
+                replica.replica_id, replica.partition, replica.disk
+            );
+            add("DatanodePartitionFaulted", "critical", ids, summary, replica.since());
+        }
+    }
     for disk in node.registry.disk_statuses() {
         let since = disk.last_probe.as_ref().map_or_else(SystemTime::now, |p| p.at);
         let summary = format!("Disk {} is {}: {}", disk.name, disk.state.as_str(), disk.reasons.join("; "));

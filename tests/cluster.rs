@@ -211,6 +211,9 @@ fn the_leaders_disk_shut_down_under_load_faults_only_its_replica() {
     // every acknowledged write.
     let (status, _) = Client::new().send("GET", &cluster.url(leader, "/healthz"), None);
     assert_eq!(status, 200, "the node with the dead disk still runs");
+    wait_for("the faulted replica's gauge (DatanodePartitionFaulted)", Duration::from_secs(10), || {
+        cluster.node(leader).metric("datanode_partition_state", &["partition=\"4\"", "state=\"faulted\""]) == Some(1.0)
+    });
     for i in (0..3).filter(|i| *i != leader) {
         assert_readable(cluster.ports[i], 4, &acked, &format!("after the leader's disk died, via node {i}"));
     }

@@ -531,6 +531,11 @@ fn update_metrics(cluster: &Cluster) {
         let running = replica.running();
         let metrics = running.as_ref().map(|(raft, _)| raft.metrics().borrow_watched().clone());
         let role = metrics.as_ref().map_or("shutdown", |m| role_name(m.state));
+        let state = if running.is_some() { "healthy" } else { "faulted" };
+        for name in ["loading", "healthy", "read_only", "faulted"] {
+            metrics::gauge!("datanode_partition_state", "partition" => partition.clone(), "disk" => replica.disk.clone(), "state" => name)
+                .set(if name == state { 1.0 } else { 0.0 });
+        }
         for name in ["leader", "follower", "learner", "candidate", "shutdown"] {
             metrics::gauge!("datanode_raft_role", "partition" => partition.clone(), "role" => name)
                 .set(if name == role { 1.0 } else { 0.0 });

@@ -38,6 +38,8 @@ pub struct Replica {
     pub dir: PathBuf,
     /// Running, or why not.
     state: Mutex<ReplicaState>,
+    /// Since when it is in its state (started or faulted).
+    since: Mutex<std::time::SystemTime>,
 }
 
 /// Where a replica stands.
@@ -101,6 +103,7 @@ impl Replica {
                 disk: spec.disk.0.to_string(),
                 dir: dir.clone(),
                 state: Mutex::new(state),
+                since: Mutex::new(std::time::SystemTime::now()),
             })
         };
         if let Ok(reason) = std::fs::read_to_string(dir.join(FAULT_FILE)) {
@@ -151,6 +154,11 @@ impl Replica {
         self.state.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
+    /// Since when it is in its state.
+    pub fn since(&self) -> std::time::SystemTime {
+        *self.since.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The Raft instance and state machine, unless faulted.
     pub fn running(&self) -> Option<(ReplicaRaft, BlobStateMachine)> {
         match self.state() {
@@ -170,6 +178,7 @@ impl Replica {
             }
             std::mem::replace(&mut *state, ReplicaState::Faulted(reason.clone()))
         };
+        *self.since.lock().unwrap_or_else(PoisonError::into_inner) = std::time::SystemTime::now();
         tracing::error!(partition = self.partition, replica = self.replica_id, %reason, "replica faulted");
         metrics::counter!("datanode_partition_faults_total", "partition" => self.partition.to_string(), "cause" => "io_error")
             .increment(1);
