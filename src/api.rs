@@ -339,6 +339,22 @@ fn replicated(node: &Node, raw: &str) -> Option<(Arc<crate::cluster::Cluster>, u
 /// with 409 `replicated_partition`: what reaches here is an admin call on
 /// one partition (install, recover, read-only, compact, delete, export),
 /// and the state of a replica is its group's to decide.
+/// [`replicated`], after asking the metadata leader once when the id is
+/// neither a partition here nor one this node knows replicated: one
+/// created a moment ago is served, not answered 404.
+async fn replicated_now(node: &Node, raw: &str) -> Option<(Arc<crate::cluster::Cluster>, u64)> {
+    if let Some(found) = replicated(node, raw) {
+        return Some(found);
+    }
+    let cluster = node.cluster()?;
+    let id = partition_id(raw).ok()?;
+    if node.registry.get(id).is_some() {
+        return None;
+    }
+    cluster.refresh().await;
+    replicated(node, raw)
+}
+
 fn partition(node: &Node, raw: &str) -> ApiResult<(u64, Arc<Partition>)> {
     let id = partition_id(raw)?;
     if let Some(cluster) = node.cluster()
@@ -508,7 +524,7 @@ async fn put_blob(
     uri: Uri,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    if let Some((cluster, id)) = replicated(&node, &pid) {
+    if let Some((cluster, id)) = replicated_now(&node, &pid).await {
         let key = blob_key(&uri)?;
         refuse_if_draining(&node, id)?;
         let body = body_or_error(body, &blob_limit(&node)).map_err(|e| e.on(id))?;
@@ -533,7 +549,7 @@ async fn put_blob(
 }
 
 async fn delete_blob(State(node): State<Arc<Node>>, Pid(pid): Pid, uri: Uri) -> ApiResult<Response> {
-    if let Some((cluster, id)) = replicated(&node, &pid) {
+    if let Some((cluster, id)) = replicated_now(&node, &pid).await {
         let key = blob_key(&uri)?;
         refuse_if_draining(&node, id)?;
         return Ok(crate::cluster::routes::delete_blob(&node, &cluster, id, &uri, &key).await);
@@ -579,7 +595,7 @@ pub(crate) fn parse_range(header: &str, len: u64) -> Option<std::ops::Range<u64>
 }
 
 async fn read_blob(node: Arc<Node>, pid: String, uri: Uri, headers: HeaderMap, head_only: bool) -> ApiResult<Response> {
-    if let Some((cluster, id)) = replicated(&node, &pid) {
+    if let Some((cluster, id)) = replicated_now(&node, &pid).await {
         let key = blob_key(&uri)?;
         return Ok(crate::cluster::routes::read_blob(&node, &cluster, id, &uri, key, &headers, head_only).await);
     }
@@ -694,7 +710,7 @@ pub(crate) fn key_json(key: &[u8]) -> Value {
 
 async fn list_blobs(State(node): State<Arc<Node>>, Pid(pid): Pid, uri: Uri) -> ApiResult<Response> {
     let query = list_query(uri.query())?;
-    if let Some((cluster, id)) = replicated(&node, &pid) {
+    if let Some((cluster, id)) = replicated_now(&node, &pid).await {
         return Ok(crate::cluster::routes::list_blobs(&node, &cluster, id, &uri, query).await);
     }
     let (id, partition) = partition(&node, &pid)?;
@@ -788,7 +804,7 @@ async fn list_partitions(
 }
 
 async fn get_partition(State(node): State<Arc<Node>>, Pid(pid): Pid, uri: Uri) -> ApiResult<Response> {
-    if let Some((cluster, id)) = replicated(&node, &pid) {
+    if let Some((cluster, id)) = replicated_now(&node, &pid).await {
         return Ok(crate::cluster::routes::partition_status(&cluster, id, &uri));
     }
     let (_, partition) = partition(&node, &pid)?;

@@ -91,6 +91,11 @@ fn a_follower_answers_307_with_the_leader_and_writes_nothing() {
     assert_eq!(status, 201, "{created}");
     let leader = cluster.wait_leader(5);
     let follower = (leader + 1) % 3;
+    // Until the new leader's first append reaches it, a follower knows no
+    // leader (503 no_leader, which the other tests retry).
+    wait_for("the follower to know the leader", Duration::from_secs(30), || {
+        !raft_view(&cluster, follower, 5)["leader"].is_null()
+    });
     let agent = ureq::AgentBuilder::new().redirects(0).build();
     let url = cluster.url(follower, "/v1/partitions/5/blobs/refused");
     let response = match agent.put(&url).send_bytes(b"nope") {
@@ -270,4 +275,117 @@ fn a_stale_leader_back_from_a_pause_serves_nothing_stale() {
     assert_readable(cluster.ports[leader], 6, &stale_writes, "writes the old leader acknowledged");
     let (status, body) = client.send("GET", &cluster.url(old, "/v1/partitions/6/blobs/k"), None);
     assert_eq!((status, body), (200, b"v2".to_vec()));
+}
+
+/// A partition is served the moment its creation is answered, through
+/// every node (none answers 404 for want of the newest map); the id that
+/// names the metadata group on the peer port is refused.
+#[test]
+fn a_created_partition_is_served_at_once_and_the_reserved_id_is_refused() {
+    let cluster = TestCluster::start(3, "");
+    cluster.wait_formed();
+    let (status, body) = cluster.create(1, u64::MAX, None);
+    assert_eq!(status, 400, "{body}");
+    let client = Client::new();
+    for id in [11, 12, 13] {
+        let (status, created) = cluster.create((id as usize) % 3, id, None);
+        assert_eq!(status, 201, "{created}");
+        for via in 0..3 {
+            assert_eq!(
+                put(&client, &cluster, via, id, &format!("first-{via}"), b"v"),
+                201,
+                "partition {id} via node {via}"
+            );
+        }
+    }
+    // The metadata group still works.
+    assert_eq!(cluster.create(0, 14, None).0, 201);
+}
+
+/// A put whose entry is larger than a replica's log takes is refused
+/// before it is proposed (413), and no replica is harmed by it.
+#[test]
+fn an_entry_too_large_for_the_log_is_refused_before_it_reaches_a_replica() {
+    let limits = "\n[limits]\nmax_blob_size = \"1MiB\"\nmax_queued_bytes_per_partition = \"1MiB\"\n\n[wal]\nmax_batch_bytes = \"512KiB\"\n";
+    let cluster = TestCluster::start(3, limits);
+    cluster.wait_formed();
+    assert_eq!(cluster.create(0, 8, None).0, 201);
+    let client = Client::new();
+    assert_eq!(put(&client, &cluster, 0, 8, "small", b"v"), 201);
+    let big = vec![7u8; 1 << 20];
+    for _ in 0..3 {
+        let (status, body) = client.send("PUT", &cluster.url(1, "/v1/partitions/8/blobs/big"), Some(&big));
+        assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(support::error_code(&body), "payload_too_large");
+    }
+    for i in 0..3 {
+        assert_eq!(cluster.node(i).json("/v1/partitions/8")["state"], "healthy", "node {i}");
+    }
+    assert_readable(
+        cluster.ports[2],
+        8,
+        &[support::cluster::Acked { key: "small".into(), value: b"v".to_vec() }],
+        "after",
+    );
+}
+
+/// SIGTERM and a restart leave every replica of the node healthy (a
+/// replica stopped on purpose is no fault); a partition deleted and
+/// created again while a node was frozen: that node quarantines its old
+/// replica and runs the new one only.
+#[test]
+fn restarts_fault_nothing_and_a_recreated_partition_replaces_the_old_replica() {
+    let mut cluster = TestCluster::start(3, "");
+    cluster.wait_formed();
+    for id in 20..26 {
+        let (status, created) = cluster.create(0, id, None);
+        assert_eq!(status, 201, "{created}");
+    }
+    let client = Client::new();
+    for id in 20..26 {
+        assert_eq!(put(&client, &cluster, 0, id, "k", b"v"), 201);
+    }
+    for round in 0..3 {
+        let i = round % 3;
+        assert!(cluster.nodes[i].as_mut().unwrap().terminate().success(), "node {i} stops cleanly");
+        cluster.restart(i);
+        for id in 20..26 {
+            assert_eq!(
+                cluster.node(i).json(&format!("/v1/partitions/{id}"))["state"],
+                "healthy",
+                "round {round}: partition {id} on node {i}"
+            );
+        }
+    }
+    // Delete and re-create 20 while a node is frozen (not the metadata
+    // leader, which the deletion needs).
+    let meta_leader = cluster.map(0)["meta_leader"].as_str().and_then(node_index).unwrap();
+    let frozen = (meta_leader + 1) % 3;
+    let old = cluster.node(frozen).json("/v1/partitions/20")["raft"]["replica_id"].as_u64().unwrap();
+    cluster.pause(frozen);
+    let admin =
+        |method: &str, path: &str, body: Option<&[u8]>| client.send(method, &cluster.url(meta_leader, path), body);
+    let started = std::time::Instant::now();
+    let (status, body) = admin("DELETE", "/v1/cluster/partitions/20", None);
+    assert_eq!(
+        status,
+        204,
+        "after {:?}, frozen {frozen}, meta leader {meta_leader}: {}",
+        started.elapsed(),
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(cluster.create(meta_leader, 20, None).0, 201);
+    cluster.resume(frozen);
+    wait_for("the frozen node runs the new replica", Duration::from_secs(30), || {
+        cluster.node(frozen).json("/v1/partitions/20")["raft"]["replica_id"].as_u64().is_some_and(|id| id != old)
+    });
+    let quarantine = cluster.dirs[frozen].path().join("d0").join("quarantine");
+    let moved: Vec<String> = std::fs::read_dir(&quarantine)
+        .map(|entries| entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(moved.iter().any(|name| name.starts_with(&format!("replica-20-{old}-"))), "{moved:?}");
+    let replicas = cluster.dirs[frozen].path().join("d0").join("replicas");
+    let held: Vec<String> =
+        std::fs::read_dir(&replicas).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(!held.contains(&format!("20-{old}")), "{held:?}");
 }

@@ -101,7 +101,8 @@ impl ClusterMap {
                 }
             }
             MapCommand::CreatePartition { id, placement } => {
-                if self.partitions.contains_key(id) || placement.is_empty() {
+                // `u64::MAX` names the metadata group on the peer port.
+                if self.partitions.contains_key(id) || placement.is_empty() || *id == u64::MAX {
                     false
                 } else {
                     let first = self.next_replica_id.max(1);

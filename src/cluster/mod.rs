@@ -77,6 +77,15 @@ pub struct Cluster {
     pub meta: Option<Arc<MetaGroup>>,
     learned: RwLock<Learned>,
     replicas: RwLock<HashMap<u64, Arc<Replica>>>,
+    /// Replica directories found at start that are not started (an older
+    /// replica of a partition held here): quarantined once a map shows
+    /// they are not this node's.
+    leftovers: Mutex<Vec<(u64, u64, String)>>,
+    /// Set by `stop`: the heartbeat loop ends before the Raft instances
+    /// stop, so no stopped instance is taken for a fault.
+    stopping: std::sync::atomic::AtomicBool,
+    /// When [`Cluster::refresh`] last asked.
+    last_refresh: Mutex<Option<std::time::Instant>>,
     /// The leader each replica here last knew (for
     /// `datanode_raft_leader_changes_total`).
     last_leaders: Mutex<HashMap<u64, Option<u64>>>,
@@ -160,6 +169,9 @@ impl Cluster {
             learned: RwLock::new(Learned::default()),
             replicas: RwLock::new(HashMap::new()),
             last_leaders: Mutex::new(HashMap::new()),
+            leftovers: Mutex::new(Vec::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+            last_refresh: Mutex::new(None),
             meta_leader: Mutex::new(None),
             registry,
             raft_config,
@@ -201,10 +213,12 @@ impl Cluster {
 
     /// Starts the replicas whose directories are on the disks (a restart).
     async fn start_found_replicas(&self) {
-        let disks: Vec<(String, PathBuf)> =
-            self.registry.disks().iter().map(|d| (d.name.clone(), d.path.clone())).collect();
-        for (disk, path) in disks {
-            let Ok(entries) = std::fs::read_dir(path.join("replicas")) else { continue };
+        // Per partition, the replica with the highest id: ids only grow,
+        // so a lower one is from before a delete and re-create; it is left
+        // for the first map to quarantine.
+        let mut found: BTreeMap<u64, (u64, String, PathBuf)> = BTreeMap::new();
+        for disk in self.registry.disks() {
+            let Ok(entries) = std::fs::read_dir(disk.path.join("replicas")) else { continue };
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let Some((partition, replica_id)) =
@@ -212,12 +226,26 @@ impl Cluster {
                 else {
                     continue;
                 };
-                if self.replica(partition).is_some() {
-                    tracing::warn!(partition, replica_id, "a second replica of one partition on this node is ignored");
-                    continue;
+                let older = match found.get(&partition) {
+                    Some((kept, _, _)) if *kept > replica_id => Some((replica_id, disk.name.clone())),
+                    Some((kept, kept_disk, _)) => Some((*kept, kept_disk.clone())),
+                    None => None,
+                };
+                if let Some((old_id, old_disk)) = older {
+                    tracing::warn!(
+                        partition,
+                        replica = old_id,
+                        "an older replica of a partition held here is not started"
+                    );
+                    self.leftovers.lock().unwrap_or_else(PoisonError::into_inner).push((partition, old_id, old_disk));
                 }
-                self.start_replica(partition, replica_id, &disk, &path, None).await;
+                if found.get(&partition).is_none_or(|(kept, _, _)| *kept < replica_id) {
+                    found.insert(partition, (replica_id, disk.name.clone(), disk.path.clone()));
+                }
             }
+        }
+        for (partition, (replica_id, disk, path)) in found {
+            self.start_replica(partition, replica_id, &disk, &path, None).await;
         }
     }
 
@@ -248,8 +276,12 @@ impl Cluster {
     /// ones it lists here, stops and quarantines the ones it does not.
     async fn reconcile(&self, map: &ClusterMap) {
         for (partition, entry) in map.replicas_on(&self.node_id).map(|(p, r)| (p, r.clone())).collect::<Vec<_>>() {
-            if self.replica(partition).is_some_and(|r| r.replica_id == entry.replica_id) {
-                continue;
+            match self.replica(partition) {
+                Some(held) if held.replica_id == entry.replica_id => continue,
+                // The partition was deleted and created again while this
+                // node did not hear of it: the old replica goes first.
+                Some(held) => self.remove_replica(&held, map.epoch).await,
+                None => {}
             }
             let Some(path) = self.disk_path(&entry.disk) else {
                 tracing::error!(partition, disk = %entry.disk, "the map places a replica on a disk this node lacks");
@@ -279,6 +311,25 @@ impl Cluster {
         for replica in stale {
             self.remove_replica(&replica, map.epoch).await;
         }
+        let leftovers = std::mem::take(&mut *self.leftovers.lock().unwrap_or_else(PoisonError::into_inner));
+        for (partition, replica_id, disk) in leftovers {
+            let listed = map
+                .partitions
+                .get(&partition)
+                .is_some_and(|p| p.replicas.iter().any(|r| r.replica_id == replica_id && r.node == self.node_id));
+            if listed {
+                continue;
+            }
+            if let Some(path) = self.disk_path(&disk) {
+                quarantine(
+                    &replica::replica_dir(&path, partition, replica_id),
+                    &path,
+                    partition,
+                    replica_id,
+                    map.epoch,
+                );
+            }
+        }
     }
 
     /// Stops a replica the map no longer lists and moves its files to
@@ -288,18 +339,7 @@ impl Cluster {
         replica.stop().await;
         self.replicas.write().unwrap_or_else(PoisonError::into_inner).remove(&replica.partition);
         let Some(disk) = self.disk_path(&replica.disk) else { return };
-        let target =
-            disk.join("quarantine").join(format!("replica-{}-{}-epoch{epoch}", replica.partition, replica.replica_id));
-        let moved =
-            std::fs::create_dir_all(disk.join("quarantine")).and_then(|()| std::fs::rename(&replica.dir, &target));
-        match moved {
-            Ok(()) => {
-                tracing::info!(partition = replica.partition, replica = replica.replica_id, to = %target.display(), "replica removed from the map: quarantined")
-            }
-            Err(error) => {
-                tracing::warn!(partition = replica.partition, %error, "could not quarantine a removed replica")
-            }
-        }
+        quarantine(&replica.dir, &disk, replica.partition, replica.replica_id, epoch);
     }
 
     /// What this node says in its heartbeat.
@@ -340,7 +380,17 @@ impl Cluster {
 
     async fn heartbeat_loop(self: Arc<Self>) {
         let mut round = 0usize;
-        loop {
+        let mut beats = 0u64;
+        while !self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            beats += 1;
+            // Now and then the map held is applied again: a replica that
+            // could not start (a disk missing then) gets another chance.
+            if beats.is_multiple_of(RECONCILE_EVERY) {
+                let map = self.learned().map;
+                if map.epoch > 0 {
+                    self.reconcile(&map).await;
+                }
+            }
             for replica in self.replicas() {
                 if replica.check_running() {
                     self.endpoints.remove(replica.partition, replica.replica_id);
@@ -369,6 +419,25 @@ impl Cluster {
             update_metrics(&self);
             update_meta_metrics(&self);
             tokio::time::sleep(self.config.heartbeat_interval).await;
+        }
+    }
+
+    /// Asks the metadata leader for the map now (one heartbeat), for a
+    /// request naming a partition this node has not heard of: it may have
+    /// been created a moment ago. Bounded by the heartbeat's budget.
+    /// At most one per `heartbeat_interval`, however many such requests
+    /// come.
+    pub async fn refresh(&self) {
+        {
+            let mut last = self.last_refresh.lock().unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|at| at.elapsed() < self.config.heartbeat_interval) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let target = self.heartbeat_target(0);
+        if let Ok(Heard::Reply(reply)) = self.send_heartbeat(&target).await {
+            self.learn(reply).await;
         }
     }
 
@@ -445,6 +514,7 @@ impl Cluster {
 
     /// Stops every Raft instance and the peer listener (shutdown).
     pub async fn stop(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::Release);
         self.drain.send_replace(true);
         for replica in self.replicas() {
             replica.stop().await;
@@ -452,6 +522,22 @@ impl Cluster {
         if let Some(meta) = &self.meta {
             let _ = meta.raft.shutdown().await;
         }
+    }
+}
+
+/// Heartbeats between two passes over the map held (see the loop).
+const RECONCILE_EVERY: u64 = 20;
+
+/// Moves a replica's directory to `<disk>/quarantine/` (never deleted by
+/// the node).
+fn quarantine(dir: &Path, disk: &Path, partition: u64, replica_id: u64, epoch: u64) {
+    let target = disk.join("quarantine").join(format!("replica-{partition}-{replica_id}-epoch{epoch}"));
+    let moved = std::fs::create_dir_all(disk.join("quarantine")).and_then(|()| std::fs::rename(dir, &target));
+    match moved {
+        Ok(()) => {
+            tracing::info!(partition, replica = replica_id, to = %target.display(), "replica not in the map: quarantined")
+        }
+        Err(error) => tracing::warn!(partition, replica = replica_id, %error, "could not quarantine a replica"),
     }
 }
 

@@ -200,6 +200,8 @@ impl Replica {
         let metrics = raft.metrics().borrow_watched().clone();
         match &metrics.running_state {
             Ok(()) => false,
+            // Stopped on purpose (shutdown, removal): not a fault.
+            Err(openraft::errors::Fatal::Stopped) => false,
             Err(fatal) => {
                 self.fault(format!("raft stopped: {fatal}"));
                 true

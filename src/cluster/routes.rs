@@ -103,6 +103,7 @@ fn raft_error<E>(
     replica: &Replica,
     uri: &Uri,
     error: openraft::errors::RaftError<datanode_partition::raft::TypeConfig, E>,
+    writing: bool,
 ) -> Response
 where
     E: std::fmt::Display
@@ -111,7 +112,17 @@ where
 {
     let partition = replica.partition;
     if let openraft::errors::RaftError::Fatal(fatal) = &error {
+        // Stopped on purpose (shutdown, removal): no fault.
+        if matches!(fatal, openraft::errors::Fatal::Stopped) {
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the replica is stopping")
+                .on(partition)
+                .into_response();
+        }
         replica.fault(format!("raft stopped: {fatal}"));
+        if writing {
+            // The entry may have been appended and sent before the stop.
+            return outcome_unknown(partition, &format!("the replica stopped during the write ({fatal})"));
+        }
         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "partition_faulted", error.to_string())
             .on(partition)
             .into_response();
@@ -160,7 +171,7 @@ async fn write(
         Ok(Err(openraft::errors::RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => {
             outcome_unknown(partition, "the entry was appended, then the leader changed")
         }
-        Ok(Err(error)) => raft_error(cluster, &replica, uri, error),
+        Ok(Err(error)) => raft_error(cluster, &replica, uri, error, true),
         Err(_) => outcome_unknown(partition, "the group did not commit within request_timeout"),
     }
 }
@@ -175,9 +186,27 @@ fn outcome_unknown(partition: u64, why: &str) -> Response {
     .into_response()
 }
 
-/// `PUT /v1/partitions/{pid}/blobs/{key}` of a replicated partition.
+/// `PUT /v1/partitions/{pid}/blobs/{key}` of a replicated partition. An
+/// entry larger than a replica's log can take is refused (413) before it
+/// is proposed: a log that cannot append an entry stops its group.
 pub async fn put_blob(node: &Node, cluster: &Cluster, partition: u64, uri: &Uri, key: &[u8], body: Bytes) -> Response {
-    write(node, cluster, partition, uri, blob::encode_put(key, &body), Some(body.len() as u64)).await
+    let command = blob::encode_put(key, &body);
+    let limit = datanode_wal::format::MAX_RECORD_LEN.min(node.config.limits.max_queued_bytes_per_partition as usize);
+    if datanode_partition::raft::ENTRY_OVERHEAD + command.len() > limit {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "the entry of this put ({} bytes with its key and headers) is larger than \
+                 limits.max_queued_bytes_per_partition = {}",
+                datanode_partition::raft::ENTRY_OVERHEAD + command.len(),
+                crate::config::size_text(node.config.limits.max_queued_bytes_per_partition)
+            ),
+        )
+        .on(partition)
+        .into_response();
+    }
+    write(node, cluster, partition, uri, command, Some(body.len() as u64)).await
 }
 
 /// `DELETE /v1/partitions/{pid}/blobs/{key}` of a replicated partition.
@@ -203,7 +232,7 @@ async fn linearizable(
         .await
     {
         Ok(Ok(_)) => Ok((replica, machine)),
-        Ok(Err(error)) => Err(raft_error(cluster, &replica, uri, error)),
+        Ok(Err(error)) => Err(raft_error(cluster, &replica, uri, error, false)),
         Err(_) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "partition_unavailable",
@@ -483,6 +512,10 @@ pub async fn create_partition(State(node): State<Arc<Node>>, headers: HeaderMap,
         Ok(request) => request,
         Err(error) => return error.into_response(),
     };
+    if request.id == super::transport::METADATA_GROUP {
+        return ApiError::bad_request(format!("partition id {} is reserved for the metadata group", request.id))
+            .into_response();
+    }
     let replicas = request.replicas.unwrap_or(cluster.config.replication_factor);
     if !(1..=7).contains(&replicas) {
         return ApiError::bad_request(format!("replicas = {replicas} is outside 1..=7")).into_response();

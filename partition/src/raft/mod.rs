@@ -47,6 +47,12 @@ mod state_machine;
 pub mod types;
 
 pub use error::StoreError;
+
+/// Bytes a Raft entry's WAL record adds to its command (the entry header):
+/// a proposer checks `ENTRY_OVERHEAD + command length` against the log's
+/// largest record before proposing, since a log that cannot take an entry
+/// stops its group.
+pub const ENTRY_OVERHEAD: usize = codec::ENTRY_HEADER_LEN;
 pub use log_store::{LogReader, LogStore};
 pub use snapshot::{ImageStream, SnapshotImage};
 pub use snapshot_meta::{SnapshotMeta, StoredMembership};
