@@ -115,6 +115,8 @@ struct Peer {
 #[derive(Debug, Default)]
 struct Link {
     sender: Option<SendRequest<PeerBody>>,
+    /// Connections opened to this peer.
+    opened: u64,
     failures: u32,
     next_attempt: Option<Instant>,
 }
@@ -134,6 +136,15 @@ impl PeerPool {
     #[cfg(test)]
     pub fn connections_opened(&self) -> u64 {
         self.inner.connects.load(Ordering::Relaxed)
+    }
+
+    /// How many connections this pool has opened to `addr`.
+    pub async fn connections_opened_to(&self, addr: &str) -> u64 {
+        let peer = self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner).get(addr).cloned();
+        match peer {
+            Some(peer) => peer.link.lock().await.opened,
+            None => 0,
+        }
     }
 
     fn peer(&self, addr: &str) -> Arc<Peer> {
@@ -172,6 +183,7 @@ impl PeerPool {
             Ok(sender) => {
                 metrics::counter!("datanode_peer_connects_total", "result" => "ok").increment(1);
                 self.inner.connects.fetch_add(1, Ordering::Relaxed);
+                link.opened += 1;
                 link.failures = 0;
                 link.next_attempt = None;
                 link.sender = Some(sender.clone());

@@ -281,11 +281,25 @@ async fn three_nodes_elect_replicate_fail_over_and_catch_up() {
     converged(&alive, 1, &new_leader, 250).await;
 
     // It comes back on the same address with its log and catches up.
+    let restarted = nodes[dead].addr.to_string();
+    let opened_before = nodes[by_id(&nodes, second)].pool.connections_opened_to(&restarted).await;
     nodes[dead].listen_again().await;
     nodes[dead].open_replica(1, &config).await;
     let all: Vec<&Node> = nodes.iter().collect();
     let new_leader = write(&all, 1, (0..10).map(|i| format!("c{i}")), 200).await;
     converged(&all, 1, &new_leader, 260).await;
+    // One connection to each peer per life of that peer's listener: a
+    // dropped one was replaced once, never doubled. (A follower that never
+    // stood for election dials nobody.)
+    for node in &nodes {
+        for peer in nodes.iter().filter(|peer| peer.id != node.id) {
+            let lives = if peer.id == first { 2 } else { 1 };
+            let opened = node.pool.connections_opened_to(&peer.addr.to_string()).await;
+            assert!(opened <= lives, "node {} opened {opened} connections to node {}", node.id, peer.id);
+        }
+    }
+    let opened = nodes[by_id(&nodes, second)].pool.connections_opened_to(&restarted).await;
+    assert_eq!(opened, opened_before + 1, "the new leader reconnected to the restarted node once");
     for node in &mut nodes {
         node.kill().await;
     }
@@ -589,4 +603,63 @@ async fn a_refused_connection_reaches_no_group() {
     assert_eq!(node.stats.admitted(), 0);
     assert_eq!(node.raft(3).metrics().borrow_watched().vote.leader_id.term, 0, "the vote never reached the group");
     node.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_lets_the_request_under_way_finish_and_takes_no_new_one() {
+    let root = scratch();
+    let (mut node, listener) = Node::bind(1, root.path()).await;
+    node.serve_on(listener, PeerServerOptions::default());
+    let raft = node.open_replica(7, &config(|_| {})).await;
+    raft.initialize(members(std::slice::from_ref(&node))).await.unwrap();
+    leader(&[&node], 7).await;
+    let client = pool();
+    let addr = node.addr;
+
+    // A vote whose body arrives in two halves, the drain between them.
+    let vote = wire::encode(&vote_request(1)).unwrap();
+    let (first, second) = vote.split_at(vote.len() / 2);
+    let (pieces, receiver) = snapshot::channel();
+    let body = ChunkBody::new(Bytes::copy_from_slice(first), receiver, Progress::new()).boxed_unsync();
+    let mut sender = client.sender(&addr.to_string(), DEADLINE).await.unwrap();
+    let request = Request::post(format!("http://{addr}{}", wire::path(7, 1, wire::Rpc::Vote)))
+        .header(wire::SENDER_HEADER, "2")
+        .body(body)
+        .unwrap();
+    let answer = tokio::spawn(sender.send_request(request));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    node.drain.take().unwrap().send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!node.server.as_ref().unwrap().is_finished(), "the server waits for the request under way");
+    pieces.send(Piece::Bytes(Bytes::copy_from_slice(second))).await.unwrap();
+    pieces.send(Piece::End).await.unwrap();
+    let response = tokio::time::timeout(DEADLINE, answer).await.unwrap().unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let _: openraft::raft::VoteResponse<TypeConfig> = wire::decode(&bytes).unwrap();
+    tokio::time::timeout(DEADLINE, node.server.take().unwrap()).await.expect("the server drained").unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "the listener is closed");
+    node.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_accepts_and_never_answers_costs_one_soft_ttl() {
+    // Accepts connections and reads nothing: no HTTP/2 settings, no answer.
+    let blackhole = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = blackhole.local_addr().unwrap().to_string();
+    let held = tokio::spawn(async move {
+        let mut streams = Vec::new();
+        while let Ok((stream, _)) = blackhole.accept().await {
+            streams.push(stream);
+        }
+    });
+    let mut factory = GroupNetworkFactory::<MemStateMachine>::new(pool(), 1, 2);
+    let mut client = factory.new_client(1, &BasicNode { addr }).await;
+    let option = RPCOption::new(Duration::from_millis(400));
+    let started = Instant::now();
+    let failed = client.vote(vote_request(1), option.clone()).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(failed, RPCError::Timeout(_) | RPCError::Unreachable(_)), "{failed}");
+    assert!(took >= option.soft_ttl() / 2 && took < option.hard_ttl(), "{took:?}");
+    held.abort();
 }
