@@ -23,6 +23,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+/// Streams this node reset (an RPC dropped) whose late frames it still
+/// recognises and ignores, and for how long.
+const RESET_STREAMS_REMEMBERED: usize = 4096;
+const RESET_STREAM_MEMORY: Duration = Duration::from_secs(30);
+
 /// The request body of every peer request.
 pub type PeerBody = UnsyncBoxBody<Bytes, io::Error>;
 
@@ -206,12 +211,24 @@ async fn connect(addr: &str, options: &PoolOptions) -> io::Result<SendRequest<Pe
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    // openraft drops an RPC that outlives its budget, which resets its
+    // stream; the peer's answer may still arrive for it. h2 ignores frames
+    // of a stream it remembers resetting (at most 10, for 1 s, by
+    // default) and resets any other again, counting every such reset
+    // against a limit (1024) that never decreases and then closes the
+    // connection. A peer connection lives for days and carries the
+    // cancellations of every group, so: remember many resets for longer,
+    // and no lifetime limit (peers are admitted by the server, see
+    // `server::PeerAdmission`; a flood is theirs to refuse).
     builder
         .timer(TokioTimer::new())
         .keep_alive_interval(options.keepalive_interval)
         .keep_alive_timeout(options.keepalive_timeout)
         .keep_alive_while_idle(true)
-        .adaptive_window(true);
+        .adaptive_window(true)
+        .max_concurrent_reset_streams(RESET_STREAMS_REMEMBERED)
+        .reset_stream_duration(RESET_STREAM_MEMORY)
+        .max_local_error_reset_streams(None);
     let (sender, connection) = builder.handshake(TokioIo::new(stream)).await.map_err(io::Error::other)?;
     let peer = addr.to_string();
     tokio::spawn(async move {

@@ -39,7 +39,9 @@ use super::wire::{self, ErrorBody};
 
 type TestRaft = Raft<TypeConfig, BlobStateMachine>;
 
-const DEADLINE: Duration = Duration::from_secs(30);
+/// The longest any step may take: generous, since a debug build shares
+/// two cores with other builds.
+const DEADLINE: Duration = Duration::from_secs(60);
 
 fn scratch() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
@@ -662,4 +664,66 @@ async fn a_peer_that_accepts_and_never_answers_costs_one_soft_ttl() {
     assert!(matches!(failed, RPCError::Timeout(_) | RPCError::Unreachable(_)), "{failed}");
     assert!(took >= option.soft_ttl() / 2 && took < option.hard_ttl(), "{took:?}");
     held.abort();
+}
+
+/// Answers every call after a pause, with the bytes it was given.
+struct SlowEcho(Duration);
+
+impl super::registry::GroupEndpoint for SlowEcho {
+    fn call(
+        &self,
+        _rpc: wire::Rpc,
+        request: Bytes,
+    ) -> futures_util::future::BoxFuture<'_, Result<Bytes, super::registry::EndpointError>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.0).await;
+            Ok(request)
+        })
+    }
+
+    fn install_snapshot(
+        &self,
+        _vote: datanode_partition::raft::Vote,
+        _meta: super::registry::SnapshotMeta,
+        _body: snapshot::SnapshotBody,
+    ) -> futures_util::future::BoxFuture<'_, Result<Bytes, super::registry::EndpointError>> {
+        Box::pin(async { Err(super::registry::EndpointError::BadRequest("no snapshots here".into())) })
+    }
+}
+
+/// RPCs given up while their answer is arriving (openraft drops them at
+/// their budget) leave frames arriving for streams the client reset; a
+/// long-lived connection must take any number of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_abandoned_requests_do_not_cost_the_connection() {
+    let root = scratch();
+    let (mut node, listener) = Node::bind(1, root.path()).await;
+    node.serve_on(listener, PeerServerOptions::default());
+    node.registry.register(5, 1, Arc::new(SlowEcho(Duration::from_millis(1))));
+    let client = pool();
+    let addr = node.addr.to_string();
+    let uri = format!("http://{addr}{}", wire::path(5, 1, wire::Rpc::Vote));
+    // Answers larger than a stream's first flow-control window: they are
+    // still arriving when the client gives up on them.
+    let payload = Bytes::from(vec![7u8; 128 << 10]);
+    let send = |sender: &mut hyper::client::conn::http2::SendRequest<PeerBody>, body: Bytes| {
+        let request = Request::post(uri.clone()).header(wire::SENDER_HEADER, "2").body(full(body)).unwrap();
+        sender.send_request(request)
+    };
+    // 1250 of them: more than h2's default lifetime limit of 1024 resets.
+    for _round in 0..5 {
+        let mut sender = client.sender(&addr, DEADLINE).await.unwrap();
+        let abandoned: Vec<_> = (0..250).map(|_| tokio::spawn(send(&mut sender, payload.clone()))).collect();
+        for request in abandoned {
+            // The head arrived; the body is dropped unread.
+            let _ = request.await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut sender = client.sender(&addr, DEADLINE).await.unwrap();
+    let response = send(&mut sender, Bytes::from_static(b"ping")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), Bytes::from_static(b"ping"));
+    assert_eq!(client.connections_opened(), 1, "the connection survived the abandoned requests");
+    node.kill().await;
 }

@@ -185,7 +185,61 @@ impl ErrorBody {
 
 #[cfg(test)]
 mod tests {
+    use datanode_partition::raft::{Command, Entry, LogId, TypeConfig};
+    use openraft::EntryPayload;
+    use openraft::entry::RaftEntry;
+    use openraft::impls::leader_id_adv::LeaderId;
+    use openraft::raft::AppendEntriesRequest;
+    use proptest::prelude::*;
+
     use super::*;
+
+    fn append(entries: Vec<Vec<u8>>, term: u64) -> AppendEntriesRequest<TypeConfig> {
+        let log_id = |index| LogId::new(LeaderId { term, node_id: 2 }, index);
+        AppendEntriesRequest {
+            vote: openraft::impls::Vote { leader_id: LeaderId { term, node_id: 2 }, committed: true },
+            prev_log_id: Some(log_id(3)),
+            entries: entries
+                .into_iter()
+                .enumerate()
+                .map(|(i, bytes)| Entry::new(log_id(4 + i as u64), EntryPayload::Normal(Command(Bytes::from(bytes)))))
+                .collect(),
+            leader_commit: Some(log_id(3)),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_path_parses_or_is_refused(text in ".{0,80}", group: u64, target: u64) {
+            let _ = parse_path(&text);
+            let _ = parse_path(&format!("{PATH_PREFIX}{text}"));
+            for rpc in Rpc::ALL {
+                prop_assert_eq!(parse_path(&path(group, target, rpc)).unwrap(), (group, target, rpc));
+            }
+        }
+
+        #[test]
+        fn an_append_round_trips_and_any_bytes_decode_or_are_refused(
+            entries in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..8),
+            term: u64,
+            junk in proptest::collection::vec(any::<u8>(), 0..400),
+        ) {
+            let request = append(entries, term);
+            let bytes = encode(&request).unwrap();
+            let back: AppendEntriesRequest<TypeConfig> = decode(&bytes).unwrap();
+            prop_assert_eq!(format!("{back:?}"), format!("{request:?}"));
+            let commands = |r: &AppendEntriesRequest<TypeConfig>| -> Vec<Bytes> {
+                r.entries.iter().filter_map(|e| match &e.payload { EntryPayload::Normal(c) => Some(c.0.clone()), _ => None }).collect()
+            };
+            prop_assert_eq!(commands(&back), commands(&request));
+            let _ = decode::<AppendEntriesRequest<TypeConfig>>(&junk);
+            let mut cut = bytes.to_vec();
+            cut.truncate(junk.len() % (bytes.len() + 1));
+            if cut.len() < bytes.len() {
+                prop_assert!(decode::<AppendEntriesRequest<TypeConfig>>(&cut).is_err());
+            }
+        }
+    }
 
     #[test]
     fn paths_round_trip_and_anything_else_is_refused() {
