@@ -144,6 +144,7 @@ impl PeerPool {
     }
 
     /// How many connections this pool has opened to `addr`.
+    #[cfg(test)]
     pub async fn connections_opened_to(&self, addr: &str) -> u64 {
         let peer = self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner).get(addr).cloned();
         match peer {

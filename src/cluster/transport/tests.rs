@@ -655,7 +655,7 @@ async fn a_peer_that_accepts_and_never_answers_costs_one_soft_ttl() {
             streams.push(stream);
         }
     });
-    let mut factory = GroupNetworkFactory::<MemStateMachine>::new(pool(), 1, 2);
+    let mut factory = GroupNetworkFactory::<BlobStateMachine>::new(pool(), 1, 2);
     let mut client = factory.new_client(1, &BasicNode { addr }).await;
     let option = RPCOption::new(Duration::from_millis(400));
     let started = Instant::now();

@@ -202,7 +202,9 @@ mod tests {
             entries: entries
                 .into_iter()
                 .enumerate()
-                .map(|(i, bytes)| Entry::new(log_id(4 + i as u64), EntryPayload::Normal(Command(Bytes::from(bytes)))))
+                .map(|(i, bytes)| {
+                    Entry::new(log_id(4 + i as u64), EntryPayload::Normal(Command::new(Bytes::from(bytes))))
+                })
                 .collect(),
             leader_commit: Some(log_id(3)),
         }
@@ -229,7 +231,7 @@ mod tests {
             let back: AppendEntriesRequest<TypeConfig> = decode(&bytes).unwrap();
             prop_assert_eq!(format!("{back:?}"), format!("{request:?}"));
             let commands = |r: &AppendEntriesRequest<TypeConfig>| -> Vec<Bytes> {
-                r.entries.iter().filter_map(|e| match &e.payload { EntryPayload::Normal(c) => Some(c.0.clone()), _ => None }).collect()
+                r.entries.iter().filter_map(|e| match &e.payload { EntryPayload::Normal(c) => Some(c.bytes().clone()), _ => None }).collect()
             };
             prop_assert_eq!(commands(&back), commands(&request));
             let _ = decode::<AppendEntriesRequest<TypeConfig>>(&junk);
