@@ -5,7 +5,8 @@
 # e2fsprogs for the real-kernel fault tests, fuse3 (fusermount3) for the
 # FUSE-backed disks, prometheus (also promtool) and prometheus-alertmanager
 # for the alerting end-to-end test, systemd (systemd-analyze) for the unit's
-# verify and security checks. Without root those tests print SKIPPED. CI sets
+# verify and security checks, iptables for the cluster nemesis (a node cut
+# off from its peers). Without root those tests print SKIPPED. CI sets
 # DATANODE_REQUIRE_KERNEL_TESTS=1 so that a skip fails the run instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,7 @@ command -v fusermount3 >/dev/null 2>&1 || need_packages+=(fuse3)
 command -v promtool >/dev/null 2>&1 || need_packages+=(prometheus)
 command -v prometheus-alertmanager >/dev/null 2>&1 || need_packages+=(prometheus-alertmanager)
 command -v systemd-analyze >/dev/null 2>&1 || need_packages+=(systemd)
+command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || need_packages+=(iptables)
 if [ "${#need_packages[@]}" -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${need_packages[*]}"
     apt-get update -qq

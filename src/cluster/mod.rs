@@ -113,6 +113,13 @@ fn raft_config(config: &ClusterConfig) -> anyhow::Result<Arc<openraft::Config>> 
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
         max_in_snapshot_log_to_keep: keep,
         install_snapshot_timeout: millis(config.election_timeout).max(1000),
+        // A restarted leader stands for election like any other node. Its
+        // state machine is rebuilt from the snapshot and the log up to the
+        // committed index it last stored, which lags (the committed index is
+        // not synced on every commit); restored as leader at once, it would
+        // serve linearizable reads from that stale state. An election
+        // commits a new blank entry first, and reads wait for it.
+        enable_leader_restore: Some(false),
         ..Default::default()
     };
     Ok(Arc::new(raft.validate()?))
@@ -687,4 +694,20 @@ fn update_meta_metrics(cluster: &Cluster) {
     metrics::gauge!("datanode_cluster_nodes", "state" => "up").set(up as f64);
     metrics::gauge!("datanode_cluster_nodes", "state" => "down").set(down as f64);
     metrics::gauge!("datanode_partitions_under_replicated").set(under as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restarted_leader_is_not_restored_without_an_election() {
+        let config: ClusterConfig = toml::from_str(
+            "peer_addr = \"127.0.0.1:7001\"\nadvertise_url = \"http://127.0.0.1:8001\"\n\
+             seeds = [\"dn-1@127.0.0.1:7001\"]\n",
+        )
+        .expect("a [cluster] section");
+        let raft = raft_config(&config).expect("valid");
+        assert_eq!(raft.enable_leader_restore, Some(false));
+    }
 }

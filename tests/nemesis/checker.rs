@@ -17,6 +17,11 @@
 //! restart must agree (an unknown outcome is stable once settled); the
 //! partitions' states only take legal transitions; faults stay where the
 //! nemesis put them.
+//!
+//! In cluster mode (`Rules::cluster`) the same model holds for replicated
+//! partitions reached through any node: 503 `no_leader` is one more
+//! refusal, and a redirect the client could not follow to an answer is an
+//! unknown outcome (for a write) or a failed read.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -76,14 +81,22 @@ pub struct Rules {
     /// A power cut of the only disk may lose a partition's fault record
     /// (docs/FAULTS.md, "Stickiness when the disk itself died").
     pub faults_may_be_lost_on_power_cut: bool,
+    /// Replicated partitions of a cluster, reached through any node with
+    /// redirects followed: 503 `no_leader` is a refusal too (nothing
+    /// written), and a 307 `not_leader` is never a final answer.
+    pub cluster: bool,
 }
+
+/// Refusals of cluster mode on top of [`REFUSALS`].
+const CLUSTER_REFUSALS: [&str; 1] = ["no_leader"];
 
 /// How a put or delete answered, per the API's contract; `Err` for an
 /// answer the contract does not allow.
-fn write_status(event: &Event) -> Result<Status, String> {
+fn write_status(event: &Event, cluster: bool) -> Result<Status, String> {
     match (event.status, event.code.as_str()) {
         (201 | 204, _) => Ok(Status::Acked),
         (503, code) if REFUSALS.contains(&code) => Ok(Status::Refused),
+        (503, code) if cluster && CLUSTER_REFUSALS.contains(&code) => Ok(Status::Refused),
         (400 | 413, _) => Ok(Status::Refused),
         (500, "write_outcome_unknown") => Ok(Status::Unknown),
         // No answer: unknown, even "connection refused": the client retries
@@ -142,7 +155,7 @@ impl<'a> Checker<'a> {
                         observe(&mut observations, &key.1, Want::Is(None));
                         continue;
                     }
-                    let status = match write_status(e) {
+                    let status = match write_status(e, self.rules.cluster) {
                         Ok(status) => status,
                         Err(why) => {
                             violations.push(format!("{why}: {e}"));
@@ -406,7 +419,7 @@ impl<'a> Checker<'a> {
                     e.partition == p
                         && e.key.as_deref() == Some(key.as_str())
                         && matches!(e.kind, Kind::Put { .. } | Kind::Delete { .. })
-                        && write_status(e).is_ok_and(|s| s == Status::Unknown)
+                        && write_status(e, self.rules.cluster).is_ok_and(|s| s == Status::Unknown)
                 });
                 let damaged = injections
                     .iter()

@@ -85,6 +85,17 @@ struct Shared {
 
 /// Status, error code (or transport error) and body of one request.
 pub fn request(agent: &ureq::Agent, method: &str, url: &str, body: Option<&[u8]>) -> (u16, String, Vec<u8>) {
+    let (status, code, bytes, _) = request_located(agent, method, url, body);
+    (status, code, bytes)
+}
+
+/// Like [`request`], with the answer's `Location` header.
+pub fn request_located(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    body: Option<&[u8]>,
+) -> (u16, String, Vec<u8>, Option<String>) {
     let req = agent.request(method, url);
     let result = match body {
         Some(body) => req.send_bytes(body),
@@ -98,13 +109,14 @@ pub fn request(agent: &ureq::Agent, method: &str, url: &str, body: Option<&[u8]>
                 ureq::ErrorKind::ConnectionFailed => "connection_failed".to_string(),
                 kind => format!("transport: {kind}"),
             };
-            return (0, code, Vec::new());
+            return (0, code, Vec::new(), None);
         }
     };
     let status = response.status();
+    let location = response.header("location").map(str::to_string);
     let mut bytes = Vec::new();
     if std::io::Read::read_to_end(&mut response.into_reader(), &mut bytes).is_err() {
-        return (0, "transport: the body broke off".into(), Vec::new());
+        return (0, "transport: the body broke off".into(), Vec::new(), None);
     }
     let code = if status >= 400 {
         serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -114,7 +126,25 @@ pub fn request(agent: &ureq::Agent, method: &str, url: &str, body: Option<&[u8]>
     } else {
         String::new()
     };
-    (status, code, bytes)
+    (status, code, bytes, location)
+}
+
+/// What a GET of `key` or a list saw, from its answer.
+pub fn read_observed(kind: &Kind, status: u16, code: &str, bytes: &[u8], key: Option<&str>) -> Observed {
+    match (kind, status) {
+        (Kind::Get, 200) => match decode_value(bytes) {
+            Ok(id) if Some(id.key.as_str()) == key => Observed::Value(id.write),
+            Ok(id) => Observed::Garbage(format!("the value of key {} (w{})", id.key, id.write)),
+            Err(why) => Observed::Garbage(why),
+        },
+        (Kind::Get, 404) if code == "blob_not_found" => Observed::Absent,
+        (Kind::List, 200) => {
+            let v: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
+            let keys = v["keys"].as_array().cloned().unwrap_or_default();
+            Observed::Keys(keys.iter().map(|k| k.as_str().map_or_else(|| k.to_string(), str::to_string)).collect())
+        }
+        _ => Observed::Nothing,
+    }
 }
 
 fn agent() -> ureq::Agent {
@@ -147,17 +177,7 @@ impl Shared {
         let complete = h.now();
         let mut kind = kind;
         let observed = match (&kind, status) {
-            (Kind::Get, 200) => match decode_value(&bytes) {
-                Ok(id) if Some(id.key.as_str()) == key => Observed::Value(id.write),
-                Ok(id) => Observed::Garbage(format!("the value of key {} (w{})", id.key, id.write)),
-                Err(why) => Observed::Garbage(why),
-            },
-            (Kind::Get, 404) if code == "blob_not_found" => Observed::Absent,
-            (Kind::List, 200) => {
-                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-                let keys = v["keys"].as_array().cloned().unwrap_or_default();
-                Observed::Keys(keys.iter().map(|k| k.as_str().map_or_else(|| k.to_string(), str::to_string)).collect())
-            }
+            (Kind::Get | Kind::List, _) => read_observed(&kind, status, &code, &bytes, key),
             (Kind::Export { .. }, 200) => match parse_image(&bytes) {
                 Ok(contents) => {
                     let mut images = h.images.lock().unwrap();
@@ -196,6 +216,7 @@ impl Shared {
             code,
             observed,
             settle,
+            via: String::new(),
         });
         (status, bytes)
     }
@@ -833,94 +854,102 @@ impl Run {
             let _ = thread.join();
         }
         let setup = &self.shared.setup;
-        let events = {
-            let mut events = self.history.events.lock().unwrap().clone();
-            events.sort_by_key(|e| (e.invoke, e.id));
-            events
-        };
         let rules = Rules {
             partitions: setup.partitions.clone(),
             keys: self.shared.keys.clone(),
             faults_may_be_lost_on_power_cut: setup.faults_may_be_lost_on_power_cut,
+            cluster: false,
         };
-        let checker = Checker::new(&events, rules);
-        let violations = checker.check(&self.history);
-        let count = |f: &dyn Fn(&Event) -> bool| events.iter().filter(|e| f(e)).count();
-        let mut by_answer: BTreeMap<String, usize> = BTreeMap::new();
-        for e in &events {
-            let op = match e.kind {
-                Kind::Put { .. } => "put",
-                Kind::Delete { .. } => "delete",
-                Kind::Get => "get",
-                Kind::List => "list",
-                Kind::Export { .. } => "export",
-                Kind::Install { .. } => "install",
-                Kind::Recover => "recover",
-                Kind::ReadOnly(_) => "read-only",
-                Kind::Compact => "compact",
-                Kind::Nemesis(_) => continue,
-            };
-            *by_answer.entry(format!("{op} {} {}", e.status, e.code)).or_default() += 1;
-        }
-        let dump = std::env::temp_dir().join(format!("nemesis-{}-{}.history", setup.name, self.budget.seed));
-        let text: String = events.iter().map(|e| format!("{e}\n")).collect();
-        let _ = std::fs::write(&dump, text);
-        eprintln!(
-            "nemesis {}: {} steps in {:.1}s, {} operations ({} restarts, {} faults injected); answers: {by_answer:?}; history in {}",
-            setup.name,
-            self.step(),
-            self.started.elapsed().as_secs_f64(),
-            count(&|e| !matches!(e.kind, Kind::Nemesis(_))),
-            self.history.restarts.lock().unwrap().len(),
-            self.history.injections.lock().unwrap().len(),
-            dump.display()
-        );
-        if !violations.is_empty() {
-            let mut text = String::from("\nall violations, one line each:\n");
-            for v in violations.iter().take(60) {
-                let first: String = v.lines().next().unwrap_or_default().chars().take(220).collect();
-                text.push_str(&format!("  * {first}\n"));
-            }
-            // In full: the first of each kind (reads, stability across
-            // restarts, states), then the next ones, six in all.
-            let kind = |v: &str| {
-                if v.contains("changed across the restart") {
-                    1
-                } else if v.contains("went faulted") || v.contains("left faulted") {
-                    2
-                } else {
-                    0
-                }
-            };
-            let mut full: Vec<&String> = Vec::new();
-            for k in 0..3 {
-                full.extend(violations.iter().find(|v| kind(v) == k));
-            }
-            for v in &violations {
-                if full.len() >= 6 {
-                    break;
-                }
-                if !full.contains(&v) {
-                    full.push(v);
-                }
-            }
-            text.push_str("\nin full (the first of each kind, then the next ones):\n");
-            for v in full {
-                text.push_str(&format!("\n--- {v}\n"));
-            }
-            panic!(
-                "nemesis {} FAILED: {} violation(s) of the node's contract; NEMESIS_SEED={} NEMESIS_STEPS={} (reproduce: NEMESIS_SEED={} NEMESIS_STEPS={} cargo test --test nemesis {} -- --nocapture)\n{text}",
-                setup.name,
-                violations.len(),
-                self.budget.seed,
-                self.budget.steps,
-                self.budget.seed,
-                self.budget.steps,
-                setup.name
-            );
-        }
-        eprintln!("nemesis {}: no violation", setup.name);
+        let summary = format!("{} steps in {:.1}s", self.step(), self.started.elapsed().as_secs_f64());
+        judge(setup.name, &self.budget, &self.history, rules, &summary);
     }
+}
+
+/// Holds the history to the contract: runs the checker, prints the summary
+/// (`summary` first: steps and time), writes the whole history to the temp
+/// directory, and panics with the seed, the step budget and the offending
+/// history excerpts when the contract was broken.
+pub fn judge(name: &str, budget: &Budget, history: &History, rules: Rules, summary: &str) {
+    let events = {
+        let mut events = history.events.lock().unwrap().clone();
+        events.sort_by_key(|e| (e.invoke, e.id));
+        events
+    };
+    let checker = Checker::new(&events, rules);
+    let violations = checker.check(history);
+    let count = |f: &dyn Fn(&Event) -> bool| events.iter().filter(|e| f(e)).count();
+    let mut by_answer: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &events {
+        let op = match e.kind {
+            Kind::Put { .. } => "put",
+            Kind::Delete { .. } => "delete",
+            Kind::Get => "get",
+            Kind::List => "list",
+            Kind::Export { .. } => "export",
+            Kind::Install { .. } => "install",
+            Kind::Recover => "recover",
+            Kind::ReadOnly(_) => "read-only",
+            Kind::Compact => "compact",
+            Kind::Nemesis(_) => continue,
+        };
+        *by_answer.entry(format!("{op} {} {}", e.status, e.code)).or_default() += 1;
+    }
+    let dump = std::env::temp_dir().join(format!("nemesis-{}-{}.history", name, budget.seed));
+    let text: String = events.iter().map(|e| format!("{e}\n")).collect();
+    let _ = std::fs::write(&dump, text);
+    eprintln!(
+        "nemesis {}: {summary}, {} operations ({} restarts, {} faults injected); answers: {by_answer:?}; history in {}",
+        name,
+        count(&|e| !matches!(e.kind, Kind::Nemesis(_))),
+        history.restarts.lock().unwrap().len(),
+        history.injections.lock().unwrap().len(),
+        dump.display()
+    );
+    if !violations.is_empty() {
+        let mut text = String::from("\nall violations, one line each:\n");
+        for v in violations.iter().take(60) {
+            let first: String = v.lines().next().unwrap_or_default().chars().take(220).collect();
+            text.push_str(&format!("  * {first}\n"));
+        }
+        // In full: the first of each kind (reads, stability across
+        // restarts, states), then the next ones, six in all.
+        let kind = |v: &str| {
+            if v.contains("changed across the restart") {
+                1
+            } else if v.contains("went faulted") || v.contains("left faulted") {
+                2
+            } else {
+                0
+            }
+        };
+        let mut full: Vec<&String> = Vec::new();
+        for k in 0..3 {
+            full.extend(violations.iter().find(|v| kind(v) == k));
+        }
+        for v in &violations {
+            if full.len() >= 6 {
+                break;
+            }
+            if !full.contains(&v) {
+                full.push(v);
+            }
+        }
+        text.push_str("\nin full (the first of each kind, then the next ones):\n");
+        for v in full {
+            text.push_str(&format!("\n--- {v}\n"));
+        }
+        panic!(
+            "nemesis {} FAILED: {} violation(s) of the node's contract; NEMESIS_SEED={} NEMESIS_STEPS={} (reproduce: NEMESIS_SEED={} NEMESIS_STEPS={} cargo test --test nemesis {} -- --nocapture)\n{text}",
+            name,
+            violations.len(),
+            budget.seed,
+            budget.steps,
+            budget.seed,
+            budget.steps,
+            name
+        );
+    }
+    eprintln!("nemesis {name}: no violation");
 }
 
 impl Drop for Run {

@@ -224,6 +224,9 @@ pub struct Event {
     pub code: String,
     pub observed: Observed,
     pub settle: SettleTag,
+    /// The nodes a request went through, redirects followed (`dn-1>dn-3`);
+    /// empty on a single node.
+    pub via: String,
 }
 
 impl fmt::Display for Event {
@@ -258,10 +261,11 @@ impl fmt::Display for Event {
             None => String::new(),
         };
         let key = self.key.as_deref().map(|k| format!(" {k}")).unwrap_or_default();
+        let via = if self.via.is_empty() { String::new() } else { format!(" via {}", self.via) };
         let p = if self.partition == 0 { String::new() } else { format!(" p{}", self.partition) };
         write!(
             f,
-            "#{} step {} {who} [{:.3}s..{:.3}s] {what}{p}{key}: {} {}{seen}{settle}",
+            "#{} step {} {who} [{:.3}s..{:.3}s] {what}{p}{key}{via}: {} {}{seen}{settle}",
             self.id,
             self.step,
             self.invoke as f64 / 1e6,
@@ -350,6 +354,7 @@ impl History {
             code: String::new(),
             observed: Observed::Nothing,
             settle: None,
+            via: String::new(),
         });
     }
 

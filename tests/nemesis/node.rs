@@ -1,5 +1,6 @@
 //! The node under test: the real binary, on a fixed loopback port across
-//! restarts, optionally under a file-size limit (EFBIG), killed when the
+//! restarts, optionally under a file-size limit (EFBIG) or inside a cgroup
+//! (so that firewall rules can match its connections), killed when the
 //! guard drops. Unlike `support::Daemon` it reports an exit it did not
 //! cause.
 
@@ -15,20 +16,29 @@ pub struct Node {
     _dir: tempfile::TempDir,
     /// `RLIMIT_FSIZE` for the next start, if any.
     pub fsize_limit: Option<u64>,
+    /// A cgroup v2 directory the process joins before it runs (every
+    /// socket it opens then belongs to that cgroup).
+    pub cgroup: Option<PathBuf>,
     pub log: PathBuf,
 }
 
 impl Node {
     /// Writes `toml` to a config file and starts the node on it.
     pub fn start(toml: &str, fsize_limit: Option<u64>) -> Node {
+        let port = crate::support::free_port();
+        let mut node = Node::unstarted(port, toml);
+        node.fsize_limit = fsize_limit;
+        node.spawn().unwrap_or_else(|e| panic!("{e}"));
+        node
+    }
+
+    /// A node on `port` (its configuration may name it), not started yet.
+    pub fn unstarted(port: u16, toml: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("datanode.toml");
         std::fs::write(&config, toml).unwrap();
-        let port = crate::support::free_port();
         let log = std::env::temp_dir().join(format!("datanode-nemesis-{port}.stderr"));
-        let mut node = Node { child: None, port, config, _dir: dir, fsize_limit, log };
-        node.spawn().unwrap_or_else(|e| panic!("{e}"));
-        node
+        Node { child: None, port, config, _dir: dir, fsize_limit: None, cgroup: None, log }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -57,6 +67,37 @@ impl Node {
                 command.pre_exec(move || {
                     let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
                     if libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if let Some(cgroup) = &self.cgroup {
+            let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())
+                .map_err(|e| format!("cgroup path: {e}"))?;
+            // SAFETY: only open, getpid, write and close (async-signal-safe)
+            // on a path and a stack buffer prepared before the fork.
+            unsafe {
+                command.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let mut digits = [0u8; 20];
+                    let mut at = digits.len();
+                    let mut pid = libc::getpid() as u32;
+                    loop {
+                        at -= 1;
+                        digits[at] = b'0' + (pid % 10) as u8;
+                        pid /= 10;
+                        if pid == 0 {
+                            break;
+                        }
+                    }
+                    let wrote = libc::write(fd, digits[at..].as_ptr().cast(), digits.len() - at);
+                    libc::close(fd);
+                    if wrote < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
@@ -108,6 +149,14 @@ impl Node {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT, ...) to the process, while it runs.
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, signal) };
         }
     }
 

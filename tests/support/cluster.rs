@@ -61,19 +61,7 @@ impl TestCluster {
     }
 
     fn config(&self, i: usize) -> String {
-        let seeds: Vec<String> = (0..self.ports.len().min(3))
-            .map(|s| format!("\"dn-{}@127.0.0.1:{}\"", s + 1, self.peer_ports[s]))
-            .collect();
-        format!(
-            "[node]\nid = \"dn-{}\"\nbootstrap_partitions = 0\n\n[[disk]]\nname = \"d0\"\npath = \"{}\"\n\n\
-             [cluster]\npeer_addr = \"127.0.0.1:{}\"\nadvertise_url = \"http://127.0.0.1:{}\"\nseeds = [{}]\n{TIMINGS}{}",
-            i + 1,
-            self.disks[i].display(),
-            self.peer_ports[i],
-            self.ports[i],
-            seeds.join(", "),
-            self.extra
-        )
+        node_config(i, &self.ports, &self.peer_ports, &self.disks[i], &self.extra)
     }
 
     pub fn node(&self, i: usize) -> &Daemon {
@@ -171,9 +159,26 @@ impl TestCluster {
     }
 }
 
+/// The configuration of node `i` (`dn-{i+1}`) of a cluster on loopback
+/// with these HTTP and peer ports, its disk `d0` at `disk`; the first (up
+/// to) three nodes are the seeds; `extra` is appended to `[cluster]`.
+pub fn node_config(i: usize, ports: &[u16], peer_ports: &[u16], disk: &std::path::Path, extra: &str) -> String {
+    let seeds: Vec<String> =
+        (0..ports.len().min(3)).map(|s| format!("\"dn-{}@127.0.0.1:{}\"", s + 1, peer_ports[s])).collect();
+    format!(
+        "[node]\nid = \"dn-{}\"\nbootstrap_partitions = 0\n\n[[disk]]\nname = \"d0\"\npath = \"{}\"\n\n\
+         [cluster]\npeer_addr = \"127.0.0.1:{}\"\nadvertise_url = \"http://127.0.0.1:{}\"\nseeds = [{}]\n{TIMINGS}{extra}",
+        i + 1,
+        disk.display(),
+        peer_ports[i],
+        ports[i],
+        seeds.join(", "),
+    )
+}
+
 /// `count` free ports, all different (held open until all are chosen, so
 /// the system cannot hand one out twice).
-fn distinct_ports(count: usize) -> Vec<u16> {
+pub fn distinct_ports(count: usize) -> Vec<u16> {
     let listeners: Vec<std::net::TcpListener> =
         (0..count).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()

@@ -23,6 +23,13 @@ pub fn unavailable(tools: &[&str]) -> Option<String> {
     } else {
         tools.iter().find(|tool| which(tool).is_none()).map(|tool| format!("{tool} is not installed"))
     };
+    skipped(reason)
+}
+
+/// [`unavailable`] for another missing capability: `reason`, when given,
+/// is printed as SKIPPED, or fails the test under
+/// `DATANODE_REQUIRE_KERNEL_TESTS=1`.
+pub fn skipped(reason: Option<String>) -> Option<String> {
     if let Some(reason) = &reason {
         assert!(
             std::env::var("DATANODE_REQUIRE_KERNEL_TESTS").as_deref() != Ok("1"),
