@@ -105,7 +105,9 @@ fn raft_error<E>(
     error: openraft::errors::RaftError<datanode_partition::raft::TypeConfig, E>,
 ) -> Response
 where
-    E: std::fmt::Display + std::fmt::Debug + openraft::TryAsRef<openraft::errors::ForwardToLeader<datanode_partition::raft::TypeConfig>>,
+    E: std::fmt::Display
+        + std::fmt::Debug
+        + openraft::TryAsRef<openraft::errors::ForwardToLeader<datanode_partition::raft::TypeConfig>>,
 {
     let partition = replica.partition;
     if let openraft::errors::RaftError::Fatal(fatal) = &error {
