@@ -993,7 +993,7 @@ impl BenchCluster {
     /// The running node whose replica of `id` is the Raft leader.
     fn leader(&self, id: u64) -> Option<usize> {
         (0..self.nodes.len()).find(|i| {
-            self.nodes[*i].as_ref().is_some_and(|node| {
+            self.running(*i).is_some_and(|node| {
                 node.json(&format!("/v1/partitions/{id}"))["raft"]["role"].as_str() == Some("leader")
             })
         })
@@ -1011,7 +1011,12 @@ impl BenchCluster {
     }
 
     fn raft(&self, i: usize, id: u64) -> Value {
-        self.nodes[i].as_ref().map_or(Value::Null, |node| node.json(&format!("/v1/partitions/{id}"))["raft"].clone())
+        self.running(i).map_or(Value::Null, |node| node.json(&format!("/v1/partitions/{id}"))["raft"].clone())
+    }
+
+    /// Node `i` while its process runs (not killed).
+    fn running(&self, i: usize) -> Option<&Daemon> {
+        self.nodes[i].as_ref().filter(|node| node.pid().is_some())
     }
 }
 
