@@ -36,8 +36,23 @@
 //!   The run without compaction is shortened so that it writes at most a
 //!   quarter of the disk's free space.
 //!
+//! - **R1**: replicated PUTs: 4 KiB, 64 connections, one partition with 3
+//!   replicas on a 3-node cluster on this machine (one data directory each
+//!   under `--dir`, loopback), `datanode bench` given every node's URL
+//!   (it follows the redirects to the leader and then sends there), beside
+//!   the same load on one single node (an unreplicated partition) and on a
+//!   3-member etcd cluster (the `etcd` binary; skipped with a message when
+//!   absent) through its v3 JSON gateway (`datanode bench --target etcd`,
+//!   the leader's client URL), data under `--dir` too.
+//! - **R2**: failover. A 3-node cluster (default Raft timings,
+//!   `election_timeout = 1s`) under 8 writers of 4 KiB PUTs through every
+//!   node; the leader's node is killed (SIGKILL) and the time from the kill
+//!   to the first acknowledged write sent after it is measured, then the
+//!   node is restarted and catches up; 20 times. Reported: p50/p99/max.
+//!
 //! ```sh
-//! cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS,P1,C1] [--backend std|uring|auto] [--blobs N]
+//! cargo bench --bench node -- --only R1,R2 --rounds 3 --seconds 10
+//! cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS,P1,C1,R1,R2] [--backend std|uring|auto] [--blobs N]
 //! cargo bench --bench node -- --only C1 --rounds 1 --seconds 600 [--keys N] [--connections N] [--compaction 'check_interval="1s",min_garbage="8MiB"'] [--segment-size 8MiB]
 //! ```
 //!
@@ -124,7 +139,7 @@ fn parse_args() -> Args {
             "--segment-size" => args.segment_size = Some(it.next().expect("--segment-size SIZE")),
             "--bench" => {}
             other => panic!(
-                "unknown argument {other}; usage: cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS,P1,C1] [--backend std|uring|auto] [--json FILE] [--blobs N] [--rate N] [--partitions N,M] [--keys N] [--connections N] [--compaction K=V,...] [--segment-size SIZE]"
+                "unknown argument {other}; usage: cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS,P1,C1,R1,R2] [--backend std|uring|auto] [--json FILE] [--blobs N] [--rate N] [--partitions N,M] [--keys N] [--connections N] [--compaction K=V,...] [--segment-size SIZE]"
             ),
         }
     }
@@ -902,6 +917,364 @@ fn c1(args: &Args, out: &mut Vec<Value>) {
     }
 }
 
+// ---------------------------------------------------------------------
+// R1 and R2: replicated partitions on a 3-node cluster on this machine.
+
+/// The partition R1 and R2 load.
+const R_PARTITION: u64 = 1;
+
+/// A cluster of real nodes on loopback, each with its own data directory
+/// under `--dir`, all three the seeds of the metadata group, the Raft
+/// timings the defaults unless `timings` says otherwise.
+struct BenchCluster {
+    nodes: Vec<Option<Daemon>>,
+    ports: Vec<u16>,
+}
+
+impl BenchCluster {
+    fn start(args: &Args, name: &str, count: usize, timings: &str) -> BenchCluster {
+        let ports: Vec<u16> = (0..count).map(|_| support::free_port()).collect();
+        let peers: Vec<u16> = (0..count).map(|_| support::free_port()).collect();
+        let seeds: Vec<String> = (0..count).map(|i| format!("\"dn-{}@127.0.0.1:{}\"", i + 1, peers[i])).collect();
+        let configs: Vec<String> = (0..count)
+            .map(|i| {
+                let disk = fresh_dir(&args.dir, &format!("{name}-{}", i + 1));
+                format!(
+                    "[node]\nid = \"dn-{}\"\nbootstrap_partitions = 0\n\n[wal]\nio_backend = \"{}\"\n\n[limits]\nrequest_timeout = \"2s\"\n\n\
+                     [[disk]]\nname = \"d0\"\npath = \"{}\"\n\n[cluster]\npeer_addr = \"127.0.0.1:{}\"\n\
+                     advertise_url = \"http://127.0.0.1:{}\"\nseeds = [{}]\n{timings}",
+                    i + 1,
+                    args.backend,
+                    disk.display(),
+                    peers[i],
+                    ports[i],
+                    seeds.join(", ")
+                )
+            })
+            .collect();
+        // Started together: the seeds wait for each other.
+        let handles: Vec<_> = configs
+            .into_iter()
+            .zip(ports.clone())
+            .map(|(config, port)| std::thread::spawn(move || Daemon::with_config_on(port, &config, &[])))
+            .collect();
+        let nodes = handles.into_iter().map(|h| Some(h.join().unwrap())).collect();
+        let cluster = BenchCluster { nodes, ports };
+        let client = support::cluster::Client::new();
+        support::wait_for("the cluster map lists every node up", Duration::from_secs(60), || {
+            let (status, body) = client.send("GET", &cluster.url(0, "/v1/cluster"), None);
+            let map: Value = serde_json::from_slice(&body).unwrap_or_default();
+            status == 200
+                && map["nodes"]
+                    .as_array()
+                    .is_some_and(|nodes| nodes.len() == count && nodes.iter().all(|n| n["state"] == "up"))
+        });
+        cluster
+    }
+
+    fn url(&self, i: usize, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.ports[i])
+    }
+
+    /// Every node's URL, comma separated (`datanode bench --url`).
+    fn urls(&self) -> String {
+        (0..self.ports.len()).map(|i| self.url(i, "")).collect::<Vec<_>>().join(",")
+    }
+
+    /// Creates a partition with `replicas` replicas and waits for its leader.
+    fn create(&self, id: u64, replicas: u64) -> usize {
+        let body = json!({"id": id, "replicas": replicas}).to_string();
+        let (status, reply) =
+            support::cluster::Client::new().send("POST", &self.url(0, "/v1/cluster/partitions"), Some(body.as_bytes()));
+        assert_eq!(status, 201, "create {id}: {}", String::from_utf8_lossy(&reply));
+        self.wait_leader(id, Duration::from_secs(60)).expect("a leader")
+    }
+
+    /// The running node whose replica of `id` is the Raft leader.
+    fn leader(&self, id: u64) -> Option<usize> {
+        (0..self.nodes.len()).find(|i| {
+            self.running(*i).is_some_and(|node| {
+                node.json(&format!("/v1/partitions/{id}"))["raft"]["role"].as_str() == Some("leader")
+            })
+        })
+    }
+
+    fn wait_leader(&self, id: u64, timeout: Duration) -> Option<usize> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(leader) = self.leader(id) {
+                return Some(leader);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    fn raft(&self, i: usize, id: u64) -> Value {
+        self.running(i).map_or(Value::Null, |node| node.json(&format!("/v1/partitions/{id}"))["raft"].clone())
+    }
+
+    /// Node `i` while its process runs (not killed).
+    fn running(&self, i: usize) -> Option<&Daemon> {
+        self.nodes[i].as_ref().filter(|node| node.pid().is_some())
+    }
+}
+
+/// A 3-member etcd cluster on loopback (the `etcd` binary), data under
+/// `--dir`; killed when dropped.
+struct Etcd {
+    members: Vec<std::process::Child>,
+    client_urls: Vec<String>,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for member in &mut self.members {
+            let _ = member.kill();
+            let _ = member.wait();
+        }
+    }
+}
+
+/// The etcd binary's version line, or `None` when there is none.
+fn etcd_version() -> Option<String> {
+    let output = Command::new("etcd").arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    output.status.success().then(|| text.lines().next().unwrap_or("etcd").to_string())
+}
+
+impl Etcd {
+    fn start(args: &Args, count: usize) -> Etcd {
+        let clients: Vec<u16> = (0..count).map(|_| support::free_port()).collect();
+        let peers: Vec<u16> = (0..count).map(|_| support::free_port()).collect();
+        let cluster: Vec<String> = (0..count).map(|i| format!("e{}=http://127.0.0.1:{}", i + 1, peers[i])).collect();
+        let client_urls: Vec<String> = clients.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+        let members = (0..count)
+            .map(|i| {
+                let dir = fresh_dir(&args.dir, &format!("etcd-{}", i + 1));
+                let log = std::fs::File::create(dir.join("etcd.log")).unwrap();
+                Command::new("etcd")
+                    .args(["--name", &format!("e{}", i + 1), "--data-dir"])
+                    .arg(dir.join("data"))
+                    .args(["--listen-client-urls", &client_urls[i], "--advertise-client-urls", &client_urls[i]])
+                    .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", peers[i])])
+                    .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", peers[i])])
+                    .args(["--initial-cluster", &cluster.join(","), "--initial-cluster-state", "new"])
+                    .args(["--initial-cluster-token", "bench", "--logger", "zap", "--log-level", "warn"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .expect("start etcd")
+            })
+            .collect();
+        let etcd = Etcd { members, client_urls };
+        support::wait_for("etcd elects a leader", Duration::from_secs(60), || etcd.leader().is_some());
+        etcd
+    }
+
+    /// The client URL of the member that is the leader.
+    fn leader(&self) -> Option<String> {
+        self.client_urls.iter().find_map(|url| {
+            // Not up yet: no answer, no leader.
+            let response = ureq::post(&format!("{url}/v3/maintenance/status")).send_bytes(b"{}").ok()?;
+            let status_body: Value = serde_json::from_reader(response.into_reader()).ok()?;
+            let leader = status_body["leader"].as_str()?;
+            (leader != "0" && status_body["header"]["member_id"].as_str() == Some(leader)).then(|| url.clone())
+        })
+    }
+}
+
+/// `datanode bench` of 4 KiB PUTs with 64 connections on partition
+/// `R_PARTITION` of `urls` (a node, nodes, or etcd members).
+fn r1_load(args: &Args, urls: &str, target: &str) -> Value {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_datanode"));
+    command
+        .args(["bench", "--url", urls, "--target", target, "--partitions", &R_PARTITION.to_string()])
+        .args(["--json", "--quiet", "--connections", &CONNECTIONS.to_string(), "--put-ratio", "1"])
+        .args(["--value-size", &VALUE.to_string(), "--keys", &KEYS.to_string()])
+        .args(["--duration", &format!("{}ms", (args.seconds * 1000.0) as u64), "--warmup", "1s"])
+        .stdout(std::process::Stdio::piped());
+    result_of(spawn(command))
+}
+
+/// R1: replicated PUTs on a 3-node cluster, beside the same load on one
+/// single node (an unreplicated partition) and on a 3-member etcd.
+fn r1(args: &Args, out: &mut Vec<Value>) {
+    let etcd = etcd_version();
+    if etcd.is_none() {
+        eprintln!("R1: no etcd binary on PATH (apt-get install -y etcd-server): etcd skipped");
+    }
+    let (mut single, mut replicated, mut peer) = (Vec::new(), Vec::new(), Vec::new());
+    let mut redirects = Vec::new();
+    for round in 0..args.rounds {
+        eprintln!("R1 round {}/{}: single node", round + 1, args.rounds);
+        {
+            let disk = fresh_dir(&args.dir, "r1-single");
+            let node = Daemon::with_config(&node_config(&[("d0", &disk)], &args.backend), &[]);
+            create(&node, R_PARTITION, "d0");
+            single.push(Run::from_bench(&r1_load(args, &node.url(""), "datanode"), "put"));
+        }
+        eprintln!("R1 round {}/{}: 3-node cluster", round + 1, args.rounds);
+        {
+            let cluster = BenchCluster::start(args, "r1-node", 3, "");
+            let leader = cluster.create(R_PARTITION, 3);
+            let result = r1_load(args, &cluster.urls(), "datanode");
+            eprintln!(
+                "  leader dn-{}, redirects followed {} before measuring, {} while measuring",
+                leader + 1,
+                result["redirects_before"],
+                result["redirects"]
+            );
+            redirects.push(result["redirects_before"].as_u64().unwrap_or(0));
+            replicated.push(Run::from_bench(&result, "put"));
+        }
+        if etcd.is_some() {
+            eprintln!("R1 round {}/{}: 3-member etcd", round + 1, args.rounds);
+            let etcd = Etcd::start(args, 3);
+            let leader = etcd.leader().expect("an etcd leader");
+            peer.push(Run::from_bench(&r1_load(args, &leader, "etcd"), "put"));
+        }
+    }
+    let (single, replicated) = (medians(&single), medians(&replicated));
+    println!(
+        "\n### R1: PUT 4 KiB, 64 connections, one partition, 3 replicas on 3 nodes on this machine, backend {}\n\n{HEADER}",
+        args.backend
+    );
+    println!("{}", row("single node, unreplicated partition", &single, None));
+    println!("{}", row("3-node cluster, 3 replicas (all nodes' URLs)", &replicated, Some(&single)));
+    let mut record = json!({"id": "R1", "backend": args.backend, "single": to_json(&single),
+        "replicated": to_json(&replicated), "redirects_before_measuring": redirects});
+    if let Some(version) = &etcd {
+        let peer = medians(&peer);
+        println!("{}", row(&format!("{version}, 3 members (leader's URL)"), &peer, Some(&single)));
+        println!(
+            "\nreplicated / etcd: throughput {:.2}x, p50 {:.2}x, p99 {:.2}x",
+            replicated.ops / peer.ops.max(1e-9),
+            replicated.p50 / peer.p50.max(1e-9),
+            replicated.p99 / peer.p99.max(1e-9)
+        );
+        record["etcd"] = to_json(&peer);
+        record["etcd_version"] = json!(version);
+    }
+    out.push(record);
+}
+
+/// How many times R2 kills the leader.
+const R2_KILLS: usize = 20;
+
+/// R2: failover under a steady PUT load. 8 writers PUT 4 KiB through every
+/// node in turn (following redirects); the leader's node is killed with
+/// SIGKILL, and the time from the kill to the first acknowledged write sent
+/// after it is measured; the node is restarted and catches up; 20 times.
+fn r2(args: &Args, out: &mut Vec<Value>) {
+    let mut cluster = BenchCluster::start(args, "r2-node", 3, "");
+    cluster.create(R_PARTITION, 3);
+    let stop = Arc::new(AtomicBool::new(false));
+    // (sent, acknowledged) of every acknowledged write.
+    let acked: Arc<std::sync::Mutex<Vec<(Instant, Instant)>>> = Arc::default();
+    let writers: Vec<_> = (0..8)
+        .map(|writer| {
+            let (stop, acked, ports) = (Arc::clone(&stop), Arc::clone(&acked), cluster.ports.clone());
+            std::thread::spawn(move || {
+                let client = support::cluster::Client::new();
+                let value = vec![b'v'; VALUE];
+                let mut failures = std::collections::BTreeMap::<u16, u64>::new();
+                let mut seq = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let port = ports[(seq + writer) % ports.len()];
+                    let url =
+                        format!("http://127.0.0.1:{port}/v1/partitions/{R_PARTITION}/blobs/w{writer}-{}", seq % 1000);
+                    let sent = Instant::now();
+                    let (status, _) = client.send("PUT", &url, Some(&value));
+                    if status == 201 {
+                        acked.lock().unwrap().push((sent, Instant::now()));
+                    } else {
+                        *failures.entry(status).or_default() += 1;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    seq += 1;
+                }
+                failures
+            })
+        })
+        .collect();
+    let mut gaps = Vec::new();
+    let mut killed_nodes = Vec::new();
+    for kill in 0..R2_KILLS {
+        // Steady: writes acknowledged for a while before each kill.
+        std::thread::sleep(Duration::from_millis(500));
+        let leader = cluster.wait_leader(R_PARTITION, Duration::from_secs(30)).expect("a leader before the kill");
+        let before = acked.lock().unwrap().len();
+        let killed_at = Instant::now();
+        cluster.nodes[leader].as_mut().unwrap().kill();
+        let first = loop {
+            let first = acked.lock().unwrap().iter().filter(|(sent, _)| *sent >= killed_at).map(|(_, at)| *at).min();
+            if let Some(first) = first {
+                break Some(first);
+            }
+            if killed_at.elapsed() > Duration::from_secs(60) {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let gap = first.map(|at| at.duration_since(killed_at).as_secs_f64());
+        let new_leader = cluster.leader(R_PARTITION);
+        eprintln!(
+            "R2 kill {}/{R2_KILLS}: dn-{} killed ({} writes acknowledged before), first write acknowledged after {}, new leader {}",
+            kill + 1,
+            leader + 1,
+            before,
+            gap.map_or("none within 60 s".into(), |g| format!("{:.0} ms", g * 1000.0)),
+            new_leader.map_or("?".into(), |l| format!("dn-{}", l + 1))
+        );
+        gaps.push(gap.unwrap_or(f64::INFINITY));
+        killed_nodes.push(leader + 1);
+        // Restart and wait until its replica has applied what the leader
+        // had committed, so that every kill starts from three healthy
+        // replicas.
+        cluster.nodes[leader].as_mut().unwrap().restart();
+        let commit = new_leader.and_then(|l| cluster.raft(l, R_PARTITION)["commit_index"].as_u64()).unwrap_or(0);
+        let caught_up = Instant::now();
+        while caught_up.elapsed() < Duration::from_secs(30)
+            && cluster.raft(leader, R_PARTITION)["applied_index"].as_u64().is_none_or(|applied| applied < commit)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        acked.lock().unwrap().clear();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = std::collections::BTreeMap::<u16, u64>::new();
+    for writer in writers {
+        for (status, n) in writer.join().unwrap() {
+            *failures.entry(status).or_default() += n;
+        }
+    }
+    let mut sorted = gaps.clone();
+    sorted.sort_by(f64::total_cmp);
+    let quantile = |q: f64| sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1];
+    let ms = |s: f64| s * 1000.0;
+    println!(
+        "\n### R2: kill -9 of the leader's node under PUT load (8 writers, 4 KiB, through every node), {R2_KILLS} times, election_timeout 1s (default)\n"
+    );
+    println!(
+        "| kills | p50 ms | p99 ms | max ms | min ms | failed requests by status (0: no answer) |\n|---|---|---|---|---|---|"
+    );
+    println!(
+        "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {failures:?} |",
+        gaps.len(),
+        ms(quantile(0.5)),
+        ms(quantile(0.99)),
+        ms(sorted[sorted.len() - 1]),
+        ms(sorted[0])
+    );
+    println!(
+        "\nkill to first acknowledged write, ms, in order: {:?}",
+        gaps.iter().map(|g| ms(*g).round()).collect::<Vec<_>>()
+    );
+    out.push(json!({"id": "R2", "kills": gaps.len(), "seconds": gaps, "killed_nodes": killed_nodes,
+        "failures": failures.iter().map(|(s, n)| (s.to_string(), json!(n))).collect::<serde_json::Map<_, _>>()}));
+}
+
 fn main() {
     let args = parse_args();
     std::fs::create_dir_all(&args.dir).unwrap();
@@ -926,6 +1299,12 @@ fn main() {
     }
     if args.only.as_ref().is_some_and(|only| only.iter().any(|id| id == "C1")) {
         c1(&args, &mut out);
+    }
+    if args.only.as_ref().is_some_and(|only| only.iter().any(|id| id == "R1")) {
+        r1(&args, &mut out);
+    }
+    if args.only.as_ref().is_some_and(|only| only.iter().any(|id| id == "R2")) {
+        r2(&args, &mut out);
     }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
