@@ -74,8 +74,9 @@ pub struct ClusterConfig {
     /// Raft heartbeats of a leader.
     #[serde(default = "default_heartbeat_interval", with = "human_duration")]
     pub heartbeat_interval: Duration,
-    /// A follower that heard no leader for this long (randomised up to
-    /// twice it) stands for election.
+    /// A leader is not replaced within this long of its last heartbeat
+    /// (its lease); a follower that heard none for a random time between
+    /// half of it and it stands for election.
     #[serde(default = "default_election_timeout", with = "human_duration")]
     pub election_timeout: Duration,
     /// No heartbeat for this long: the node counts as down.
@@ -768,9 +769,9 @@ impl Config {
             Ok(())
         };
         at_least("heartbeat_interval", cluster.heartbeat_interval, Duration::from_millis(10))?;
-        if cluster.election_timeout < cluster.heartbeat_interval * 2 {
+        if cluster.election_timeout < cluster.heartbeat_interval * 4 {
             return fail(format!(
-                "cluster.election_timeout = \"{}\" must be at least twice cluster.heartbeat_interval = \"{}\"",
+                "cluster.election_timeout = \"{}\" must be at least four times cluster.heartbeat_interval = \"{}\"",
                 duration_text(cluster.election_timeout),
                 duration_text(cluster.heartbeat_interval)
             ));

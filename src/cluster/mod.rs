@@ -108,8 +108,15 @@ fn raft_config(config: &ClusterConfig) -> anyhow::Result<Arc<openraft::Config>> 
     let raft = openraft::Config {
         cluster_name: "datanode".into(),
         heartbeat_interval: millis(config.heartbeat_interval),
-        election_timeout_min: millis(config.election_timeout),
-        election_timeout_max: millis(config.election_timeout) * 2,
+        // openraft's leader lease (a voter refuses to elect another while
+        // it heard its leader within it) is the largest election timeout.
+        // With timeouts of 1-2x `election_timeout` a first candidate is
+        // mostly refused and a dead leader is replaced after 3-4x of it
+        // (BENCHMARKS.md, R2); with 0.5-1x, a leader is still never
+        // replaced within `election_timeout` of its last heartbeat, and
+        // the next is elected soon after.
+        election_timeout_min: millis(config.election_timeout) / 2,
+        election_timeout_max: millis(config.election_timeout),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
         max_in_snapshot_log_to_keep: keep,
         install_snapshot_timeout: millis(config.election_timeout).max(1000),
