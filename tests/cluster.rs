@@ -359,7 +359,7 @@ fn restarts_fault_nothing_and_a_recreated_partition_replaces_the_old_replica() {
     }
     // Delete and re-create 20 while a node is frozen (not the metadata
     // leader, which the deletion needs).
-    let meta_leader = cluster.map(0)["meta_leader"].as_str().and_then(node_index).unwrap();
+    let meta_leader = cluster.meta_leader();
     let frozen = (meta_leader + 1) % 3;
     let old = cluster.node(frozen).json("/v1/partitions/20")["raft"]["replica_id"].as_u64().unwrap();
     cluster.pause(frozen);

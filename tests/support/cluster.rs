@@ -114,6 +114,16 @@ impl TestCluster {
         serde_json::from_slice(&body).unwrap_or(Value::Null)
     }
 
+    /// The node index of the metadata leader, once one answers the map.
+    pub fn meta_leader(&self) -> usize {
+        let mut leader = None;
+        wait_for("a metadata leader", Duration::from_secs(30), || {
+            leader = self.running().iter().find_map(|i| self.map(*i)["meta_leader"].as_str().and_then(node_index));
+            leader.is_some()
+        });
+        leader.unwrap()
+    }
+
     /// Waits until some running node answers the map with every node up.
     pub fn wait_formed(&self) {
         wait_for("the cluster map lists every node up", Duration::from_secs(60), || {
@@ -315,12 +325,21 @@ impl ClusterLoad {
 }
 
 /// Every acknowledged write reads back, byte for byte, through node port
-/// `port` (redirects followed).
+/// `port` (redirects followed; a 503, nothing served while an election or
+/// a read-index round is under way, is retried for up to 10 s as a client
+/// does).
 pub fn assert_readable(port: u16, partition: u64, acked: &[Acked], when: &str) {
     let client = Client::new();
     for write in acked {
         let url = format!("http://127.0.0.1:{port}/v1/partitions/{partition}/blobs/{}", write.key);
-        let (status, body) = client.send("GET", &url, None);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (status, body) = loop {
+            let (status, body) = client.send("GET", &url, None);
+            if status != 503 || Instant::now() > deadline {
+                break (status, body);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         assert_eq!(status, 200, "{when}: acknowledged {} not readable via port {port}", write.key);
         assert!(body == write.value, "{when}: {} came back changed via port {port}", write.key);
     }
