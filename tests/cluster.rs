@@ -335,7 +335,9 @@ fn an_entry_too_large_for_the_log_is_refused_before_it_reaches_a_replica() {
 /// replica and runs the new one only.
 #[test]
 fn restarts_fault_nothing_and_a_recreated_partition_replaces_the_old_replica() {
-    let mut cluster = TestCluster::start(3, "");
+    // The frozen node must still count as up when the partition is placed
+    // again (all three nodes hold a replica).
+    let mut cluster = TestCluster::start(3, "node_dead_after = \"60s\"\n");
     cluster.wait_formed();
     for id in 20..26 {
         let (status, created) = cluster.create(0, id, None);
@@ -359,6 +361,14 @@ fn restarts_fault_nothing_and_a_recreated_partition_replaces_the_old_replica() {
     }
     // Delete and re-create 20 while a node is frozen (not the metadata
     // leader, which the deletion needs).
+    // After the restarts the metadata leader may be new: wait until it has
+    // heard every node (a node it never heard from is no placement
+    // candidate), then freeze one.
+    wait_for("the metadata leader hears every node", Duration::from_secs(30), || {
+        cluster.map(cluster.meta_leader())["nodes"].as_array().is_some_and(|nodes| {
+            nodes.len() == 3 && nodes.iter().all(|n| n["last_heartbeat_ms"].as_u64().is_some_and(|ms| ms < 1000))
+        })
+    });
     let meta_leader = cluster.meta_leader();
     let frozen = (meta_leader + 1) % 3;
     let old = cluster.node(frozen).json("/v1/partitions/20")["raft"]["replica_id"].as_u64().unwrap();
@@ -374,7 +384,8 @@ fn restarts_fault_nothing_and_a_recreated_partition_replaces_the_old_replica() {
         started.elapsed(),
         String::from_utf8_lossy(&body)
     );
-    assert_eq!(cluster.create(meta_leader, 20, None).0, 201);
+    let (status, created) = cluster.create(meta_leader, 20, None);
+    assert_eq!(status, 201, "{created}");
     cluster.resume(frozen);
     wait_for("the frozen node runs the new replica", Duration::from_secs(30), || {
         cluster.node(frozen).json("/v1/partitions/20")["raft"]["replica_id"].as_u64().is_some_and(|id| id != old)

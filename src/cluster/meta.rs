@@ -37,6 +37,10 @@ pub enum MetaError {
     /// The group could not commit or confirm (no quorum, stopped).
     #[error("the metadata group did not answer: {0}")]
     Unavailable(String),
+    /// The change was proposed and then not seen committed (leader
+    /// change, stop): it may still take effect.
+    #[error("the metadata change may or may not have taken effect: {0}")]
+    OutcomeUnknown(String),
     /// The partition exists already.
     #[error("partition {0} exists")]
     Exists(u64),
@@ -168,10 +172,12 @@ impl MetaGroup {
         let bytes = serde_json::to_vec(command).map_err(|e| MetaError::Unavailable(e.to_string()))?;
         match self.raft.client_write(Command::new(Bytes::from(bytes))).await {
             Ok(_) => Ok(()),
-            Err(error) => match error.forward_to_leader() {
-                Some(forward) => Err(MetaError::NotLeader(forward.leader_id)),
-                None => Err(MetaError::Unavailable(error.to_string())),
-            },
+            Err(openraft::errors::RaftError::APIError(openraft::errors::ClientWriteError::ForwardToLeader(
+                forward,
+            ))) => Err(MetaError::NotLeader(forward.leader_id)),
+            // Appended, then dropped by a leader change, or the group
+            // stopped meanwhile: it may still commit.
+            Err(error) => Err(MetaError::OutcomeUnknown(error.to_string())),
         }
     }
 

@@ -401,6 +401,9 @@ fn meta_error(cluster: &Cluster, uri: &Uri, error: MetaError) -> Response {
         MetaError::Unavailable(message) => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_leader", message).into_response()
         }
+        MetaError::OutcomeUnknown(message) => {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "write_outcome_unknown", message).into_response()
+        }
         MetaError::Exists(id) => {
             ApiError::new(StatusCode::CONFLICT, "partition_exists", format!("partition {id} exists"))
                 .on(id)

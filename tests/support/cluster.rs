@@ -142,9 +142,18 @@ impl TestCluster {
             Some(r) => serde_json::json!({ "id": id, "replicas": r }),
             None => serde_json::json!({ "id": id }),
         };
-        let (status, bytes) =
-            Client::new().send("POST", &self.url(via, "/v1/cluster/partitions"), Some(body.to_string().as_bytes()));
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        // A 503 (no metadata leader known here yet, or not every node heard
+        // from by a leader that just took over) did nothing: retried for up
+        // to 20 s, as a client does.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, bytes) =
+                Client::new().send("POST", &self.url(via, "/v1/cluster/partitions"), Some(body.to_string().as_bytes()));
+            if status != 503 || Instant::now() > deadline {
+                return (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The partition as the map shows it from any running node.
@@ -171,13 +180,21 @@ impl TestCluster {
 
 /// The configuration of node `i` (`dn-{i+1}`) of a cluster on loopback
 /// with these HTTP and peer ports, its disk `d0` at `disk`; the first (up
-/// to) three nodes are the seeds; `extra` is appended to `[cluster]`.
+/// to) three nodes are the seeds; `extra` is appended to `[cluster]`
+/// (a key of [`TIMINGS`] it sets replaces the one there).
 pub fn node_config(i: usize, ports: &[u16], peer_ports: &[u16], disk: &std::path::Path, extra: &str) -> String {
+    let timings: String = TIMINGS
+        .lines()
+        .filter(|line| {
+            line.split_once(" =").is_none_or(|(key, _)| !extra.lines().any(|l| l.starts_with(&format!("{key} ="))))
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
     let seeds: Vec<String> =
         (0..ports.len().min(3)).map(|s| format!("\"dn-{}@127.0.0.1:{}\"", s + 1, peer_ports[s])).collect();
     format!(
         "[node]\nid = \"dn-{}\"\nbootstrap_partitions = 0\n\n[[disk]]\nname = \"d0\"\npath = \"{}\"\n\n\
-         [cluster]\npeer_addr = \"127.0.0.1:{}\"\nadvertise_url = \"http://127.0.0.1:{}\"\nseeds = [{}]\n{TIMINGS}{extra}",
+         [cluster]\npeer_addr = \"127.0.0.1:{}\"\nadvertise_url = \"http://127.0.0.1:{}\"\nseeds = [{}]\n{timings}{extra}",
         i + 1,
         disk.display(),
         peer_ports[i],
