@@ -12,6 +12,7 @@
 //! **`/v1/cluster/...`** is served by the metadata leader, and redirected
 //! (307, the same body shape) to it from any other node.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::Json;
@@ -417,11 +418,25 @@ fn meta_error(cluster: &Cluster, uri: &Uri, error: MetaError) -> Response {
 }
 
 /// `ClusterPartition` of `id` from the metadata leader's view.
-fn cluster_partition(meta: &MetaGroup, map: &super::map::ClusterMap, id: u64) -> Value {
-    let Some(entry) = map.partitions.get(&id) else { return Value::Null };
-    let seen = meta.seen();
-    let leaders = meta.leaders();
-    let leader = leaders.get(&id).copied();
+/// What `ClusterPartition` is built from: the map and the metadata
+/// leader's liveness, taken once per answer (not once per partition).
+struct View<'a> {
+    meta: &'a MetaGroup,
+    map: &'a super::map::ClusterMap,
+    seen: HashMap<String, super::meta::Seen>,
+    leaders: BTreeMap<u64, u64>,
+}
+
+impl<'a> View<'a> {
+    fn of(meta: &'a MetaGroup, map: &'a super::map::ClusterMap) -> View<'a> {
+        View { meta, map, seen: meta.seen(), leaders: meta.leaders() }
+    }
+}
+
+fn cluster_partition(view: &View<'_>, id: u64) -> Value {
+    let (meta, seen) = (view.meta, &view.seen);
+    let Some(entry) = view.map.partitions.get(&id) else { return Value::Null };
+    let leader = view.leaders.get(&id).copied();
     let leader_report = leader.and_then(|leader| {
         seen.values()
             .flat_map(|s| s.heartbeat.replicas.iter())
@@ -492,7 +507,8 @@ pub async fn get_cluster(State(node): State<Arc<Node>>, uri: Uri) -> Response {
             })
         })
         .collect();
-    let partitions: Vec<Value> = map.partitions.keys().map(|id| cluster_partition(meta, &map, *id)).collect();
+    let view = View::of(meta, &map);
+    let partitions: Vec<Value> = map.partitions.keys().map(|id| cluster_partition(&view, *id)).collect();
     let meta_leader = meta.seed(meta.id).map(|s| s.node.clone());
     Json(json!({ "epoch": map.epoch, "meta_leader": meta_leader, "nodes": nodes, "partitions": partitions }))
         .into_response()
@@ -540,7 +556,7 @@ pub async fn create_partition(State(node): State<Arc<Node>>, headers: HeaderMap,
         Ok(_) => {
             tracing::info!(partition = request.id, replicas, "replicated partition created");
             let map = meta.read_map().await.unwrap_or_default();
-            (StatusCode::CREATED, Json(cluster_partition(meta, &map, request.id))).into_response()
+            (StatusCode::CREATED, Json(cluster_partition(&View::of(meta, &map), request.id))).into_response()
         }
         Err(error) => meta_error(&cluster, &uri, error),
     }
