@@ -142,6 +142,11 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/cluster", get(crate::cluster::routes::get_cluster))
         .route("/v1/cluster/partitions", post(crate::cluster::routes::create_partition))
         .route("/v1/cluster/partitions/{pid}", axum::routing::delete(crate::cluster::routes::delete_partition))
+        .route("/v1/cluster/partitions/{pid}/transfer-leader", post(crate::cluster::routes::transfer_leader))
+        .route(
+            "/v1/cluster/nodes/{id}/drain",
+            post(crate::cluster::routes::drain_node).delete(crate::cluster::routes::drain_node),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

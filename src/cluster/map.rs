@@ -23,6 +23,10 @@ pub struct ClusterMap {
     pub partitions: BTreeMap<u64, PartitionEntry>,
     /// The replica id the next replica gets (ids are never reused).
     pub next_replica_id: u64,
+    /// Nodes being drained: every replica on them is moved elsewhere, and
+    /// none is placed there.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub draining: std::collections::BTreeSet<String>,
 }
 
 /// A registered node.
@@ -57,6 +61,12 @@ pub struct ReplicaEntry {
     pub node: String,
     /// The disk it lives on.
     pub disk: String,
+    /// While a repair is under way: the replica this one replaces. The
+    /// group's leader adds it as a learner, lets it catch up, and swaps it
+    /// for the old one among the voters; the old one then leaves the map
+    /// ([`MapCommand::RetireReplica`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<u64>,
 }
 
 /// A change to the map, as the metadata group's log carries it (JSON).
@@ -83,6 +93,34 @@ pub enum MapCommand {
     DeletePartition {
         /// Partition id.
         id: u64,
+    },
+    /// A new replica of `partition` on `(node, disk)`, to replace `old`;
+    /// its id is handed out when applied. Ignored when the partition or
+    /// `old` is not there, or `old` is already being replaced.
+    ReplaceReplica {
+        /// Partition id.
+        partition: u64,
+        /// The replica to replace.
+        old: u64,
+        /// Where the new one goes.
+        node: String,
+        /// Its disk there.
+        disk: String,
+    },
+    /// The replaced replica left its group: it leaves the map, and its
+    /// replacement is an ordinary member.
+    RetireReplica {
+        /// Partition id.
+        partition: u64,
+        /// The replica that left.
+        replica_id: u64,
+    },
+    /// Starts (or, with `draining = false`, ends) draining a node.
+    DrainNode {
+        /// Node id.
+        id: String,
+        /// Draining or not.
+        draining: bool,
     },
 }
 
@@ -113,6 +151,7 @@ impl ClusterMap {
                             replica_id,
                             node: node.clone(),
                             disk: disk.clone(),
+                            replaces: None,
                         })
                         .collect();
                     self.next_replica_id = first + replicas.len() as u64;
@@ -122,6 +161,48 @@ impl ClusterMap {
                 }
             }
             MapCommand::DeletePartition { id } => self.partitions.remove(id).is_some(),
+            MapCommand::ReplaceReplica { partition, old, node, disk } => {
+                let replica_id = self.next_replica_id.max(1);
+                match self.partitions.get_mut(partition) {
+                    Some(entry)
+                        if entry.replicas.iter().any(|r| r.replica_id == *old)
+                            && !entry.replicas.iter().any(|r| r.replaces == Some(*old)) =>
+                    {
+                        entry.replicas.push(ReplicaEntry {
+                            replica_id,
+                            node: node.clone(),
+                            disk: disk.clone(),
+                            replaces: Some(*old),
+                        });
+                        entry.epoch = self.epoch + 1;
+                        self.next_replica_id = replica_id + 1;
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            MapCommand::RetireReplica { partition, replica_id } => match self.partitions.get_mut(partition) {
+                Some(entry) if entry.replicas.iter().any(|r| r.replica_id == *replica_id) => {
+                    entry.replicas.retain(|r| r.replica_id != *replica_id);
+                    for replica in &mut entry.replicas {
+                        if replica.replaces == Some(*replica_id) {
+                            replica.replaces = None;
+                        }
+                    }
+                    entry.epoch = self.epoch + 1;
+                    true
+                }
+                _ => false,
+            },
+            MapCommand::DrainNode { id, draining } => {
+                if !self.nodes.contains_key(id) {
+                    false
+                } else if *draining {
+                    self.draining.insert(id.clone())
+                } else {
+                    self.draining.remove(id)
+                }
+            }
         };
         if changed {
             self.epoch += 1;
@@ -204,6 +285,42 @@ mod tests {
         assert_eq!(map.replicas_on("b").map(|(p, r)| (p, r.replica_id)).collect::<Vec<_>>(), vec![(7, 4)]);
         let json = serde_json::to_string(&map).unwrap();
         assert_eq!(serde_json::from_str::<ClusterMap>(&json).unwrap(), map);
+    }
+
+    #[test]
+    fn a_replacement_gets_a_new_id_and_the_old_replica_leaves_only_when_retired() {
+        let mut map = ClusterMap::default();
+        map.apply(&MapCommand::RegisterNode { id: "a".into(), entry: node("http://a") });
+        let placement = vec![("a".to_string(), "d0".to_string()), ("b".into(), "d0".into())];
+        map.apply(&MapCommand::CreatePartition { id: 7, placement });
+        let replace = |old: u64, node: &str| MapCommand::ReplaceReplica {
+            partition: 7,
+            old,
+            node: node.into(),
+            disk: "d1".into(),
+        };
+        map.apply(&replace(2, "c"));
+        let epoch = map.epoch;
+        map.apply(&replace(2, "d"));
+        map.apply(&replace(9, "d"));
+        map.apply(&MapCommand::ReplaceReplica { partition: 8, old: 1, node: "d".into(), disk: "d0".into() });
+        assert_eq!(map.epoch, epoch, "a replica already being replaced, or one not there, is not replaced");
+        let entry = &map.partitions[&7];
+        assert_eq!(entry.replicas.len(), 3, "the old replica stays until retired");
+        assert_eq!((entry.replicas[2].replica_id, entry.replicas[2].replaces), (3, Some(2)));
+        map.apply(&MapCommand::RetireReplica { partition: 7, replica_id: 2 });
+        let ids: Vec<(u64, Option<u64>)> =
+            map.partitions[&7].replicas.iter().map(|r| (r.replica_id, r.replaces)).collect();
+        assert_eq!(ids, vec![(1, None), (3, None)]);
+        map.apply(&replace(3, "a"));
+        assert_eq!(map.partitions[&7].replicas[2].replica_id, 4, "ids keep growing");
+        map.apply(&MapCommand::DrainNode { id: "a".into(), draining: true });
+        map.apply(&MapCommand::DrainNode { id: "zz".into(), draining: true });
+        assert_eq!(map.draining.iter().collect::<Vec<_>>(), vec!["a"], "only a registered node drains");
+        let json = serde_json::to_string(&map).unwrap();
+        assert_eq!(serde_json::from_str::<ClusterMap>(&json).unwrap(), map);
+        map.apply(&MapCommand::DrainNode { id: "a".into(), draining: false });
+        assert!(map.draining.is_empty());
     }
 
     #[test]

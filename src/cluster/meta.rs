@@ -19,7 +19,7 @@ use datanode_wal::{Durability, Storage, WalOptions};
 use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, Raft, ReadPolicy};
 
-use super::map::{Candidate, ClusterMap, MapCommand, PartitionEntry, place};
+use super::map::{Candidate, ClusterMap, MapCommand, PartitionEntry, ReplicaEntry, place};
 use super::meta_sm::MetaStateMachine;
 use super::protocol::{Heartbeat, HeartbeatReply, ReplicaReport};
 use super::transport::{GroupNetworkFactory, METADATA_GROUP, PeerPool};
@@ -50,6 +50,48 @@ pub enum MetaError {
     /// Not enough nodes up to place the replicas.
     #[error("{0}")]
     CannotPlace(String),
+    /// No such node in the map.
+    #[error("no node {0}")]
+    NoSuchNode(String),
+}
+
+/// Repairs under way onto one node at most (each streams a snapshot to it).
+pub const MAX_REPAIRS_PER_NODE: usize = 2;
+/// Repairs under way onto one disk at most.
+pub const MAX_REPAIRS_PER_DISK: usize = 1;
+
+/// When the metadata leader counts a node down and replaces a replica.
+#[derive(Debug, Clone, Copy)]
+pub struct Detection {
+    /// `cluster.node_dead_after`.
+    pub dead_after: Duration,
+    /// `cluster.repair_after`.
+    pub repair_after: Duration,
+}
+
+/// A replica as the metadata leader sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaHealth {
+    /// Its node is up and reports it running.
+    Healthy,
+    /// Its node reports it faulted.
+    Faulted,
+    /// Its node is down.
+    Down,
+    /// Its node is up and does not report it (yet): it is being started.
+    Loading,
+}
+
+impl ReplicaHealth {
+    /// As the API and the metrics spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplicaHealth::Healthy => "healthy",
+            ReplicaHealth::Faulted => "faulted",
+            ReplicaHealth::Down => "down",
+            ReplicaHealth::Loading => "loading",
+        }
+    }
 }
 
 /// The last heartbeat of a node, as the leader saw it.
@@ -75,6 +117,12 @@ pub struct MetaGroup {
     /// as up until `dead_after` has passed.
     leader_since: Mutex<Option<Instant>>,
     dead_after: Duration,
+    /// A replica faulted, down or on a draining node this long is replaced.
+    repair_after: Duration,
+    /// Since when each replica that needs replacing has needed it (this
+    /// leader's clock; forgotten when leadership is lost, so that a new
+    /// leader waits a whole `repair_after` of its own).
+    unfit_since: Mutex<HashMap<(u64, u64), Instant>>,
     /// One proposal at a time, so a check and the change it guards are not
     /// interleaved with another's.
     propose: tokio::sync::Mutex<()>,
@@ -96,8 +144,9 @@ impl MetaGroup {
         seeds: Vec<Seed>,
         config: Arc<openraft::Config>,
         pool: PeerPool,
-        dead_after: Duration,
+        detection: Detection,
     ) -> anyhow::Result<Arc<MetaGroup>> {
+        let Detection { dead_after, repair_after } = detection;
         let storage: Arc<dyn Storage> = Arc::new(StdStorage);
         let options = WalOptions { log_id: 0, durability: Durability::Sync, create_if_missing: true, ..wal };
         let open_dir = dir.to_path_buf();
@@ -125,6 +174,8 @@ impl MetaGroup {
             liveness: Mutex::new(HashMap::new()),
             leader_since: Mutex::new(None),
             dead_after,
+            repair_after,
+            unfit_since: Mutex::new(HashMap::new()),
             propose: tokio::sync::Mutex::new(()),
         }))
     }
@@ -160,6 +211,7 @@ impl MetaGroup {
             }
             Err(error) => {
                 *self.leader_since.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                self.unfit_since.lock().unwrap_or_else(PoisonError::into_inner).clear();
                 match error.forward_to_leader() {
                     Some(forward) => Err(MetaError::NotLeader(forward.leader_id)),
                     None => Err(MetaError::Unavailable(error.to_string())),
@@ -306,6 +358,7 @@ impl MetaGroup {
         }
         map.nodes
             .keys()
+            .filter(|node| !map.draining.contains(*node))
             .filter_map(|node| {
                 let heard = seen.get(node).filter(|s| s.at.elapsed() < self.dead_after)?;
                 let disks = heard
@@ -333,4 +386,182 @@ impl MetaGroup {
         }
         self.commit(&MapCommand::DeletePartition { id }).await
     }
+
+    /// How `replica` of `partition` is, from the heartbeats in `seen`.
+    pub fn health(&self, seen: &HashMap<String, Seen>, partition: u64, replica: &ReplicaEntry) -> ReplicaHealth {
+        if !self.is_up(&replica.node) {
+            return ReplicaHealth::Down;
+        }
+        match report_of(seen, partition, replica) {
+            Some(report) if report.state == "faulted" => ReplicaHealth::Faulted,
+            Some(_) => ReplicaHealth::Healthy,
+            None => ReplicaHealth::Loading,
+        }
+    }
+
+    /// Starts or ends draining `node`.
+    pub async fn drain_node(&self, node: &str, draining: bool) -> Result<(), MetaError> {
+        self.confirm_leader().await?;
+        let _one = self.propose.lock().await;
+        if !self.machine.map().nodes.contains_key(node) {
+            return Err(MetaError::NoSuchNode(node.to_string()));
+        }
+        self.commit(&MapCommand::DrainNode { id: node.to_string(), draining }).await
+    }
+
+    /// One pass of the repairer, on the confirmed leader (a no-op
+    /// elsewhere): retires the replicas their groups have let go of, and
+    /// replaces those faulted, down or on a draining node for longer than
+    /// `repair_after` (draining ones at once), within the limits: never
+    /// in a group without a healthy majority, one repair at a time per
+    /// group, [`MAX_REPAIRS_PER_NODE`] and [`MAX_REPAIRS_PER_DISK`] onto
+    /// one node and disk.
+    pub async fn repair_pass(&self) -> Result<(), MetaError> {
+        self.confirm_leader().await?;
+        let _one = self.propose.lock().await;
+        let map = self.machine.map();
+        let seen = self.seen();
+        for command in self.retirements(&map, &seen) {
+            tracing::info!(?command, "repair: a replaced replica left its group");
+            self.commit(&command).await?;
+        }
+        let map = self.machine.map();
+        let now = Instant::now();
+        let mut unfit_since = self.unfit_since.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        unfit_since.retain(|(partition, replica_id), _| {
+            map.partitions.get(partition).is_some_and(|p| p.replicas.iter().any(|r| r.replica_id == *replica_id))
+        });
+        let mut due = Vec::new();
+        for (&partition, entry) in &map.partitions {
+            let health: Vec<ReplicaHealth> = entry.replicas.iter().map(|r| self.health(&seen, partition, r)).collect();
+            for (replica, health) in entry.replicas.iter().zip(&health) {
+                let draining = map.draining.contains(&replica.node);
+                let key = (partition, replica.replica_id);
+                if matches!(health, ReplicaHealth::Healthy | ReplicaHealth::Loading) && !draining {
+                    unfit_since.remove(&key);
+                    continue;
+                }
+                let since = *unfit_since.entry(key).or_insert(now);
+                let waited = now.duration_since(since) >= self.repair_after;
+                if (waited || draining) && !entry.replicas.iter().any(|r| r.replaces == Some(replica.replica_id)) {
+                    due.push((partition, replica.clone(), *health));
+                }
+            }
+        }
+        *self.unfit_since.lock().unwrap_or_else(PoisonError::into_inner) = unfit_since;
+        let mut onto = repairs_onto(&map);
+        for (partition, old, health) in due {
+            let entry = &map.partitions[&partition];
+            if entry.replicas.iter().any(|r| r.replaces.is_some()) {
+                continue; // one repair at a time per group
+            }
+            let healthy =
+                entry.replicas.iter().filter(|r| self.health(&seen, partition, r) == ReplicaHealth::Healthy).count();
+            if healthy < entry.replicas.len() / 2 + 1 {
+                tracing::warn!(partition, replica = old.replica_id, "repair waits: the group lacks a healthy majority");
+                continue;
+            }
+            let Some((node, disk)) = self.place_replacement(&map, partition, &old, health, &onto) else {
+                tracing::warn!(partition, replica = old.replica_id, "repair waits: no node or disk can take a replica");
+                continue;
+            };
+            tracing::info!(partition, old = old.replica_id, %node, %disk, state = health.name(), "repair: replacing a replica");
+            *onto.0.entry(node.clone()).or_insert(0) += 1;
+            *onto.1.entry((node.clone(), disk.clone())).or_insert(0) += 1;
+            self.commit(&MapCommand::ReplaceReplica { partition, old: old.replica_id, node, disk }).await?;
+        }
+        Ok(())
+    }
+
+    /// The retirements due: a replaced replica that the group's leader no
+    /// longer counts as a member while its replacement is a voter, in a
+    /// membership that is not joint.
+    fn retirements(&self, map: &ClusterMap, seen: &HashMap<String, Seen>) -> Vec<MapCommand> {
+        let mut commands = Vec::new();
+        for (&partition, entry) in &map.partitions {
+            let Some(leader) = self.leader_report(seen, partition) else { continue };
+            for replica in &entry.replicas {
+                let Some(old) = replica.replaces else { continue };
+                let swapped = !leader.joint
+                    && leader.voters.contains(&replica.replica_id)
+                    && !leader.voters.contains(&old)
+                    && !leader.learners.contains(&old);
+                if swapped {
+                    commands.push(MapCommand::RetireReplica { partition, replica_id: old });
+                }
+            }
+        }
+        commands
+    }
+
+    /// The report of `partition`'s leader: the replica reporting itself
+    /// leader in the highest term, among nodes that are up.
+    fn leader_report(&self, seen: &HashMap<String, Seen>, partition: u64) -> Option<ReplicaReport> {
+        seen.values()
+            .filter(|s| s.at.elapsed() < self.dead_after)
+            .flat_map(|s| s.heartbeat.replicas.iter())
+            .filter(|r| r.partition == partition && r.role == "leader")
+            .max_by_key(|r| r.term)
+            .cloned()
+    }
+
+    /// Where `old`'s replacement goes: a node up, not draining, holding no
+    /// replica of the partition, with a writable disk (placement's order),
+    /// within the repair limits; when no such node fits and `old` is
+    /// faulted on a node that is up, another disk of that node.
+    fn place_replacement(
+        &self,
+        map: &ClusterMap,
+        partition: u64,
+        old: &ReplicaEntry,
+        health: ReplicaHealth,
+        onto: &RepairsOnto,
+    ) -> Option<(String, String)> {
+        let holders: Vec<&str> = map.partitions[&partition].replicas.iter().map(|r| r.node.as_str()).collect();
+        let within = |node: &str, disk: &str| {
+            onto.0.get(node).copied().unwrap_or(0) < MAX_REPAIRS_PER_NODE
+                && onto.1.get(&(node.to_string(), disk.to_string())).copied().unwrap_or(0) < MAX_REPAIRS_PER_DISK
+        };
+        let mut candidates = self.candidates(map);
+        for candidate in &mut candidates {
+            let node = candidate.node.clone();
+            candidate.disks.retain(|(disk, _, _)| within(&node, disk));
+        }
+        let elsewhere: Vec<Candidate> =
+            candidates.iter().filter(|c| !holders.contains(&c.node.as_str())).cloned().collect();
+        if let Some(placed) = place(&elsewhere, 1).and_then(|mut p| p.pop()) {
+            return Some(placed);
+        }
+        if health != ReplicaHealth::Faulted || map.draining.contains(&old.node) {
+            return None;
+        }
+        let mut same = candidates.into_iter().find(|c| c.node == old.node)?;
+        same.disks.retain(|(disk, _, _)| *disk != old.disk);
+        place(&[same], 1).and_then(|mut p| p.pop())
+    }
+}
+
+/// Repairs under way by target node, and by target `(node, disk)`.
+type RepairsOnto = (HashMap<String, usize>, HashMap<(String, String), usize>);
+
+fn repairs_onto(map: &ClusterMap) -> RepairsOnto {
+    let mut onto: RepairsOnto = Default::default();
+    for replica in map.partitions.values().flat_map(|p| p.replicas.iter()).filter(|r| r.replaces.is_some()) {
+        *onto.0.entry(replica.node.clone()).or_insert(0) += 1;
+        *onto.1.entry((replica.node.clone(), replica.disk.clone())).or_insert(0) += 1;
+    }
+    onto
+}
+
+/// What `replica`'s node last said of it.
+pub fn report_of<'a>(
+    seen: &'a HashMap<String, Seen>,
+    partition: u64,
+    replica: &ReplicaEntry,
+) -> Option<&'a ReplicaReport> {
+    seen.get(&replica.node)?
+        .heartbeat
+        .replicas
+        .iter()
+        .find(|r| r.partition == partition && r.replica_id == replica.replica_id)
 }

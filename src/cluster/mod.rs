@@ -93,6 +93,8 @@ pub struct Cluster {
     meta_leader: Mutex<Option<String>>,
     registry: Arc<Registry>,
     raft_config: Arc<openraft::Config>,
+    /// Partitions whose membership this node (their leader) is changing.
+    steering: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -159,7 +161,7 @@ impl Cluster {
                     seeds.clone(),
                     raft_config.clone(),
                     pool.clone(),
-                    config.node_dead_after,
+                    meta::Detection { dead_after: config.node_dead_after, repair_after: config.repair_after },
                 )
                 .await?;
                 endpoints.register(
@@ -189,6 +191,7 @@ impl Cluster {
             meta_leader: Mutex::new(None),
             registry,
             raft_config,
+            steering: Mutex::new(std::collections::HashSet::new()),
         });
         let options =
             PeerServerOptions { control: Some(Arc::new(Control(Arc::clone(&cluster)))), ..Default::default() };
@@ -196,6 +199,10 @@ impl Cluster {
         cluster.start_found_replicas().await;
         let looping = Arc::clone(&cluster);
         tokio::spawn(async move { looping.heartbeat_loop().await });
+        if cluster.meta.is_some() {
+            let repairing = Arc::clone(&cluster);
+            tokio::spawn(async move { repairing.repair_loop().await });
+        }
         Ok(cluster)
     }
 
@@ -289,7 +296,16 @@ impl Cluster {
     /// Brings the replicas on this node in line with `map`: starts the
     /// ones it lists here, stops and quarantines the ones it does not.
     async fn reconcile(&self, map: &ClusterMap) {
-        for (partition, entry) in map.replicas_on(&self.node_id).map(|(p, r)| (p, r.clone())).collect::<Vec<_>>() {
+        // A repair may place a replica on another disk of the node that
+        // holds the faulted one it replaces: the newest (highest id) is the
+        // one to hold; the older one is stopped and quarantined.
+        let mut mine: BTreeMap<u64, map::ReplicaEntry> = BTreeMap::new();
+        for (partition, entry) in map.replicas_on(&self.node_id) {
+            if mine.get(&partition).is_none_or(|kept| kept.replica_id < entry.replica_id) {
+                mine.insert(partition, entry.clone());
+            }
+        }
+        for (partition, entry) in mine {
             match self.replica(partition) {
                 Some(held) if held.replica_id == entry.replica_id => continue,
                 // The partition was deleted and created again while this
@@ -332,6 +348,9 @@ impl Cluster {
                 .get(&partition)
                 .is_some_and(|p| p.replicas.iter().any(|r| r.replica_id == replica_id && r.node == self.node_id));
             if listed {
+                // Still a member (say, a faulted replica being replaced by
+                // another on this node): quarantined once it leaves the map.
+                self.leftovers.lock().unwrap_or_else(PoisonError::into_inner).push((partition, replica_id, disk));
                 continue;
             }
             if let Some(path) = self.disk_path(&disk) {
@@ -379,6 +398,78 @@ impl Cluster {
             disks,
             replicas,
             map_epoch: self.learned().map.epoch,
+        }
+    }
+
+    /// On a seed: the metadata leader's repairer, a pass every
+    /// [`REPAIR_EVERY`] heartbeat intervals.
+    async fn repair_loop(self: Arc<Self>) {
+        let Some(meta) = self.meta.clone() else { return };
+        while !self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            tokio::time::sleep(self.config.heartbeat_interval * REPAIR_EVERY).await;
+            if meta.leader() != Some(meta.id) {
+                continue;
+            }
+            if let Err(error) = meta.repair_pass().await {
+                tracing::debug!(%error, "repair pass");
+            }
+        }
+    }
+
+    /// On the leader of a group: moves its membership toward the map's.
+    /// A replica the map adds to replace another is added as a learner
+    /// (caught up from this leader: snapshot, then log), then swapped for
+    /// the old one among the voters (joint consensus); a learner the map
+    /// does not list is removed. One change at a time per group, in a task
+    /// of its own; a failed step is tried again on a later heartbeat.
+    fn steer_memberships(self: &Arc<Self>, map: &ClusterMap) {
+        for replica in self.replicas() {
+            let Some((raft, _)) = replica.running() else { continue };
+            let metrics = raft.metrics().borrow_watched().clone();
+            if metrics.state != ServerState::Leader {
+                continue;
+            }
+            let Some(entry) = map.partitions.get(&replica.partition) else { continue };
+            let membership = metrics.membership_config.membership().clone();
+            let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+            let learners: std::collections::BTreeSet<u64> = membership.learner_ids().collect();
+            let listed = |id: u64| entry.replicas.iter().any(|r| r.replica_id == id);
+            let step = if let Some(new) = entry.replicas.iter().find(|r| r.replaces.is_some()) {
+                let old = new.replaces.unwrap_or_default();
+                let Some(node) = map.nodes.get(&new.node) else { continue };
+                if !voters.contains(&new.replica_id) {
+                    let target: std::collections::BTreeSet<u64> =
+                        voters.iter().copied().filter(|v| *v != old).chain([new.replica_id]).collect();
+                    Some(MembershipStep::Swap {
+                        new: new.replica_id,
+                        addr: node.peer_addr.clone(),
+                        learner: learners.contains(&new.replica_id),
+                        voters: target,
+                    })
+                } else if voters.contains(&old) || learners.contains(&old) || membership.get_joint_config().len() > 1 {
+                    let target = voters.iter().copied().filter(|v| *v != old).collect();
+                    Some(MembershipStep::Voters(target))
+                } else {
+                    None
+                }
+            } else {
+                let strays: std::collections::BTreeSet<u64> =
+                    learners.iter().copied().filter(|l| !listed(*l)).collect();
+                (!strays.is_empty()).then_some(MembershipStep::RemoveLearners(strays))
+            };
+            let Some(step) = step else { continue };
+            if !self.steering.lock().unwrap_or_else(PoisonError::into_inner).insert(replica.partition) {
+                continue;
+            }
+            let cluster = Arc::clone(self);
+            let partition = replica.partition;
+            tokio::spawn(async move {
+                tracing::info!(partition, ?step, "membership change");
+                if let Err(error) = step.run(&raft).await {
+                    tracing::warn!(partition, ?step, %error, "membership change did not complete (tried again later)");
+                }
+                cluster.steering.lock().unwrap_or_else(PoisonError::into_inner).remove(&partition);
+            });
         }
     }
 
@@ -430,6 +521,7 @@ impl Cluster {
                     round += 1;
                 }
             }
+            self.steer_memberships(&self.learned().map);
             update_metrics(&self);
             update_meta_metrics(&self);
             tokio::time::sleep(self.config.heartbeat_interval).await;
@@ -541,6 +633,51 @@ impl Cluster {
 
 /// Heartbeats between two passes over the map held (see the loop).
 const RECONCILE_EVERY: u64 = 20;
+/// Heartbeat intervals between two passes of the repairer.
+const REPAIR_EVERY: u32 = 4;
+
+/// One step of a group's leader toward the membership the map shows.
+#[derive(Debug)]
+enum MembershipStep {
+    /// Add `new` as a learner unless it is one, wait until it has caught
+    /// up, then make `voters` the voters (the old member leaves).
+    Swap { new: u64, addr: String, learner: bool, voters: std::collections::BTreeSet<u64> },
+    /// Finish a change: these are the voters; any other member leaves.
+    Voters(std::collections::BTreeSet<u64>),
+    /// Learners the map does not list (a repair abandoned) leave.
+    RemoveLearners(std::collections::BTreeSet<u64>),
+}
+
+impl MembershipStep {
+    async fn run(&self, raft: &replica::ReplicaRaft) -> Result<(), String> {
+        use openraft::ChangeMembers;
+        match self {
+            MembershipStep::Swap { new, addr, learner, voters } => {
+                if !learner {
+                    // Blocking: returns once the leader holds the learner
+                    // caught up (a snapshot streamed, then the log).
+                    raft.add_learner(*new, openraft::BasicNode { addr: addr.clone() }, true)
+                        .await
+                        .map_err(|e| format!("adding learner {new}: {e}"))?;
+                }
+                raft.change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), false)
+                    .await
+                    .map_err(|e| format!("voters {voters:?}: {e}"))?;
+            }
+            MembershipStep::Voters(voters) => {
+                raft.change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), false)
+                    .await
+                    .map_err(|e| format!("voters {voters:?}: {e}"))?;
+            }
+            MembershipStep::RemoveLearners(learners) => {
+                raft.change_membership(ChangeMembers::RemoveNodes(learners.clone()), false)
+                    .await
+                    .map_err(|e| format!("removing learners {learners:?}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Moves a replica's directory to `<disk>/quarantine/` (never deleted by
 /// the node).
@@ -595,10 +732,17 @@ fn report(replica: &Replica) -> ReplicaReport {
             leader: None,
             applied_index: None,
             matched: BTreeMap::new(),
+            voters: Vec::new(),
+            learners: Vec::new(),
+            joint: false,
         };
     };
     let metrics = raft.metrics().borrow_watched().clone();
+    let membership = metrics.membership_config.membership();
     ReplicaReport {
+        voters: membership.voter_ids().collect(),
+        learners: membership.learner_ids().collect(),
+        joint: membership.get_joint_config().len() > 1,
         partition: replica.partition,
         replica_id: replica.replica_id,
         state: "healthy".into(),
@@ -678,14 +822,13 @@ fn update_meta_metrics(cluster: &Cluster) {
             ["healthy", "faulted", "down", "learner"].into_iter().map(|s| (s, 0)).collect();
         if leading {
             for replica in &partition.replicas {
-                let report = seen.get(&replica.node).and_then(|s| {
-                    s.heartbeat.replicas.iter().find(|r| r.partition == *id && r.replica_id == replica.replica_id)
-                });
-                let state = match report {
-                    _ if !meta.is_up(&replica.node) => "down",
-                    Some(report) if report.state == "faulted" => "faulted",
-                    Some(report) if report.role == "learner" => "learner",
-                    _ => "healthy",
+                let health = meta.health(&seen, *id, replica);
+                let learner = meta::report_of(&seen, *id, replica).is_some_and(|report| report.role == "learner");
+                let state = match health {
+                    meta::ReplicaHealth::Healthy if learner => "learner",
+                    // Being started: counted as the replica it will be.
+                    meta::ReplicaHealth::Healthy | meta::ReplicaHealth::Loading => "healthy",
+                    other => other.name(),
                 };
                 *counts.entry(state).or_insert(0) += 1;
             }

@@ -57,6 +57,15 @@ pub struct ReplicaReport {
     pub applied_index: Option<u64>,
     /// On a leader: the last index each replica is known to hold.
     pub matched: BTreeMap<u64, Option<u64>>,
+    /// The voters of the membership it holds (the last one in its log).
+    #[serde(default)]
+    pub voters: Vec<u64>,
+    /// Its learners.
+    #[serde(default)]
+    pub learners: Vec<u64>,
+    /// Whether that membership is a joint one (a change half done).
+    #[serde(default)]
+    pub joint: bool,
 }
 
 /// The metadata leader's answer.

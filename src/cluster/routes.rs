@@ -414,6 +414,10 @@ fn meta_error(cluster: &Cluster, uri: &Uri, error: MetaError) -> Response {
         MetaError::CannotPlace(message) => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cannot_place", message).into_response()
         }
+        MetaError::NoSuchNode(id) => {
+            ApiError::new(StatusCode::NOT_FOUND, "node_not_found", format!("no node {id} in the cluster map"))
+                .into_response()
+        }
     }
 }
 
@@ -447,31 +451,25 @@ fn cluster_partition(view: &View<'_>, id: u64) -> Value {
         .replicas
         .iter()
         .map(|replica| {
-            let report = seen
-                .get(&replica.node)
-                .and_then(|s| {
-                    s.heartbeat.replicas.iter().find(|r| r.partition == id && r.replica_id == replica.replica_id)
-                })
-                .cloned();
-            let state = match (&report, meta.is_up(&replica.node)) {
-                (_, false) => "down".to_string(),
-                (Some(report), true) => report.state.clone(),
-                (None, true) => "loading".to_string(),
-            };
-            let role = match report.as_ref().map(|r| r.role.as_str()) {
+            let report = super::meta::report_of(seen, id, replica);
+            let role = match report.map(|r| r.role.as_str()) {
                 Some("leader") => "leader",
                 Some("learner") => "learner",
                 _ => "follower",
             };
             let matched = leader_report.as_ref().and_then(|l| l.matched.get(&replica.replica_id).copied().flatten());
-            json!({
+            let mut value = json!({
                 "replica_id": replica.replica_id,
                 "node": replica.node,
                 "disk": replica.disk,
-                "state": state,
+                "state": meta.health(seen, id, replica).name(),
                 "role": role,
                 "matched_index": matched,
-            })
+            });
+            if let Some(old) = replica.replaces {
+                value["replaces"] = old.into();
+            }
+            value
         })
         .collect();
     let leader_node = leader.and_then(|l| entry.replicas.iter().find(|r| r.replica_id == l)).map(|r| r.node.clone());
@@ -500,6 +498,8 @@ pub async fn get_cluster(State(node): State<Arc<Node>>, uri: Uri) -> Response {
                 "advertise_url": entry.advertise_url,
                 "peer_addr": entry.peer_addr,
                 "state": if meta.is_up(id) { "up" } else { "down" },
+                "draining": map.draining.contains(id),
+                "replicas": map.replicas_on(id).count(),
                 "last_heartbeat_ms": last.map(|s| s.at.elapsed().as_millis() as u64),
                 "disks": last.map(|s| s.heartbeat.disks.iter().map(|d| json!({
                     "name": d.name, "free_bytes": d.free_bytes, "writable": d.writable,
@@ -585,6 +585,134 @@ pub async fn delete_partition(
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(error) => meta_error(&cluster, &uri, error),
     }
+}
+
+/// `POST /v1/cluster/nodes/{id}/drain` (admin): every replica on the node
+/// is moved to others (repairs at the repairer's pace and limits), and
+/// none is placed there. `202` with the replicas still on it; `GET
+/// /v1/cluster` shows the count fall to 0. `DELETE` ends the drain.
+pub async fn drain_node(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    method: axum::http::Method,
+    uri: Uri,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    if let Err(error) = api::require_admin(&node, &headers) {
+        return error.into_response();
+    }
+    let Some(cluster) = node.cluster() else { return not_clustered() };
+    let meta = match meta_here(&cluster, &uri) {
+        Ok(meta) => meta,
+        Err(response) => return *response,
+    };
+    let draining = method == axum::http::Method::POST;
+    if let Err(error) = meta.drain_node(&id, draining).await {
+        return meta_error(&cluster, &uri, error);
+    }
+    tracing::info!(node = %id, draining, "drain");
+    let map = match meta.read_map().await {
+        Ok(map) => map,
+        Err(error) => return meta_error(&cluster, &uri, error),
+    };
+    let status = if draining { StatusCode::ACCEPTED } else { StatusCode::OK };
+    (status, Json(json!({ "node": id, "draining": draining, "replicas": map.replicas_on(&id).count() })))
+        .into_response()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferLeader {
+    /// The node to lead; by default the voter that holds the most of the log.
+    node: Option<String>,
+}
+
+/// `POST /v1/cluster/partitions/{pid}/transfer-leader` (admin), served by
+/// the group's leader (307 to it elsewhere): hands leadership to the
+/// replica on `node` (or the most caught-up other voter). `200` once it
+/// leads, `202` when it has not taken over within two election timeouts.
+pub async fn transfer_leader(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    uri: Uri,
+    axum::extract::Path(pid): axum::extract::Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(error) = api::require_admin(&node, &headers) {
+        return error.into_response();
+    }
+    let Some(cluster) = node.cluster() else { return not_clustered() };
+    let partition = match api::partition_id(&pid) {
+        Ok(id) => id,
+        Err(error) => return error.into_response(),
+    };
+    let request: TransferLeader = if body.is_empty() {
+        TransferLeader::default()
+    } else {
+        match api::admin_json(&body) {
+            Ok(request) => request,
+            Err(error) => return error.into_response(),
+        }
+    };
+    let map = cluster.learned().map;
+    let Some(entry) = map.partitions.get(&partition) else {
+        return ApiError::partition_not_found(partition).into_response();
+    };
+    let (replica, raft) = match route(&cluster, partition) {
+        Route::Here(replica, raft, _) => (replica, raft),
+        Route::Leader(leader, url) => return redirect(Some(partition), &leader, &url, &uri),
+        Route::NoLeader => return no_leader(Some(partition), "the partition").into_response(),
+    };
+    let metrics = raft.metrics().borrow_watched().clone();
+    let voters: Vec<u64> = metrics.membership_config.membership().voter_ids().collect();
+    let target = match &request.node {
+        Some(name) => match entry.replicas.iter().find(|r| &r.node == name && voters.contains(&r.replica_id)) {
+            Some(r) => r.replica_id,
+            None => {
+                return ApiError::bad_request(format!("node {name} holds no voting replica of partition {partition}"))
+                    .on(partition)
+                    .into_response();
+            }
+        },
+        None => {
+            let matched =
+                |id: &u64| metrics.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|log| log.index);
+            match voters.iter().filter(|v| **v != replica.replica_id).max_by_key(|v| matched(v)) {
+                Some(v) => *v,
+                None => {
+                    return ApiError::new(StatusCode::CONFLICT, "no_other_voter", "the group has no other voter")
+                        .on(partition)
+                        .into_response();
+                }
+            }
+        }
+    };
+    let node_of = |id: u64| entry.replicas.iter().find(|r| r.replica_id == id).map(|r| r.node.clone());
+    if target == replica.replica_id {
+        return Json(json!({ "partition": partition, "leader": node_of(target), "replica_id": target }))
+            .into_response();
+    }
+    if let Err(fatal) = raft.trigger().transfer_leader(target).await {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "partition_unavailable", fatal.to_string())
+            .on(partition)
+            .into_response();
+    }
+    let wait = cluster.config.election_timeout * 2;
+    let mut watch = raft.metrics();
+    let led = tokio::time::timeout(wait, async {
+        loop {
+            if watch.borrow_watched().current_leader == Some(target) {
+                return;
+            }
+            if watch.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+    .is_ok();
+    let body = json!({ "partition": partition, "leader": node_of(target), "replica_id": target });
+    if led { Json(body).into_response() } else { (StatusCode::ACCEPTED, Json(body)).into_response() }
 }
 
 fn not_clustered() -> Response {

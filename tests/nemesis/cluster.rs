@@ -331,7 +331,7 @@ impl ClusterRun {
         let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
         let mut nodes: Vec<Node> = (0..n)
             .map(|i| {
-                let toml = node_config(i, &ports, &peer_ports, &dirs[i].path().join("d0"), &setup.extra);
+                let toml = node_config(i, &ports, &peer_ports, &[dirs[i].path().join("d0")], &setup.extra);
                 let mut node = Node::unstarted(ports[i], &toml);
                 node.cgroup = firewall.as_ref().map(|f| f.cgroup(i));
                 node
@@ -643,6 +643,15 @@ impl ClusterRun {
         self.note(format!("dn-{} reconnected{}", i + 1, if effective { " (another node led meanwhile)" } else { "" }));
     }
 
+    /// The lines of node `i`'s log that say a replica faulted (with why) or a task panicked.
+    fn logged_faults(&self, i: usize) -> Vec<String> {
+        let log = std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default();
+        log.lines()
+            .filter(|line| line.contains("replica faulted") || line.contains("panicked"))
+            .map(|line| format!("dn-{}: {line}", i + 1))
+            .collect()
+    }
+
     /// Heals every fault: resumes, reconnects, restarts.
     fn heal_all(&mut self) {
         for i in 0..self.nodes.len() {
@@ -688,9 +697,11 @@ impl ClusterRun {
                 })
                 .collect();
             if !converged {
+                let faults: Vec<String> = (0..self.nodes.len()).flat_map(|i| self.logged_faults(i)).collect();
                 self.history.violation(format!(
-                    "p{p}: the replicas did not converge within 60 s of every fault healed:\n    {}",
-                    views.join("\n    ")
+                    "p{p}: the replicas did not converge within 60 s of every fault healed:\n    {}{}",
+                    views.join("\n    "),
+                    faults.iter().map(|line| format!("\n    logged: {line}")).collect::<String>()
                 ));
                 continue;
             }

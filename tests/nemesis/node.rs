@@ -38,6 +38,8 @@ impl Node {
         let config = dir.path().join("datanode.toml");
         std::fs::write(&config, toml).unwrap();
         let log = std::env::temp_dir().join(format!("datanode-nemesis-{port}.stderr"));
+        // Appended to across restarts; a log of an earlier run on the port is not this node's.
+        let _ = std::fs::remove_file(&log);
         Node { child: None, port, config, _dir: dir, fsize_limit: None, cgroup: None, log }
     }
 

@@ -25,8 +25,8 @@ pub struct TestCluster {
     pub ports: Vec<u16>,
     pub peer_ports: Vec<u16>,
     pub dirs: Vec<tempfile::TempDir>,
-    /// Where each node's disk `d0` is: inside its directory unless given.
-    disks: Vec<std::path::PathBuf>,
+    /// Where each node's disks `d0`, `d1`, ... are.
+    disks: Vec<Vec<std::path::PathBuf>>,
     extra: String,
 }
 
@@ -40,12 +40,20 @@ impl TestCluster {
     /// Like [`TestCluster::start`], node `i`'s disk `d0` at `disks[i]`
     /// when given (a loop-mounted filesystem), else in its directory.
     pub fn start_on(count: usize, extra: &str, disks: &[&std::path::Path]) -> TestCluster {
+        let layout = (0..count).map(|i| disks.get(i).map(|disk| vec![disk.join("d0")])).collect();
+        TestCluster::start_with_disks(count, extra, layout)
+    }
+
+    /// Like [`TestCluster::start`], node `i`'s disks `d0`, `d1`, ... at
+    /// the paths `disks[i]` gives (a single `d0` in its directory when
+    /// `None`).
+    pub fn start_with_disks(count: usize, extra: &str, disks: Vec<Option<Vec<std::path::PathBuf>>>) -> TestCluster {
         let mut all = distinct_ports(2 * count);
         let peer_ports = all.split_off(count);
         let ports = all;
         let dirs: Vec<tempfile::TempDir> = (0..count).map(|_| tempfile::tempdir().unwrap()).collect();
         let disks = (0..count)
-            .map(|i| disks.get(i).map_or_else(|| dirs[i].path().join("d0"), |disk| disk.join("d0")))
+            .map(|i| disks.get(i).cloned().flatten().unwrap_or_else(|| vec![dirs[i].path().join("d0")]))
             .collect();
         let mut cluster = TestCluster { nodes: Vec::new(), ports, peer_ports, dirs, disks, extra: extra.to_string() };
         // Started together: the seeds wait for each other to elect a
@@ -179,10 +187,10 @@ impl TestCluster {
 }
 
 /// The configuration of node `i` (`dn-{i+1}`) of a cluster on loopback
-/// with these HTTP and peer ports, its disk `d0` at `disk`; the first (up
-/// to) three nodes are the seeds; `extra` is appended to `[cluster]`
-/// (a key of [`TIMINGS`] it sets replaces the one there).
-pub fn node_config(i: usize, ports: &[u16], peer_ports: &[u16], disk: &std::path::Path, extra: &str) -> String {
+/// with these HTTP and peer ports, its disks `d0`, `d1`, ... at `disks`;
+/// the first (up to) three nodes are the seeds; `extra` is appended to
+/// `[cluster]` (a key of [`TIMINGS`] it sets replaces the one there).
+pub fn node_config(i: usize, ports: &[u16], peer_ports: &[u16], disks: &[std::path::PathBuf], extra: &str) -> String {
     let timings: String = TIMINGS
         .lines()
         .filter(|line| {
@@ -192,11 +200,15 @@ pub fn node_config(i: usize, ports: &[u16], peer_ports: &[u16], disk: &std::path
         .collect();
     let seeds: Vec<String> =
         (0..ports.len().min(3)).map(|s| format!("\"dn-{}@127.0.0.1:{}\"", s + 1, peer_ports[s])).collect();
+    let disks: String = disks
+        .iter()
+        .enumerate()
+        .map(|(d, path)| format!("[[disk]]\nname = \"d{d}\"\npath = \"{}\"\n\n", path.display()))
+        .collect();
     format!(
-        "[node]\nid = \"dn-{}\"\nbootstrap_partitions = 0\n\n[[disk]]\nname = \"d0\"\npath = \"{}\"\n\n\
+        "[node]\nid = \"dn-{}\"\nbootstrap_partitions = 0\n\n{disks}\
          [cluster]\npeer_addr = \"127.0.0.1:{}\"\nadvertise_url = \"http://127.0.0.1:{}\"\nseeds = [{}]\n{timings}{extra}",
         i + 1,
-        disk.display(),
         peer_ports[i],
         ports[i],
         seeds.join(", "),
