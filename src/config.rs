@@ -89,6 +89,12 @@ pub struct ClusterConfig {
     /// to it) after this many entries since the last one.
     #[serde(default = "default_snapshot_logs")]
     pub snapshot_logs: u64,
+    /// File holding the cluster secret (at least 32 bytes, surrounding
+    /// whitespace trimmed), the same on every node: every peer connection
+    /// proves it in a handshake before any Raft message. Peers are not
+    /// authenticated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
 }
 
 fn default_snapshot_logs() -> u64 {
@@ -380,7 +386,7 @@ fn check_size(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigErr
 }
 
 /// Keys without a default (absent unless set), besides those of [`DEFAULT_TOML`].
-const OPTIONAL_KEYS: [&str; 17] = [
+const OPTIONAL_KEYS: [&str; 18] = [
     "node.id",
     "node.admin_token_file",
     "alerts.alertmanager_url",
@@ -398,6 +404,7 @@ const OPTIONAL_KEYS: [&str; 17] = [
     "cluster.node_dead_after",
     "cluster.repair_after",
     "cluster.snapshot_logs",
+    "cluster.secret_file",
 ];
 
 /// `DATANODE_*` variables that are not configuration: the test harness's.
@@ -786,10 +793,19 @@ impl Config {
         if cluster.snapshot_logs < 10 {
             return fail(format!("cluster.snapshot_logs = {} is below 10", cluster.snapshot_logs));
         }
-        if !cluster.peer_addr.ip().is_loopback() && self.tls.is_none() && !self.auth.allow_unauthenticated {
+        if let Some(path) = &cluster.secret_file
+            && path.as_os_str().is_empty()
+        {
+            return fail("cluster.secret_file = \"\" names no file".into());
+        }
+        // Off loopback, anyone who reaches the peer port could send Raft
+        // messages unless peers prove the cluster secret. ([tls] alone
+        // does not cover the peer port.)
+        if !cluster.peer_addr.ip().is_loopback() && cluster.secret_file.is_none() && !self.auth.allow_unauthenticated {
             return fail(format!(
-                "cluster.peer_addr = {} is not loopback and peers are not authenticated yet: set [tls], or \
-                 auth.allow_unauthenticated = true on a network you trust",
+                "cluster.peer_addr = {} is not loopback and anyone who reaches it could send Raft messages: set \
+                 cluster.secret_file (the same secret on every node), or auth.allow_unauthenticated = true on a \
+                 network you trust",
                 cluster.peer_addr
             ));
         }
@@ -821,7 +837,18 @@ impl Config {
             _ => "writes: open (auth.data_tokens = \"off\")",
         };
         let exposure = if self.node.http_addr.ip().is_loopback() { "loopback only" } else { "reachable off this host" };
-        vec![format!("listener: {} ({exposure})", self.node.http_addr), tls, admin.to_string(), data.to_string()]
+        let mut posture =
+            vec![format!("listener: {} ({exposure})", self.node.http_addr), tls, admin.to_string(), data.to_string()];
+        if let Some(cluster) = &self.cluster {
+            let exposure =
+                if cluster.peer_addr.ip().is_loopback() { "loopback only" } else { "reachable off this host" };
+            let peers = match &cluster.secret_file {
+                Some(_) => "peers prove the cluster secret (cluster.secret_file)",
+                None => "peers unauthenticated (no cluster.secret_file)",
+            };
+            posture.push(format!("peer port: {} ({exposure}), {peers}", cluster.peer_addr));
+        }
+        posture
     }
 
     /// The admin token, if one is configured. A configured but unreadable
@@ -856,6 +883,7 @@ impl Config {
                 self.auth.signing_key_file.as_ref().filter(|_| self.auth.data_tokens == "required"),
             ),
             ("tls.key_file", self.tls.as_ref().map(|t| &t.key_file)),
+            ("cluster.secret_file", self.cluster.as_ref().and_then(|c| c.secret_file.as_ref())),
         ];
         for (key, path) in secrets.into_iter().filter_map(|(key, path)| Some((key, path?))) {
             use std::os::unix::fs::PermissionsExt;
@@ -1255,12 +1283,29 @@ mod tests {
             (format!("{CLUSTER}heartbeat_interval = \"1ms\"\n"), "cluster.heartbeat_interval = \"1ms\""),
             (format!("{CLUSTER}repair_after = \"0s\"\n"), "cluster.repair_after"),
             (format!("{CLUSTER}secret = \"x\"\n"), "unknown key cluster.secret"),
-            (CLUSTER.replace("peer_addr = \"127.0.0.1:7170\"", "peer_addr = \"0.0.0.0:7170\""), "not loopback"),
+            (
+                CLUSTER.replace("peer_addr = \"127.0.0.1:7170\"", "peer_addr = \"0.0.0.0:7170\""),
+                "set cluster.secret_file",
+            ),
+            (format!("{CLUSTER}secret_file = \"\"\n"), "cluster.secret_file = \"\" names no file"),
         ];
         for (text, expected) in cases {
             let error = load_cluster(&text).unwrap_err();
             assert!(error.0.contains(expected), "{text}: {}", error.0);
         }
+    }
+
+    #[test]
+    fn an_off_loopback_peer_port_needs_the_cluster_secret_or_an_explicit_opt_out() {
+        let off = CLUSTER.replace("peer_addr = \"127.0.0.1:7170\"", "peer_addr = \"0.0.0.0:7170\"");
+        let with_secret = load_cluster(&format!("{off}secret_file = \"/etc/datanode/cluster.secret\"\n")).unwrap();
+        let cluster = with_secret.cluster.clone().unwrap();
+        assert_eq!(cluster.secret_file, Some(PathBuf::from("/etc/datanode/cluster.secret")));
+        assert!(with_secret.security_posture().iter().any(|line| line.contains("prove the cluster secret")));
+        let again: Config = toml::from_str(&with_secret.to_toml()).unwrap();
+        assert_eq!(again, with_secret);
+        let open = load_cluster(&format!("{off}[auth]\ndata_tokens = \"off\"\nallow_unauthenticated = true\n"));
+        assert!(open.unwrap().security_posture().iter().any(|line| line.contains("peers unauthenticated")));
     }
 
     #[test]

@@ -101,6 +101,11 @@ fn describe() {
     describe_gauge!("datanode_peer_connections", "Open connections to (outbound) and from (inbound) peer nodes");
     describe_counter!("datanode_peer_connects_total", "Connection attempts to peer nodes, by result (ok, failed)");
     describe_counter!("datanode_peer_accepts_total", "Connections from peer nodes, by result (admitted, refused)");
+    describe_counter!(
+        "datanode_peer_rejected_total",
+        "Connections to the peer port refused before any request, by reason (bad_proof, no_handshake, malformed, \
+         timeout)"
+    );
     describe_gauge!(
         "datanode_raft_role",
         "Raft role of this node's replica of a partition, one-hot (leader, follower, learner, candidate, shutdown)"

@@ -281,6 +281,7 @@ struct Checked {
     admin_token: Option<String>,
     tls: Option<Arc<tls::Tls>>,
     data_auth: Arc<DataAuth>,
+    cluster_secret: Option<cluster::transport::ClusterSecret>,
     warnings: Vec<String>,
 }
 
@@ -294,10 +295,19 @@ fn preflight(config: &Config, create: bool) -> Result<Checked, ExitCode> {
     let checked = config.preflight(create).map_err(|e| refuse(e.to_string()))?;
     let tls = config.tls.as_ref().map(tls::Tls::load).transpose().map_err(refuse)?.map(Arc::new);
     let data_auth = Arc::new(DataAuth::load(&config.auth).map_err(refuse)?);
+    let cluster_secret = config
+        .cluster
+        .as_ref()
+        .and_then(|c| c.secret_file.as_deref())
+        .map(|path| {
+            cluster::transport::ClusterSecret::load(path).map_err(|error| format!("cluster.secret_file: {error}"))
+        })
+        .transpose()
+        .map_err(refuse)?;
     for warning in &checked.warnings {
         eprintln!("datanode: warning: {warning}");
     }
-    Ok(Checked { admin_token: checked.admin_token, tls, data_auth, warnings: checked.warnings })
+    Ok(Checked { admin_token: checked.admin_token, tls, data_auth, cluster_secret, warnings: checked.warnings })
 }
 
 fn ignore_signals() {
@@ -394,7 +404,7 @@ async fn run(
     let addr = listener.local_addr()?;
     let mut signals = Signals::new();
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
-    let Checked { admin_token, tls, data_auth, .. } = checked;
+    let Checked { admin_token, tls, data_auth, cluster_secret, .. } = checked;
     exposition::zero_security_counters(tls.is_some());
     if let Some(tls) = &tls {
         tls.export_expiry();
@@ -446,7 +456,9 @@ async fn run(
     let shutdown_timeout = config.node.shutdown_timeout;
     let node = Arc::new(Node::new(config, registry, admin_token, Arc::clone(&data_auth), metrics));
     if let Some(cluster) = node.config.cluster.clone() {
-        let joined = cluster::Cluster::start(cluster, node.config.node.id.clone(), Arc::clone(&node.registry)).await?;
+        let joined =
+            cluster::Cluster::start(cluster, node.config.node.id.clone(), Arc::clone(&node.registry), cluster_secret)
+                .await?;
         tracing::info!(peer_addr = %joined.config.peer_addr, seed = joined.meta.is_some(), "joined the cluster");
         node.set_cluster(joined);
     }

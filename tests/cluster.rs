@@ -400,3 +400,215 @@ fn restarts_fault_nothing_and_a_recreated_partition_replaces_the_old_replica() {
         std::fs::read_dir(&replicas).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert!(!held.contains(&format!("20-{old}")), "{held:?}");
 }
+
+/// The cluster secret of [`a_cluster_with_a_secret_refuses_rogue_peers_and_nodes_with_another`],
+/// and another.
+const CLUSTER_SECRET: &str = "Q2x1c3RlciBzZWNyZXQgb2YgdGhlIHRlc3QgY2x1c3Rlcg==";
+const OTHER_SECRET: &str = "QW5vdGhlciBjbHVzdGVyJ3Mgc2VjcmV0LCBub3QgdGhpcyBvbmU=";
+
+/// The documented handshake proof: HMAC-SHA256(secret, "datanode-peer-v1"
+/// || server nonce || client nonce || id length || id || role).
+fn peer_proof(secret: &str, server_nonce: &[u8], client_nonce: &[u8], id: &[u8], role: &[u8]) -> Vec<u8> {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let mut transcript = b"datanode-peer-v1".to_vec();
+    transcript.extend_from_slice(server_nonce);
+    transcript.extend_from_slice(client_nonce);
+    transcript.push(id.len() as u8);
+    transcript.extend_from_slice(id);
+    transcript.extend_from_slice(role);
+    ring::hmac::sign(&key, &transcript).as_ref().to_vec()
+}
+
+/// A client of the peer port written from the protocol's documentation,
+/// not from the node's code: with `secret`, it runs the handshake as node
+/// `dn-rogue`; then it sends `body` as an HTTP/2 `POST path` and returns
+/// the answer, or what stopped it. With `await_proof` false it does not
+/// wait for the server's proof and pushes its request right behind its
+/// own (a rogue that hopes the server reads on).
+fn peer_request(
+    port: u16,
+    secret: Option<&str>,
+    await_proof: bool,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Vec<u8>), String> {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let exchange = async move {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+        if let Some(secret) = secret {
+            let mut hello = [0u8; 38];
+            stream.read_exact(&mut hello).await.map_err(|e| format!("hello: {e}"))?;
+            assert_eq!(&hello[..6], b"\x24\x00DNP1", "a hello frame");
+            let server_nonce = &hello[6..];
+            let client_nonce = [0x5a; 32];
+            let id = b"dn-rogue";
+            let mut proof = client_nonce.to_vec();
+            proof.push(id.len() as u8);
+            proof.extend_from_slice(id);
+            proof.extend_from_slice(&peer_proof(secret, server_nonce, &client_nonce, id, b"client"));
+            let mut frame = (proof.len() as u16).to_le_bytes().to_vec();
+            frame.extend_from_slice(&proof);
+            stream.write_all(&frame).await.map_err(|e| e.to_string())?;
+            if await_proof {
+                let mut answer = [0u8; 34];
+                stream.read_exact(&mut answer).await.map_err(|e| format!("no server proof: {e}"))?;
+                let expected = peer_proof(secret, server_nonce, &client_nonce, id, b"server");
+                assert_eq!(&answer[2..], &expected[..], "the server's proof checks");
+            }
+        }
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        tokio::spawn(connection);
+        let request = hyper::Request::post(format!("http://127.0.0.1:{port}{path}"))
+            .header("raft-from", "9")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        let response = sender.send_request(request).await.map_err(|e| format!("request: {e}"))?;
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+        Ok((status, bytes.to_vec()))
+    };
+    runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), exchange).await.unwrap_or(Err("no answer within 30 s".into()))
+    })
+}
+
+/// An append of a leader at term 1000 (replica 9) carrying one entry that
+/// puts `key`, committed: a follower that took it would jump to term 1000
+/// and serve the key.
+fn rogue_append(key: &str) -> Vec<u8> {
+    use datanode_partition::raft::{Command, Entry, LogId, TypeConfig, Vote};
+    use openraft::entry::RaftEntry;
+    use openraft::impls::leader_id_adv::LeaderId;
+    let leader = LeaderId { term: 1000, node_id: 9 };
+    let entry = Entry::new(
+        LogId::new(leader, 1),
+        openraft::EntryPayload::Normal(Command::new(datanode_partition::blob::encode_put(key.as_bytes(), b"forged"))),
+    );
+    let request = openraft::raft::AppendEntriesRequest::<TypeConfig> {
+        vote: Vote { leader_id: leader, committed: true },
+        prev_log_id: None,
+        entries: vec![entry],
+        leader_commit: Some(LogId::new(leader, 1)),
+    };
+    postcard::to_allocvec(&request).unwrap()
+}
+
+/// A GET through node `via`, retried on 503 for up to 10 s as a client does.
+fn get(cluster: &TestCluster, via: usize, partition: u64, key: &str) -> (u16, Vec<u8>) {
+    let url = cluster.url(via, &format!("/v1/partitions/{partition}/blobs/{key}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = Client::new().send("GET", &url, None);
+        if status != 503 || std::time::Instant::now() > deadline {
+            return (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_cluster_with_a_secret_refuses_rogue_peers_and_nodes_with_another() {
+    let secrets = tempfile::tempdir().unwrap();
+    let write_secret = |name: &str, text: &str| {
+        let path = secrets.path().join(name);
+        support::certs::write_secret(&path, &format!("{text}\n"));
+        path
+    };
+    let (good, other) = (write_secret("cluster.secret", CLUSTER_SECRET), write_secret("other.secret", OTHER_SECRET));
+    let cluster = TestCluster::start(3, &format!("secret_file = \"{}\"\n", good.display()));
+    cluster.wait_formed();
+    let (status, created) = cluster.create(0, 1, None);
+    assert_eq!(status, 201, "{created}");
+    cluster.wait_leader(1);
+    let client = Client::new();
+    for i in 0..10 {
+        assert_eq!(put(&client, &cluster, i % 3, 1, &format!("k{i}"), format!("v{i}").as_bytes()), 201);
+    }
+    let leader = cluster.wait_leader(1);
+    let follower = (leader + 1) % 3;
+    wait_for("the follower to know the leader", Duration::from_secs(30), || {
+        !raft_view(&cluster, follower, 1)["leader"].is_null()
+    });
+    let view = raft_view(&cluster, follower, 1);
+    let replica = view["replica_id"].as_u64().unwrap();
+    let rejected = |reason: &str| {
+        cluster.node(follower).metric_sum("datanode_peer_rejected_total", &[&format!("reason=\"{reason}\"")])
+    };
+    let (bad_proof, no_handshake) = (rejected("bad_proof"), rejected("no_handshake"));
+    let peer_port = cluster.peer_ports[follower];
+    let append_path = format!("/raft/v1/1/{replica}/append");
+
+    // The same client with the right secret is a working peer client: it
+    // is admitted and answered (a group not hosted there, 404).
+    let (status, body) =
+        peer_request(peer_port, Some(CLUSTER_SECRET), true, "/raft/v1/4242/1/vote", Vec::new()).unwrap();
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(support::error_code(&body), "unknown_group");
+
+    // With another secret, pushing the forged append behind its proof; and
+    // with no handshake at all: refused, no answer.
+    let wrong = peer_request(peer_port, Some(OTHER_SECRET), false, &append_path, rogue_append("forged-1"));
+    assert!(wrong.is_err(), "a peer with another secret was answered: {wrong:?}");
+    let bare = peer_request(peer_port, None, false, &append_path, rogue_append("forged-2"));
+    assert!(bare.is_err(), "a peer without the handshake was answered: {bare:?}");
+    wait_for("the refusals counted", Duration::from_secs(10), || {
+        rejected("bad_proof") > bad_proof && rejected("no_handshake") > no_handshake
+    });
+
+    // Nothing changed: no replica took term 1000, no forged key is served,
+    // every write reads back, and the partition takes writes.
+    for i in 0..3 {
+        let term = raft_view(&cluster, i, 1)["term"].as_u64().unwrap();
+        assert!(term < 1000, "node {i} is at term {term}: the forged append reached it");
+    }
+    for via in 0..3 {
+        for key in ["forged-1", "forged-2"] {
+            assert_eq!(get(&cluster, via, 1, key).0, 404, "{key} via node {via}");
+        }
+        for i in 0..10 {
+            assert_eq!(get(&cluster, via, 1, &format!("k{i}")), (200, format!("v{i}").into_bytes()), "k{i} via {via}");
+        }
+    }
+    assert_eq!(put(&client, &cluster, follower, 1, "after", b"v"), 201);
+
+    // A fourth node with another secret: its peers refuse it, so it never
+    // joins the map, learns none, and serves none of the cluster.
+    let seeds_refused_before: f64 =
+        (0..3).map(|i| cluster.node(i).metric_sum("datanode_peer_rejected_total", &["reason=\"bad_proof\""])).sum();
+    let extra = support::cluster::distinct_ports(2);
+    let (ports, peer_ports) =
+        ([&cluster.ports[..], &extra[..1]].concat(), [&cluster.peer_ports[..], &extra[1..]].concat());
+    let stranger_dir = tempfile::tempdir().unwrap();
+    let config = support::cluster::node_config(
+        3,
+        &ports,
+        &peer_ports,
+        &stranger_dir.path().join("d0"),
+        &format!("secret_file = \"{}\"\n", other.display()),
+    );
+    let stranger = support::Daemon::with_config_on(ports[3], &config, &[]);
+    wait_for("the seeds to refuse the stranger's heartbeats", Duration::from_secs(30), || {
+        let refused: f64 =
+            (0..3).map(|i| cluster.node(i).metric_sum("datanode_peer_rejected_total", &["reason=\"bad_proof\""])).sum();
+        refused >= seeds_refused_before + 2.0
+    });
+    assert!(
+        stranger.metric_sum("datanode_peer_connects_total", &["result=\"failed\""]) >= 1.0,
+        "the stranger's own connects failed"
+    );
+    let map = cluster.map(cluster.meta_leader());
+    let nodes: Vec<&str> = map["nodes"].as_array().unwrap().iter().filter_map(|n| n["id"].as_str()).collect();
+    assert!(!nodes.contains(&"dn-4"), "the stranger joined: {nodes:?}");
+    let (status, _) = Client::new().send("GET", &stranger.url("/v1/cluster"), None);
+    assert_ne!(status, 200, "the stranger has a map");
+    let (status, body) = Client::new().send("PUT", &stranger.url("/v1/partitions/1/blobs/stranger"), Some(b"x"));
+    assert_ne!(status, 201, "the stranger took a write: {}", String::from_utf8_lossy(&body));
+    assert_eq!(get(&cluster, 0, 1, "stranger").0, 404);
+}

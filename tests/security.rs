@@ -517,3 +517,58 @@ fn garbage_on_the_tls_port_and_in_tokens_is_harmless() {
     assert_eq!(call(node.agent.get(&node.url("/readyz")), None).0, 200, "the node serves on");
     assert_eq!(put(&node.agent, &url, Some("token-0123456789abcdef")).0, 201);
 }
+
+#[test]
+fn a_cluster_secret_file_is_checked_at_start_and_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("cluster.secret");
+    let cluster = |peer: &str, extra: &str| {
+        format!(
+            "[node]\nid = \"dn-1\"\n\n[[disk]]\nname = \"d0\"\npath = \"{}\"\n\n[cluster]\npeer_addr = \"{peer}\"\n\
+             advertise_url = \"http://127.0.0.1:7070\"\nseeds = [\"dn-1@{peer}\"]\n{extra}",
+            dir.path().join("data").display()
+        )
+    };
+    let with_secret = |peer: &str| cluster(peer, &format!("secret_file = \"{}\"\n", secret.display()));
+
+    // Off loopback without a secret: refused, naming the key to set.
+    let open = check_config(&cluster("0.0.0.0:7170", ""), &["check-config"]);
+    assert_eq!(open.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&open.stderr).contains("set cluster.secret_file"));
+
+    // Too short (after trimming), or missing: refused, naming the key, by
+    // serve as by check-config.
+    write_secret(&secret, "  short-cluster-secret-31-bytes-x \n");
+    for command in ["check-config", "serve"] {
+        let short = check_config(&with_secret("127.0.0.1:7170"), &[command]);
+        assert_eq!(short.status.code(), Some(78), "{command}");
+        let stderr = String::from_utf8_lossy(&short.stderr);
+        assert!(stderr.contains("cluster.secret_file") && stderr.contains("at least 32"), "{stderr}");
+        assert!(!stderr.contains("short-cluster-secret"), "the secret printed: {stderr}");
+    }
+    let missing =
+        check_config(&cluster("127.0.0.1:7170", "secret_file = \"/nonexistent/cluster.secret\"\n"), &["check-config"]);
+    assert_eq!(missing.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cluster.secret_file"));
+
+    // Long enough: accepted off loopback; the posture says so; the secret
+    // is printed nowhere.
+    write_secret(&secret, "the-cluster-secret-0123456789abcdef0123\n");
+    let good = check_config(&with_secret("0.0.0.0:7170"), &["check-config"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&good.stdout), String::from_utf8_lossy(&good.stderr));
+    assert_eq!(good.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("peer port: 0.0.0.0:7170 (reachable off this host), peers prove the cluster secret"));
+    assert!(!stdout.contains("the-cluster-secret") && !stderr.contains("the-cluster-secret"), "{stdout}\n{stderr}");
+
+    // Readable by others: warned, or refused when asked.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let lax = check_config(&with_secret("127.0.0.1:7170"), &["check-config"]);
+    assert_eq!(lax.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&lax.stderr).contains("cluster.secret_file"), "warned");
+    let strict = format!("{}\n[auth]\nreadable_secret_files = \"refuse\"\n", with_secret("127.0.0.1:7170"));
+    let refused = check_config(&strict, &["check-config"]);
+    assert_eq!(refused.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("cluster.secret_file") && stderr.contains("readable by other users"), "{stderr}");
+}

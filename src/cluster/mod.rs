@@ -50,7 +50,8 @@ use meta::MetaGroup;
 use protocol::{DiskReport, Heartbeat, HeartbeatReply, ReplicaReport};
 use replica::{Replica, ReplicaSpec, members};
 use transport::{
-    ControlService, GroupRegistry, METADATA_GROUP, PeerPool, PeerServerOptions, PoolOptions, RaftEndpoint,
+    ClientCredential, ClusterSecret, ControlService, GroupRegistry, METADATA_GROUP, PeerPool, PeerServerOptions,
+    PoolOptions, RaftEndpoint, SecretAdmission,
 };
 
 /// A map as learned from the metadata leader.
@@ -137,15 +138,20 @@ fn raft_config(config: &ClusterConfig) -> anyhow::Result<Arc<openraft::Config>> 
 impl Cluster {
     /// Joins the cluster: binds the peer port, starts the metadata group
     /// on a seed, starts every replica found on the disks, and the
-    /// heartbeat loop.
+    /// heartbeat loop. With `secret` (`cluster.secret_file`), every peer
+    /// connection, in and out, proves it before any Raft message.
     pub async fn start(
         config: ClusterConfig,
         node_id: String,
         registry: Arc<Registry>,
+        secret: Option<ClusterSecret>,
     ) -> anyhow::Result<Arc<Cluster>> {
         let seeds = config.seed_list()?;
         let raft_config = raft_config(&config)?;
-        let pool = PeerPool::new(PoolOptions::default());
+        transport::server::zero_rejected_counters();
+        let credential =
+            secret.as_ref().map(|secret| ClientCredential { secret: secret.clone(), node_id: node_id.clone() });
+        let pool = PeerPool::new(PoolOptions { credential, ..PoolOptions::default() });
         let endpoints = GroupRegistry::new();
         let listener = tokio::net::TcpListener::bind(config.peer_addr)
             .await
@@ -193,8 +199,11 @@ impl Cluster {
             raft_config,
             steering: Mutex::new(std::collections::HashSet::new()),
         });
-        let options =
+        let mut options =
             PeerServerOptions { control: Some(Arc::new(Control(Arc::clone(&cluster)))), ..Default::default() };
+        if let Some(secret) = secret {
+            options.admission = Arc::new(SecretAdmission::new(secret));
+        }
         tokio::spawn(transport::serve(listener, endpoints, options, drained));
         cluster.start_found_replicas().await;
         let looping = Arc::clone(&cluster);

@@ -14,6 +14,9 @@
 //!   read out as a byte stream and built again from one.
 //! - [`server`]: the peer listener (`serve`) and its admission seam
 //!   (`PeerAdmission`).
+//! - [`handshake`]: the cluster-secret handshake both ends run on a new
+//!   connection before HTTP/2 (`SecretAdmission` on the server, the
+//!   pool's `ClientCredential` on the client).
 //!
 //! **One connection per peer.** However many groups a node hosts, it holds
 //! one connection to each peer node, on which every request of every group
@@ -22,6 +25,7 @@
 //! receiving node refuses what it does not host.
 
 pub mod control;
+pub mod handshake;
 pub mod network;
 pub mod pool;
 pub mod registry;
@@ -33,6 +37,7 @@ pub mod wire;
 mod tests;
 
 pub use control::ControlService;
+pub use handshake::{ClientCredential, ClusterSecret, SecretAdmission};
 pub use network::GroupNetworkFactory;
 pub use pool::{PeerPool, PoolOptions};
 pub use registry::{GroupRegistry, RaftEndpoint};

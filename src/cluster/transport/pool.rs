@@ -9,6 +9,11 @@
 //! [`PoolOptions::min_backoff`] to [`PoolOptions::max_backoff`]) during
 //! which requests fail at once as unreachable instead of dialling again.
 //! HTTP/2 pings find a connection whose peer vanished without a word.
+//!
+//! With a cluster secret ([`PoolOptions::credential`]) every connection
+//! first runs the handshake of `handshake.rs` on the raw stream, within
+//! the connect timeout: nothing is sent to a peer that did not prove the
+//! same secret, and a refusal counts as a failed connect (backed off).
 
 use std::collections::HashMap;
 use std::io;
@@ -22,6 +27,8 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use super::handshake::{self, ClientCredential};
 
 /// Streams this node reset (an RPC dropped) whose late frames it still
 /// recognises and ignores, and for how long.
@@ -50,6 +57,9 @@ pub struct PoolOptions {
     pub snapshot_idle_timeout: Duration,
     /// Snapshot chunk size when openraft does not give one.
     pub snapshot_chunk_size: usize,
+    /// The cluster secret proved on every connection before HTTP/2
+    /// starts (see `handshake.rs`); none: no handshake.
+    pub credential: Option<ClientCredential>,
 }
 
 impl Default for PoolOptions {
@@ -62,6 +72,7 @@ impl Default for PoolOptions {
             keepalive_timeout: Duration::from_secs(10),
             snapshot_idle_timeout: Duration::from_secs(30),
             snapshot_chunk_size: 1 << 20,
+            credential: None,
         }
     }
 }
@@ -209,8 +220,15 @@ impl PeerPool {
 }
 
 async fn connect(addr: &str, options: &PoolOptions) -> io::Result<SendRequest<PeerBody>> {
-    let stream = TcpStream::connect(addr).await?;
+    let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
+    if let Some(credential) = &options.credential
+        && let Err(error) = handshake::connect(&mut stream, &credential.secret, &credential.node_id).await
+    {
+        // Once per failed connect: the backoff bounds how often.
+        tracing::warn!(peer = %addr, %error, "peer handshake failed");
+        return Err(error.into());
+    }
     let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
     // openraft drops an RPC that outlives its budget, which resets its
     // stream; the peer's answer may still arrive for it. h2 ignores frames

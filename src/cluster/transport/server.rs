@@ -2,10 +2,15 @@
 //! peer address, separate from the client API's listener.
 //!
 //! - **Admission**: every accepted connection goes through
-//!   [`PeerAdmission::admit`] first, which may refuse it (closed at once)
-//!   or hand back the stream to serve. It is the place for the peer's
-//!   mutual TLS or a cluster-secret handshake; [`AdmitAll`] admits every
-//!   connection as it is.
+//!   [`PeerAdmission::admit`] first, within
+//!   [`PeerServerOptions::admission_timeout`], which may refuse it or hand
+//!   back the stream to serve. A refused connection is closed at once,
+//!   before any HTTP/2 byte is read from it, so nothing it sent reaches a
+//!   group; it is counted in `datanode_peer_rejected_total{reason}` (see
+//!   [`RejectReason`]) and logged (WARN, at most [`REFUSALS_LOGGED`] lines
+//!   per [`REFUSAL_LOG_WINDOW`], then a count of those left out).
+//!   [`super::handshake::SecretAdmission`] admits peers that prove the
+//!   cluster secret; [`AdmitAll`] admits every connection as it is.
 //! - **Checks on arrival**: the path names the group and target replica;
 //!   a group not hosted here, or a replica of it that is not, is refused
 //!   404 (`unknown_group`, `unknown_replica`) before the body is read.
@@ -23,9 +28,9 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use datanode_partition::raft::Vote;
@@ -58,13 +63,56 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> PeerIo for T {}
 /// What [`PeerAdmission::admit`] hands back to serve.
 pub type PeerStream = Box<dyn PeerIo>;
 
+/// Why a peer connection was refused: the `reason` label of
+/// `datanode_peer_rejected_total`, a fixed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// It proved another secret (or none): a proof that does not check.
+    BadProof,
+    /// It spoke HTTP/2 at once, without the handshake: a node with no
+    /// `cluster.secret_file`, or a client that is no node.
+    NoHandshake,
+    /// Bytes that are not the handshake: a frame too long or too short,
+    /// a bad node id, the stream closed or failed inside the handshake.
+    Malformed,
+    /// Admission did not finish within its deadline (a peer that stalls).
+    Timeout,
+}
+
+impl RejectReason {
+    /// Every reason, for the counters that exist at 0.
+    pub const ALL: [RejectReason; 4] =
+        [RejectReason::BadProof, RejectReason::NoHandshake, RejectReason::Malformed, RejectReason::Timeout];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::BadProof => "bad_proof",
+            RejectReason::NoHandshake => "no_handshake",
+            RejectReason::Malformed => "malformed",
+            RejectReason::Timeout => "timeout",
+        }
+    }
+}
+
+/// A connection [`PeerAdmission::admit`] refused: why, for the metric, and
+/// the details, for the log (never a secret).
+#[derive(Debug)]
+pub struct AdmissionRefused {
+    /// The counted reason.
+    pub reason: RejectReason,
+    /// What happened.
+    pub message: String,
+}
+
 /// Decides, per accepted connection, whether a peer may talk to this
 /// node, and what stream to serve it on (a TLS stream once the peer's
 /// certificate is checked, say). Bounded by
 /// [`PeerServerOptions::admission_timeout`].
 pub trait PeerAdmission: Send + Sync + fmt::Debug + 'static {
     /// Admits `stream` from `remote`, or refuses it with a reason.
-    fn admit(&self, stream: TcpStream, remote: SocketAddr) -> BoxFuture<'static, Result<PeerStream, String>>;
+    fn admit(&self, stream: TcpStream, remote: SocketAddr) -> BoxFuture<'static, Result<PeerStream, AdmissionRefused>>;
 }
 
 /// Admits every connection as it is.
@@ -72,8 +120,19 @@ pub trait PeerAdmission: Send + Sync + fmt::Debug + 'static {
 pub struct AdmitAll;
 
 impl PeerAdmission for AdmitAll {
-    fn admit(&self, stream: TcpStream, _remote: SocketAddr) -> BoxFuture<'static, Result<PeerStream, String>> {
+    fn admit(
+        &self,
+        stream: TcpStream,
+        _remote: SocketAddr,
+    ) -> BoxFuture<'static, Result<PeerStream, AdmissionRefused>> {
         Box::pin(async move { Ok(Box::new(stream) as PeerStream) })
+    }
+}
+
+/// `datanode_peer_rejected_total{reason}` for every reason at 0.
+pub fn zero_rejected_counters() {
+    for reason in RejectReason::ALL {
+        metrics::counter!("datanode_peer_rejected_total", "reason" => reason.as_str()).increment(0);
     }
 }
 
@@ -82,6 +141,8 @@ impl PeerAdmission for AdmitAll {
 pub struct PeerStats {
     admitted: AtomicU64,
     refused: AtomicU64,
+    /// Refusals by reason, in the order of [`RejectReason::ALL`].
+    refused_by: [AtomicU64; 4],
     snapshots: AtomicU64,
 }
 
@@ -96,6 +157,13 @@ impl PeerStats {
     #[cfg(test)]
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused for `reason`.
+    #[cfg(test)]
+    pub fn refused_for(&self, reason: RejectReason) -> u64 {
+        let index = RejectReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.refused_by[index].load(Ordering::Relaxed)
     }
 
     /// Snapshots received and installed.
@@ -190,8 +258,11 @@ async fn connection(
     let admitted = tokio::time::timeout(options.admission_timeout, options.admission.admit(stream, remote)).await;
     let stream = match admitted {
         Ok(Ok(stream)) => stream,
-        Ok(Err(reason)) => return refused(&options, remote, &reason),
-        Err(_) => return refused(&options, remote, "admission timed out"),
+        Ok(Err(refusal)) => return refused(&options, remote, refusal),
+        Err(_) => {
+            let message = format!("not admitted within {:?}", options.admission_timeout);
+            return refused(&options, remote, AdmissionRefused { reason: RejectReason::Timeout, message });
+        }
     };
     options.stats.admitted.fetch_add(1, Ordering::Relaxed);
     metrics::counter!("datanode_peer_accepts_total", "result" => "admitted").increment(1);
@@ -243,10 +314,50 @@ async fn connection(
     gauge.decrement(1.0);
 }
 
-fn refused(options: &PeerServerOptions, remote: SocketAddr, reason: &str) {
+/// Refusals logged per window; the rest are counted and reported with
+/// the next line logged, so a flood of bad connections cannot flood the
+/// log (the metric counts every one).
+pub const REFUSALS_LOGGED: u32 = 10;
+/// See [`REFUSALS_LOGGED`].
+pub const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
+
+struct RefusalLog {
+    window_start: Option<Instant>,
+    logged: u32,
+    left_out: u64,
+}
+
+static REFUSAL_LOG: Mutex<RefusalLog> = Mutex::new(RefusalLog { window_start: None, logged: 0, left_out: 0 });
+
+/// The refused connection (dropped by the caller, which closes it) is
+/// counted and logged.
+fn refused(options: &PeerServerOptions, remote: SocketAddr, refusal: AdmissionRefused) {
+    let AdmissionRefused { reason, message } = refusal;
     options.stats.refused.fetch_add(1, Ordering::Relaxed);
+    if let Some(index) = RejectReason::ALL.iter().position(|r| *r == reason) {
+        options.stats.refused_by[index].fetch_add(1, Ordering::Relaxed);
+    }
     metrics::counter!("datanode_peer_accepts_total", "result" => "refused").increment(1);
-    tracing::warn!(%remote, reason, "peer connection refused");
+    metrics::counter!("datanode_peer_rejected_total", "reason" => reason.as_str()).increment(1);
+    let left_out = {
+        let mut log = REFUSAL_LOG.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if log.window_start.is_none_or(|start| now.duration_since(start) >= REFUSAL_LOG_WINDOW) {
+            log.window_start = Some(now);
+            log.logged = 0;
+        }
+        if log.logged >= REFUSALS_LOGGED {
+            log.left_out += 1;
+            return;
+        }
+        log.logged += 1;
+        std::mem::take(&mut log.left_out)
+    };
+    if left_out > 0 {
+        tracing::warn!(%remote, reason = reason.as_str(), %message, left_out, "peer connection refused (and {left_out} more refusals not logged)");
+    } else {
+        tracing::warn!(%remote, reason = reason.as_str(), %message, "peer connection refused");
+    }
 }
 
 type Answer = Response<Full<Bytes>>;

@@ -2,8 +2,9 @@
 //! ports, each with its own pool, registry and peer listener, replicas on
 //! real log stores (`/dev/shm` when there is one, so that an `fdatasync`
 //! is cheap). Leaders killed and nodes restarted, a follower brought back
-//! by a streamed snapshot, fifty groups over one connection per peer, and
-//! requests that try to break the server.
+//! by a streamed snapshot, fifty groups over one connection per peer,
+//! requests that try to break the server, and the cluster-secret
+//! handshake against wrong secrets, rogue servers and broken bytes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -30,10 +31,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::GroupId;
+use super::handshake::{ClientCredential, ClusterSecret, SecretAdmission};
 use super::network::GroupNetworkFactory;
 use super::pool::{PeerBody, PeerPool, PoolOptions};
 use super::registry::{GroupRegistry, RaftEndpoint};
-use super::server::{PeerAdmission, PeerServerOptions, PeerStats, PeerStream, serve};
+use super::server::{PeerAdmission, PeerServerOptions, PeerStats, PeerStream, RejectReason, serve};
 use super::snapshot::{self, ChunkBody, Piece, Progress};
 use super::wire::{self, ErrorBody};
 
@@ -586,8 +588,13 @@ impl PeerAdmission for RefuseAll {
         &self,
         _stream: tokio::net::TcpStream,
         remote: SocketAddr,
-    ) -> futures_util::future::BoxFuture<'static, Result<PeerStream, String>> {
-        Box::pin(async move { Err(format!("{remote} has no credential")) })
+    ) -> futures_util::future::BoxFuture<'static, Result<PeerStream, super::server::AdmissionRefused>> {
+        Box::pin(async move {
+            Err(super::server::AdmissionRefused {
+                reason: super::server::RejectReason::BadProof,
+                message: format!("{remote} has no credential"),
+            })
+        })
     }
 }
 
@@ -725,5 +732,265 @@ async fn thousands_of_abandoned_requests_do_not_cost_the_connection() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), Bytes::from_static(b"ping"));
     assert_eq!(client.connections_opened(), 1, "the connection survived the abandoned requests");
+    node.kill().await;
+}
+
+// The cluster-secret handshake (`handshake.rs`), against real sockets.
+
+const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-the-cluster-secret";
+const OTHER_SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-another-secret";
+
+fn secret(bytes: &[u8]) -> ClusterSecret {
+    ClusterSecret::from_contents(bytes).unwrap()
+}
+
+fn secret_pool(bytes: &[u8], node_id: &str) -> PeerPool {
+    let credential = ClientCredential { secret: secret(bytes), node_id: node_id.to_string() };
+    PeerPool::new(PoolOptions { credential: Some(credential), ..pool().options().clone() })
+}
+
+fn secret_options(bytes: &[u8]) -> PeerServerOptions {
+    PeerServerOptions { admission: Arc::new(SecretAdmission::new(secret(bytes))), ..PeerServerOptions::default() }
+}
+
+/// The proof of the documented transcript, computed here independently of
+/// `handshake.rs`: CONTEXT || server nonce || client nonce || id length
+/// || id || role.
+fn documented_proof(secret: &[u8], server_nonce: &[u8], client_nonce: &[u8], id: &[u8], role: &[u8]) -> Vec<u8> {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let mut transcript = b"datanode-peer-v1".to_vec();
+    transcript.extend_from_slice(server_nonce);
+    transcript.extend_from_slice(client_nonce);
+    transcript.push(id.len() as u8);
+    transcript.extend_from_slice(id);
+    transcript.extend_from_slice(role);
+    ring::hmac::sign(&key, &transcript).as_ref().to_vec()
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut bytes = (body.len() as u16).to_le_bytes().to_vec();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// Connects by hand and reads the server's hello: the stream and the
+/// server nonce.
+async fn hello(addr: SocketAddr) -> (tokio::net::TcpStream, Vec<u8>) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).await.unwrap();
+    assert_eq!(u16::from_le_bytes(head), 36, "a hello is the magic and a nonce");
+    let mut body = [0u8; 36];
+    stream.read_exact(&mut body).await.unwrap();
+    assert_eq!(&body[..4], b"DNP1");
+    (stream, body[4..].to_vec())
+}
+
+fn client_proof(secret: &[u8], server_nonce: &[u8], client_nonce: &[u8], id: &[u8]) -> Vec<u8> {
+    let mut body = client_nonce.to_vec();
+    body.push(id.len() as u8);
+    body.extend_from_slice(id);
+    body.extend_from_slice(&documented_proof(secret, server_nonce, client_nonce, id, b"client"));
+    body
+}
+
+/// Everything the server sends until it closes the connection.
+async fn rest_until_closed(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut rest = Vec::new();
+    // An end or a reset: either way the server closed it.
+    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest)).await.expect("the server closes it");
+    rest
+}
+
+#[test]
+fn a_cluster_secret_is_at_least_32_bytes_after_trimming() {
+    assert!(ClusterSecret::from_contents(b"  short \n").is_err());
+    assert!(ClusterSecret::from_contents(&[b'x'; 31]).is_err());
+    let error = ClusterSecret::from_contents(format!("{}\n", "y".repeat(31)).as_bytes()).unwrap_err();
+    assert!(!error.contains("yyy"), "the secret is never in a message: {error}");
+    assert!(ClusterSecret::from_contents(format!("\n{}\n", "z".repeat(32)).as_bytes()).is_ok());
+    assert_eq!(format!("{:?}", secret(SECRET)), "ClusterSecret(..)", "Debug shows no byte of it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_with_the_secret_replicate_and_a_wrong_secret_reaches_no_group() {
+    let root = scratch();
+    let config = config(|_| {});
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        let (mut node, listener) = Node::bind(id, root.path()).await;
+        node.pool = secret_pool(SECRET, &format!("dn-{id}"));
+        node.serve_on(listener, secret_options(SECRET));
+        nodes.push(node);
+    }
+    for node in &mut nodes {
+        node.open_replica(1, &config).await;
+    }
+    nodes[0].raft(1).initialize(members(&nodes)).await.unwrap();
+    let all: Vec<&Node> = nodes.iter().collect();
+    let leader_raft = write(&all, 1, (0..20).map(|i| format!("a{i}")), 100).await;
+    converged(&all, 1, &leader_raft, 20).await;
+    // The leader dialled both followers (a follower that never stood for
+    // election dials nobody); no peer was refused.
+    assert!(nodes.iter().map(|node| node.stats.admitted()).sum::<u64>() >= 2);
+    for node in &nodes {
+        assert_eq!(node.stats.refused(), 0, "node {} refused no peer", node.id);
+    }
+
+    // A vote of a term far ahead from a client with another secret, and
+    // from one with none: had either reached the group, its term would be
+    // 1000 now.
+    let term_before = leader_raft.metrics().borrow_watched().current_term;
+    let target = nodes[0].addr.to_string();
+    for (client, reason) in
+        [(secret_pool(OTHER_SECRET, "dn-9"), RejectReason::BadProof), (pool(), RejectReason::NoHandshake)]
+    {
+        let mut factory = GroupNetworkFactory::<BlobStateMachine>::new(client, 1, 9);
+        let mut rogue = factory.new_client(nodes[0].id, &BasicNode { addr: target.clone() }).await;
+        let refused = rogue.vote(vote_request(1000), RPCOption::new(Duration::from_secs(2))).await.unwrap_err();
+        assert!(matches!(refused, RPCError::Network(_) | RPCError::Unreachable(_)), "{refused}");
+        until(&format!("a refusal for {}", reason.as_str()), || nodes[0].stats.refused_for(reason) >= 1).await;
+    }
+    for node in &nodes {
+        let term = node.raft(1).metrics().borrow_watched().current_term;
+        assert!(term < 1000, "node {}: term {term}: the rogue vote reached the group", node.id);
+    }
+    // The group serves on, its contents only what its leader wrote.
+    let leader_raft = write(&all, 1, std::iter::once("after".to_string()), 100).await;
+    converged(&all, 1, &leader_raft, 21).await;
+    assert!(leader_raft.metrics().borrow_watched().current_term < 1000, "was {term_before}");
+    for node in &mut nodes {
+        node.kill().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rogue_server_with_another_secret_learns_no_request() {
+    // Runs the handshake by the book with its own secret, then records
+    // whatever the client sends next.
+    let rogue = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = rogue.local_addr().unwrap().to_string();
+    let recorded = tokio::spawn(async move {
+        let (mut stream, _) = rogue.accept().await.unwrap();
+        let server_nonce = [7u8; 32];
+        let mut hello = b"DNP1".to_vec();
+        hello.extend_from_slice(&server_nonce);
+        stream.write_all(&frame(&hello)).await.unwrap();
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).await.unwrap();
+        let mut body = vec![0u8; usize::from(u16::from_le_bytes(head))];
+        stream.read_exact(&mut body).await.unwrap();
+        let (client_nonce, rest) = body.split_at(32);
+        let id = &rest[1..1 + usize::from(rest[0])];
+        let proof = documented_proof(OTHER_SECRET, &server_nonce, client_nonce, id, b"server");
+        stream.write_all(&frame(&proof)).await.unwrap();
+        rest_until_closed(&mut stream).await
+    });
+    let client = secret_pool(SECRET, "dn-1");
+    let failed = client.sender(&addr, DEADLINE).await.unwrap_err();
+    assert!(failed.to_string().contains("proof does not match"), "{failed}");
+    let after_proof = recorded.await.unwrap();
+    assert!(after_proof.is_empty(), "the client sent {} bytes to a server that proved nothing", after_proof.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_transcript_is_admitted_and_broken_handshakes_are_refused_and_counted() {
+    let root = scratch();
+    let (mut node, listener) = Node::bind(1, root.path()).await;
+    node.serve_on(listener, secret_options(SECRET));
+    let addr = node.addr;
+
+    // By hand, by the documented transcript: admitted, and the server's
+    // proof checks the same way.
+    let (mut stream, server_nonce) = hello(addr).await;
+    let client_nonce = [3u8; 32];
+    let proof = client_proof(SECRET, &server_nonce, &client_nonce, b"dn-2");
+    stream.write_all(&frame(&proof)).await.unwrap();
+    let mut answer = [0u8; 34];
+    stream.read_exact(&mut answer).await.unwrap();
+    assert_eq!(u16::from_le_bytes([answer[0], answer[1]]), 32);
+    assert_eq!(answer[2..], documented_proof(SECRET, &server_nonce, &client_nonce, b"dn-2", b"server")[..]);
+    until("the admission", || node.stats.admitted() == 1).await;
+    drop(stream);
+
+    // Each case: what the client sends after the hello, and the reason.
+    let wrong = client_proof(OTHER_SECRET, &server_nonce, &client_nonce, b"dn-2");
+    let mut bad_id = client_proof(SECRET, &server_nonce, &client_nonce, b"dn-2");
+    bad_id[33] = b'/';
+    let mut id_too_long = client_proof(SECRET, &server_nonce, &client_nonce, b"dn-2");
+    id_too_long[32] = 200;
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    type Case = (&'static str, Box<dyn Fn(&[u8]) -> Vec<u8>>, RejectReason);
+    let cases: Vec<Case> = vec![
+        ("another secret", Box::new(move |_| frame(&wrong)), RejectReason::BadProof),
+        ("a proof replayed from another connection", Box::new(move |_| frame(&proof)), RejectReason::BadProof),
+        (
+            "a proof over the right nonce with a flipped bit",
+            Box::new(|nonce| {
+                let mut body = client_proof(SECRET, nonce, &[5; 32], b"dn-2");
+                let last = body.len() - 1;
+                body[last] ^= 1;
+                frame(&body)
+            }),
+            RejectReason::BadProof,
+        ),
+        ("HTTP/2 at once", Box::new(move |_| preface.clone()), RejectReason::NoHandshake),
+        (
+            "a frame of 4096 bytes",
+            Box::new(|_| [&4096u16.to_le_bytes()[..], &[0u8; 512][..]].concat()),
+            RejectReason::Malformed,
+        ),
+        ("an empty frame", Box::new(|_| frame(b"")), RejectReason::Malformed),
+        ("a frame too short for a proof", Box::new(|_| frame(&[1u8; 40])), RejectReason::Malformed),
+        ("a node id that is not one", Box::new(move |_| frame(&bad_id)), RejectReason::Malformed),
+        ("an id length beyond the frame", Box::new(move |_| frame(&id_too_long)), RejectReason::Malformed),
+        (
+            "a proof cut short, then the end",
+            Box::new(|nonce| frame(&client_proof(SECRET, nonce, &[6; 32], b"dn-2"))[..40].to_vec()),
+            RejectReason::Malformed,
+        ),
+        ("half a length, then the end", Box::new(|_| vec![0x45]), RejectReason::Malformed),
+        ("nothing, then the end", Box::new(|_| Vec::new()), RejectReason::Malformed),
+    ];
+    let mut expected: HashMap<&'static str, u64> = HashMap::new();
+    for (what, send, reason) in cases {
+        let (mut stream, nonce) = hello(addr).await;
+        stream.write_all(&send(&nonce)).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let answer = rest_until_closed(&mut stream).await;
+        assert!(answer.is_empty(), "{what}: the server answered {} bytes", answer.len());
+        *expected.entry(reason.as_str()).or_default() += 1;
+        until(&format!("{what} counted as {}", reason.as_str()), || {
+            node.stats.refused_for(reason) == expected[reason.as_str()]
+        })
+        .await;
+    }
+    assert_eq!(node.stats.admitted(), 1, "nothing broken was admitted");
+
+    // The pool, with the secret, is served on.
+    let client = secret_pool(SECRET, "dn-2");
+    node.registry.register(5, 1, Arc::new(SlowEcho(Duration::ZERO)));
+    let (status, body) =
+        raw(&client, addr, "POST", &wire::path(5, 1, wire::Rpc::Vote), Some("2"), full(&b"ping"[..])).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ping"[..]));
+    node.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_answers_the_hello_is_cut_at_the_deadline() {
+    let root = scratch();
+    let (mut node, listener) = Node::bind(1, root.path()).await;
+    let options = PeerServerOptions { admission_timeout: Duration::from_millis(300), ..secret_options(SECRET) };
+    node.serve_on(listener, options);
+    let (mut silent, _) = hello(node.addr).await;
+    // Half a frame and then silence: the same.
+    let (mut stalled, _) = hello(node.addr).await;
+    stalled.write_all(&[97]).await.unwrap();
+    for stream in [&mut silent, &mut stalled] {
+        let answer = rest_until_closed(stream).await;
+        assert!(answer.is_empty(), "the server answered {} bytes", answer.len());
+    }
+    until("two timeouts counted", || node.stats.refused_for(RejectReason::Timeout) == 2).await;
+    assert_eq!(node.stats.admitted(), 0);
     node.kill().await;
 }
