@@ -590,7 +590,7 @@ fn a_cluster_with_a_secret_refuses_rogue_peers_and_nodes_with_another() {
         3,
         &ports,
         &peer_ports,
-        &stranger_dir.path().join("d0"),
+        &[stranger_dir.path().join("d0")],
         &format!("secret_file = \"{}\"\n", other.display()),
     );
     let stranger = support::Daemon::with_config_on(ports[3], &config, &[]);
