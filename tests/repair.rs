@@ -189,12 +189,12 @@ fn a_drained_node_empties_under_load_and_a_leader_moves_on_request() {
     // Transfer: to a named follower, then to whoever is most caught up.
     let leader = cluster.wait_leader(21);
     let target = replicas(&cluster, 21).iter().map(|r| r.1).find(|node| *node != leader).unwrap();
-    let body = format!("{{\"node\":\"dn-{}\"}}", target + 1);
+    let body = format!("{{\"to\":\"dn-{}\"}}", target + 1);
     let (status, moved) = admin("POST", &cluster, 0, "/v1/cluster/partitions/21/transfer-leader", Some(&body));
     assert!(status == 200 || status == 202, "{status} {moved}");
     wait_for("the named node leads", Duration::from_secs(30), || cluster.wait_leader(21) == target);
     let (status, bad) =
-        admin("POST", &cluster, 0, "/v1/cluster/partitions/21/transfer-leader", Some("{\"node\":\"dn-99\"}"));
+        admin("POST", &cluster, 0, "/v1/cluster/partitions/21/transfer-leader", Some("{\"to\":\"dn-99\"}"));
     assert_eq!((status, bad["error"].as_str()), (400, Some("bad_request")), "{bad}");
 
     let load = ClusterLoad::start(&cluster.ports, 22, 8, 4096, "drain");

@@ -624,12 +624,12 @@ pub async fn drain_node(
 #[serde(deny_unknown_fields)]
 struct TransferLeader {
     /// The node to lead; by default the voter that holds the most of the log.
-    node: Option<String>,
+    to: Option<String>,
 }
 
 /// `POST /v1/cluster/partitions/{pid}/transfer-leader` (admin), served by
 /// the group's leader (307 to it elsewhere): hands leadership to the
-/// replica on `node` (or the most caught-up other voter). `200` once it
+/// replica on node `to` (or the most caught-up other voter). `200` once it
 /// leads, `202` when it has not taken over within two election timeouts.
 pub async fn transfer_leader(
     State(node): State<Arc<Node>>,
@@ -665,7 +665,7 @@ pub async fn transfer_leader(
     };
     let metrics = raft.metrics().borrow_watched().clone();
     let voters: Vec<u64> = metrics.membership_config.membership().voter_ids().collect();
-    let target = match &request.node {
+    let target = match &request.to {
         Some(name) => match entry.replicas.iter().find(|r| &r.node == name && voters.contains(&r.replica_id)) {
             Some(r) => r.replica_id,
             None => {
