@@ -50,8 +50,16 @@
 //!   to the first acknowledged write sent after it is measured, then the
 //!   node is restarted and catches up; 20 times. Reported: p50/p99/max.
 //!
+//! - **R4**: idle groups. For each count of `--groups` (default 100 and
+//!   1,000), a fresh 3-node cluster with that many partitions of 3
+//!   replicas (every node holds one of each), no load: once every group
+//!   has a leader and 5 s have passed, each node's CPU time over
+//!   `--seconds` (`/proc/PID/stat`, user + system) as % of one core, and
+//!   its resident memory (`VmRSS`) in all and per replica.
+//!
 //! ```sh
 //! cargo bench --bench node -- --only R1,R2 --rounds 3 --seconds 10
+//! cargo bench --bench node -- --only R4 --seconds 20 [--groups 100,1000]
 //! cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS,P1,C1,R1,R2] [--backend std|uring|auto] [--blobs N]
 //! cargo bench --bench node -- --only C1 --rounds 1 --seconds 600 [--keys N] [--connections N] [--compaction 'check_interval="1s",min_garbage="8MiB"'] [--segment-size 8MiB]
 //! ```
@@ -94,6 +102,8 @@ struct Args {
     connections: usize,
     compaction: Vec<String>,
     segment_size: Option<String>,
+    /// R4's group counts.
+    groups: Vec<u64>,
 }
 
 fn parse_args() -> Args {
@@ -107,6 +117,7 @@ fn parse_args() -> Args {
         blobs: 10_000_000,
         rate: 12_000.0,
         partitions: vec![1_000, 10_000],
+        groups: vec![100, 1_000],
         keys: 10_000,
         connections: 16,
         compaction: Vec::new(),
@@ -123,6 +134,9 @@ fn parse_args() -> Args {
             "--json" => args.json = Some(PathBuf::from(it.next().expect("--json FILE"))),
             "--blobs" => args.blobs = it.next().and_then(|v| v.parse().ok()).expect("--blobs N"),
             "--rate" => args.rate = it.next().and_then(|v| v.parse().ok()).expect("--rate PUTS_PER_SEC"),
+            "--groups" => {
+                args.groups = it.next().expect("--groups N,M").split(',').map(|n| n.parse().expect("a count")).collect()
+            }
             "--partitions" => {
                 args.partitions = it
                     .next()
@@ -139,7 +153,7 @@ fn parse_args() -> Args {
             "--segment-size" => args.segment_size = Some(it.next().expect("--segment-size SIZE")),
             "--bench" => {}
             other => panic!(
-                "unknown argument {other}; usage: cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS,P1,C1,R1,R2] [--backend std|uring|auto] [--json FILE] [--blobs N] [--rate N] [--partitions N,M] [--keys N] [--connections N] [--compaction K=V,...] [--segment-size SIZE]"
+                "unknown argument {other}; usage: cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS,P1,C1,R1,R2,R4] [--backend std|uring|auto] [--json FILE] [--blobs N] [--rate N] [--partitions N,M] [--groups N,M] [--keys N] [--connections N] [--compaction K=V,...] [--segment-size SIZE]"
             ),
         }
     }
@@ -1275,6 +1289,76 @@ fn r2(args: &Args, out: &mut Vec<Value>) {
         "failures": failures.iter().map(|(s, n)| (s.to_string(), json!(n))).collect::<serde_json::Map<_, _>>()}));
 }
 
+/// User + system CPU seconds of process `pid` so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// Resident memory of process `pid`, bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// R4: idle CPU and memory of nodes holding many idle groups.
+fn r4(args: &Args, out: &mut Vec<Value>) {
+    println!(
+        "\n### R4: idle groups x 3 replicas on 3 nodes, no load, CPU over {:.0} s after every group has a leader\n",
+        args.seconds
+    );
+    println!(
+        "| groups | CPU % of one core per node (median, max) | RSS MiB per node (median) | RSS KiB per replica |\n|---|---|---|---|"
+    );
+    for &groups in &args.groups {
+        let cluster = BenchCluster::start(args, &format!("r4-{groups}"), 3, "");
+        let client = support::cluster::Client::new();
+        let started = Instant::now();
+        for id in 1..=groups {
+            let body = json!({"id": id, "replicas": 3}).to_string();
+            let (status, reply) = client.send("POST", &cluster.url(0, "/v1/cluster/partitions"), Some(body.as_bytes()));
+            assert_eq!(status, 201, "create {id}: {}", String::from_utf8_lossy(&reply));
+        }
+        support::wait_for("every group has a leader", Duration::from_secs(600), || {
+            let (status, body) = client.send("GET", &cluster.url(0, "/v1/cluster"), None);
+            let map: Value = serde_json::from_slice(&body).unwrap_or_default();
+            status == 200
+                && map["partitions"]
+                    .as_array()
+                    .is_some_and(|all| all.len() as u64 == groups && all.iter().all(|p| p["leader"].is_string()))
+        });
+        eprintln!("R4: {groups} groups created and led after {:.1} s", started.elapsed().as_secs_f64());
+        std::thread::sleep(Duration::from_secs(5));
+        let pids: Vec<u32> = (0..3).map(|i| cluster.running(i).and_then(Daemon::pid).expect("running")).collect();
+        let before: Vec<f64> = pids.iter().map(|pid| cpu_seconds(*pid)).collect();
+        let at = Instant::now();
+        std::thread::sleep(Duration::from_secs_f64(args.seconds));
+        let elapsed = at.elapsed().as_secs_f64();
+        let cpu: Vec<f64> =
+            pids.iter().zip(&before).map(|(pid, before)| (cpu_seconds(*pid) - before) / elapsed * 100.0).collect();
+        let rss: Vec<f64> = pids.iter().map(|pid| rss_bytes(*pid) as f64).collect();
+        let max_cpu = cpu.iter().copied().fold(0.0, f64::max);
+        let rss_median = median(rss.clone());
+        println!(
+            "| {groups} | {:.1}, {:.1} | {:.0} | {:.0} |",
+            median(cpu.clone()),
+            max_cpu,
+            rss_median / 1048576.0,
+            rss_median / groups as f64 / 1024.0
+        );
+        out.push(json!({"id": "R4", "groups": groups, "cpu_percent": cpu, "rss_bytes": rss, "seconds": elapsed}));
+    }
+}
+
 fn main() {
     let args = parse_args();
     std::fs::create_dir_all(&args.dir).unwrap();
@@ -1293,6 +1377,9 @@ fn main() {
     }
     if wanted(&args, "RSS") {
         rss(&args, &mut out);
+    }
+    if wanted(&args, "R4") {
+        r4(&args, &mut out);
     }
     if args.only.as_ref().is_some_and(|only| only.iter().any(|id| id == "P1")) {
         p1(&args, &mut out);
