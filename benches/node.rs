@@ -50,6 +50,16 @@
 //!   to the first acknowledged write sent after it is measured, then the
 //!   node is restarted and catches up; 20 times. Reported: p50/p99/max.
 //!
+//! - **R3**: repair. A 4-node cluster with two partitions of 3 replicas:
+//!   the first is filled with `--repair-mib` MiB (default 1,024) of 256 KiB
+//!   blobs, the second takes a foreground load (8 connections, 4 KiB PUTs
+//!   and GETs half and half). A node holding only the first is drained, so
+//!   its replica is rebuilt on the one node without it (a snapshot streamed
+//!   from the leader, then the log). Reported: the rebuild's MiB/s (live
+//!   bytes / time from the drain to the old replica retired) beside a
+//!   sequential read of the leader's replica files (`cat > /dev/null`,
+//!   same page-cache state), and the foreground p99 during the repair
+//!   beside the same load just before it.
 //! - **R4**: idle groups. For each count of `--groups` (default 100 and
 //!   1,000), a fresh 3-node cluster with that many partitions of 3
 //!   replicas (every node holds one of each), no load: once every group
@@ -59,6 +69,7 @@
 //!
 //! ```sh
 //! cargo bench --bench node -- --only R1,R2 --rounds 3 --seconds 10
+//! cargo bench --bench node -- --only R3 --seconds 10 [--repair-mib 1024]
 //! cargo bench --bench node -- --only R4 --seconds 20 [--groups 100,1000]
 //! cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS,P1,C1,R1,R2] [--backend std|uring|auto] [--blobs N]
 //! cargo bench --bench node -- --only C1 --rounds 1 --seconds 600 [--keys N] [--connections N] [--compaction 'check_interval="1s",min_garbage="8MiB"'] [--segment-size 8MiB]
@@ -104,6 +115,8 @@ struct Args {
     segment_size: Option<String>,
     /// R4's group counts.
     groups: Vec<u64>,
+    /// R3's replica size, MiB.
+    repair_mib: u64,
 }
 
 fn parse_args() -> Args {
@@ -118,6 +131,7 @@ fn parse_args() -> Args {
         rate: 12_000.0,
         partitions: vec![1_000, 10_000],
         groups: vec![100, 1_000],
+        repair_mib: 1024,
         keys: 10_000,
         connections: 16,
         compaction: Vec::new(),
@@ -134,6 +148,7 @@ fn parse_args() -> Args {
             "--json" => args.json = Some(PathBuf::from(it.next().expect("--json FILE"))),
             "--blobs" => args.blobs = it.next().and_then(|v| v.parse().ok()).expect("--blobs N"),
             "--rate" => args.rate = it.next().and_then(|v| v.parse().ok()).expect("--rate PUTS_PER_SEC"),
+            "--repair-mib" => args.repair_mib = it.next().expect("--repair-mib N").parse().expect("MiB"),
             "--groups" => {
                 args.groups = it.next().expect("--groups N,M").split(',').map(|n| n.parse().expect("a count")).collect()
             }
@@ -153,7 +168,7 @@ fn parse_args() -> Args {
             "--segment-size" => args.segment_size = Some(it.next().expect("--segment-size SIZE")),
             "--bench" => {}
             other => panic!(
-                "unknown argument {other}; usage: cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS,P1,C1,R1,R2,R4] [--backend std|uring|auto] [--json FILE] [--blobs N] [--rate N] [--partitions N,M] [--groups N,M] [--keys N] [--connections N] [--compaction K=V,...] [--segment-size SIZE]"
+                "unknown argument {other}; usage: cargo bench --bench node -- [--dir DIR] [--rounds N] [--seconds S] [--only N1,N2,SWEEP,WNODE,RSS,P1,C1,R1,R2,R3,R4] [--backend std|uring|auto] [--json FILE] [--blobs N] [--rate N] [--partitions N,M] [--groups N,M] [--repair-mib N] [--keys N] [--connections N] [--compaction K=V,...] [--segment-size SIZE]"
             ),
         }
     }
@@ -1289,6 +1304,127 @@ fn r2(args: &Args, out: &mut Vec<Value>) {
         "failures": failures.iter().map(|(s, n)| (s.to_string(), json!(n))).collect::<serde_json::Map<_, _>>()}));
 }
 
+/// Bytes of every file under `dir`, read once in order, and the seconds it took.
+fn read_tree(dir: &Path) -> (u64, f64) {
+    let started = Instant::now();
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg("find \"$0\" -type f -print0 | xargs -0 cat | wc -c")
+        .arg(dir)
+        .output()
+        .expect("find | cat");
+    let bytes = String::from_utf8_lossy(&output.stdout).trim().parse().unwrap_or(0);
+    (bytes, started.elapsed().as_secs_f64())
+}
+
+/// The foreground load of R3 on partition `id` through every node.
+fn r3_load(cluster: &BenchCluster, id: u64, seconds: f64) -> std::process::Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_datanode"));
+    command
+        .args(["bench", "--url", &cluster.urls(), "--partitions", &id.to_string(), "--json", "--quiet"])
+        .args(["--connections", "8", "--put-ratio", "0.5", "--value-size", &VALUE.to_string()])
+        .args(["--keys", &KEYS.to_string(), "--duration", &format!("{}ms", (seconds * 1000.0) as u64)])
+        .args(["--warmup", "1s"])
+        .stdout(std::process::Stdio::piped());
+    spawn(command)
+}
+
+/// R3: a replica rebuilt from its group's leader.
+fn r3(args: &Args, out: &mut Vec<Value>) {
+    let timings = "node_dead_after = \"2s\"\nrepair_after = \"1s\"\n";
+    let cluster = BenchCluster::start(args, "r3-node", 4, timings);
+    let (big, foreground) = (R_PARTITION, R_PARTITION + 1);
+    cluster.create(big, 3);
+    cluster.create(foreground, 3);
+    let client = support::cluster::Client::new();
+    let map = |client: &support::cluster::Client| -> Value {
+        let (_, body) = client.send("GET", &cluster.url(0, "/v1/cluster"), None);
+        serde_json::from_slice(&body).unwrap_or_default()
+    };
+    let nodes_of = |map: &Value, id: u64| -> Vec<String> {
+        map["partitions"].as_array().and_then(|all| all.iter().find(|p| p["id"] == id)).map_or(Vec::new(), |p| {
+            p["replicas"].as_array().unwrap().iter().map(|r| r["node"].as_str().unwrap().to_string()).collect()
+        })
+    };
+    let placed = map(&client);
+    let (on_big, on_fore) = (nodes_of(&placed, big), nodes_of(&placed, foreground));
+    let Some(victim) = on_big.iter().find(|n| !on_fore.contains(n)).cloned() else {
+        eprintln!("R3: every node holding partition {big} also holds {foreground} ({on_big:?}, {on_fore:?}): skipped");
+        return;
+    };
+    // Fill: 256 KiB blobs, 16 writers.
+    const BLOB: usize = 256 * 1024;
+    let blobs = args.repair_mib * 1024 * 1024 / BLOB as u64;
+    let filled = Instant::now();
+    let writers: Vec<_> = (0..16u64)
+        .map(|w| {
+            let urls: Vec<String> = (0..4).map(|i| cluster.url(i, "")).collect();
+            std::thread::spawn(move || {
+                let client = support::cluster::Client::new();
+                let value = vec![b'r'; BLOB];
+                for n in (w..blobs).step_by(16) {
+                    let url = format!("{}/v1/partitions/{big}/blobs/b{n}", urls[n as usize % urls.len()]);
+                    loop {
+                        let (status, _) = client.send("PUT", &url, Some(&value));
+                        if status == 201 {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    eprintln!("R3: {} MiB written in {:.1} s", args.repair_mib, filled.elapsed().as_secs_f64());
+    let leader = cluster.wait_leader(big, Duration::from_secs(30)).expect("a leader");
+    let status = cluster.running(leader).unwrap().json(&format!("/v1/partitions/{big}"));
+    let live = status["live_bytes"].as_u64().unwrap_or(0);
+    let before = Run::from_bench(&result_of(r3_load(&cluster, foreground, args.seconds)), "put");
+    let during_load = r3_load(&cluster, foreground, args.seconds);
+    let started = Instant::now();
+    let (code, reply) = client.send("POST", &cluster.url(0, &format!("/v1/cluster/nodes/{victim}/drain")), None);
+    assert_eq!(code, 202, "drain: {}", String::from_utf8_lossy(&reply));
+    support::wait_for("the drained replica is rebuilt elsewhere", Duration::from_secs(1800), || {
+        let now = map(&client);
+        let replicas = now["partitions"].as_array().and_then(|all| all.iter().find(|p| p["id"] == big)).cloned();
+        replicas.is_some_and(|p| {
+            let all = p["replicas"].as_array().cloned().unwrap_or_default();
+            all.len() == 3 && all.iter().all(|r| r["node"] != victim.as_str() && r["replaces"].is_null())
+        })
+    });
+    let repair_seconds = started.elapsed().as_secs_f64();
+    let during = Run::from_bench(&result_of(during_load), "put");
+    let replica_id = status["raft"]["replica_id"].as_u64().unwrap_or(0);
+    let leader_dir = args.dir.join(format!("r3-node-{}", leader + 1)).join("replicas");
+    let leader_dir = std::fs::read_dir(&leader_dir)
+        .ok()
+        .and_then(|entries| entries.flatten().map(|e| e.path()).find(|p| p.ends_with(format!("{big}-{replica_id}"))))
+        .unwrap_or(leader_dir);
+    let (read_bytes, read_seconds) = read_tree(&leader_dir);
+    let mib = |bytes: u64, seconds: f64| bytes as f64 / 1048576.0 / seconds;
+    println!(
+        "\n### R3: a replica of {} MiB rebuilt from its leader (drain of its node), 4 nodes on this machine\n",
+        live / 1048576
+    );
+    println!(
+        "| rebuild s | rebuild MiB/s | sequential read MiB/s (leader's files) | ratio | foreground PUT p99 ms before / during | ratio |\n|---|---|---|---|---|---|"
+    );
+    println!(
+        "| {repair_seconds:.1} | {:.0} | {:.0} | {:.2}x | {:.1} / {:.1} | {:.2}x |",
+        mib(live, repair_seconds),
+        mib(read_bytes, read_seconds),
+        mib(live, repair_seconds) / mib(read_bytes, read_seconds),
+        before.p99,
+        during.p99,
+        during.p99 / before.p99
+    );
+    out.push(json!({"id": "R3", "live_bytes": live, "repair_seconds": repair_seconds, "read_bytes": read_bytes,
+        "read_seconds": read_seconds, "p99_before_ms": before.p99, "p99_during_ms": during.p99}));
+}
+
 /// User + system CPU seconds of process `pid` so far.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -1377,6 +1513,9 @@ fn main() {
     }
     if wanted(&args, "RSS") {
         rss(&args, &mut out);
+    }
+    if wanted(&args, "R3") {
+        r3(&args, &mut out);
     }
     if wanted(&args, "R4") {
         r4(&args, &mut out);

@@ -232,3 +232,82 @@ fn a_drained_node_empties_under_load_and_a_leader_moves_on_request() {
     let (status, undrained) = admin("DELETE", &cluster, 0, &format!("/v1/cluster/nodes/{name}/drain"), None);
     assert_eq!((status, undrained["draining"].as_bool()), (200, Some(false)), "{undrained}");
 }
+
+#[test]
+fn a_repair_whose_new_replica_dies_is_abandoned_and_done_again() {
+    let mut cluster = TestCluster::start(5, REPAIR);
+    cluster.wait_formed();
+    let (status, created) = cluster.create(0, 41, None);
+    assert_eq!(status, 201, "{created}");
+    let leader = cluster.wait_leader(41);
+    let load = ClusterLoad::start(&cluster.ports, 41, 8, 4096, "abandon");
+    load.wait_more(300, Duration::from_secs(60));
+    let (acked, _) = load.stop();
+    // A follower off the seeds (nodes 0-2) when there is one, so that at
+    // most one seed dies and the metadata group keeps its majority.
+    let before = replicas(&cluster, 41);
+    let followers: Vec<_> = before.iter().filter(|r| r.1 != leader).cloned().collect();
+    let (old_id, victim, _, _, _) = followers.iter().find(|r| r.1 >= 3).or(followers.first()).cloned().unwrap();
+    cluster.kill(victim);
+    let mut repair = None;
+    wait_for("a repair in the map", Duration::from_secs(60), || {
+        repair = replicas(&cluster, 41).into_iter().find(|r| r.4 == Some(old_id));
+        repair.is_some()
+    });
+    // Its new replica's node freezes at once, then dies.
+    let (new_id, new_node, _, _, _) = repair.unwrap();
+    cluster.pause(new_node);
+    cluster.kill(new_node);
+    let gone = BTreeSet::from([old_id, new_id]);
+    wait_for("three healthy replicas on the nodes still up", Duration::from_secs(120), || {
+        fully_replicated(&cluster, 41, 3, &gone)
+    });
+    let now = replicas(&cluster, 41);
+    assert!(now.iter().all(|r| r.1 != victim && r.1 != new_node), "{now:?}");
+    wait_converged(&cluster, 41);
+    for i in cluster.running() {
+        assert_readable(cluster.ports[i], 41, &acked, &format!("after the repair was done again, via node {i}"));
+    }
+}
+
+#[test]
+fn two_drains_at_once_never_run_two_repairs_in_one_group() {
+    let roots: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let layout = roots.iter().map(|r| Some(vec![r.path().join("d0"), r.path().join("d1")])).collect();
+    let cluster = TestCluster::start_with_disks(4, REPAIR, layout);
+    cluster.wait_formed();
+    let (status, created) = cluster.create(0, 51, None);
+    assert_eq!(status, 201, "{created}");
+    cluster.wait_leader(51);
+    let holders: Vec<usize> = replicas(&cluster, 51).iter().map(|r| r.1).collect();
+    let free = (0..4).find(|i| !holders.contains(i)).unwrap();
+    // Two of the three holders drained at the same moment: only the free
+    // node can take a replica, and only one.
+    let drains: Vec<_> = holders
+        .iter()
+        .take(2)
+        .map(|i| {
+            let url = cluster.url(0, &format!("/v1/cluster/nodes/dn-{}/drain", i + 1));
+            std::thread::spawn(move || Client::new().send("POST", &url, None).0)
+        })
+        .collect();
+    for drain in drains {
+        assert_eq!(drain.join().unwrap(), 202);
+    }
+    let mut most = 0;
+    let mut last = Vec::new();
+    wait_for("one replica moved to the free node", Duration::from_secs(90), || {
+        last = replicas(&cluster, 51);
+        most = most.max(last.iter().filter(|r| r.4.is_some()).count());
+        last.len() == 3 && last.iter().any(|r| r.1 == free && r.3 == "healthy" && r.4.is_none())
+    });
+    // And it stays so: the second drain has nowhere to go.
+    for _ in 0..40 {
+        last = replicas(&cluster, 51);
+        most = most.max(last.iter().filter(|r| r.4.is_some()).count());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(most <= 1, "{most} repairs at once in one group: {last:?}");
+    assert_eq!(last.iter().filter(|r| r.3 == "healthy" && r.4.is_none()).count(), 3, "{last:?}");
+    assert_eq!(last.iter().filter(|r| r.1 == free).count(), 1, "one replica per node: {last:?}");
+}

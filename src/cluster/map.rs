@@ -96,7 +96,9 @@ pub enum MapCommand {
     },
     /// A new replica of `partition` on `(node, disk)`, to replace `old`;
     /// its id is handed out when applied. Ignored when the partition or
-    /// `old` is not there, or `old` is already being replaced.
+    /// `old` is not there, a repair of the partition is under way, or
+    /// `node` holds a replica of it (unless it is `old`'s node and `disk`
+    /// another of its disks).
     ReplaceReplica {
         /// Partition id.
         partition: u64,
@@ -163,11 +165,19 @@ impl ClusterMap {
             MapCommand::DeletePartition { id } => self.partitions.remove(id).is_some(),
             MapCommand::ReplaceReplica { partition, old, node, disk } => {
                 let replica_id = self.next_replica_id.max(1);
+                // One repair at a time per partition, and never a second
+                // replica on a node that holds one (but for the node of
+                // the replica replaced: another of its disks).
+                let fits = |entry: &PartitionEntry| {
+                    let replaced = entry.replicas.iter().find(|r| r.replica_id == *old);
+                    replaced.is_some_and(|replaced| {
+                        !entry.replicas.iter().any(|r| r.replaces.is_some())
+                            && (replaced.node == *node && replaced.disk != *disk
+                                || !entry.replicas.iter().any(|r| r.node == *node))
+                    })
+                };
                 match self.partitions.get_mut(partition) {
-                    Some(entry)
-                        if entry.replicas.iter().any(|r| r.replica_id == *old)
-                            && !entry.replicas.iter().any(|r| r.replaces == Some(*old)) =>
-                    {
+                    Some(entry) if fits(entry) => {
                         entry.replicas.push(ReplicaEntry {
                             replica_id,
                             node: node.clone(),
@@ -302,9 +312,10 @@ mod tests {
         map.apply(&replace(2, "c"));
         let epoch = map.epoch;
         map.apply(&replace(2, "d"));
+        map.apply(&replace(1, "d"));
         map.apply(&replace(9, "d"));
         map.apply(&MapCommand::ReplaceReplica { partition: 8, old: 1, node: "d".into(), disk: "d0".into() });
-        assert_eq!(map.epoch, epoch, "a replica already being replaced, or one not there, is not replaced");
+        assert_eq!(map.epoch, epoch, "one repair at a time per partition, of a replica that is there");
         let entry = &map.partitions[&7];
         assert_eq!(entry.replicas.len(), 3, "the old replica stays until retired");
         assert_eq!((entry.replicas[2].replica_id, entry.replicas[2].replaces), (3, Some(2)));
@@ -312,8 +323,12 @@ mod tests {
         let ids: Vec<(u64, Option<u64>)> =
             map.partitions[&7].replicas.iter().map(|r| (r.replica_id, r.replaces)).collect();
         assert_eq!(ids, vec![(1, None), (3, None)]);
+        let epoch = map.epoch;
         map.apply(&replace(3, "a"));
-        assert_eq!(map.partitions[&7].replicas[2].replica_id, 4, "ids keep growing");
+        map.apply(&MapCommand::ReplaceReplica { partition: 7, old: 1, node: "a".into(), disk: "d0".into() });
+        assert_eq!(map.epoch, epoch, "not onto a node holding a replica, nor onto the replaced one's disk");
+        map.apply(&MapCommand::ReplaceReplica { partition: 7, old: 1, node: "a".into(), disk: "d1".into() });
+        assert_eq!(map.partitions[&7].replicas[2].replica_id, 4, "another disk of the replaced one's node; ids grow");
         map.apply(&MapCommand::DrainNode { id: "a".into(), draining: true });
         map.apply(&MapCommand::DrainNode { id: "zz".into(), draining: true });
         assert_eq!(map.draining.iter().collect::<Vec<_>>(), vec!["a"], "only a registered node drains");

@@ -123,6 +123,11 @@ pub struct MetaGroup {
     /// leader's clock; forgotten when leadership is lost, so that a new
     /// leader waits a whole `repair_after` of its own).
     unfit_since: Mutex<HashMap<(u64, u64), Instant>>,
+    /// Why repairs wait, as logged once (see `tell_once`).
+    told: Mutex<std::collections::HashSet<(u64, u64, &'static str)>>,
+    /// The term this node last confirmed its leadership in: a new term
+    /// starts its memory afresh (heartbeats, unfit replicas).
+    led_term: Mutex<Option<u64>>,
     /// One proposal at a time, so a check and the change it guards are not
     /// interleaved with another's.
     propose: tokio::sync::Mutex<()>,
@@ -176,6 +181,8 @@ impl MetaGroup {
             dead_after,
             repair_after,
             unfit_since: Mutex::new(HashMap::new()),
+            told: Mutex::new(std::collections::HashSet::new()),
+            led_term: Mutex::new(None),
             propose: tokio::sync::Mutex::new(()),
         }))
     }
@@ -205,12 +212,24 @@ impl MetaGroup {
     async fn confirm_leader(&self) -> Result<(), MetaError> {
         match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(_) => {
-                let mut since = self.leader_since.lock().unwrap_or_else(PoisonError::into_inner);
-                since.get_or_insert_with(Instant::now);
+                // Leading in a new term (for the first time, or again after
+                // another led): what this node remembers from before is
+                // stale, and it waits whole periods of its own before it
+                // counts a node down or replaces a replica.
+                let term = self.raft.metrics().borrow_watched().current_term;
+                let mut led = self.led_term.lock().unwrap_or_else(PoisonError::into_inner);
+                if *led != Some(term) {
+                    *led = Some(term);
+                    *self.leader_since.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+                    self.liveness.lock().unwrap_or_else(PoisonError::into_inner).clear();
+                    self.unfit_since.lock().unwrap_or_else(PoisonError::into_inner).clear();
+                    self.told.lock().unwrap_or_else(PoisonError::into_inner).clear();
+                }
                 Ok(())
             }
             Err(error) => {
                 *self.leader_since.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                *self.led_term.lock().unwrap_or_else(PoisonError::into_inner) = None;
                 self.unfit_since.lock().unwrap_or_else(PoisonError::into_inner).clear();
                 match error.forward_to_leader() {
                     Some(forward) => Err(MetaError::NotLeader(forward.leader_id)),
@@ -419,9 +438,8 @@ impl MetaGroup {
     pub async fn repair_pass(&self) -> Result<(), MetaError> {
         self.confirm_leader().await?;
         let _one = self.propose.lock().await;
-        let map = self.machine.map();
         let seen = self.seen();
-        for command in self.retirements(&map, &seen) {
+        for command in self.retirements(&self.machine.map(), &seen) {
             tracing::info!(?command, "repair: a replaced replica left its group");
             self.commit(&command).await?;
         }
@@ -431,57 +449,86 @@ impl MetaGroup {
         unfit_since.retain(|(partition, replica_id), _| {
             map.partitions.get(partition).is_some_and(|p| p.replicas.iter().any(|r| r.replica_id == *replica_id))
         });
-        let mut due = Vec::new();
+        let (mut due, mut abandoned) = (Vec::new(), Vec::new());
         for (&partition, entry) in &map.partitions {
-            let health: Vec<ReplicaHealth> = entry.replicas.iter().map(|r| self.health(&seen, partition, r)).collect();
-            for (replica, health) in entry.replicas.iter().zip(&health) {
+            for replica in &entry.replicas {
+                let health = self.health(&seen, partition, replica);
                 let draining = map.draining.contains(&replica.node);
                 let key = (partition, replica.replica_id);
-                if matches!(health, ReplicaHealth::Healthy | ReplicaHealth::Loading) && !draining {
+                // `Loading` too, once it lasts: a node that is up and does
+                // not run a replica the map gives it (its disk is gone).
+                if health == ReplicaHealth::Healthy && !draining {
                     unfit_since.remove(&key);
                     continue;
                 }
                 let since = *unfit_since.entry(key).or_insert(now);
                 let waited = now.duration_since(since) >= self.repair_after;
+                if replica.replaces.is_some() {
+                    // A replacement that failed before its group took it as
+                    // a voter: the repair is abandoned (and tried afresh).
+                    let voter =
+                        self.leader_report(&seen, partition).is_some_and(|l| l.voters.contains(&replica.replica_id));
+                    if waited && health != ReplicaHealth::Healthy && !voter {
+                        abandoned.push((partition, replica.replica_id, health));
+                    }
+                    continue;
+                }
                 if (waited || draining) && !entry.replicas.iter().any(|r| r.replaces == Some(replica.replica_id)) {
-                    due.push((partition, replica.clone(), *health));
+                    due.push((partition, replica.clone(), health));
                 }
             }
         }
         *self.unfit_since.lock().unwrap_or_else(PoisonError::into_inner) = unfit_since;
-        let mut onto = repairs_onto(&map);
+        for (partition, replica_id, health) in abandoned {
+            tracing::warn!(
+                partition,
+                replica = replica_id,
+                state = health.name(),
+                "repair abandoned: its new replica is not up"
+            );
+            self.commit(&MapCommand::RetireReplica { partition, replica_id }).await?;
+        }
         for (partition, old, health) in due {
-            let entry = &map.partitions[&partition];
-            if entry.replicas.iter().any(|r| r.replaces.is_some()) {
+            // The map as it is now: each commit changes what fits next.
+            let map = self.machine.map();
+            let Some(entry) = map.partitions.get(&partition) else { continue };
+            if entry.replicas.iter().any(|r| r.replaces.is_some()) || !entry.replicas.contains(&old) {
                 continue; // one repair at a time per group
             }
             let healthy =
                 entry.replicas.iter().filter(|r| self.health(&seen, partition, r) == ReplicaHealth::Healthy).count();
             if healthy < entry.replicas.len() / 2 + 1 {
-                tracing::warn!(partition, replica = old.replica_id, "repair waits: the group lacks a healthy majority");
+                self.tell_once(partition, old.replica_id, "repair waits: the group lacks a healthy majority");
                 continue;
             }
-            let Some((node, disk)) = self.place_replacement(&map, partition, &old, health, &onto) else {
-                tracing::warn!(partition, replica = old.replica_id, "repair waits: no node or disk can take a replica");
+            let Some((node, disk)) = self.place_replacement(&map, partition, &old, health, &repairs_onto(&map)) else {
+                self.tell_once(partition, old.replica_id, "repair waits: no node or disk can take a replica");
                 continue;
             };
             tracing::info!(partition, old = old.replica_id, %node, %disk, state = health.name(), "repair: replacing a replica");
-            *onto.0.entry(node.clone()).or_insert(0) += 1;
-            *onto.1.entry((node.clone(), disk.clone())).or_insert(0) += 1;
             self.commit(&MapCommand::ReplaceReplica { partition, old: old.replica_id, node, disk }).await?;
         }
         Ok(())
     }
 
+    /// Logs why a repair waits, once per replica and reason for as long
+    /// as this node leads (the repairer asks every second).
+    fn tell_once(&self, partition: u64, replica_id: u64, why: &'static str) {
+        if self.told.lock().unwrap_or_else(PoisonError::into_inner).insert((partition, replica_id, why)) {
+            tracing::warn!(partition, replica = replica_id, "{why}");
+        }
+    }
+
     /// The retirements due: a replaced replica that the group's leader no
     /// longer counts as a member while its replacement is a voter, in a
-    /// membership that is not joint.
+    /// committed membership that is not joint.
     fn retirements(&self, map: &ClusterMap, seen: &HashMap<String, Seen>) -> Vec<MapCommand> {
         let mut commands = Vec::new();
         for (&partition, entry) in &map.partitions {
             let Some(leader) = self.leader_report(seen, partition) else { continue };
             for replica in &entry.replicas {
                 let Some(old) = replica.replaces else { continue };
+                // `voters` is the leader's committed membership.
                 let swapped = !leader.joint
                     && leader.voters.contains(&replica.replica_id)
                     && !leader.voters.contains(&old)

@@ -644,12 +644,17 @@ impl Cluster {
 const RECONCILE_EVERY: u64 = 20;
 /// Heartbeat intervals between two passes of the repairer.
 const REPAIR_EVERY: u32 = 4;
+/// How long a group's leader waits for a learner to catch up before it
+/// gives the change up (it goes on replicating, and the next heartbeat
+/// waits again).
+const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
 
 /// One step of a group's leader toward the membership the map shows.
 #[derive(Debug)]
 enum MembershipStep {
-    /// Add `new` as a learner unless it is one, wait until it has caught
-    /// up, then make `voters` the voters (the old member leaves).
+    /// Add `new` as a learner unless it is one, wait until it holds what
+    /// was committed, then make `voters` the voters (the old member
+    /// leaves).
     Swap { new: u64, addr: String, learner: bool, voters: std::collections::BTreeSet<u64> },
     /// Finish a change: these are the voters; any other member leaves.
     Voters(std::collections::BTreeSet<u64>),
@@ -663,11 +668,34 @@ impl MembershipStep {
         match self {
             MembershipStep::Swap { new, addr, learner, voters } => {
                 if !learner {
-                    // Blocking: returns once the leader holds the learner
-                    // caught up (a snapshot streamed, then the log).
-                    raft.add_learner(*new, openraft::BasicNode { addr: addr.clone() }, true)
+                    raft.add_learner(*new, openraft::BasicNode { addr: addr.clone() }, false)
                         .await
                         .map_err(|e| format!("adding learner {new}: {e}"))?;
+                }
+                // Promoted only once it holds everything committed when the
+                // wait began (a snapshot streamed, then the log): a voter
+                // that is still empty would leave the group one failure
+                // from losing its majority. openraft's own check (within
+                // `replication_lag_threshold` entries) is far looser.
+                let target = raft.metrics().borrow_watched().local_committed.map(|id| id.index);
+                let deadline = std::time::Instant::now() + CATCH_UP_WAIT;
+                loop {
+                    let metrics = raft.metrics().borrow_watched().clone();
+                    if metrics.state != ServerState::Leader {
+                        return Err("no longer the leader".into());
+                    }
+                    let matched = metrics
+                        .replication
+                        .as_ref()
+                        .and_then(|replication| replication.get(new).cloned().flatten())
+                        .map(|log| log.index);
+                    if matched.is_some() && matched >= target {
+                        break;
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        return Err(format!("learner {new} holds {matched:?} of {target:?} after {CATCH_UP_WAIT:?}"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 raft.change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), false)
                     .await
@@ -747,7 +775,9 @@ fn report(replica: &Replica) -> ReplicaReport {
         };
     };
     let metrics = raft.metrics().borrow_watched().clone();
-    let membership = metrics.membership_config.membership();
+    // The committed membership: the metadata leader retires a replaced
+    // replica only once its group can no longer need its vote.
+    let membership = metrics.committed_membership_config.membership();
     ReplicaReport {
         voters: membership.voter_ids().collect(),
         learners: membership.learner_ids().collect(),

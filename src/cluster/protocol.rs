@@ -57,7 +57,7 @@ pub struct ReplicaReport {
     pub applied_index: Option<u64>,
     /// On a leader: the last index each replica is known to hold.
     pub matched: BTreeMap<u64, Option<u64>>,
-    /// The voters of the membership it holds (the last one in its log).
+    /// The voters of its committed membership.
     #[serde(default)]
     pub voters: Vec<u64>,
     /// Its learners.

@@ -597,6 +597,7 @@ pub async fn drain_node(
     method: axum::http::Method,
     uri: Uri,
     axum::extract::Path(id): axum::extract::Path<String>,
+    body: Bytes,
 ) -> Response {
     if let Err(error) = api::require_admin(&node, &headers) {
         return error.into_response();
@@ -606,6 +607,11 @@ pub async fn drain_node(
         Ok(meta) => meta,
         Err(response) => return *response,
     };
+    if !body.is_empty()
+        && let Err(error) = api::admin_json::<NoFields>(&body)
+    {
+        return error.into_response();
+    }
     let draining = method == axum::http::Method::POST;
     if let Err(error) = meta.drain_node(&id, draining).await {
         return meta_error(&cluster, &uri, error);
@@ -619,6 +625,11 @@ pub async fn drain_node(
     (status, Json(json!({ "node": id, "draining": draining, "replicas": map.replicas_on(&id).count() })))
         .into_response()
 }
+
+/// A body that may only be `{}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoFields {}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -666,7 +677,14 @@ pub async fn transfer_leader(
     let metrics = raft.metrics().borrow_watched().clone();
     let voters: Vec<u64> = metrics.membership_config.membership().voter_ids().collect();
     let target = match &request.to {
-        Some(name) => match entry.replicas.iter().find(|r| &r.node == name && voters.contains(&r.replica_id)) {
+        // The newest voting replica on that node, never one being replaced.
+        Some(name) => match entry
+            .replicas
+            .iter()
+            .filter(|r| &r.node == name && voters.contains(&r.replica_id))
+            .filter(|r| !entry.replicas.iter().any(|other| other.replaces == Some(r.replica_id)))
+            .max_by_key(|r| r.replica_id)
+        {
             Some(r) => r.replica_id,
             None => {
                 return ApiError::bad_request(format!("node {name} holds no voting replica of partition {partition}"))
