@@ -1,5 +1,5 @@
-//! `datanode partition ...` and `datanode disk list`: the admin API from
-//! the command line, against a running node (`--url`, or the `http_addr`
+//! `datanode partition ...`, `datanode disk list` and `datanode cluster
+//! ...`: the admin API from the command line, against a running node (`--url`, or the `http_addr`
 //! of `--config`), with the admin token from `--token-file` or the
 //! configuration's `node.admin_token_file`. Tables for people, `--json`
 //! for scripts (the API's own JSON).
@@ -106,6 +106,47 @@ pub enum DiskCommand {
     },
 }
 
+/// `datanode cluster ...` (a node with `[cluster]`; any node of the
+/// cluster will do: the commands follow its redirects to the metadata
+/// leader or to a partition's leader).
+#[derive(Debug, clap::Subcommand)]
+pub enum ClusterCommand {
+    /// The cluster map: epoch, metadata leader, the nodes and the replicated partitions.
+    Status {
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Move every replica off a node (and place none there); `--undo` ends the drain.
+    Drain {
+        /// The node's id, e.g. `dn-2`.
+        node: String,
+        /// End the drain instead (replicas already moved stay where they are).
+        #[arg(long)]
+        undo: bool,
+        /// Then poll the cluster map every second, printing progress, until
+        /// no replica is left on the node; exit 0 then (Ctrl-C stops waiting,
+        /// not the drain).
+        #[arg(long, conflicts_with = "undo")]
+        wait: bool,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Hand a replicated partition's leadership to another of its voters.
+    ///
+    /// Exits 0 once the new leader leads, and also when the node answers
+    /// 202: the transfer was requested but not yet seen to take effect
+    /// (check with `datanode cluster status`).
+    TransferLeader {
+        /// The partition.
+        id: u64,
+        /// The node to lead it (default: the voter holding the most of the log).
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        client: Client,
+    },
+}
+
 /// How to reach the node.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Client {
@@ -126,19 +167,26 @@ pub struct Client {
 pub struct Failure {
     pub code: u8,
     pub message: String,
+    /// The HTTP status of the node's answer, when it answered an error.
+    pub status: Option<u16>,
 }
 
 impl Failure {
     fn answered(message: String) -> Failure {
-        Failure { code: 1, message }
+        Failure { code: 1, message, status: None }
     }
 }
+
+/// How many redirects a cluster command follows.
+const MAX_REDIRECTS: usize = 5;
 
 /// A client of one node.
 pub struct Node {
     base: String,
     token: Option<String>,
     agent: ureq::Agent,
+    /// The same, following no redirect by itself (see [`Node::follow`]).
+    direct: ureq::Agent,
 }
 
 impl Node {
@@ -146,10 +194,11 @@ impl Node {
     /// what an https:// URL needs.
     pub fn new(base: String, token: Option<String>, tls: &ClientTls) -> Result<Node, Failure> {
         // Recover and install run to completion, however long they take.
-        let agent = tls
-            .agent(ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5)))
-            .map_err(|message| Failure { code: crate::EXIT_CONFIG, message })?;
-        Ok(Node { base, token, agent })
+        let builder = || ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(5));
+        let config = |message| Failure { code: crate::EXIT_CONFIG, message, status: None };
+        let agent = tls.agent(builder()).map_err(config)?;
+        let direct = tls.agent(builder().redirects(0)).map_err(config)?;
+        Ok(Node { base, token, agent, direct })
     }
 
     fn request(&self, method: &str, path: &str) -> ureq::Request {
@@ -162,28 +211,99 @@ impl Node {
 
     /// The answer of a request, or the node's error as a failure.
     fn answer(&self, sent: Result<ureq::Response, ureq::Error>) -> Result<ureq::Response, Failure> {
-        match sent {
-            Ok(response) => Ok(response),
-            Err(ureq::Error::Status(status, response)) => {
-                let body: Value =
-                    response.into_string().ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
-                let code = body["error"].as_str().unwrap_or("error");
-                let message = body["message"].as_str().unwrap_or("");
-                Err(Failure::answered(format!("{status} {code}: {message}")))
-            }
-            Err(error) => {
-                Err(Failure { code: EXIT_UNREACHABLE, message: format!("cannot reach {}: {error}", self.base) })
-            }
-        }
+        answer_from(&self.base, sent)
     }
 
     fn json(&self, sent: Result<ureq::Response, ureq::Error>) -> Result<Value, Failure> {
-        let response = self.answer(sent)?;
-        let text = response.into_string().map_err(|e| Failure::answered(format!("cannot read the answer: {e}")))?;
-        if text.is_empty() {
-            return Ok(Value::Null);
+        body_json(self.answer(sent)?)
+    }
+
+    /// Sends `method path` (with `body` as JSON, if any) and follows the
+    /// node's redirects by hand (to the metadata leader or a partition's
+    /// leader, at most [`MAX_REDIRECTS`]), each time with the same method,
+    /// body and token: an agent keeps neither for a POST or DELETE, nor the
+    /// token for any. A redirect from https:// to http:// is refused (it
+    /// would send the token in the clear).
+    fn follow(&self, method: &str, path: &str, body: Option<&str>) -> Result<ureq::Response, Failure> {
+        let mut url = format!("{}{path}", self.base);
+        for _ in 0..=MAX_REDIRECTS {
+            let mut request = self.direct.request(method, &url);
+            if let Some(token) = &self.token {
+                request = request.set("Authorization", &format!("Bearer {token}"));
+            }
+            let sent = match body {
+                Some(body) => request.set("Content-Type", "application/json").send_string(body),
+                None if method == "GET" || method == "HEAD" => request.call(),
+                None => request.send_string(""),
+            };
+            let response = answer_from(origin(&url), sent)?;
+            if !matches!(response.status(), 301 | 302 | 303 | 307 | 308) {
+                return Ok(response);
+            }
+            let status = response.status();
+            let Some(location) = response.header("location").map(str::to_string) else {
+                return Err(Failure::answered(format!("{url}: a {status} redirect without a Location")));
+            };
+            let next = resolve(&url, &location);
+            if url.starts_with("https://") && !next.starts_with("https://") {
+                return Err(Failure::answered(format!("{url}: refusing a redirect from https:// to {next}")));
+            }
+            url = next;
         }
-        serde_json::from_str(&text).map_err(|e| Failure::answered(format!("the answer is not JSON: {e}")))
+        Err(Failure::answered(format!("more than {MAX_REDIRECTS} redirects (the last to {url})")))
+    }
+}
+
+/// `response` as success, or what went wrong as a failure; `base` names
+/// the node asked.
+fn answer_from(base: &str, sent: Result<ureq::Response, ureq::Error>) -> Result<ureq::Response, Failure> {
+    match sent {
+        Ok(response) => Ok(response),
+        Err(ureq::Error::Status(status, response)) => {
+            let body: Value =
+                response.into_string().ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+            let code = body["error"].as_str().unwrap_or("error");
+            let message = body["message"].as_str().unwrap_or("");
+            let hint = match code {
+                "no_leader" => " (no leader is known there yet, e.g. during an election: retry)",
+                _ => "",
+            };
+            Err(Failure { code: 1, message: format!("{status} {code}: {message}{hint}"), status: Some(status) })
+        }
+        Err(error) => {
+            Err(Failure { code: EXIT_UNREACHABLE, message: format!("cannot reach {base}: {error}"), status: None })
+        }
+    }
+}
+
+/// The body of a successful answer as JSON (`null` when empty).
+fn body_json(response: ureq::Response) -> Result<Value, Failure> {
+    let text = response.into_string().map_err(|e| Failure::answered(format!("cannot read the answer: {e}")))?;
+    if text.is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_str(&text).map_err(|e| Failure::answered(format!("the answer is not JSON: {e}")))
+}
+
+/// `scheme://host:port` of `url`.
+fn origin(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    match url[after_scheme..].find('/') {
+        Some(slash) => &url[..after_scheme + slash],
+        None => url,
+    }
+}
+
+/// A redirect's `Location` against the URL that answered it: absolute as
+/// it is, `/path` on the same origin.
+fn resolve(current: &str, location: &str) -> String {
+    if location.contains("://") {
+        location.to_string()
+    } else if location.starts_with('/') {
+        format!("{}{location}", origin(current))
+    } else {
+        let directory = current.rfind('/').filter(|i| *i >= origin(current).len()).map_or(current, |i| &current[..i]);
+        format!("{directory}/{location}")
     }
 }
 
@@ -237,6 +357,7 @@ pub fn partition(node: &Node, command: &PartitionCommand) -> Result<String, Fail
                 return Err(Failure {
                     code: 2,
                     message: format!("deleting partition {id} removes its data: add --yes"),
+                    status: None,
                 });
             }
             node.answer(node.request("DELETE", &format!("/v1/partitions/{id}")).call())?;
@@ -270,7 +391,7 @@ pub fn partition(node: &Node, command: &PartitionCommand) -> Result<String, Fail
             } else {
                 Box::new(
                     std::fs::File::open(input)
-                        .map_err(|e| Failure { code: 1, message: format!("cannot open {}: {e}", input.display()) })?,
+                        .map_err(|e| Failure::answered(format!("cannot open {}: {e}", input.display())))?,
                 )
             };
             let sent = node
@@ -292,6 +413,124 @@ pub fn disk(node: &Node, command: &DiskCommand) -> Result<String, Failure> {
     }
 }
 
+/// Runs a cluster command; returns what to print (`drain --wait` prints
+/// its progress as it goes).
+pub fn cluster(node: &Node, command: &ClusterCommand) -> Result<String, Failure> {
+    let json = cluster_client(command).json;
+    match command {
+        ClusterCommand::Status { .. } => {
+            let map = body_json(node.follow("GET", "/v1/cluster", None)?)?;
+            Ok(if json { pretty(&map) } else { status::cluster_tables(&map) })
+        }
+        ClusterCommand::Drain { node: id, undo, wait, .. } => {
+            let method = if *undo { "DELETE" } else { "POST" };
+            let path = format!("/v1/cluster/nodes/{}/drain", path_segment(id));
+            let answer = body_json(node.follow(method, &path, None)?)?;
+            let left = answer["replicas"].as_u64();
+            let said = if json {
+                pretty(&answer)
+            } else if *undo {
+                format!("{id}: drain ended; {} replicas on it\n", count_text(left))
+            } else {
+                format!("{id}: draining; {} replicas left to move\n", count_text(left))
+            };
+            if !*wait {
+                return Ok(said);
+            }
+            // The answer first, then progress lines (on stderr with --json,
+            // so that stdout stays JSON).
+            print(&said);
+            let progress = |line: String| if json { eprintln!("{line}") } else { print(&format!("{line}\n")) };
+            wait_drained(node, id, left, progress)?;
+            Ok(if json { String::new() } else { format!("{id}: drained, no replica left on it\n") })
+        }
+        ClusterCommand::TransferLeader { id, to, .. } => {
+            let body = to.as_ref().map(|to| serde_json::json!({ "to": to }).to_string());
+            let path = format!("/v1/cluster/partitions/{id}/transfer-leader");
+            let response = node.follow("POST", &path, body.as_deref())?;
+            let done = response.status() != 202;
+            let answer = body_json(response)?;
+            if json {
+                return Ok(pretty(&answer));
+            }
+            let (leader, replica) = (status::text(&answer["leader"]), status::text(&answer["replica_id"]));
+            Ok(if done {
+                format!("partition {id}: the leader is {leader} (replica {replica})\n")
+            } else {
+                format!(
+                    "partition {id}: transfer to {leader} (replica {replica}) requested, not yet seen to take \
+                     effect; check with `datanode cluster status`\n"
+                )
+            })
+        }
+    }
+}
+
+fn count_text(count: Option<u64>) -> String {
+    count.map_or_else(|| "?".into(), |n| n.to_string())
+}
+
+/// A node id as one path segment (percent-encoded but for unreserved characters).
+fn path_segment(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// Polls the cluster map every second until node `id` holds no replica,
+/// reporting each change of its count; a 503 (no metadata leader for the
+/// moment) is waited out.
+fn wait_drained(node: &Node, id: &str, mut last: Option<u64>, progress: impl Fn(String)) -> Result<(), Failure> {
+    let mut unavailable = false;
+    loop {
+        let map = match node.follow("GET", "/v1/cluster", None).and_then(body_json) {
+            Ok(map) => {
+                unavailable = false;
+                map
+            }
+            Err(failure) if failure.status == Some(503) => {
+                if !unavailable {
+                    progress(format!("{id}: waiting: {}", failure.message));
+                    unavailable = true;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+            Err(failure) => return Err(failure),
+        };
+        let Some(entry) = map["nodes"].as_array().into_iter().flatten().find(|n| n["id"] == id) else {
+            return Err(Failure::answered(format!("{id} is no longer in the cluster map")));
+        };
+        let left = entry["replicas"].as_u64();
+        if left == Some(0) {
+            return Ok(());
+        }
+        if left != last {
+            progress(format!("{id}: {} replicas left", count_text(left)));
+            last = left;
+        }
+        if entry["draining"] == false {
+            return Err(Failure::answered(format!(
+                "{id} is no longer draining (the drain was ended) with {} replicas on it",
+                count_text(left)
+            )));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The client options of a cluster command.
+pub fn cluster_client(command: &ClusterCommand) -> &Client {
+    match command {
+        ClusterCommand::Status { client }
+        | ClusterCommand::Drain { client, .. }
+        | ClusterCommand::TransferLeader { client, .. } => client,
+    }
+}
+
 /// The client options of a partition command.
 pub fn command_client(command: &PartitionCommand) -> &Client {
     match command {
@@ -310,4 +549,21 @@ pub fn command_client(command: &PartitionCommand) -> &Client {
 /// Prints `text` to stdout; a closed stdout is not an error worth a panic.
 pub fn print(text: &str) {
     let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_resolve_against_the_url_that_answered_and_ids_stay_one_segment() {
+        assert_eq!(origin("http://10.0.0.1:7070/v1/cluster"), "http://10.0.0.1:7070");
+        assert_eq!(origin("http://10.0.0.1:7070"), "http://10.0.0.1:7070");
+        let here = "http://a:1/v1/cluster/partitions/7/transfer-leader";
+        assert_eq!(resolve(here, "http://b:2/v1/x"), "http://b:2/v1/x");
+        assert_eq!(resolve(here, "/v1/cluster"), "http://a:1/v1/cluster");
+        assert_eq!(resolve(here, "other"), "http://a:1/v1/cluster/partitions/7/other");
+        assert_eq!(path_segment("dn-2"), "dn-2");
+        assert_eq!(path_segment("a/b c"), "a%2Fb%20c");
+    }
 }

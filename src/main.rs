@@ -69,6 +69,10 @@ enum Command {
     /// A running node's disks.
     #[command(subcommand)]
     Disk(admin::DiskCommand),
+    /// The cluster a running node belongs to: its map, draining a node,
+    /// moving a partition's leadership.
+    #[command(subcommand)]
+    Cluster(admin::ClusterCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -179,6 +183,10 @@ fn main() -> ExitCode {
         Some(Command::Disk(command)) => {
             let admin::DiskCommand::List { client } = &command;
             admin_run(&args, client, &cli.client_tls, |node| admin::disk(node, &command))
+        }
+        Some(Command::Cluster(command)) => {
+            let client = admin::cluster_client(&command).clone();
+            admin_run(&args, &client, &cli.client_tls, |node| admin::cluster(node, &command))
         }
         Some(Command::Completions { shell }) => {
             clap_complete::generate(shell, &mut Cli::command(), "datanode", &mut std::io::stdout());

@@ -7,7 +7,8 @@ fn fetch(agent: &ureq::Agent, url: &str) -> Result<Value, String> {
     response.into_string().map_err(|e| e.to_string()).and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
 }
 
-fn text(value: &Value) -> String {
+/// A JSON value as a table cell: a string as it is, `null` as `-`.
+pub fn text(value: &Value) -> String {
     match value {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -112,6 +113,64 @@ pub fn disks_table(disks: &Value) -> String {
     table(&rows)
 }
 
+/// How long ago a heartbeat came, from its age in milliseconds.
+fn ago_text(ms: &Value) -> String {
+    match ms.as_u64() {
+        None => "-".into(),
+        Some(ms) if ms < 1000 => format!("{ms}ms ago"),
+        Some(ms) if ms < 120_000 => format!("{:.1}s ago", ms as f64 / 1000.0),
+        Some(ms) => format!("{}m ago", ms / 60_000),
+    }
+}
+
+/// A replica of a `ClusterPartition` as `node/disk:state[:role]`, with
+/// `(replaces N)` while it is the new replica of a repair.
+fn replica_text(replica: &Value) -> String {
+    let mut out = format!("{}/{}:{}", text(&replica["node"]), text(&replica["disk"]), text(&replica["state"]));
+    if let Some(role) = replica["role"].as_str() {
+        out.push(':');
+        out.push_str(role);
+    }
+    if let Some(old) = replica.get("replaces").filter(|r| !r.is_null()) {
+        out.push_str(&format!("(replaces {})", text(old)));
+    }
+    out
+}
+
+/// `GET /v1/cluster` as the epoch and metadata leader, then a table of
+/// the nodes and one of the replicated partitions.
+pub fn cluster_tables(map: &Value) -> String {
+    let mut out = format!("epoch {}, metadata leader {}\n\n", text(&map["epoch"]), text(&map["meta_leader"]));
+    let mut nodes = vec![["NODE", "STATE", "DRAINING", "REPLICAS", "LAST HEARTBEAT", "URL"].map(String::from).to_vec()];
+    for n in map["nodes"].as_array().into_iter().flatten() {
+        nodes.push(vec![
+            text(&n["id"]),
+            text(&n["state"]),
+            if n["draining"] == true { "yes".into() } else { "no".into() },
+            text(&n["replicas"]),
+            ago_text(&n["last_heartbeat_ms"]),
+            text(&n["advertise_url"]),
+        ]);
+    }
+    out.push_str(&table(&nodes));
+    out.push('\n');
+    let mut partitions = vec![["PARTITION", "EPOCH", "LEADER", "REPAIR", "REPLICAS"].map(String::from).to_vec()];
+    for p in map["partitions"].as_array().into_iter().flatten() {
+        let replicas: Vec<&Value> = p["replicas"].as_array().into_iter().flatten().collect();
+        let repairing = replicas.iter().any(|r| r.get("replaces").is_some_and(|v| !v.is_null()));
+        let listed: Vec<String> = replicas.into_iter().map(replica_text).collect();
+        partitions.push(vec![
+            text(&p["id"]),
+            text(&p["epoch"]),
+            text(&p["leader"]),
+            if repairing { "repairing".into() } else { "-".into() },
+            if listed.is_empty() { "-".into() } else { listed.join(" ") },
+        ]);
+    }
+    out.push_str(&table(&partitions));
+    out
+}
+
 /// One `PartitionStatus` as `key: value` lines.
 pub fn partition_details(p: &Value) -> String {
     let mut out = String::new();
@@ -177,5 +236,31 @@ mod tests {
         assert_eq!(disk_state_text(&full), "healthy, full");
         let slow = serde_json::json!({"state": "degraded", "reasons": ["slow sync: 0.6s"]});
         assert_eq!(disk_state_text(&slow), "degraded");
+    }
+
+    #[test]
+    fn the_cluster_map_reads_as_tables_with_repairs_marked() {
+        let map = serde_json::json!({
+            "epoch": 4, "meta_leader": "dn-1",
+            "nodes": [
+                {"id": "dn-1", "advertise_url": "http://10.0.0.1:7070", "state": "up", "draining": false,
+                 "replicas": 2, "last_heartbeat_ms": 120},
+                {"id": "dn-2", "advertise_url": "http://10.0.0.2:7070", "state": "down", "draining": true,
+                 "replicas": 1, "last_heartbeat_ms": null}
+            ],
+            "partitions": [{"id": 7, "epoch": 2, "leader": "dn-1", "replicas": [
+                {"replica_id": 1, "node": "dn-1", "disk": "d0", "state": "healthy", "role": "leader"},
+                {"replica_id": 2, "node": "dn-2", "disk": "d0", "state": "down", "role": null},
+                {"replica_id": 5, "node": "dn-1", "disk": "d1", "state": "loading", "role": "learner", "replaces": 2}
+            ]}]
+        });
+        let out = cluster_tables(&map);
+        assert!(out.starts_with("epoch 4, metadata leader dn-1\n"), "{out}");
+        let line = |start: &str| out.lines().find(|l| l.starts_with(start)).unwrap_or_default().to_string();
+        assert!(line("dn-1 ").contains("120ms ago") && line("dn-1 ").contains("http://10.0.0.1:7070"), "{out}");
+        assert!(line("dn-2 ").contains("yes") && line("dn-2 ").contains(" - "), "{out}");
+        let p = line("7 ");
+        assert!(p.contains("repairing"), "{out}");
+        assert!(p.contains("dn-1/d0:healthy:leader dn-2/d0:down dn-1/d1:loading:learner(replaces 2)"), "{out}");
     }
 }

@@ -1,5 +1,6 @@
-//! The operator's commands against a running node: `datanode status` and
-//! `datanode bench` (URL forms, `--config`, `--json`, exit codes).
+//! The operator's commands against a running node: `datanode status`,
+//! `datanode bench`, the admin commands and `datanode cluster` (URL
+//! forms, `--config`, `--json`, redirects, exit codes).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -8,6 +9,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 use support::Daemon;
+use support::cluster::{TestCluster, node_index};
 
 /// Health settings under which the test machine's disk (slow when loaded,
 /// nearly full when shared) keeps its partitions writable.
@@ -175,7 +177,7 @@ fn completions_and_the_manual_page_come_from_the_command_definition() {
     for shell in ["bash", "zsh", "fish"] {
         let script = datanode(&["completions", shell]);
         assert!(script.status.success(), "{shell}: {}", err(&script));
-        for word in ["datanode", "check-config", "partition", "--config"] {
+        for word in ["datanode", "check-config", "partition", "cluster", "transfer-leader", "--config"] {
             assert!(out(&script).contains(word), "{shell} completion lacks {word}");
         }
     }
@@ -183,7 +185,76 @@ fn completions_and_the_manual_page_come_from_the_command_definition() {
     assert!(man.status.success(), "{}", err(&man));
     let page = out(&man);
     assert!(page.starts_with(".ie") || page.contains(".TH datanode"), "{}", &page[..page.len().min(300)]);
-    for word in ["check\\-config", "partition", "\\-\\-config"] {
+    for word in ["check\\-config", "partition", "cluster", "\\-\\-config"] {
         assert!(page.contains(word), "the manual page lacks {word}");
     }
+}
+
+#[test]
+fn the_cluster_commands_show_the_map_follow_redirects_and_name_what_went_wrong() {
+    let cluster = TestCluster::start(3, "");
+    cluster.wait_formed();
+    let url = |i: usize| format!("127.0.0.1:{}", cluster.ports[i]);
+    let meta = cluster.meta_leader();
+    let not_meta = (meta + 1) % 3;
+
+    // Through a node that is not the metadata leader: the GET is redirected.
+    let json = datanode(&["cluster", "status", "--url", &url(not_meta), "--json"]);
+    assert!(json.status.success(), "{}", err(&json));
+    let map: Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(map["nodes"].as_array().unwrap().len(), 3, "{map}");
+
+    let (status, created) = cluster.create(0, 7, None);
+    assert_eq!(status, 201, "{created}");
+    let leader = cluster.wait_leader(7);
+    let table = datanode(&["cluster", "status", "--url", &url(not_meta)]);
+    assert!(table.status.success(), "{}", err(&table));
+    let text = out(&table);
+    assert!(text.starts_with("epoch ") && text.contains("metadata leader dn-"), "{text}");
+    assert!(text.lines().filter(|l| l.starts_with("dn-")).count() == 3, "{text}");
+    let row = text.lines().find(|l| l.starts_with("7 ")).unwrap_or_else(|| panic!("no partition 7: {text}"));
+    assert!(row.contains(&format!("dn-{}/d0:", leader + 1)), "{row}");
+
+    // A voter that is not the leader, caught up, through a node that does
+    // not lead the partition (the POST is redirected to the leader).
+    let replicas = cluster.partition(7)["replicas"].as_array().cloned().unwrap_or_default();
+    let target = replicas
+        .iter()
+        .filter_map(|r| r["node"].as_str().and_then(node_index))
+        .find(|i| *i != leader)
+        .expect("a second replica");
+    let via = (0..3).find(|i| *i != leader && *i != target).unwrap_or(target);
+    support::wait_for("the target replica is a caught-up follower", std::time::Duration::from_secs(30), || {
+        let replicas = cluster.partition(7)["replicas"].as_array().cloned().unwrap_or_default();
+        let of = |i: usize| replicas.iter().find(|r| r["node"] == format!("dn-{}", i + 1)).cloned();
+        match (of(leader), of(target)) {
+            (Some(l), Some(t)) => t["role"] == "follower" && t["matched_index"] == l["matched_index"],
+            _ => false,
+        }
+    });
+    let name = format!("dn-{}", target + 1);
+    let moved = datanode(&["cluster", "transfer-leader", "7", "--to", &name, "--url", &url(via)]);
+    assert!(moved.status.success(), "{}{}", out(&moved), err(&moved));
+    assert!(out(&moved).contains(&name), "{}", out(&moved));
+    support::wait_for("the new leader in the map", std::time::Duration::from_secs(30), || {
+        cluster.partition(7)["leader"] == name.as_str()
+    });
+
+    let unknown = datanode(&["cluster", "drain", "dn-9", "--url", &url(not_meta)]);
+    assert_eq!(unknown.status.code(), Some(1), "{}", err(&unknown));
+    assert!(err(&unknown).contains("node_not_found"), "{}", err(&unknown));
+    // A drain and its end, both through a node that redirects them.
+    let drain = datanode(&["cluster", "drain", "dn-3", "--url", &url(not_meta)]);
+    assert!(drain.status.success(), "{}", err(&drain));
+    assert!(out(&drain).contains("dn-3: draining"), "{}", out(&drain));
+    let undo = datanode(&["cluster", "drain", "dn-3", "--undo", "--url", &url(not_meta), "--json"]);
+    assert!(undo.status.success(), "{}", err(&undo));
+    let ended: Value = serde_json::from_slice(&undo.stdout).unwrap();
+    assert_eq!(ended["draining"], false, "{ended}");
+
+    let data = tempfile::tempdir().unwrap();
+    let single = Daemon::start(data.path(), &[], &[]);
+    let refused = datanode(&["cluster", "status", "--url", &format!("127.0.0.1:{}", single.port)]);
+    assert_eq!(refused.status.code(), Some(1), "{}", out(&refused));
+    assert!(err(&refused).contains("404 not_clustered"), "{}", err(&refused));
 }
