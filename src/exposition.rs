@@ -123,6 +123,11 @@ fn describe() {
         "datanode_partitions_under_replicated",
         "On the metadata leader: partitions with fewer healthy replicas than placed"
     );
+    describe_gauge!("datanode_cluster_repairs_in_progress", "On the metadata leader: replicas being replaced now");
+    describe_counter!(
+        "datanode_cluster_repairs_total",
+        "Repairs this node started, finished or abandoned as metadata leader, by outcome"
+    );
 }
 
 /// `datanode_auth_rejected_total{reason}` for every reason, and the TLS

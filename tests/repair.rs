@@ -163,6 +163,12 @@ fn a_dead_node_is_replaced_in_every_group_and_never_rejoins_them() {
     for i in cluster.running() {
         assert_readable(cluster.ports[i], 11, &acked, &format!("after the repair, via node {i}"));
     }
+    let done: f64 = cluster
+        .running()
+        .iter()
+        .filter_map(|i| cluster.node(*i).metric("datanode_cluster_repairs_total", &["outcome=\"done\""]))
+        .sum();
+    assert!(done >= gone.len() as f64, "{done} repairs counted done, {} replicas replaced", gone.len());
     // Back from the dead: it learns the map, stops what it held and moves
     // it to quarantine; the groups do not take it back.
     cluster.restart(victim);

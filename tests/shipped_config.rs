@@ -30,6 +30,9 @@ const CONTRACT_METRICS: &[&str] = &[
     "datanode_raft_leader_changes_total",
     "datanode_partition_replicas",
     "datanode_cluster_nodes",
+    "datanode_cluster_repairs_in_progress",
+    "datanode_cluster_repairs_total",
+    "datanode_peer_rejected_total",
     "datanode_partitions_under_replicated",
 ];
 
@@ -71,6 +74,8 @@ fn the_dashboard_and_alert_rules_use_only_contract_metrics() {
         "DatanodePartitionUnderReplicated",
         "DatanodePartitionNoLeader",
         "DatanodeNodeDown",
+        "DatanodeRepairStuck",
+        "DatanodePeerRejected",
     ] {
         assert!(rules.contains(&format!("alert: {alert}")), "missing {alert}");
     }

@@ -442,6 +442,7 @@ impl MetaGroup {
         for command in self.retirements(&self.machine.map(), &seen) {
             tracing::info!(?command, "repair: a replaced replica left its group");
             self.commit(&command).await?;
+            metrics::counter!("datanode_cluster_repairs_total", "outcome" => "done").increment(1);
         }
         let map = self.machine.map();
         let now = Instant::now();
@@ -487,6 +488,7 @@ impl MetaGroup {
                 "repair abandoned: its new replica is not up"
             );
             self.commit(&MapCommand::RetireReplica { partition, replica_id }).await?;
+            metrics::counter!("datanode_cluster_repairs_total", "outcome" => "abandoned").increment(1);
         }
         for (partition, old, health) in due {
             // The map as it is now: each commit changes what fits next.
@@ -507,6 +509,7 @@ impl MetaGroup {
             };
             tracing::info!(partition, old = old.replica_id, %node, %disk, state = health.name(), "repair: replacing a replica");
             self.commit(&MapCommand::ReplaceReplica { partition, old: old.replica_id, node, disk }).await?;
+            metrics::counter!("datanode_cluster_repairs_total", "outcome" => "started").increment(1);
         }
         Ok(())
     }

@@ -209,6 +209,9 @@ impl Cluster {
         let looping = Arc::clone(&cluster);
         tokio::spawn(async move { looping.heartbeat_loop().await });
         if cluster.meta.is_some() {
+            for outcome in ["started", "done", "abandoned"] {
+                metrics::counter!("datanode_cluster_repairs_total", "outcome" => outcome).increment(0);
+            }
             let repairing = Arc::clone(&cluster);
             tokio::spawn(async move { repairing.repair_loop().await });
         }
@@ -883,6 +886,8 @@ fn update_meta_metrics(cluster: &Cluster) {
     metrics::gauge!("datanode_cluster_nodes", "state" => "up").set(up as f64);
     metrics::gauge!("datanode_cluster_nodes", "state" => "down").set(down as f64);
     metrics::gauge!("datanode_partitions_under_replicated").set(under as f64);
+    let repairing = map.partitions.values().flat_map(|p| p.replicas.iter()).filter(|r| r.replaces.is_some()).count();
+    metrics::gauge!("datanode_cluster_repairs_in_progress").set(if leading { repairing as f64 } else { 0.0 });
 }
 
 #[cfg(test)]
