@@ -223,7 +223,8 @@ impl Node {
     /// leader, at most [`MAX_REDIRECTS`]), each time with the same method,
     /// body and token: an agent keeps neither for a POST or DELETE, nor the
     /// token for any. A redirect from https:// to http:// is refused (it
-    /// would send the token in the clear).
+    /// would send the token in the clear), and so, with a token, is one to
+    /// another host than the one asked.
     fn follow(&self, method: &str, path: &str, body: Option<&str>) -> Result<ureq::Response, Failure> {
         let mut url = format!("{}{path}", self.base);
         for _ in 0..=MAX_REDIRECTS {
@@ -247,6 +248,14 @@ impl Node {
             let next = resolve(&url, &location);
             if url.starts_with("https://") && !next.starts_with("https://") {
                 return Err(Failure::answered(format!("{url}: refusing a redirect from https:// to {next}")));
+            }
+            if self.token.is_some() && host_of(&next) != host_of(&self.base) {
+                // The token goes only where it was meant to: the host the
+                // command was pointed at (any of its ports).
+                return Err(Failure::answered(format!(
+                    "{url} redirects to another host ({next}); the admin token is not sent there: run again with --url {}",
+                    origin(&next)
+                )));
             }
             url = next;
         }
@@ -292,6 +301,19 @@ fn origin(url: &str) -> &str {
         Some(slash) => &url[..after_scheme + slash],
         None => url,
     }
+}
+
+/// The scheme and host of `url`, without its port: `http://10.0.0.1`.
+fn host_of(url: &str) -> String {
+    let origin = origin(url).to_ascii_lowercase();
+    let after_scheme = origin.find("://").map_or(0, |i| i + 3);
+    let authority = &origin[after_scheme..];
+    let host = match authority.strip_prefix('[') {
+        // [v6]:port
+        Some(v6) => v6.split(']').next().map_or(authority.to_string(), |h| format!("[{h}]")),
+        None => authority.rsplit_once(':').map_or(authority, |(host, _)| host).to_string(),
+    };
+    format!("{}{host}", &origin[..after_scheme])
 }
 
 /// A redirect's `Location` against the URL that answered it: absolute as
@@ -563,6 +585,10 @@ mod tests {
         assert_eq!(resolve(here, "http://b:2/v1/x"), "http://b:2/v1/x");
         assert_eq!(resolve(here, "/v1/cluster"), "http://a:1/v1/cluster");
         assert_eq!(resolve(here, "other"), "http://a:1/v1/cluster/partitions/7/other");
+        assert_eq!(host_of("http://10.0.0.1:7070/v1/cluster"), "http://10.0.0.1");
+        assert_eq!(host_of("HTTP://Node-1:7071"), "http://node-1");
+        assert_eq!(host_of("https://[::1]:7070/x"), "https://[::1]");
+        assert_ne!(host_of("http://a:1/x"), host_of("http://b:1/x"), "the token does not follow to another host");
         assert_eq!(path_segment("dn-2"), "dn-2");
         assert_eq!(path_segment("a/b c"), "a%2Fb%20c");
     }

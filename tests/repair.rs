@@ -317,3 +317,137 @@ fn two_drains_at_once_never_run_two_repairs_in_one_group() {
     assert_eq!(last.iter().filter(|r| r.3 == "healthy" && r.4.is_none()).count(), 3, "{last:?}");
     assert_eq!(last.iter().filter(|r| r.1 == free).count(), 1, "one replica per node: {last:?}");
 }
+
+/// iptables rules on loopback, removed on drop.
+struct Blocked(Vec<u16>);
+
+impl Blocked {
+    fn rule(op: &str, port: u16) -> bool {
+        std::process::Command::new("iptables")
+            .args([
+                op,
+                "INPUT",
+                "-p",
+                "tcp",
+                "--dport",
+                &port.to_string(),
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "tcp-reset",
+            ])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+    fn block(&mut self, port: u16) {
+        assert!(Blocked::rule("-I", port), "iptables");
+        self.0.push(port);
+    }
+    fn unblock(&mut self, port: u16) {
+        Blocked::rule("-D", port);
+        self.0.retain(|p| *p != port);
+    }
+}
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        for port in self.0.clone() {
+            Blocked::rule("-D", port);
+        }
+    }
+}
+
+fn voters(cluster: &TestCluster, i: usize, id: u64) -> BTreeSet<u64> {
+    let status = cluster.node(i).json(&format!("/v1/partitions/{id}"));
+    status["raft"]["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["voter"] == true)
+        .filter_map(|m| m["replica_id"].as_u64())
+        .collect()
+}
+
+/// A repair abandoned by the metadata leader while the group's leader is
+/// still in its catch-up wait (the new replica's node cut off, then back):
+/// the group must never keep a voter the map does not list (its node
+/// quarantines it), so that the replicas the map shows are the ones that
+/// vote.
+#[test]
+fn an_abandoned_replacement_never_stays_a_voter() {
+    if !std::process::Command::new("iptables").args(["-S", "INPUT"]).output().is_ok_and(|o| o.status.success()) {
+        return; // needs root and iptables
+    }
+    let cluster = TestCluster::start(4, REPAIR);
+    cluster.wait_formed();
+    let meta = cluster.meta_leader();
+    assert!(meta < 3);
+    // A partition on the seeds 0-2, node 3 free.
+    let mut id = 60;
+    loop {
+        let (status, created) = cluster.create(meta, id, None);
+        assert_eq!(status, 201, "{created}");
+        cluster.wait_leader(id);
+        if replicas(&cluster, id).iter().all(|r| r.1 < 3) {
+            break;
+        }
+        let (status, _) = admin("DELETE", &cluster, meta, &format!("/v1/cluster/partitions/{id}"), None);
+        assert!(status < 300, "{status}");
+        id += 1;
+    }
+    let body = format!("{{\"to\":\"dn-{}\"}}", meta + 1);
+    let (status, moved) =
+        admin("POST", &cluster, meta, &format!("/v1/cluster/partitions/{id}/transfer-leader"), Some(&body));
+    assert!(status == 200 || status == 202, "{status} {moved}");
+    wait_for("the metadata leader's node leads", Duration::from_secs(30), || cluster.wait_leader(id) == meta);
+    let load = ClusterLoad::start(&cluster.ports, id, 4, 4096, "phantom");
+    load.wait_more(100, Duration::from_secs(60));
+    let (_acked, _) = load.stop();
+    let before = replicas(&cluster, id);
+    let (old_id, victim, _, _, _) = before.iter().find(|r| r.1 != meta).cloned().unwrap();
+    let spare = 3;
+    let mut net = Blocked(Vec::new());
+    // The spare node can be told (its heartbeats go out) but not reached.
+    net.block(cluster.peer_ports[spare]);
+    let mut cluster = cluster;
+    cluster.kill(victim);
+    let mut repair = None;
+    wait_for("a repair onto the spare node, its replica started", Duration::from_secs(60), || {
+        repair = replicas(&cluster, id).into_iter().find(|r| r.4 == Some(old_id));
+        repair.as_ref().is_some_and(|r| held_replicas(&cluster, spare).contains(&r.0))
+    });
+    let (new_id, new_node, _, _, _) = repair.unwrap();
+    assert_eq!(new_node, spare);
+    eprintln!("repair: {old_id} -> {new_id} on node {spare}; voters {:?}", voters(&cluster, meta, id));
+    // The spare node now can no longer heartbeat (nor learn the map).
+    net.block(cluster.peer_ports[meta]);
+    // Long enough for a repairer that decides blind to give the repair
+    // up (node_dead_after + repair_after + a pass): it must not, without
+    // a fresh word of the group's leader; and if it does, the group must
+    // not keep the replica as a voter.
+    std::thread::sleep(Duration::from_secs(8));
+    eprintln!("after the cut: map {:?}", replicas(&cluster, id));
+    // The group's leader reaches the spare again.
+    net.unblock(cluster.peer_ports[spare]);
+    let promoted = (0..150).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        voters(&cluster, meta, id).contains(&new_id)
+    });
+    eprintln!("promoted once reachable: {promoted}; voters {:?}", voters(&cluster, meta, id));
+    net.unblock(cluster.peer_ports[meta]);
+    let mut last = (BTreeSet::new(), BTreeSet::new());
+    wait_for("the group's voters are the replicas the map lists", Duration::from_secs(90), || {
+        let map_ids: BTreeSet<u64> = replicas(&cluster, id).iter().map(|r| r.0).collect();
+        let group = voters(&cluster, cluster.wait_leader(id), id);
+        last = (group.clone(), map_ids.clone());
+        !group.is_empty() && group.is_subset(&map_ids)
+    });
+    eprintln!("settled: group voters {:?}, map {:?}", last.0, last.1);
+    // The map shows at least two healthy replicas elsewhere: losing the
+    // spare must leave the group writable.
+    cluster.kill(spare);
+    let load = ClusterLoad::start(&cluster.ports, id, 4, 4096, "after");
+    load.wait_more(1, Duration::from_secs(60));
+    let (acked, failures) = load.stop();
+    eprintln!("with node {spare} down: {} writes acknowledged, other answers {failures:?}", acked.len());
+}

@@ -467,9 +467,15 @@ impl MetaGroup {
                 if replica.replaces.is_some() {
                     // A replacement that failed before its group took it as
                     // a voter: the repair is abandoned (and tried afresh).
-                    let voter =
-                        self.leader_report(&seen, partition).is_some_and(|l| l.voters.contains(&replica.replica_id));
-                    if waited && health != ReplicaHealth::Healthy && !voter {
+                    // Only on a fresh word of the group's leader, and only
+                    // if no membership in its log (committed or not) makes
+                    // it a voter; a leader that promotes it meanwhile finds
+                    // the repair gone from the map and drops it again.
+                    let leader = self.leader_report(&seen, partition);
+                    let learner_only = leader.is_some_and(|l| {
+                        !l.voters.contains(&replica.replica_id) && !l.effective_voters.contains(&replica.replica_id)
+                    });
+                    if waited && health != ReplicaHealth::Healthy && learner_only {
                         abandoned.push((partition, replica.replica_id, health));
                     }
                     continue;

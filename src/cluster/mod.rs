@@ -446,29 +446,49 @@ impl Cluster {
             let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
             let learners: std::collections::BTreeSet<u64> = membership.learner_ids().collect();
             let listed = |id: u64| entry.replicas.iter().any(|r| r.replica_id == id);
-            let step = if let Some(new) = entry.replicas.iter().find(|r| r.replaces.is_some()) {
-                let old = new.replaces.unwrap_or_default();
+            // An id the map has handed out and no longer lists is a member
+            // to drop; a higher one is newer than this node's map (which
+            // may lag): left alone until the map catches up.
+            let dropped = |id: &u64| *id < map.next_replica_id && !listed(*id);
+            let pending = entry.replicas.iter().find(|r| r.replaces.is_some());
+            let old = pending.and_then(|r| r.replaces);
+            // The voters the map wants: every replica it lists but the one
+            // being replaced, and any this node's map is too old to know.
+            let wanted = |candidates: &std::collections::BTreeSet<u64>| -> std::collections::BTreeSet<u64> {
+                candidates.iter().copied().filter(|id| Some(*id) != old && !dropped(id)).collect()
+            };
+            let step = if let Some(new) = pending {
+                let old = old.unwrap_or_default();
                 let Some(node) = map.nodes.get(&new.node) else { continue };
                 if !voters.contains(&new.replica_id) {
-                    let target: std::collections::BTreeSet<u64> =
-                        voters.iter().copied().filter(|v| *v != old).chain([new.replica_id]).collect();
+                    let mut target = wanted(&voters);
+                    target.insert(new.replica_id);
                     Some(MembershipStep::Swap {
                         new: new.replica_id,
+                        old,
                         addr: node.peer_addr.clone(),
                         learner: learners.contains(&new.replica_id),
                         voters: target,
                     })
-                } else if voters.contains(&old) || learners.contains(&old) || membership.get_joint_config().len() > 1 {
-                    let target = voters.iter().copied().filter(|v| *v != old).collect();
-                    Some(MembershipStep::Voters(target))
+                } else if wanted(&voters) != voters
+                    || learners.contains(&old)
+                    || membership.get_joint_config().len() > 1
+                {
+                    Some(MembershipStep::Voters(wanted(&voters)))
                 } else {
                     None
                 }
+            } else if voters.iter().any(dropped) {
+                // A replacement given up after the group made it a voter:
+                // it leaves the voters (no node runs it any more).
+                Some(MembershipStep::Voters(wanted(&voters)))
             } else {
-                let strays: std::collections::BTreeSet<u64> =
-                    learners.iter().copied().filter(|l| !listed(*l)).collect();
+                let strays: std::collections::BTreeSet<u64> = learners.iter().copied().filter(dropped).collect();
                 (!strays.is_empty()).then_some(MembershipStep::RemoveLearners(strays))
             };
+            if matches!(&step, Some(MembershipStep::Voters(target)) if target.is_empty()) {
+                continue;
+            }
             let Some(step) = step else { continue };
             if !self.steering.lock().unwrap_or_else(PoisonError::into_inner).insert(replica.partition) {
                 continue;
@@ -477,7 +497,7 @@ impl Cluster {
             let partition = replica.partition;
             tokio::spawn(async move {
                 tracing::info!(partition, ?step, "membership change");
-                if let Err(error) = step.run(&raft).await {
+                if let Err(error) = step.run(&raft, &cluster, partition).await {
                     tracing::warn!(partition, ?step, %error, "membership change did not complete (tried again later)");
                 }
                 cluster.steering.lock().unwrap_or_else(PoisonError::into_inner).remove(&partition);
@@ -658,7 +678,7 @@ enum MembershipStep {
     /// Add `new` as a learner unless it is one, wait until it holds what
     /// was committed, then make `voters` the voters (the old member
     /// leaves).
-    Swap { new: u64, addr: String, learner: bool, voters: std::collections::BTreeSet<u64> },
+    Swap { new: u64, old: u64, addr: String, learner: bool, voters: std::collections::BTreeSet<u64> },
     /// Finish a change: these are the voters; any other member leaves.
     Voters(std::collections::BTreeSet<u64>),
     /// Learners the map does not list (a repair abandoned) leave.
@@ -666,10 +686,10 @@ enum MembershipStep {
 }
 
 impl MembershipStep {
-    async fn run(&self, raft: &replica::ReplicaRaft) -> Result<(), String> {
+    async fn run(&self, raft: &replica::ReplicaRaft, cluster: &Cluster, partition: u64) -> Result<(), String> {
         use openraft::ChangeMembers;
         match self {
-            MembershipStep::Swap { new, addr, learner, voters } => {
+            MembershipStep::Swap { new, old, addr, learner, voters } => {
                 if !learner {
                     raft.add_learner(*new, openraft::BasicNode { addr: addr.clone() }, false)
                         .await
@@ -699,6 +719,13 @@ impl MembershipStep {
                         return Err(format!("learner {new} holds {matched:?} of {target:?} after {CATCH_UP_WAIT:?}"));
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                // The repair may have been given up during the wait.
+                let still = cluster.learned().map.partitions.get(&partition).is_some_and(|entry| {
+                    entry.replicas.iter().any(|r| r.replica_id == *new && r.replaces == Some(*old))
+                });
+                if !still {
+                    return Err(format!("the repair of {old} by {new} is no longer in the map"));
                 }
                 raft.change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), false)
                     .await
@@ -773,6 +800,7 @@ fn report(replica: &Replica) -> ReplicaReport {
             applied_index: None,
             matched: BTreeMap::new(),
             voters: Vec::new(),
+            effective_voters: Vec::new(),
             learners: Vec::new(),
             joint: false,
         };
@@ -782,6 +810,7 @@ fn report(replica: &Replica) -> ReplicaReport {
     // replica only once its group can no longer need its vote.
     let membership = metrics.committed_membership_config.membership();
     ReplicaReport {
+        effective_voters: metrics.membership_config.membership().voter_ids().collect(),
         voters: membership.voter_ids().collect(),
         learners: membership.learner_ids().collect(),
         joint: membership.get_joint_config().len() > 1,

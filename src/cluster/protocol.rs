@@ -60,6 +60,9 @@ pub struct ReplicaReport {
     /// The voters of its committed membership.
     #[serde(default)]
     pub voters: Vec<u64>,
+    /// The voters of the last membership in its log (committed or not).
+    #[serde(default)]
+    pub effective_voters: Vec<u64>,
     /// Its learners.
     #[serde(default)]
     pub learners: Vec<u64>,
