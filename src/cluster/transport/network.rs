@@ -203,7 +203,16 @@ impl<SM> GroupNetwork<SM> {
         request: &Req,
         option: &RPCOption,
     ) -> Result<Resp, RPCError<TypeConfig>> {
-        let budget = option.soft_ttl();
+        self.unary_within(rpc, request, option.soft_ttl()).await
+    }
+
+    /// One request-response RPC within `budget`.
+    async fn unary_within<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        rpc: Rpc,
+        request: &Req,
+        budget: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
         let attempt = async {
             let body = wire::encode(request)
                 .map_err(|error| Failure::Unreachable(format!("cannot encode {}: {error}", rpc.name())))?;
@@ -223,6 +232,30 @@ impl<SM> GroupNetwork<SM> {
             }
         }
     }
+}
+
+/// Bytes of entries one append request carries at most (beyond its first
+/// entry, always sent).
+pub const APPEND_BYTES: usize = 4 << 20;
+/// The transfer rate an append request's budget allows for its bytes, on
+/// top of the RPC's own (a heartbeat's) budget.
+const APPEND_BYTES_PER_SEC: f64 = (16 << 20) as f64;
+
+/// How many of `entries` fit in one append request, and their bytes.
+fn append_prefix(entries: &[datanode_partition::raft::Entry]) -> (usize, usize) {
+    let size = |entry: &datanode_partition::raft::Entry| match &entry.payload {
+        openraft::EntryPayload::Normal(command) => command.bytes().len() + 64,
+        _ => 256,
+    };
+    let mut total = 0;
+    for (i, entry) in entries.iter().enumerate() {
+        let next = total + size(entry);
+        if i > 0 && next > APPEND_BYTES {
+            return (i, total);
+        }
+        total = next;
+    }
+    (entries.len(), total)
 }
 
 impl<SM: SnapshotTransfer> GroupNetwork<SM> {
@@ -277,12 +310,28 @@ impl<SM: SnapshotTransfer> GroupNetwork<SM> {
 impl<SM: SnapshotTransfer> RaftNetworkV2<TypeConfig> for GroupNetwork<SM> {
     type SnapshotData = SM::SnapshotData;
 
+    /// Sends a prefix of the entries of at most [`APPEND_BYTES`] (at least
+    /// one entry) and answers `PartialSuccess` when the follower took it
+    /// and entries were left out: openraft hands over up to
+    /// `max_payload_entries` entries whatever their size, and a follower
+    /// far behind on a log of large blobs would otherwise be sent hundreds
+    /// of MiB in one request, never answered within a heartbeat's budget
+    /// (and above the peer server's request limit), and never catch up.
+    /// The budget grows with the bytes sent, at [`APPEND_BYTES_PER_SEC`].
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.unary(Rpc::Append, &rpc, &option).await
+        let (keep, bytes) = append_prefix(&rpc.entries);
+        let cut = keep < rpc.entries.len();
+        rpc.entries.truncate(keep);
+        let last_sent = rpc.entries.last().map(|entry| entry.log_id);
+        let budget = option.soft_ttl() + Duration::from_secs_f64(bytes as f64 / APPEND_BYTES_PER_SEC);
+        match self.unary_within(Rpc::Append, &rpc, budget).await? {
+            AppendEntriesResponse::Success if cut => Ok(AppendEntriesResponse::PartialSuccess(last_sent)),
+            answer => Ok(answer),
+        }
     }
 
     async fn vote(
@@ -343,5 +392,36 @@ impl<SM: SnapshotTransfer> RaftNetworkV2<TypeConfig> for GroupNetwork<SM> {
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.unary(Rpc::TransferLeader, &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use datanode_partition::raft::{Command, Entry, LogId};
+    use openraft::EntryPayload;
+    use openraft::impls::leader_id_adv::LeaderId;
+
+    use super::{APPEND_BYTES, append_prefix};
+
+    fn entries(sizes: &[usize]) -> Vec<Entry> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, size)| {
+                let log_id = LogId::new(LeaderId { term: 1, node_id: 1 }, i as u64 + 1);
+                Entry { log_id, payload: EntryPayload::Normal(Command::new(Bytes::from(vec![0u8; *size]))) }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_append_carries_a_bounded_prefix_and_always_its_first_entry() {
+        assert_eq!(append_prefix(&[]), (0, 0), "a heartbeat");
+        assert_eq!(append_prefix(&entries(&[10, 10, 10])).0, 3, "small entries all go");
+        let quarter = APPEND_BYTES / 4;
+        let (keep, bytes) = append_prefix(&entries(&[quarter; 300]));
+        assert!(keep < 4 && keep >= 3 && bytes <= APPEND_BYTES, "{keep} entries, {bytes} bytes");
+        assert_eq!(append_prefix(&entries(&[APPEND_BYTES * 3, 10])).0, 1, "one entry larger than the bound goes alone");
     }
 }
