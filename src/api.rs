@@ -270,6 +270,9 @@ fn operation(method: &Method, route: &str) -> &'static str {
         ("GET", "/v1/cluster") => "get_cluster",
         ("POST", "/v1/cluster/partitions") => "create_cluster_partition",
         ("DELETE", "/v1/cluster/partitions/{pid}") => "delete_cluster_partition",
+        ("POST", "/v1/cluster/partitions/{pid}/transfer-leader") => "transfer_cluster_leader",
+        ("POST", "/v1/cluster/nodes/{id}/drain") => "drain_cluster_node",
+        ("DELETE", "/v1/cluster/nodes/{id}/drain") => "undrain_cluster_node",
         _ => "other",
     }
 }
@@ -1120,6 +1123,9 @@ mod tests {
             "get_cluster",
             "create_cluster_partition",
             "delete_cluster_partition",
+            "transfer_cluster_leader",
+            "drain_cluster_node",
+            "undrain_cluster_node",
         ]
         .into();
         for (method, path, id) in &operations {
