@@ -612,3 +612,32 @@ fn a_cluster_with_a_secret_refuses_rogue_peers_and_nodes_with_another() {
     assert_ne!(status, 201, "the stranger took a write: {}", String::from_utf8_lossy(&body));
     assert_eq!(get(&cluster, 0, 1, "stranger").0, 404);
 }
+
+/// A follower far behind on a log of large blobs catches up by the log
+/// (fewer entries than `snapshot_logs`, so no snapshot): openraft hands
+/// the network hundreds of entries per append, which must be sent in
+/// bounded pieces, or the request never completes within its budget and
+/// the follower never catches up.
+#[test]
+fn a_follower_behind_on_large_blobs_catches_up_by_the_log() {
+    let mut cluster = TestCluster::start(3, "");
+    cluster.wait_formed();
+    let (status, created) = cluster.create(0, 9, None);
+    assert_eq!(status, 201, "{created}");
+    let leader = cluster.wait_leader(9);
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    cluster.kill(follower);
+    // 600 blobs of 256 KiB: 150 MiB, 600 entries behind.
+    let client = Client::new();
+    let value = vec![7u8; 256 * 1024];
+    for n in 0..600 {
+        assert_eq!(put(&client, &cluster, leader, 9, &format!("big{n}"), &value), 201);
+    }
+    let commit = raft_view(&cluster, leader, 9)["commit_index"].as_u64().unwrap();
+    cluster.restart(follower);
+    wait_for("the follower applies what the leader committed", Duration::from_secs(120), || {
+        raft_view(&cluster, follower, 9)["applied_index"].as_u64().is_some_and(|applied| applied >= commit)
+    });
+    let status = cluster.node(follower).json("/v1/partitions/9");
+    assert_eq!(status["blobs"].as_u64(), Some(600), "{status}");
+}
