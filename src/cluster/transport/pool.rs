@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::handshake::{self, ClientCredential};
+use super::wire;
 
 /// Streams this node reset (an RPC dropped) whose late frames it still
 /// recognises and ignores, and for how long.
@@ -238,13 +239,15 @@ async fn connect(addr: &str, options: &PoolOptions) -> io::Result<SendRequest<Pe
     // connection. A peer connection lives for days and carries the
     // cancellations of every group, so: remember many resets for longer,
     // and no lifetime limit (peers are admitted by the server, see
-    // `server::PeerAdmission`; a flood is theirs to refuse).
+    // `server::PeerAdmission`; a flood is theirs to refuse). Fixed, large
+    // receive windows, not adaptive ones: see `wire::STREAM_WINDOW`.
     builder
         .timer(TokioTimer::new())
         .keep_alive_interval(options.keepalive_interval)
         .keep_alive_timeout(options.keepalive_timeout)
         .keep_alive_while_idle(true)
-        .adaptive_window(true)
+        .initial_stream_window_size(wire::STREAM_WINDOW)
+        .initial_connection_window_size(wire::CONNECTION_WINDOW)
         .max_concurrent_reset_streams(RESET_STREAMS_REMEMBERED)
         .reset_stream_duration(RESET_STREAM_MEMORY)
         .max_local_error_reset_streams(None);

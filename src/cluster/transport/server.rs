@@ -50,11 +50,6 @@ use super::registry::{EndpointError, GroupEndpoint, GroupRegistry, Missing, Snap
 use super::snapshot::{self, Piece, SnapshotBody};
 use super::wire::{self, ErrorBody, Refusal, Rpc};
 
-/// HTTP/2 receive windows of a peer connection: what one stream, and all
-/// of them together, may send ahead of the handlers.
-const STREAM_WINDOW: u32 = 1 << 20;
-const CONNECTION_WINDOW: u32 = 16 << 20;
-
 /// A byte stream a peer connection is served on.
 pub trait PeerIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 
@@ -283,17 +278,15 @@ async fn connection(
     // every group shares; a flood is for admission to refuse (see
     // `pool.rs`, the same on the sending side).
     //
-    // Fixed, large windows rather than adaptive ones (which start at
-    // 64 KiB): many streams sending at once through a small window are
-    // cut into small DATA frames, and h2 closes a connection whose
-    // buffered small frames exceed a budget of half its window.
+    // Fixed, large windows, as on the sending side (see
+    // `wire::STREAM_WINDOW`).
     builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(options.max_concurrent_streams)
         .max_pending_accept_reset_streams(options.max_concurrent_streams as usize)
         .max_local_error_reset_streams(None)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
+        .initial_stream_window_size(wire::STREAM_WINDOW)
+        .initial_connection_window_size(wire::CONNECTION_WINDOW);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let mut shutting_down = false;

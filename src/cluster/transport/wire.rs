@@ -31,6 +31,19 @@ pub const MAX_SNAPSHOT_HEAD: usize = 1 << 20;
 /// Content type of an encoded request or response.
 pub const BINARY: &str = "application/octet-stream";
 
+/// HTTP/2 receive window of one stream of a peer connection, on both ends:
+/// what a peer may send on it ahead of the reader.
+///
+/// Fixed and large, never h2's adaptive windows (which start at 64 KiB):
+/// many streams answering at once through a small connection window are
+/// cut into small DATA frames, and h2 closes a connection (GOAWAY
+/// `ENHANCE_YOUR_CALM`, "too_many_data_frames") once the small frames it
+/// holds exceed half its window. That closed, under load, the connection
+/// every group of a node pair shares.
+pub const STREAM_WINDOW: u32 = 1 << 20;
+/// HTTP/2 receive window of a whole peer connection, on both ends.
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+
 /// The RPCs of the protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rpc {
