@@ -798,18 +798,36 @@ impl Config {
         {
             return fail("cluster.secret_file = \"\" names no file".into());
         }
+        if self.peer_tls() && cluster.secret_file.is_some() {
+            return fail(
+                "cluster.secret_file and tls.client_ca_file are both set: with client certificates the peer port is \
+                 mutual TLS with node certificates, and the secret would not be used; remove cluster.secret_file"
+                    .into(),
+            );
+        }
         // Off loopback, anyone who reaches the peer port could send Raft
-        // messages unless peers prove the cluster secret. ([tls] alone
-        // does not cover the peer port.)
-        if !cluster.peer_addr.ip().is_loopback() && cluster.secret_file.is_none() && !self.auth.allow_unauthenticated {
+        // messages unless peers prove themselves: the cluster secret, or
+        // node certificates. ([tls] without client certificates does not
+        // cover the peer port.)
+        if !cluster.peer_addr.ip().is_loopback()
+            && cluster.secret_file.is_none()
+            && !self.peer_tls()
+            && !self.auth.allow_unauthenticated
+        {
             return fail(format!(
                 "cluster.peer_addr = {} is not loopback and anyone who reaches it could send Raft messages: set \
-                 cluster.secret_file (the same secret on every node), or auth.allow_unauthenticated = true on a \
-                 network you trust",
+                 cluster.secret_file (the same secret on every node) or tls.client_ca_file (mutual TLS with node \
+                 certificates), or auth.allow_unauthenticated = true on a network you trust",
                 cluster.peer_addr
             ));
         }
         Ok(())
+    }
+
+    /// Whether the peer port is mutual TLS: a node of a cluster with
+    /// `[tls]` and `tls.client_ca_file`.
+    pub fn peer_tls(&self) -> bool {
+        self.cluster.is_some() && self.tls.as_ref().is_some_and(|tls| tls.client_ca_file.is_some())
     }
 
     /// The security posture in one line each, for `check-config` and the
@@ -843,8 +861,9 @@ impl Config {
             let exposure =
                 if cluster.peer_addr.ip().is_loopback() { "loopback only" } else { "reachable off this host" };
             let peers = match &cluster.secret_file {
+                _ if self.peer_tls() => "peers use mutual TLS with node certificates (tls.client_ca_file)",
                 Some(_) => "peers prove the cluster secret (cluster.secret_file)",
-                None => "peers unauthenticated (no cluster.secret_file)",
+                None => "peers unauthenticated (no cluster.secret_file or tls.client_ca_file)",
             };
             posture.push(format!("peer port: {} ({exposure}), {peers}", cluster.peer_addr));
         }
@@ -1306,6 +1325,27 @@ mod tests {
         assert_eq!(again, with_secret);
         let open = load_cluster(&format!("{off}[auth]\ndata_tokens = \"off\"\nallow_unauthenticated = true\n"));
         assert!(open.unwrap().security_posture().iter().any(|line| line.contains("peers unauthenticated")));
+    }
+
+    #[test]
+    fn client_certificates_make_the_peer_port_mutual_tls_in_place_of_the_secret() {
+        let off = CLUSTER.replace("peer_addr = \"127.0.0.1:7170\"", "peer_addr = \"0.0.0.0:7170\"");
+        let tls = "[tls]\ncert_file = \"/etc/datanode/tls/node.pem\"\nkey_file = \"/etc/datanode/tls/node.key\"\n";
+        let mutual = load_cluster(&format!("{off}{tls}client_ca_file = \"/etc/datanode/tls/ca.pem\"\n")).unwrap();
+        assert!(mutual.peer_tls());
+        assert!(mutual.security_posture().iter().any(|line| line.contains("peers use mutual TLS")), "{mutual:?}");
+        // TLS without client certificates does not cover the peer port.
+        let error = load_cluster(&format!("{off}{tls}")).unwrap_err().to_string();
+        assert!(error.contains("tls.client_ca_file (mutual TLS"), "{error}");
+        // One way or the other: the secret would go unused.
+        let both = format!(
+            "{off}secret_file = \"/etc/datanode/cluster.secret\"\n{tls}client_ca_file = \"/etc/datanode/tls/ca.pem\"\n"
+        );
+        let error = load_cluster(&both).unwrap_err().to_string();
+        assert!(error.contains("cluster.secret_file and tls.client_ca_file are both set"), "{error}");
+        // A single node with client certificates has no peer port.
+        let single = Config::load(None, Vec::new(), &Overrides::default()).unwrap();
+        assert!(!single.peer_tls());
     }
 
     #[test]

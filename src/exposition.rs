@@ -103,8 +103,8 @@ fn describe() {
     describe_counter!("datanode_peer_accepts_total", "Connections from peer nodes, by result (admitted, refused)");
     describe_counter!(
         "datanode_peer_rejected_total",
-        "Connections to the peer port refused before any request, by reason (bad_proof, no_handshake, malformed, \
-         timeout)"
+        "Peers refused on the peer port, by reason: connections before any request (bad_proof, no_handshake, \
+         malformed, timeout, bad_certificate), requests speaking for another node (wrong_node)"
     );
     describe_gauge!(
         "datanode_raft_role",

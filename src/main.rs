@@ -301,7 +301,11 @@ fn preflight(config: &Config, create: bool) -> Result<Checked, ExitCode> {
         ExitCode::from(EXIT_CONFIG)
     };
     let checked = config.preflight(create).map_err(|e| refuse(e.to_string()))?;
-    let tls = config.tls.as_ref().map(tls::Tls::load).transpose().map_err(refuse)?.map(Arc::new);
+    // With client certificates, a cluster node's certificate is its
+    // credential on the peer port too, and must name it.
+    let peer_node = config.peer_tls().then_some(config.node.id.as_str());
+    let tls =
+        config.tls.as_ref().map(|files| tls::Tls::load(files, peer_node)).transpose().map_err(refuse)?.map(Arc::new);
     let data_auth = Arc::new(DataAuth::load(&config.auth).map_err(refuse)?);
     let cluster_secret = config
         .cluster
@@ -413,6 +417,11 @@ async fn run(
     let mut signals = Signals::new();
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     let Checked { admin_token, tls, data_auth, cluster_secret, .. } = checked;
+    let peer_auth = match (tls.as_ref().and_then(|tls| tls.peer_certificates()), cluster_secret) {
+        (Some(certificates), _) => cluster::PeerAuth::Tls(certificates),
+        (None, Some(secret)) => cluster::PeerAuth::Secret(secret),
+        (None, None) => cluster::PeerAuth::Open,
+    };
     exposition::zero_security_counters(tls.is_some());
     if let Some(tls) = &tls {
         tls.export_expiry();
@@ -465,7 +474,7 @@ async fn run(
     let node = Arc::new(Node::new(config, registry, admin_token, Arc::clone(&data_auth), metrics));
     if let Some(cluster) = node.config.cluster.clone() {
         let joined =
-            cluster::Cluster::start(cluster, node.config.node.id.clone(), Arc::clone(&node.registry), cluster_secret)
+            cluster::Cluster::start(cluster, node.config.node.id.clone(), Arc::clone(&node.registry), peer_auth)
                 .await?;
         tracing::info!(peer_addr = %joined.config.peer_addr, seed = joined.meta.is_some(), "joined the cluster");
         node.set_cluster(joined);

@@ -500,17 +500,10 @@ fn rogue_append(key: &str) -> Vec<u8> {
     postcard::to_allocvec(&request).unwrap()
 }
 
-/// A GET through node `via`, retried on 503 for up to 10 s as a client does.
+/// A GET through node `via`, retried on 503, or no answer (a redirect to
+/// a leader that just died), for up to 20 s as a client does.
 fn get(cluster: &TestCluster, via: usize, partition: u64, key: &str) -> (u16, Vec<u8>) {
-    let url = cluster.url(via, &format!("/v1/partitions/{partition}/blobs/{key}"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, body) = Client::new().send("GET", &url, None);
-        if status != 503 || std::time::Instant::now() > deadline {
-            return (status, body);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    get_with(&cluster.client(), cluster, via, partition, key)
 }
 
 #[test]
@@ -640,4 +633,149 @@ fn a_follower_behind_on_large_blobs_catches_up_by_the_log() {
     });
     let status = cluster.node(follower).json("/v1/partitions/9");
     assert_eq!(status["blobs"].as_u64(), Some(600), "{status}");
+}
+
+/// A client of the peer port over TLS with `client` as its TLS
+/// configuration: sends `body` to `path` as replica `from`; the answer, or
+/// why there was none.
+fn tls_peer_request(
+    port: u16,
+    client: std::sync::Arc<rustls::ClientConfig>,
+    from: u64,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Vec<u8>), String> {
+    use http_body_util::BodyExt;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let exchange = async move {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let stream =
+            tokio_rustls::TlsConnector::from(client).connect(name, stream).await.map_err(|e| format!("TLS: {e}"))?;
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        tokio::spawn(connection);
+        let request = hyper::Request::post(format!("http://127.0.0.1:{port}{path}"))
+            .header("raft-from", from.to_string())
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        let response = sender.send_request(request).await.map_err(|e| format!("request: {e}"))?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes().to_vec();
+        Ok((status, body))
+    };
+    runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), exchange).await.map_err(|_| "timed out".to_string())?
+    })
+}
+
+#[test]
+fn a_cluster_on_mutual_tls_replicates_and_a_node_certificate_speaks_only_for_its_node() {
+    use support::certs::{Ca, client_config};
+    let ca = Ca::new("cluster CA");
+    let other_ca = Ca::new("another CA");
+    let files = tempfile::tempdir().unwrap();
+    let ca_file = files.path().join("ca.pem");
+    support::certs::write_secret(&ca_file, &ca.pem());
+    let node_tls: Vec<String> = (1..=3)
+        .map(|n| {
+            let (cert, key) = ca.node(&format!("dn-{n}")).write(files.path(), &format!("dn-{n}"));
+            format!(
+                "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\n",
+                cert.display(),
+                key.display(),
+                ca_file.display()
+            )
+        })
+        .collect();
+    let operator = ca.client("operator", false);
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(client_config(&[&ca], Some(&operator)))
+        .redirects(0)
+        .timeout(Duration::from_secs(10))
+        .build();
+    let mut cluster = TestCluster::start_tls(3, "", node_tls, agent);
+    cluster.wait_formed();
+    let (status, created) = cluster.create(0, 1, None);
+    assert_eq!(status, 201, "{created}");
+    let leader = cluster.wait_leader(1);
+    let client = cluster.client();
+    for i in 0..10 {
+        assert_eq!(put(&client, &cluster, i % 3, 1, &format!("k{i}"), format!("v{i}").as_bytes()), 201);
+    }
+    for i in 0..3 {
+        let posture = cluster.node(i).log();
+        assert!(!posture.contains("peer TLS handshake failed"), "node {i}: {posture}");
+    }
+
+    // A follower, and the replica id of the leader's replica in the group.
+    let follower = (leader + 1) % 3;
+    let outsider = (leader + 2) % 3;
+    wait_for("the follower to know the leader", Duration::from_secs(30), || {
+        !raft_view(&cluster, follower, 1)["leader"].is_null()
+    });
+    let view = raft_view(&cluster, follower, 1);
+    let (target, leader_replica) = (view["replica_id"].as_u64().unwrap(), view["leader"].as_u64().unwrap());
+    let rejected = |reason: &str| {
+        cluster.node(follower).metric_sum("datanode_peer_rejected_total", &[&format!("reason=\"{reason}\"")])
+    };
+    let (wrong_node, bad_certificate) = (rejected("wrong_node"), rejected("bad_certificate"));
+    let port = cluster.peer_ports[follower];
+    let append = format!("/raft/v1/1/{target}/append");
+
+    // The third node's certificate (stolen, say) sending a term-1000 append
+    // as the leader's replica: refused 403 wrong_node, counted.
+    let stolen = ca.node(&format!("dn-{}", outsider + 1));
+    let (status, body) =
+        tls_peer_request(port, client_config(&[&ca], Some(&stolen)), leader_replica, &append, rogue_append("forged-1"))
+            .unwrap();
+    assert_eq!((status, support::error_code(&body)), (403, "wrong_node".to_string()));
+    assert_eq!(rejected("wrong_node"), wrong_node + 1.0);
+    // The operator's certificate (same CA, no node id), another CA's node
+    // certificate, no certificate: refused at the handshake, counted.
+    for (what, identity) in [
+        ("the operator's certificate", Some(&operator)),
+        ("another CA's certificate", Some(&other_ca.node("dn-2"))),
+        ("no certificate", None),
+    ] {
+        let answer =
+            tls_peer_request(port, client_config(&[&ca], identity), leader_replica, &append, rogue_append("forged-2"));
+        assert!(answer.is_err(), "{what}: answered {answer:?}");
+    }
+    wait_for("the refusals counted", Duration::from_secs(10), || rejected("bad_certificate") >= bad_certificate + 3.0);
+
+    // Nothing changed: no replica took term 1000, no forged key is served,
+    // every write reads back through every node after the leader dies.
+    for i in 0..3 {
+        let term = raft_view(&cluster, i, 1)["term"].as_u64().unwrap();
+        assert!(term < 1000, "node {i} is at term {term}: the forged append reached it");
+    }
+    cluster.kill(leader);
+    for via in [follower, outsider] {
+        for key in ["forged-1", "forged-2"] {
+            assert_eq!(get_with(&client, &cluster, via, 1, key).0, 404, "{key} via node {via}");
+        }
+        for i in 0..10 {
+            let got = get_with(&client, &cluster, via, 1, &format!("k{i}"));
+            assert_eq!(got, (200, format!("v{i}").into_bytes()), "k{i} via {via}");
+        }
+    }
+    assert_eq!(put(&client, &cluster, follower, 1, "after", b"v"), 201);
+}
+
+/// [`get`] through `client`.
+fn get_with(client: &Client, cluster: &TestCluster, via: usize, partition: u64, key: &str) -> (u16, Vec<u8>) {
+    let url = cluster.url(via, &format!("/v1/partitions/{partition}/blobs/{key}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = client.send("GET", &url, None);
+        if ![0, 503].contains(&status) || std::time::Instant::now() > deadline {
+            return (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -51,8 +51,21 @@ use protocol::{DiskReport, Heartbeat, HeartbeatReply, ReplicaReport};
 use replica::{Replica, ReplicaSpec, members};
 use transport::{
     ClientCredential, ClusterSecret, ControlService, GroupRegistry, METADATA_GROUP, PeerPool, PeerServerOptions,
-    PoolOptions, RaftEndpoint, SecretAdmission,
+    PeerTlsSource, PoolOptions, RaftEndpoint, SecretAdmission, SenderCheck, TlsAdmission, WrongNode,
 };
+
+/// How peers prove themselves on the peer port, both ways.
+#[derive(Debug, Clone, Default)]
+pub enum PeerAuth {
+    /// Not at all (a loopback or trusted network).
+    #[default]
+    Open,
+    /// The cluster secret (`cluster.secret_file`), on every connection.
+    Secret(ClusterSecret),
+    /// Mutual TLS with node certificates (`[tls]` with
+    /// `client_ca_file`): each connection speaks for one node.
+    Tls(Arc<dyn PeerTlsSource>),
+}
 
 /// A map as learned from the metadata leader.
 #[derive(Debug, Clone, Default)]
@@ -138,20 +151,26 @@ fn raft_config(config: &ClusterConfig) -> anyhow::Result<Arc<openraft::Config>> 
 impl Cluster {
     /// Joins the cluster: binds the peer port, starts the metadata group
     /// on a seed, starts every replica found on the disks, and the
-    /// heartbeat loop. With `secret` (`cluster.secret_file`), every peer
-    /// connection, in and out, proves it before any Raft message.
+    /// heartbeat loop. Every peer connection, in and out, proves itself
+    /// as `auth` says before any Raft message.
     pub async fn start(
         config: ClusterConfig,
         node_id: String,
         registry: Arc<Registry>,
-        secret: Option<ClusterSecret>,
+        auth: PeerAuth,
     ) -> anyhow::Result<Arc<Cluster>> {
         let seeds = config.seed_list()?;
         let raft_config = raft_config(&config)?;
         transport::server::zero_rejected_counters();
-        let credential =
-            secret.as_ref().map(|secret| ClientCredential { secret: secret.clone(), node_id: node_id.clone() });
-        let pool = PeerPool::new(PoolOptions { credential, ..PoolOptions::default() });
+        let pool_options = match &auth {
+            PeerAuth::Open => PoolOptions::default(),
+            PeerAuth::Secret(secret) => PoolOptions {
+                credential: Some(ClientCredential { secret: secret.clone(), node_id: node_id.clone() }),
+                ..PoolOptions::default()
+            },
+            PeerAuth::Tls(tls) => PoolOptions { tls: Some(Arc::clone(tls)), ..PoolOptions::default() },
+        };
+        let pool = PeerPool::new(pool_options);
         let endpoints = GroupRegistry::new();
         let listener = tokio::net::TcpListener::bind(config.peer_addr)
             .await
@@ -201,8 +220,13 @@ impl Cluster {
         });
         let mut options =
             PeerServerOptions { control: Some(Arc::new(Control(Arc::clone(&cluster)))), ..Default::default() };
-        if let Some(secret) = secret {
-            options.admission = Arc::new(SecretAdmission::new(secret));
+        match auth {
+            PeerAuth::Open => {}
+            PeerAuth::Secret(secret) => options.admission = Arc::new(SecretAdmission::new(secret)),
+            PeerAuth::Tls(tls) => {
+                options.admission = Arc::new(TlsAdmission::new(tls));
+                options.senders = Some(Arc::new(Placement(Arc::downgrade(&cluster))));
+            }
         }
         tokio::spawn(transport::serve(listener, endpoints, options, drained));
         cluster.start_found_replicas().await;
@@ -615,11 +639,20 @@ impl Cluster {
     /// A heartbeat that arrived on the peer port: 200 and the reply on
     /// the metadata leader, 421 and where the leader is elsewhere, 503
     /// when the group cannot answer.
-    async fn on_heartbeat(&self, body: &[u8]) -> (u16, Vec<u8>) {
+    async fn on_heartbeat(&self, body: &[u8], peer: Option<&str>) -> Result<(u16, Vec<u8>), WrongNode> {
         let heartbeat: Heartbeat = match serde_json::from_slice(body) {
             Ok(heartbeat) => heartbeat,
-            Err(error) => return (400, json_error("bad_request", &format!("heartbeat: {error}"))),
+            Err(error) => return Ok((400, json_error("bad_request", &format!("heartbeat: {error}")))),
         };
+        if let Some(peer) = peer
+            && heartbeat.node != peer
+        {
+            return Err(WrongNode(format!("a heartbeat for node {:?} from node {peer}", heartbeat.node)));
+        }
+        Ok(self.heartbeat_answer(heartbeat).await)
+    }
+
+    async fn heartbeat_answer(&self, heartbeat: Heartbeat) -> (u16, Vec<u8>) {
         let Some(meta) = &self.meta else {
             return (421, serde_json::to_vec(&protocol::NotMetaLeader { leader_addr: None }).unwrap_or_default());
         };
@@ -775,15 +808,44 @@ fn json_error(code: &str, message: &str) -> Vec<u8> {
 struct Control(Arc<Cluster>);
 
 impl ControlService for Control {
-    fn call(&self, path: String, body: bytes::Bytes) -> futures_util::future::BoxFuture<'static, (u16, bytes::Bytes)> {
+    fn call(
+        &self,
+        path: String,
+        body: bytes::Bytes,
+        node: Option<Arc<str>>,
+    ) -> futures_util::future::BoxFuture<'static, Result<(u16, bytes::Bytes), WrongNode>> {
         let cluster = Arc::clone(&self.0);
         Box::pin(async move {
             let (status, body) = match path.as_str() {
-                protocol::HEARTBEAT_PATH => cluster.on_heartbeat(&body).await,
+                protocol::HEARTBEAT_PATH => cluster.on_heartbeat(&body, node.as_deref()).await?,
                 other => (404, json_error("not_found", &format!("no control path {other}"))),
             };
-            (status, bytes::Bytes::from(body))
+            Ok((status, bytes::Bytes::from(body)))
         })
+    }
+}
+
+/// Where the replicas of every group are, for the peer listener's check
+/// that a node's certificate speaks only for that node's replicas.
+#[derive(Debug)]
+struct Placement(std::sync::Weak<Cluster>);
+
+impl SenderCheck for Placement {
+    fn hosted_on(&self, group: u64, sender: u64, node: &str) -> bool {
+        let Some(cluster) = self.0.upgrade() else { return false };
+        if group == METADATA_GROUP {
+            // The metadata group's members are the seeds, by position.
+            let seed = sender.checked_sub(1).and_then(|i| usize::try_from(i).ok()).and_then(|i| cluster.seeds.get(i));
+            return seed.is_some_and(|seed| seed.node == node);
+        }
+        let on = |map: &ClusterMap| {
+            map.partitions
+                .get(&group)
+                .is_some_and(|p| p.replicas.iter().any(|r| r.replica_id == sender && r.node == node))
+        };
+        // The map learned here, or a seed's own applied copy (which may be
+        // ahead of it); a replica neither lists is not taken from anyone.
+        on(&cluster.learned().map) || cluster.meta.as_ref().is_some_and(|meta| on(&meta.applied_map()))
     }
 }
 

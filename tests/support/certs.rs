@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, date_time_ymd,
+    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
+    date_time_ymd,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -47,6 +48,19 @@ impl Ca {
     /// A client certificate, valid now or expired since 2021.
     pub fn client(&self, name: &str, expired: bool) -> Issued {
         self.issue(name, ExtendedKeyUsagePurpose::ClientAuth, expired)
+    }
+
+    /// A cluster node's certificate: `localhost` and 127.0.0.1, both
+    /// usages (it serves and dials peers), and its node id as the URI
+    /// `datanode://node/<node>`.
+    pub fn node(&self, node: &str) -> Issued {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        params.subject_alt_names.push(SanType::URI(format!("datanode://node/{node}").try_into().unwrap()));
+        params.distinguished_name.push(DnType::CommonName, node);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() }
     }
 
     /// A server certificate that expired in 2021.

@@ -28,6 +28,9 @@ pub struct TestCluster {
     /// Where each node's disks `d0`, `d1`, ... are.
     disks: Vec<Vec<std::path::PathBuf>>,
     extra: String,
+    /// HTTPS: each node's `[tls]` section, and the agent that reaches
+    /// the nodes (trusting their CA, with a client certificate).
+    tls: Option<(Vec<String>, ureq::Agent)>,
 }
 
 impl TestCluster {
@@ -48,6 +51,22 @@ impl TestCluster {
     /// the paths `disks[i]` gives (a single `d0` in its directory when
     /// `None`).
     pub fn start_with_disks(count: usize, extra: &str, disks: Vec<Option<Vec<std::path::PathBuf>>>) -> TestCluster {
+        TestCluster::start_all(count, extra, disks, None)
+    }
+
+    /// Like [`TestCluster::start`] serving HTTPS at `localhost`: node
+    /// `i` with the `[tls]` section `node_tls[i]`, reached through
+    /// `agent` (built with `redirects(0)`).
+    pub fn start_tls(count: usize, extra: &str, node_tls: Vec<String>, agent: ureq::Agent) -> TestCluster {
+        TestCluster::start_all(count, extra, Vec::new(), Some((node_tls, agent)))
+    }
+
+    fn start_all(
+        count: usize,
+        extra: &str,
+        disks: Vec<Option<Vec<std::path::PathBuf>>>,
+        tls: Option<(Vec<String>, ureq::Agent)>,
+    ) -> TestCluster {
         let mut all = distinct_ports(2 * count);
         let peer_ports = all.split_off(count);
         let ports = all;
@@ -55,21 +74,44 @@ impl TestCluster {
         let disks = (0..count)
             .map(|i| disks.get(i).cloned().flatten().unwrap_or_else(|| vec![dirs[i].path().join("d0")]))
             .collect();
-        let mut cluster = TestCluster { nodes: Vec::new(), ports, peer_ports, dirs, disks, extra: extra.to_string() };
+        let mut cluster =
+            TestCluster { nodes: Vec::new(), ports, peer_ports, dirs, disks, extra: extra.to_string(), tls };
         // Started together: the seeds wait for each other to elect a
         // metadata leader, so none is waited for alone.
         let configs: Vec<String> = (0..count).map(|i| cluster.config(i)).collect();
         let handles: Vec<_> = configs
             .into_iter()
             .zip(cluster.ports.clone())
-            .map(|(config, port)| std::thread::spawn(move || Daemon::with_config_on(port, &config, &[])))
+            .map(|(config, port)| {
+                let agent = cluster.tls.as_ref().map(|(_, agent)| agent.clone());
+                std::thread::spawn(move || Daemon::on(port, &config, agent))
+            })
             .collect();
         cluster.nodes = handles.into_iter().map(|h| Some(h.join().unwrap())).collect();
         cluster
     }
 
     fn config(&self, i: usize) -> String {
-        node_config(i, &self.ports, &self.peer_ports, &self.disks[i], &self.extra)
+        let config = node_config(i, &self.ports, &self.peer_ports, &self.disks[i], &self.extra);
+        match &self.tls {
+            None => config,
+            Some((node_tls, _)) => format!(
+                "{}\n{}\n",
+                config.replace(
+                    &format!("\"http://127.0.0.1:{}\"", self.ports[i]),
+                    &format!("\"https://localhost:{}\"", self.ports[i])
+                ),
+                node_tls[i]
+            ),
+        }
+    }
+
+    /// A redirect-following client for this cluster's nodes.
+    pub fn client(&self) -> Client {
+        match &self.tls {
+            None => Client::new(),
+            Some((_, agent)) => Client::with_agent(agent.clone()),
+        }
     }
 
     pub fn node(&self, i: usize) -> &Daemon {
@@ -77,7 +119,10 @@ impl TestCluster {
     }
 
     pub fn url(&self, i: usize, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.ports[i])
+        match &self.tls {
+            None => format!("http://127.0.0.1:{}{path}", self.ports[i]),
+            Some(_) => format!("https://localhost:{}{path}", self.ports[i]),
+        }
     }
 
     /// Indexes of the running nodes.
@@ -109,13 +154,14 @@ impl TestCluster {
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
         let config = self.config(i);
-        self.nodes[i] = Some(Daemon::with_config_on(self.ports[i], &config, &[]));
+        let agent = self.tls.as_ref().map(|(_, agent)| agent.clone());
+        self.nodes[i] = Some(Daemon::on(self.ports[i], &config, agent));
     }
 
     /// `GET /v1/cluster` from node `i` (following a redirect to the
     /// metadata leader).
     pub fn map(&self, i: usize) -> Value {
-        let (status, body) = Client::new().send("GET", &self.url(i, "/v1/cluster"), None);
+        let (status, body) = self.client().send("GET", &self.url(i, "/v1/cluster"), None);
         if status != 200 {
             return Value::Null;
         }
@@ -156,7 +202,7 @@ impl TestCluster {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let (status, bytes) =
-                Client::new().send("POST", &self.url(via, "/v1/cluster/partitions"), Some(body.to_string().as_bytes()));
+                self.client().send("POST", &self.url(via, "/v1/cluster/partitions"), Some(body.to_string().as_bytes()));
             if status != 503 || Instant::now() > deadline {
                 return (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null));
             }
@@ -241,6 +287,12 @@ const MAX_REDIRECTS: usize = 5;
 impl Client {
     pub fn new() -> Client {
         let agent = ureq::AgentBuilder::new().redirects(0).timeout(Duration::from_secs(10)).build();
+        Client { agent }
+    }
+
+    /// A client on `agent` (its TLS configuration; built with
+    /// `redirects(0)`: this client follows them itself).
+    pub fn with_agent(agent: ureq::Agent) -> Client {
         Client { agent }
     }
 

@@ -80,6 +80,30 @@ impl Daemon {
         daemon
     }
 
+    /// A cluster node on `port`: HTTPS through `agent` when given, else
+    /// plain HTTP.
+    pub fn on(port: u16, toml: &str, agent: Option<ureq::Agent>) -> Daemon {
+        match agent {
+            Some(agent) => Daemon::with_tls_config_on(port, toml, agent),
+            None => Daemon::with_config_on(port, toml, &[]),
+        }
+    }
+
+    /// [`Daemon::with_tls_config`] on a port chosen beforehand (a cluster
+    /// node's).
+    pub fn with_tls_config_on(port: u16, toml: &str, agent: ureq::Agent) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("datanode.toml");
+        std::fs::write(&path, toml).unwrap();
+        let launch = vec!["--config".to_string(), path.to_str().unwrap().to_string()];
+        let mut daemon = Daemon::unstarted(launch, Some(dir), &[], &[]);
+        daemon.port = port;
+        daemon.agent = agent;
+        daemon.https = true;
+        daemon.spawn();
+        daemon
+    }
+
     fn launch(launch: Vec<String>, config: Option<tempfile::TempDir>, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut daemon = Daemon::unstarted(launch, config, args, env);
         daemon.spawn();

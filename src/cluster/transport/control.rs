@@ -3,6 +3,7 @@
 //! (the heartbeat to the metadata leader) over the same one connection
 //! per peer.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,10 +19,23 @@ pub const CONTROL_PREFIX: &str = "/cluster/";
 /// Largest control answer read (a cluster map of many partitions).
 const MAX_CONTROL_ANSWER: usize = 64 << 20;
 
+/// A control message that speaks for another node than the one its
+/// connection was admitted as (the message says which).
+#[derive(Debug)]
+pub struct WrongNode(pub String);
+
 /// What serves the control messages that arrive on the peer port.
 pub trait ControlService: Send + Sync + std::fmt::Debug + 'static {
     /// Answers `body` sent to `path`: the status and the JSON answer.
-    fn call(&self, path: String, body: Bytes) -> BoxFuture<'static, (u16, Bytes)>;
+    /// `node` is the node the connection was admitted as (its
+    /// certificate's), when the admission names one: a message for
+    /// another node is refused with [`WrongNode`].
+    fn call(
+        &self,
+        path: String,
+        body: Bytes,
+        node: Option<Arc<str>>,
+    ) -> BoxFuture<'static, Result<(u16, Bytes), WrongNode>>;
 }
 
 impl PeerPool {

@@ -42,7 +42,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::server::{AdmissionRefused, PeerAdmission, PeerStream, RejectReason};
+use super::server::{AdmissionRefused, Admitted, PeerAdmission, RejectReason};
 
 /// The protocol and its version, first in every transcript.
 pub const CONTEXT: &[u8] = b"datanode-peer-v1";
@@ -219,7 +219,7 @@ async fn read_exact(
     }
 }
 
-fn valid_node_id(id: &[u8]) -> bool {
+pub(super) fn valid_node_id(id: &[u8]) -> bool {
     (1..=MAX_NODE_ID).contains(&id.len()) && id.iter().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(b))
 }
 
@@ -330,13 +330,15 @@ impl PeerAdmission for SecretAdmission {
         &self,
         mut stream: TcpStream,
         remote: SocketAddr,
-    ) -> BoxFuture<'static, Result<PeerStream, AdmissionRefused>> {
+    ) -> BoxFuture<'static, Result<Admitted, AdmissionRefused>> {
         let secret = self.secret.clone();
         Box::pin(async move {
             match accept(&mut stream, &secret).await {
                 Ok(node) => {
                     tracing::debug!(%remote, %node, "peer proved the cluster secret");
-                    Ok(Box::new(stream) as PeerStream)
+                    // The id is only as good as the secret every node
+                    // shares: the connection speaks for the cluster.
+                    Ok(Admitted::anonymous(stream))
                 }
                 Err(error) => Err(AdmissionRefused { reason: error.reject_reason(), message: error.to_string() }),
             }

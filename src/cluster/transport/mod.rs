@@ -17,6 +17,9 @@
 //! - [`handshake`]: the cluster-secret handshake both ends run on a new
 //!   connection before HTTP/2 (`SecretAdmission` on the server, the
 //!   pool's `ClientCredential` on the client).
+//! - [`peer_tls`]: mutual TLS with node certificates (`TlsAdmission` on
+//!   the server, the pool's `PoolOptions::tls` on the client), each
+//!   connection admitted as the node its certificate names.
 //!
 //! **One connection per peer.** However many groups a node hosts, it holds
 //! one connection to each peer node, on which every request of every group
@@ -27,6 +30,7 @@
 pub mod control;
 pub mod handshake;
 pub mod network;
+pub mod peer_tls;
 pub mod pool;
 pub mod registry;
 pub mod server;
@@ -36,12 +40,13 @@ pub mod wire;
 #[cfg(test)]
 mod tests;
 
-pub use control::ControlService;
+pub use control::{ControlService, WrongNode};
 pub use handshake::{ClientCredential, ClusterSecret, SecretAdmission};
 pub use network::GroupNetworkFactory;
+pub use peer_tls::{PeerTlsSource, TlsAdmission};
 pub use pool::{PeerPool, PoolOptions};
 pub use registry::{GroupRegistry, RaftEndpoint};
-pub use server::{PeerServerOptions, serve};
+pub use server::{PeerServerOptions, SenderCheck, serve};
 
 /// The id of a Raft group: a data partition's id, or [`METADATA_GROUP`].
 pub type GroupId = u64;

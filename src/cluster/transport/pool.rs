@@ -14,6 +14,8 @@
 //! first runs the handshake of `handshake.rs` on the raw stream, within
 //! the connect timeout: nothing is sent to a peer that did not prove the
 //! same secret, and a refusal counts as a failed connect (backed off).
+//! With mutual TLS ([`PoolOptions::tls`]) every connection is TLS with
+//! this node's certificate instead (see `peer_tls.rs`).
 
 use std::collections::HashMap;
 use std::io;
@@ -29,6 +31,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::handshake::{self, ClientCredential};
+use super::peer_tls::{self, PeerTlsSource};
+use super::server::PeerStream;
 use super::wire;
 
 /// Streams this node reset (an RPC dropped) whose late frames it still
@@ -61,6 +65,9 @@ pub struct PoolOptions {
     /// The cluster secret proved on every connection before HTTP/2
     /// starts (see `handshake.rs`); none: no handshake.
     pub credential: Option<ClientCredential>,
+    /// Mutual TLS on every connection (see `peer_tls.rs`), in place of
+    /// the secret's handshake.
+    pub tls: Option<Arc<dyn PeerTlsSource>>,
 }
 
 impl Default for PoolOptions {
@@ -74,6 +81,7 @@ impl Default for PoolOptions {
             snapshot_idle_timeout: Duration::from_secs(30),
             snapshot_chunk_size: 1 << 20,
             credential: None,
+            tls: None,
         }
     }
 }
@@ -223,13 +231,24 @@ impl PeerPool {
 async fn connect(addr: &str, options: &PoolOptions) -> io::Result<SendRequest<PeerBody>> {
     let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    if let Some(credential) = &options.credential
-        && let Err(error) = handshake::connect(&mut stream, &credential.secret, &credential.node_id).await
-    {
-        // Once per failed connect: the backoff bounds how often.
-        tracing::warn!(peer = %addr, %error, "peer handshake failed");
-        return Err(error.into());
-    }
+    // Once per failed connect: the backoff bounds how often.
+    let stream: PeerStream = if let Some(tls) = &options.tls {
+        match peer_tls::connect(stream, addr, tls.as_ref()).await {
+            Ok(stream) => Box::new(stream),
+            Err(error) => {
+                tracing::warn!(peer = %addr, %error, "peer TLS handshake failed");
+                return Err(error);
+            }
+        }
+    } else {
+        if let Some(credential) = &options.credential
+            && let Err(error) = handshake::connect(&mut stream, &credential.secret, &credential.node_id).await
+        {
+            tracing::warn!(peer = %addr, %error, "peer handshake failed");
+            return Err(error.into());
+        }
+        Box::new(stream)
+    };
     let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
     // openraft drops an RPC that outlives its budget, which resets its
     // stream; the peer's answer may still arrive for it. h2 ignores frames

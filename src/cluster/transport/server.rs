@@ -10,7 +10,15 @@
 //!   [`RejectReason`]) and logged (WARN, at most [`REFUSALS_LOGGED`] lines
 //!   per [`REFUSAL_LOG_WINDOW`], then a count of those left out).
 //!   [`super::handshake::SecretAdmission`] admits peers that prove the
-//!   cluster secret; [`AdmitAll`] admits every connection as it is.
+//!   cluster secret; [`super::peer_tls::TlsAdmission`] peers with a node
+//!   certificate (mutual TLS), and knows which node each one is;
+//!   [`AdmitAll`] admits every connection as it is.
+//! - **The sender is the node admitted**: on a connection admitted with a
+//!   node's certificate, every Raft request names its sender replica, and
+//!   a sender that [`PeerServerOptions::senders`] does not place on that
+//!   node is refused 403 `wrong_node` (counted under that reason) before
+//!   its body is read; control messages get the node to check theirs.
+//!   A stolen certificate speaks for its own node only.
 //! - **Checks on arrival**: the path names the group and target replica;
 //!   a group not hosted here, or a replica of it that is not, is refused
 //!   404 (`unknown_group`, `unknown_replica`) before the body is read.
@@ -45,7 +53,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::control::{CONTROL_PREFIX, ControlService};
+use super::control::{CONTROL_PREFIX, ControlService, WrongNode};
 use super::registry::{EndpointError, GroupEndpoint, GroupRegistry, Missing, SnapshotMeta};
 use super::snapshot::{self, Piece, SnapshotBody};
 use super::wire::{self, ErrorBody, Refusal, Rpc};
@@ -73,12 +81,24 @@ pub enum RejectReason {
     Malformed,
     /// Admission did not finish within its deadline (a peer that stalls).
     Timeout,
+    /// Mutual TLS failed: no client certificate, one from another CA,
+    /// expired, or one that names no node (or several).
+    BadCertificate,
+    /// A request on an admitted connection spoke for a replica (or node)
+    /// that is not the certificate's node. Counted per request.
+    WrongNode,
 }
 
 impl RejectReason {
     /// Every reason, for the counters that exist at 0.
-    pub const ALL: [RejectReason; 4] =
-        [RejectReason::BadProof, RejectReason::NoHandshake, RejectReason::Malformed, RejectReason::Timeout];
+    pub const ALL: [RejectReason; 6] = [
+        RejectReason::BadProof,
+        RejectReason::NoHandshake,
+        RejectReason::Malformed,
+        RejectReason::Timeout,
+        RejectReason::BadCertificate,
+        RejectReason::WrongNode,
+    ];
 
     /// The metric label.
     pub fn as_str(self) -> &'static str {
@@ -87,6 +107,8 @@ impl RejectReason {
             RejectReason::NoHandshake => "no_handshake",
             RejectReason::Malformed => "malformed",
             RejectReason::Timeout => "timeout",
+            RejectReason::BadCertificate => "bad_certificate",
+            RejectReason::WrongNode => "wrong_node",
         }
     }
 }
@@ -101,13 +123,37 @@ pub struct AdmissionRefused {
     pub message: String,
 }
 
+/// A connection [`PeerAdmission::admit`] let in.
+pub struct Admitted {
+    /// What to serve HTTP/2 on.
+    pub stream: PeerStream,
+    /// The node the peer proved to be (its certificate's node id), when
+    /// the admission authenticates nodes one by one; `None` when it
+    /// admits a cluster (a shared secret) or anyone.
+    pub node: Option<Arc<str>>,
+}
+
+impl Admitted {
+    /// A stream admitted without a node identity.
+    pub fn anonymous(stream: impl PeerIo) -> Admitted {
+        Admitted { stream: Box::new(stream), node: None }
+    }
+}
+
 /// Decides, per accepted connection, whether a peer may talk to this
 /// node, and what stream to serve it on (a TLS stream once the peer's
 /// certificate is checked, say). Bounded by
 /// [`PeerServerOptions::admission_timeout`].
 pub trait PeerAdmission: Send + Sync + fmt::Debug + 'static {
     /// Admits `stream` from `remote`, or refuses it with a reason.
-    fn admit(&self, stream: TcpStream, remote: SocketAddr) -> BoxFuture<'static, Result<PeerStream, AdmissionRefused>>;
+    fn admit(&self, stream: TcpStream, remote: SocketAddr) -> BoxFuture<'static, Result<Admitted, AdmissionRefused>>;
+}
+
+/// Where the replicas are: whether replica `sender` of `group` is hosted
+/// on `node`, for the requests of a connection admitted as `node`.
+pub trait SenderCheck: Send + Sync + fmt::Debug + 'static {
+    /// `true` when `sender` of `group` is on `node`, as this node knows.
+    fn hosted_on(&self, group: u64, sender: u64, node: &str) -> bool;
 }
 
 /// Admits every connection as it is.
@@ -115,12 +161,8 @@ pub trait PeerAdmission: Send + Sync + fmt::Debug + 'static {
 pub struct AdmitAll;
 
 impl PeerAdmission for AdmitAll {
-    fn admit(
-        &self,
-        stream: TcpStream,
-        _remote: SocketAddr,
-    ) -> BoxFuture<'static, Result<PeerStream, AdmissionRefused>> {
-        Box::pin(async move { Ok(Box::new(stream) as PeerStream) })
+    fn admit(&self, stream: TcpStream, _remote: SocketAddr) -> BoxFuture<'static, Result<Admitted, AdmissionRefused>> {
+        Box::pin(async move { Ok(Admitted::anonymous(stream)) })
     }
 }
 
@@ -137,7 +179,7 @@ pub struct PeerStats {
     admitted: AtomicU64,
     refused: AtomicU64,
     /// Refusals by reason, in the order of [`RejectReason::ALL`].
-    refused_by: [AtomicU64; 4],
+    refused_by: [AtomicU64; RejectReason::ALL.len()],
     snapshots: AtomicU64,
 }
 
@@ -189,6 +231,9 @@ pub struct PeerServerOptions {
     /// Serves the control messages (`/cluster/...`); without it they are
     /// refused as unknown paths.
     pub control: Option<Arc<dyn ControlService>>,
+    /// Where replicas are, for connections admitted as a node; without
+    /// it, any sender is taken as it is.
+    pub senders: Option<Arc<dyn SenderCheck>>,
 }
 
 impl Default for PeerServerOptions {
@@ -201,6 +246,7 @@ impl Default for PeerServerOptions {
             admission: Arc::new(AdmitAll),
             stats: Arc::default(),
             control: None,
+            senders: None,
         }
     }
 }
@@ -251,8 +297,8 @@ async fn connection(
     mut drain: watch::Receiver<bool>,
 ) {
     let admitted = tokio::time::timeout(options.admission_timeout, options.admission.admit(stream, remote)).await;
-    let stream = match admitted {
-        Ok(Ok(stream)) => stream,
+    let Admitted { stream, node } = match admitted {
+        Ok(Ok(admitted)) => admitted,
         Ok(Err(refusal)) => return refused(&options, remote, refusal),
         Err(_) => {
             let message = format!("not admitted within {:?}", options.admission_timeout);
@@ -266,8 +312,8 @@ async fn connection(
     let service = {
         let options = options.clone();
         hyper::service::service_fn(move |request: Request<Incoming>| {
-            let (registry, options) = (registry.clone(), options.clone());
-            async move { Ok::<_, Infallible>(handle(request, &registry, &options).await) }
+            let (registry, options, node) = (registry.clone(), options.clone(), node.clone());
+            async move { Ok::<_, Infallible>(handle(request, &registry, &options, node).await) }
         })
     };
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -327,11 +373,20 @@ static REFUSAL_LOG: Mutex<RefusalLog> = Mutex::new(RefusalLog { window_start: No
 fn refused(options: &PeerServerOptions, remote: SocketAddr, refusal: AdmissionRefused) {
     let AdmissionRefused { reason, message } = refusal;
     options.stats.refused.fetch_add(1, Ordering::Relaxed);
+    count_refusal(options, reason);
+    metrics::counter!("datanode_peer_accepts_total", "result" => "refused").increment(1);
+    log_refusal(&remote.to_string(), reason, &message);
+}
+
+fn count_refusal(options: &PeerServerOptions, reason: RejectReason) {
     if let Some(index) = RejectReason::ALL.iter().position(|r| *r == reason) {
         options.stats.refused_by[index].fetch_add(1, Ordering::Relaxed);
     }
-    metrics::counter!("datanode_peer_accepts_total", "result" => "refused").increment(1);
     metrics::counter!("datanode_peer_rejected_total", "reason" => reason.as_str()).increment(1);
+}
+
+/// A WARN line, at most [`REFUSALS_LOGGED`] per [`REFUSAL_LOG_WINDOW`].
+fn log_refusal(peer: &str, reason: RejectReason, message: &str) {
     let left_out = {
         let mut log = REFUSAL_LOG.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
@@ -347,9 +402,9 @@ fn refused(options: &PeerServerOptions, remote: SocketAddr, refusal: AdmissionRe
         std::mem::take(&mut log.left_out)
     };
     if left_out > 0 {
-        tracing::warn!(%remote, reason = reason.as_str(), %message, left_out, "peer connection refused (and {left_out} more refusals not logged)");
+        tracing::warn!(%peer, reason = reason.as_str(), %message, left_out, "peer refused (and {left_out} more refusals not logged)");
     } else {
-        tracing::warn!(%remote, reason = reason.as_str(), %message, "peer connection refused");
+        tracing::warn!(%peer, reason = reason.as_str(), %message, "peer refused");
     }
 }
 
@@ -372,8 +427,13 @@ fn served(rpc: &'static str, result: &'static str) {
     metrics::counter!("datanode_peer_served_total", "rpc" => rpc, "result" => result).increment(1);
 }
 
-async fn handle(request: Request<Incoming>, registry: &GroupRegistry, options: &PeerServerOptions) -> Answer {
-    let (rpc, response) = route(request, registry, options).await;
+async fn handle(
+    request: Request<Incoming>,
+    registry: &GroupRegistry,
+    options: &PeerServerOptions,
+    node: Option<Arc<str>>,
+) -> Answer {
+    let (rpc, response) = route(request, registry, options, node).await;
     let result = match &response {
         Ok(_) => "ok",
         Err((refused, _)) => refused.code(),
@@ -388,23 +448,25 @@ async fn route(
     request: Request<Incoming>,
     registry: &GroupRegistry,
     options: &PeerServerOptions,
+    node: Option<Arc<str>>,
 ) -> (Option<Rpc>, Result<Answer, Refused>) {
     if request.uri().path().starts_with(CONTROL_PREFIX)
         && let Some(control) = &options.control
     {
-        return (None, control_call(request, control.as_ref(), options).await);
+        return (None, control_call(request, control.as_ref(), options, node).await);
     }
     let (group, target, rpc) = match wire::parse_path(request.uri().path()) {
         Ok(address) => address,
         Err(message) => return (None, Err((Refusal::NotFound, message))),
     };
-    (Some(rpc), dispatch(request, registry, options, group, target, rpc).await)
+    (Some(rpc), dispatch(request, registry, options, node.as_deref(), group, target, rpc).await)
 }
 
 async fn dispatch(
     request: Request<Incoming>,
     registry: &GroupRegistry,
     options: &PeerServerOptions,
+    node: Option<&str>,
     group: u64,
     target: u64,
     rpc: Rpc,
@@ -418,6 +480,11 @@ async fn dispatch(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok())
         .ok_or_else(|| (Refusal::BadRequest, format!("no {} header with a replica id", wire::SENDER_HEADER)))?;
+    if let (Some(node), Some(senders)) = (node, &options.senders)
+        && !senders.hosted_on(group, sender, node)
+    {
+        return Err(wrong_node(options, node, format!("replica {sender} of group {group} is not on node {node}")));
+    }
     let endpoint = registry.lookup(group, target).map_err(|missing| match missing {
         Missing::Group => (Refusal::UnknownGroup, format!("group {group} is not hosted here")),
         Missing::Replica => (Refusal::UnknownReplica, format!("replica {target} of group {group} is not hosted here")),
@@ -446,6 +513,7 @@ async fn control_call(
     request: Request<Incoming>,
     control: &dyn ControlService,
     options: &PeerServerOptions,
+    node: Option<Arc<str>>,
 ) -> Result<Answer, Refused> {
     if request.method() != Method::POST {
         return Err((Refusal::NotFound, format!("{} is not a peer method", request.method())));
@@ -459,11 +527,24 @@ async fn control_call(
             return Err((Refusal::BadRequest, format!("request body not read within {:?}", options.body_timeout)));
         }
     };
-    let (status, body) = control.call(path, body).await;
+    let (status, body) = match control.call(path, body, node.clone()).await {
+        Ok(answer) => answer,
+        Err(WrongNode(message)) => {
+            return Err(wrong_node(options, node.as_deref().unwrap_or("an anonymous peer"), message));
+        }
+    };
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(response)
+}
+
+/// A request refused for speaking for another node: counted (a request,
+/// not a connection), logged like a refused connection, answered 403.
+fn wrong_node(options: &PeerServerOptions, node: &str, message: String) -> Refused {
+    count_refusal(options, RejectReason::WrongNode);
+    log_refusal(node, RejectReason::WrongNode, &message);
+    (Refusal::WrongNode, message)
 }
 
 fn endpoint_refusal(error: EndpointError, group: u64, target: u64) -> Refused {

@@ -35,9 +35,11 @@ use super::handshake::{ClientCredential, ClusterSecret, SecretAdmission};
 use super::network::GroupNetworkFactory;
 use super::pool::{PeerBody, PeerPool, PoolOptions};
 use super::registry::{GroupRegistry, RaftEndpoint};
-use super::server::{PeerAdmission, PeerServerOptions, PeerStats, PeerStream, RejectReason, serve};
+use super::server::{PeerAdmission, PeerServerOptions, PeerStats, RejectReason, serve};
 use super::snapshot::{self, ChunkBody, Piece, Progress};
 use super::wire::{self, ErrorBody};
+
+mod tls;
 
 type TestRaft = Raft<TypeConfig, BlobStateMachine>;
 
@@ -588,7 +590,8 @@ impl PeerAdmission for RefuseAll {
         &self,
         _stream: tokio::net::TcpStream,
         remote: SocketAddr,
-    ) -> futures_util::future::BoxFuture<'static, Result<PeerStream, super::server::AdmissionRefused>> {
+    ) -> futures_util::future::BoxFuture<'static, Result<super::server::Admitted, super::server::AdmissionRefused>>
+    {
         Box::pin(async move {
             Err(super::server::AdmissionRefused {
                 reason: super::server::RejectReason::BadProof,

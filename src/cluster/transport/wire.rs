@@ -146,6 +146,9 @@ pub enum Refusal {
     RaftStopped,
     /// A snapshot could not be received or installed (500).
     SnapshotFailed,
+    /// The sender named in the request is not hosted on the node whose
+    /// certificate the connection was admitted with (403).
+    WrongNode,
 }
 
 impl Refusal {
@@ -159,6 +162,7 @@ impl Refusal {
             Refusal::PayloadTooLarge => "payload_too_large",
             Refusal::RaftStopped => "raft_stopped",
             Refusal::SnapshotFailed => "snapshot_failed",
+            Refusal::WrongNode => "wrong_node",
         }
     }
 
@@ -170,6 +174,7 @@ impl Refusal {
             Refusal::PayloadTooLarge => 413,
             Refusal::RaftStopped => 503,
             Refusal::SnapshotFailed => 500,
+            Refusal::WrongNode => 403,
         }
     }
 }
