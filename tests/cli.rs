@@ -243,10 +243,15 @@ fn the_cluster_commands_show_the_map_follow_redirects_and_name_what_went_wrong()
     let unknown = datanode(&["cluster", "drain", "dn-9", "--url", &url(not_meta)]);
     assert_eq!(unknown.status.code(), Some(1), "{}", err(&unknown));
     assert!(err(&unknown).contains("node_not_found"), "{}", err(&unknown));
-    // A drain and its end, both through a node that redirects them.
+    // A drain that could never finish (three nodes, three replicas: the
+    // replicas of dn-3 have nowhere to go) is refused, through a node
+    // that redirects it, and changes nothing; undoing a drain is always
+    // taken.
     let drain = datanode(&["cluster", "drain", "dn-3", "--url", &url(not_meta)]);
-    assert!(drain.status.success(), "{}", err(&drain));
-    assert!(out(&drain).contains("dn-3: draining"), "{}", out(&drain));
+    assert_eq!(drain.status.code(), Some(1), "{}{}", out(&drain), err(&drain));
+    assert!(err(&drain).contains("409 no_room_to_drain") && err(&drain).contains('7'), "{}", err(&drain));
+    let nodes = cluster.map(not_meta)["nodes"].as_array().cloned().unwrap_or_default();
+    assert!(nodes.iter().all(|n| n["draining"] == false), "nothing is draining: {nodes:?}");
     let undo = datanode(&["cluster", "drain", "dn-3", "--undo", "--url", &url(not_meta), "--json"]);
     assert!(undo.status.success(), "{}", err(&undo));
     let ended: Value = serde_json::from_slice(&undo.stdout).unwrap();

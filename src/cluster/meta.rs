@@ -53,6 +53,16 @@ pub enum MetaError {
     /// No such node in the map.
     #[error("no node {0}")]
     NoSuchNode(String),
+    /// A drain that could never finish: these partitions' replicas on the
+    /// node have no node to go to (every other node that is up, not
+    /// draining and has a writable disk holds them already).
+    #[error("node {node} cannot be drained: no other node can take the replicas of partition(s) {partitions:?}")]
+    NoRoomToDrain {
+        /// The node.
+        node: String,
+        /// The partitions stranded on it.
+        partitions: Vec<u64>,
+    },
 }
 
 /// Repairs under way onto one node at most (each streams a snapshot to it).
@@ -422,10 +432,38 @@ impl MetaGroup {
     pub async fn drain_node(&self, node: &str, draining: bool) -> Result<(), MetaError> {
         self.confirm_leader().await?;
         let _one = self.propose.lock().await;
-        if !self.machine.map().nodes.contains_key(node) {
+        let map = self.machine.map();
+        if !map.nodes.contains_key(node) {
             return Err(MetaError::NoSuchNode(node.to_string()));
         }
+        if draining {
+            let stranded = self.stranded_by_drain(&map, node);
+            if !stranded.is_empty() {
+                return Err(MetaError::NoRoomToDrain { node: node.to_string(), partitions: stranded });
+            }
+        }
         self.commit(&MapCommand::DrainNode { id: node.to_string(), draining }).await
+    }
+
+    /// The partitions with a replica on `node` that a drain of it could
+    /// never move: fewer nodes could take one of theirs (up, not
+    /// draining, a writable disk, none of theirs yet) than they have
+    /// replicas on draining nodes, `node` counted. Three nodes with three
+    /// replicas each: every partition; a second drain with room for one
+    /// replica only: the partitions both nodes hold.
+    fn stranded_by_drain(&self, map: &ClusterMap, node: &str) -> Vec<u64> {
+        let takers: Vec<Candidate> =
+            self.candidates(map).into_iter().filter(|c| c.node != node && !c.disks.is_empty()).collect();
+        let leaving = |r: &ReplicaEntry| r.node == node || map.draining.contains(&r.node);
+        map.partitions
+            .iter()
+            .filter(|(_, entry)| entry.replicas.iter().any(|r| r.node == node))
+            .filter(|(_, entry)| {
+                let homes = takers.iter().filter(|t| entry.replicas.iter().all(|r| r.node != t.node)).count();
+                homes < entry.replicas.iter().filter(|r| leaving(r)).count()
+            })
+            .map(|(partition, _)| *partition)
+            .collect()
     }
 
     /// One pass of the repairer, on the confirmed leader (a no-op

@@ -418,6 +418,10 @@ fn meta_error(cluster: &Cluster, uri: &Uri, error: MetaError) -> Response {
             ApiError::new(StatusCode::NOT_FOUND, "node_not_found", format!("no node {id} in the cluster map"))
                 .into_response()
         }
+        error @ MetaError::NoRoomToDrain { .. } => {
+            let message = format!("{error}; add a node (or bring one back up) first; nothing was changed");
+            ApiError::new(StatusCode::CONFLICT, "no_room_to_drain", message).into_response()
+        }
     }
 }
 
