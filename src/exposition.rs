@@ -104,7 +104,7 @@ fn describe() {
     describe_counter!(
         "datanode_peer_rejected_total",
         "Peers refused on the peer port, by reason: connections before any request (bad_proof, no_handshake, \
-         malformed, timeout, bad_certificate), requests speaking for another node (wrong_node)"
+         malformed, timeout, bad_certificate, busy), requests speaking for another node (wrong_node)"
     );
     describe_gauge!(
         "datanode_raft_role",

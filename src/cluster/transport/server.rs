@@ -87,17 +87,21 @@ pub enum RejectReason {
     /// A request on an admitted connection spoke for a replica (or node)
     /// that is not the certificate's node. Counted per request.
     WrongNode,
+    /// [`PeerServerOptions::max_admitting`] connections were in admission
+    /// already (a flood of handshakes that stall): closed at once.
+    Busy,
 }
 
 impl RejectReason {
     /// Every reason, for the counters that exist at 0.
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 7] = [
         RejectReason::BadProof,
         RejectReason::NoHandshake,
         RejectReason::Malformed,
         RejectReason::Timeout,
         RejectReason::BadCertificate,
         RejectReason::WrongNode,
+        RejectReason::Busy,
     ];
 
     /// The metric label.
@@ -109,6 +113,7 @@ impl RejectReason {
             RejectReason::Timeout => "timeout",
             RejectReason::BadCertificate => "bad_certificate",
             RejectReason::WrongNode => "wrong_node",
+            RejectReason::Busy => "busy",
         }
     }
 }
@@ -221,6 +226,11 @@ pub struct PeerServerOptions {
     pub body_timeout: Duration,
     /// Longest [`PeerAdmission::admit`] may take.
     pub admission_timeout: Duration,
+    /// Connections in admission at once, at most; one more is refused
+    /// (`busy`) without a byte read, so stalled handshakes cannot pile up
+    /// tasks and sockets (each is held for up to `admission_timeout`).
+    /// Admitted connections do not count.
+    pub max_admitting: usize,
     /// HTTP/2 streams one connection may have open (every group's
     /// replication and heartbeats to this node share a connection).
     pub max_concurrent_streams: u32,
@@ -242,6 +252,7 @@ impl Default for PeerServerOptions {
             max_request_bytes: 256 << 20,
             body_timeout: Duration::from_secs(30),
             admission_timeout: Duration::from_secs(10),
+            max_admitting: 256,
             max_concurrent_streams: 4096,
             admission: Arc::new(AdmitAll),
             stats: Arc::default(),
@@ -262,6 +273,7 @@ pub async fn serve(
 ) {
     let mut connections = JoinSet::new();
     let mut stop = drain.clone();
+    let admitting = Arc::new(tokio::sync::Semaphore::new(options.max_admitting));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -269,7 +281,12 @@ pub async fn serve(
                     if let Err(error) = stream.set_nodelay(true) {
                         tracing::debug!(%error, "cannot set TCP_NODELAY");
                     }
-                    connections.spawn(connection(stream, remote, registry.clone(), options.clone(), drain.clone()));
+                    let Ok(permit) = Arc::clone(&admitting).try_acquire_owned() else {
+                        let message = format!("{} connections in admission already", options.max_admitting);
+                        refused(&options, remote, AdmissionRefused { reason: RejectReason::Busy, message });
+                        continue;
+                    };
+                    connections.spawn(connection(stream, remote, permit, registry.clone(), options.clone(), drain.clone()));
                 }
                 Err(error) => {
                     // EMFILE and the like: back off instead of spinning.
@@ -292,11 +309,13 @@ async fn draining(drain: &mut watch::Receiver<bool>) {
 async fn connection(
     stream: TcpStream,
     remote: SocketAddr,
+    admitting: tokio::sync::OwnedSemaphorePermit,
     registry: GroupRegistry,
     options: PeerServerOptions,
     mut drain: watch::Receiver<bool>,
 ) {
     let admitted = tokio::time::timeout(options.admission_timeout, options.admission.admit(stream, remote)).await;
+    drop(admitting);
     let Admitted { stream, node } = match admitted {
         Ok(Ok(admitted)) => admitted,
         Ok(Err(refusal)) => return refused(&options, remote, refusal),

@@ -997,3 +997,33 @@ async fn a_client_that_never_answers_the_hello_is_cut_at_the_deadline() {
     assert_eq!(node.stats.admitted(), 0);
     node.kill().await;
 }
+
+/// Handshakes that stall hold at most `max_admitting` admissions: one
+/// more connection is closed at once (`busy`), and a node is admitted
+/// again as soon as a stalled one is cut at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_fill_the_admission_slots_and_no_more() {
+    let root = scratch();
+    let (mut node, listener) = Node::bind(1, root.path()).await;
+    let options =
+        PeerServerOptions { admission_timeout: Duration::from_secs(2), max_admitting: 2, ..secret_options(SECRET) };
+    node.serve_on(listener, options);
+    node.registry.register(5, 1, Arc::new(SlowEcho(Duration::ZERO)));
+    let (_silent, _) = hello(node.addr).await;
+    let (_stalled, _) = hello(node.addr).await;
+    // The third: closed without a hello (an admission would send one
+    // first), counted busy.
+    let mut third = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let answer = rest_until_closed(&mut third).await;
+    assert!(answer.is_empty(), "the server answered {} bytes", answer.len());
+    assert_eq!(node.stats.refused_for(RejectReason::Busy), 1);
+    // Once the stalled two are cut, a node with the secret is admitted.
+    until("the stalled handshakes cut", || node.stats.refused_for(RejectReason::Timeout) == 2).await;
+    let client = secret_pool(SECRET, "dn-2");
+    let (status, _) =
+        raw(&client, node.addr, "POST", &wire::path(5, 1, wire::Rpc::Vote), Some("2"), full(Bytes::from_static(b"x")))
+            .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(node.stats.admitted(), 1);
+    node.kill().await;
+}
