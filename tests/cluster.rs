@@ -432,9 +432,7 @@ fn peer_request(
     path: &str,
     body: Vec<u8>,
 ) -> Result<(u16, Vec<u8>), String> {
-    use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let exchange = async move {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
         if let Some(secret) = secret {
@@ -458,22 +456,43 @@ fn peer_request(
                 assert_eq!(&answer[2..], &expected[..], "the server's proof checks");
             }
         }
-        let (mut sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-        tokio::spawn(connection);
-        let request = hyper::Request::post(format!("http://127.0.0.1:{port}{path}"))
-            .header("raft-from", "9")
-            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-            .unwrap();
-        let response = sender.send_request(request).await.map_err(|e| format!("request: {e}"))?;
-        let status = response.status().as_u16();
-        let bytes = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
-        Ok((status, bytes.to_vec()))
+        raft_post(stream, port, 9, path, body).await
     };
+    within_30_s(exchange)
+}
+
+/// POSTs `body` to `path` over HTTP/2 (prior knowledge) on `stream`, as
+/// replica `from`: the answer's status and body.
+async fn raft_post(
+    stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    port: u16,
+    from: u64,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Vec<u8>), String> {
+    use http_body_util::BodyExt;
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+    tokio::spawn(connection);
+    let request = hyper::Request::post(format!("http://127.0.0.1:{port}{path}"))
+        .header("raft-from", from.to_string())
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let response = sender.send_request(request).await.map_err(|e| format!("request: {e}"))?;
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+    Ok((status, bytes.to_vec()))
+}
+
+/// Runs `exchange` on a runtime of its own, bounded at 30 s.
+fn within_30_s(
+    exchange: impl std::future::Future<Output = Result<(u16, Vec<u8>), String>>,
+) -> Result<(u16, Vec<u8>), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         tokio::time::timeout(Duration::from_secs(30), exchange).await.unwrap_or(Err("no answer within 30 s".into()))
     })
@@ -645,32 +664,14 @@ fn tls_peer_request(
     path: &str,
     body: Vec<u8>,
 ) -> Result<(u16, Vec<u8>), String> {
-    use http_body_util::BodyExt;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let exchange = async move {
         let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
         let stream =
             tokio_rustls::TlsConnector::from(client).connect(name, stream).await.map_err(|e| format!("TLS: {e}"))?;
-        let (mut sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
-        tokio::spawn(connection);
-        let request = hyper::Request::post(format!("http://127.0.0.1:{port}{path}"))
-            .header("raft-from", from.to_string())
-            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-            .unwrap();
-        let response = sender.send_request(request).await.map_err(|e| format!("request: {e}"))?;
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes().to_vec();
-        Ok((status, body))
+        raft_post(stream, port, from, path, body).await
     };
-    runtime.block_on(async {
-        tokio::time::timeout(Duration::from_secs(10), exchange).await.map_err(|_| "timed out".to_string())?
-    })
+    within_30_s(exchange)
 }
 
 #[test]

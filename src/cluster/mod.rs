@@ -247,6 +247,12 @@ impl Cluster {
         self.learned.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
+    /// The learned map alone, without copying the leaders (the peer
+    /// listener looks at it for every Raft request on mutual TLS).
+    pub fn learned_map(&self) -> Arc<ClusterMap> {
+        Arc::clone(&self.learned.read().unwrap_or_else(PoisonError::into_inner).map)
+    }
+
     /// The replica of `partition` on this node.
     pub fn replica(&self, partition: u64) -> Option<Arc<Replica>> {
         self.replicas.read().unwrap_or_else(PoisonError::into_inner).get(&partition).cloned()
@@ -261,7 +267,7 @@ impl Cluster {
 
     /// Whether `partition` is replicated (in the map, or a replica here).
     pub fn is_replicated(&self, partition: u64) -> bool {
-        self.replica(partition).is_some() || self.learned().map.partitions.contains_key(&partition)
+        self.replica(partition).is_some() || self.learned_map().partitions.contains_key(&partition)
     }
 
     fn disk_path(&self, disk: &str) -> Option<PathBuf> {
@@ -433,7 +439,7 @@ impl Cluster {
             },
             disks,
             replicas,
-            map_epoch: self.learned().map.epoch,
+            map_epoch: self.learned_map().epoch,
         }
     }
 
@@ -547,7 +553,7 @@ impl Cluster {
             // Now and then the map held is applied again: a replica that
             // could not start (a disk missing then) gets another chance.
             if beats.is_multiple_of(RECONCILE_EVERY) {
-                let map = self.learned().map;
+                let map = self.learned_map();
                 if map.epoch > 0 {
                     self.reconcile(&map).await;
                 }
@@ -577,7 +583,7 @@ impl Cluster {
                     round += 1;
                 }
             }
-            self.steer_memberships(&self.learned().map);
+            self.steer_memberships(&self.learned_map());
             update_metrics(&self);
             update_meta_metrics(&self);
             tokio::time::sleep(self.config.heartbeat_interval).await;
@@ -676,7 +682,7 @@ impl Cluster {
         // A hint for a redirect, not served data: a seed's own applied copy
         // of the map may name the leader's URL before this node's learned
         // map does.
-        let url = self.learned().map.nodes.get(&seed.node).map(|node| node.advertise_url.clone()).or_else(|| {
+        let url = self.learned_map().nodes.get(&seed.node).map(|node| node.advertise_url.clone()).or_else(|| {
             let meta = self.meta.as_ref()?;
             meta.applied_map().nodes.get(&seed.node).map(|node| node.advertise_url.clone())
         });
@@ -754,7 +760,7 @@ impl MembershipStep {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 // The repair may have been given up during the wait.
-                let still = cluster.learned().map.partitions.get(&partition).is_some_and(|entry| {
+                let still = cluster.learned_map().partitions.get(&partition).is_some_and(|entry| {
                     entry.replicas.iter().any(|r| r.replica_id == *new && r.replaces == Some(*old))
                 });
                 if !still {
@@ -845,7 +851,7 @@ impl SenderCheck for Placement {
         };
         // The map learned here, or a seed's own applied copy (which may be
         // ahead of it); a replica neither lists is not taken from anyone.
-        on(&cluster.learned().map) || cluster.meta.as_ref().is_some_and(|meta| on(&meta.applied_map()))
+        on(&cluster.learned_map()) || cluster.meta.as_ref().is_some_and(|meta| on(&meta.applied_map()))
     }
 }
 

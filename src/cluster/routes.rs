@@ -130,7 +130,7 @@ where
     }
     if let Some(forward) = error.forward_to_leader()
         && let Some(leader) = forward.leader_id
-        && let Some((node, entry)) = cluster.learned().map.node_of(partition, leader)
+        && let Some((node, entry)) = cluster.learned_map().node_of(partition, leader)
         && *node != cluster.node_id
     {
         return redirect(Some(partition), node, &entry.advertise_url, uri);
@@ -669,7 +669,7 @@ pub async fn transfer_leader(
             Err(error) => return error.into_response(),
         }
     };
-    let map = cluster.learned().map;
+    let map = cluster.learned_map();
     let Some(entry) = map.partitions.get(&partition) else {
         return ApiError::partition_not_found(partition).into_response();
     };
